@@ -1,0 +1,260 @@
+//! Buffer types: what the kernel filled ([`PooledBuf`], [`BufChain`]) and what the user hands the
+//! kernel to send ([`SendBuf`]).
+//!
+//! A `PooledBuf` is an owned lease on one buffer of a group: it derefs to exactly the bytes the
+//! kernel wrote, and goes back to its group when dropped. If the group is gone by then, its memory
+//! is freed when the last buffer taken from it is dropped: a buffer never dangles.
+
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::rc::Rc;
+
+use crate::pool::GroupShared;
+
+/// One buffer the kernel picked from a group and filled; returns to the group on drop.
+///
+/// # Examples
+/// ```no_run
+/// # fn use_it(buf: ringpool::PooledBuf) {
+/// println!("{} bytes in buffer {} of group {}", buf.len(), buf.bid(), buf.group_id());
+/// let copy: Vec<u8> = buf.to_vec();
+/// drop(buf); // back to the group
+/// # }
+/// ```
+#[must_use = "dropping a PooledBuf returns it to its group at once"]
+pub struct PooledBuf {
+    group: Rc<GroupShared>,
+    ptr: NonNull<u8>,
+    len: u32,
+    bid: u16,
+}
+
+// Two words of pointer, a length and a bid: a PooledBuf stays small enough to move freely.
+const _: () = assert!(std::mem::size_of::<PooledBuf>() == 24);
+
+impl PooledBuf {
+    /// Takes ownership of `len` bytes at `offset` in buffer `bid`.
+    ///
+    /// # Safety
+    /// The kernel must have finished writing those bytes (their completion was reaped), and they
+    /// must not be handed out again until this value is dropped.
+    pub(crate) unsafe fn new(group: Rc<GroupShared>, bid: u16, offset: u32, len: u32) -> PooledBuf {
+        let base = group.buf_ptr(bid);
+        // SAFETY: `offset + len <= buf_size` (the kernel never writes past a buffer), so the
+        // pointer stays inside buffer `bid`, which is inside a live mapping.
+        let ptr = unsafe { base.add(offset as usize) };
+        PooledBuf {
+            group,
+            ptr: NonNull::new(ptr).expect("buffer address is never null"),
+            len,
+            bid,
+        }
+    }
+
+    /// The buffer id the kernel reported.
+    pub fn bid(&self) -> u16 {
+        self.bid
+    }
+
+    /// The id of the group the buffer belongs to.
+    pub fn group_id(&self) -> u16 {
+        self.group.bgid
+    }
+}
+
+impl Deref for PooledBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr+len` is inside the group's mapping, which `self.group` keeps alive;
+        // the kernel wrote it before the completion we reaped and will not touch it again until
+        // we give the buffer back in `drop` (see `PooledBuf::new`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len as usize) }
+    }
+}
+
+impl DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; `&mut self` makes this the only reference to these bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len as usize) }
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        self.group.release(self.bid);
+    }
+}
+
+impl std::fmt::Debug for PooledBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBuf")
+            .field("group", &self.group.bgid)
+            .field("bid", &self.bid)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// The buffers of one completion, in the order the bytes arrived: one buffer for a plain recv,
+/// several for a bundle.
+///
+/// # Examples
+/// ```no_run
+/// # fn use_it(chain: ringpool::BufChain) {
+/// let total: usize = chain.iter().map(|b| b.len()).sum();
+/// assert_eq!(total, chain.len());
+/// let bytes: Vec<u8> = chain.to_vec();
+/// # }
+/// ```
+#[derive(Debug)]
+#[must_use = "dropping a BufChain returns its buffers to their group at once"]
+pub struct BufChain {
+    bufs: Vec<PooledBuf>,
+    len: usize,
+}
+
+impl BufChain {
+    pub(crate) fn from_bufs(bufs: Vec<PooledBuf>) -> BufChain {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        BufChain { bufs, len }
+    }
+
+    /// Total bytes across all buffers.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the chain holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of buffers.
+    pub fn buf_count(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// The buffers, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, PooledBuf> {
+        self.bufs.iter()
+    }
+
+    /// Copies the bytes out (the copying path, for code that needs a `Vec`).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len);
+        for b in &self.bufs {
+            v.extend_from_slice(b);
+        }
+        v
+    }
+
+    /// Appends another chain's buffers (keeps the order: `self` first).
+    pub fn append(&mut self, other: BufChain) {
+        self.len += other.len;
+        self.bufs.extend(other.bufs);
+    }
+}
+
+impl IntoIterator for BufChain {
+    type Item = PooledBuf;
+    type IntoIter = std::vec::IntoIter<PooledBuf>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.bufs.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a BufChain {
+    type Item = &'a PooledBuf;
+    type IntoIter = std::slice::Iter<'a, PooledBuf>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.bufs.iter()
+    }
+}
+
+/// Memory handed to the kernel for sending. The driver owns it until the op's last completion
+/// and then gives it back in [`Event::Sent`](crate::Event::Sent).
+///
+/// # Examples
+/// ```
+/// use ringpool::SendBuf;
+/// let buf = SendBuf::from(b"hello".to_vec());
+/// assert_eq!(buf.len(), 5);
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SendBuf {
+    /// Plain owned bytes.
+    Owned(Vec<u8>),
+    /// Buffers received from a group, sent back out without a copy.
+    Chain(BufChain),
+}
+
+impl SendBuf {
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            SendBuf::Owned(v) => v.len(),
+            SendBuf::Chain(c) => c.len(),
+        }
+    }
+
+    /// Whether there is nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The byte ranges, in order, as `iovec`s starting `skip` bytes in.
+    pub(crate) fn iovecs(&self, mut skip: usize, out: &mut Vec<libc::iovec>) {
+        out.clear();
+        let mut push = |s: &[u8]| {
+            if skip >= s.len() {
+                skip -= s.len();
+                return;
+            }
+            let s = &s[skip..];
+            skip = 0;
+            out.push(libc::iovec {
+                iov_base: s.as_ptr() as *mut _,
+                iov_len: s.len(),
+            });
+        };
+        match self {
+            SendBuf::Owned(v) => push(v),
+            SendBuf::Chain(c) => c.iter().for_each(|b| push(b)),
+        }
+    }
+}
+
+impl From<Vec<u8>> for SendBuf {
+    fn from(v: Vec<u8>) -> Self {
+        SendBuf::Owned(v)
+    }
+}
+
+impl From<BufChain> for SendBuf {
+    fn from(c: BufChain) -> Self {
+        SendBuf::Chain(c)
+    }
+}
+
+impl From<PooledBuf> for SendBuf {
+    fn from(b: PooledBuf) -> Self {
+        SendBuf::Chain(BufChain::from_bufs(vec![b]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iovecs_skip_sent_bytes() {
+        let buf = SendBuf::from(vec![1u8; 10]);
+        let mut iov = Vec::new();
+        buf.iovecs(4, &mut iov);
+        assert_eq!(iov.len(), 1);
+        assert_eq!(iov[0].iov_len, 6);
+        buf.iovecs(10, &mut iov);
+        assert!(iov.is_empty());
+    }
+}

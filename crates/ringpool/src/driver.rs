@@ -1,0 +1,1092 @@
+//! The ring driver: owns one io_uring, an op table, and every byte of memory the kernel may touch.
+//!
+//! # The ownership rule
+//! From the moment an SQE that names memory is pushed until the op's **last** CQE (the one without
+//! `IORING_CQE_F_MORE`), that memory is owned by the op's slot in the driver's table, not by the
+//! user. Cancelling an op only asks the kernel to stop: the slot, and what it owns, is freed when
+//! the final CQE arrives. Dropping the driver cancels everything and waits for those CQEs; memory
+//! whose CQE never came is leaked, never freed under the kernel.
+//!
+//! # Completion loop
+//! The driver is a completion loop in the manner of liburing: start ops (each gets a user token),
+//! call [`Driver::wait`], then take [`Completion`]s with [`Driver::pop`]. It needs no async
+//! runtime; the async layer is built on top of it.
+//!
+//! ```
+//! use ringpool::{BufGroupConfig, Driver, Event, Fd, RecvMode};
+//! use std::io::Write;
+//! let mut driver = Driver::new(Default::default())?;
+//! let group = driver.buf_group(BufGroupConfig::new(4096, 8))?;
+//! let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+//! let a = Fd::from(std::os::fd::OwnedFd::from(a));
+//! driver.recv(&a, &group, RecvMode::Multishot, 7)?;
+//! b.write_all(b"hello").unwrap();
+//! let mut got = Vec::new();
+//! while got.len() < 5 {
+//!     driver.wait(None)?;
+//!     while let Some(c) = driver.pop() {
+//!         assert_eq!(c.token, 7);
+//!         if let Event::Data(chain) = c.event { got.extend(chain.to_vec()); }
+//!     }
+//! }
+//! assert_eq!(got, b"hello");
+//! # Ok::<(), ringpool::Error>(())
+//! ```
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use slab::Slab;
+
+use crate::buf::{BufChain, PooledBuf, SendBuf};
+use crate::error::{Error, Result};
+use crate::pool::{BufGroup, BufGroupConfig, GroupShared, HandleGuard};
+use crate::probe::{Features, Force, GroupRung, Ladder, MultishotRung};
+use crate::sys;
+
+/// User data of CQEs nobody waits for (cancel requests, timeout removals). Such SQEs name no
+/// memory.
+const IGNORED: u64 = u64::MAX;
+
+/// How to build a [`Driver`].
+///
+/// # Examples
+/// ```
+/// use ringpool::{Driver, DriverConfig, Force};
+/// let driver = Driver::new(DriverConfig::default().entries(512).force(Force::LegacyProvide))?;
+/// assert_eq!(driver.ladder().groups, ringpool::GroupRung::Legacy);
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    entries: u32,
+    cq_entries: Option<u32>,
+    force: Vec<Force>,
+    ignore_env: bool,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            entries: 256,
+            cq_entries: None,
+            force: Vec::new(),
+            ignore_env: false,
+        }
+    }
+}
+
+impl DriverConfig {
+    /// Submission queue size: a power of two from 1 to 32768 (default 256).
+    pub fn entries(mut self, entries: u32) -> Self {
+        self.entries = entries;
+        self
+    }
+
+    /// Completion queue size (default: 8 × `entries`, so multishot streams rarely overflow).
+    pub fn cq_entries(mut self, cq_entries: u32) -> Self {
+        self.cq_entries = Some(cq_entries);
+        self
+    }
+
+    /// Forces a lower rung of the fallback ladder (adds to `RINGPOOL_FORCE`).
+    pub fn force(mut self, rung: Force) -> Self {
+        self.force.push(rung);
+        self
+    }
+
+    /// Ignores `RINGPOOL_FORCE` (for tests that pin their own rungs).
+    pub fn ignore_env(mut self) -> Self {
+        self.ignore_env = true;
+        self
+    }
+}
+
+/// A file descriptor shared between the user and the ops using it: the descriptor is closed when
+/// the user's last clone and the last op using it are gone, so a parked op can never be re-armed
+/// on a descriptor number that was closed and reused.
+///
+/// # Examples
+/// ```
+/// let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+/// let fd = ringpool::Fd::from(std::os::fd::OwnedFd::from(a));
+/// use std::os::fd::AsRawFd;
+/// assert!(fd.as_raw_fd() >= 0);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Fd(Rc<OwnedFd>);
+
+impl From<OwnedFd> for Fd {
+    fn from(fd: OwnedFd) -> Fd {
+        Fd(Rc::new(fd))
+    }
+}
+
+impl From<std::net::TcpStream> for Fd {
+    fn from(s: std::net::TcpStream) -> Fd {
+        Fd::from(OwnedFd::from(s))
+    }
+}
+
+impl From<std::net::TcpListener> for Fd {
+    fn from(s: std::net::TcpListener) -> Fd {
+        Fd::from(OwnedFd::from(s))
+    }
+}
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Fd {
+    /// Whether `self` and `other` are clones of the same descriptor.
+    pub fn same(&self, other: &Fd) -> bool {
+        Rc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Identifies one op for [`Driver::cancel`]. Stale ids (of finished ops) are recognised and
+/// ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OpId(u64);
+
+impl OpId {
+    fn new(key: usize, gen: u32) -> OpId {
+        OpId(key as u64 | (gen as u64) << 32)
+    }
+    fn key(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+    fn gen(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+/// How a receive selects its buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvMode {
+    /// One completion, one buffer.
+    Once,
+    /// One completion, one or more buffers (6.10 bundles; one buffer where missing).
+    Bundle,
+    /// A stream of completions until end of stream, error or cancel (6.0 multishot; re-armed
+    /// single shots where missing). Running out of buffers pauses it; it resumes by itself.
+    Multishot,
+    /// A multishot stream whose completions may each carry several buffers.
+    MultishotBundle,
+}
+
+impl RecvMode {
+    fn multishot(self) -> bool {
+        matches!(self, RecvMode::Multishot | RecvMode::MultishotBundle)
+    }
+    fn bundle(self) -> bool {
+        matches!(self, RecvMode::Bundle | RecvMode::MultishotBundle)
+    }
+}
+
+/// What happened to an op.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// Bytes arrived, in buffers selected from the group, in order.
+    Data(BufChain),
+    /// The peer closed its side (a receive returned 0) or a read reached the end of the file.
+    Eof,
+    /// A connection was accepted.
+    Accepted(Fd),
+    /// A send finished: every byte was sent (`Ok(len)`), or it failed. The buffer comes back.
+    Sent {
+        /// Bytes sent, or why the send failed.
+        result: Result<usize>,
+        /// The memory that was sent, returned to the user.
+        buf: SendBuf,
+    },
+    /// The op failed; no further completions follow.
+    Error(Error),
+}
+
+/// One completion delivered to the user.
+///
+/// # Examples
+/// ```no_run
+/// # fn f(driver: &mut ringpool::Driver) {
+/// while let Some(c) = driver.pop() {
+///     println!("op {:?} (token {}) {:?}, more to come: {}", c.op, c.token, c.event, c.more);
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Completion {
+    /// The token given when the op was started.
+    pub token: u64,
+    /// The op.
+    pub op: OpId,
+    /// What happened.
+    pub event: Event,
+    /// Whether the op will deliver more completions.
+    pub more: bool,
+}
+
+enum OpKind {
+    Recv {
+        fd: Fd,
+        group: Rc<GroupShared>,
+        mode: RecvMode,
+    },
+    Read {
+        fd: Fd,
+        group: Rc<GroupShared>,
+        offset: u64,
+    },
+    Accept {
+        fd: Fd,
+    },
+    Send {
+        fd: Fd,
+        buf: Option<SendBuf>,
+        sent: usize,
+        iov: Vec<libc::iovec>,
+        msg: Box<libc::msghdr>,
+    },
+    Provide {
+        group: Rc<GroupShared>,
+        first: u16,
+        n: u32,
+    },
+    Remove {
+        group: Rc<GroupShared>,
+    },
+    Timeout {
+        _ts: Box<types::Timespec>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// The kernel has an SQE of this op.
+    InKernel,
+    /// Out of buffers; waiting for its group to be refilled.
+    Parked,
+}
+
+struct OpSlot {
+    token: u64,
+    gen: u32,
+    kind: OpKind,
+    state: SlotState,
+    cancel: bool,
+}
+
+/// Counters of the driver itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// `io_uring_enter` calls.
+    pub enters: u64,
+    /// CQEs reaped.
+    pub cqes: u64,
+    /// SQEs pushed.
+    pub sqes: u64,
+}
+
+/// Owns an io_uring and everything the kernel may touch through it. See the [module
+/// docs](self) for the ownership rule.
+pub struct Driver {
+    ring: IoUring,
+    ladder: Ladder,
+    ops: Slab<OpSlot>,
+    gen: u32,
+    ready: VecDeque<Completion>,
+    groups: Vec<Rc<GroupShared>>,
+    bgid_used: Vec<bool>,
+    parked: Vec<usize>,
+    cqe_buf: Vec<cqueue::Entry>,
+    take_buf: Vec<(u16, u32, u32)>,
+    stats: DriverStats,
+}
+
+impl Driver {
+    /// Sets up an io_uring with `SINGLE_ISSUER|DEFER_TASKRUN` where the kernel has it.
+    pub fn new(config: DriverConfig) -> Result<Driver> {
+        let entries = config.entries;
+        if entries == 0 || !entries.is_power_of_two() || entries > sys::MAX_RING_ENTRIES {
+            return Err(Error::InvalidRingSize {
+                entries,
+                max: sys::MAX_RING_ENTRIES,
+            });
+        }
+        let features = Features::get();
+        if !features.io_uring {
+            return Err(Error::Unsupported {
+                feature: "io_uring",
+                kernel: features.kernel,
+            });
+        }
+        let mut force = if config.ignore_env {
+            Vec::new()
+        } else {
+            Force::from_env()?
+        };
+        force.extend(config.force.iter().copied());
+        let ladder = Ladder::choose(features, &force);
+        let cq = config
+            .cq_entries
+            .unwrap_or(entries.saturating_mul(8).min(65536));
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(cq).setup_clamp();
+        if ladder.defer_taskrun {
+            builder.setup_single_issuer().setup_defer_taskrun();
+        }
+        let ring = builder
+            .build(entries)
+            .map_err(Error::os("io_uring_setup"))?;
+        Ok(Driver {
+            ring,
+            ladder,
+            ops: Slab::with_capacity(64),
+            gen: 0,
+            ready: VecDeque::new(),
+            groups: Vec::new(),
+            bgid_used: vec![false; 1 << 16],
+            parked: Vec::new(),
+            cqe_buf: Vec::with_capacity(256),
+            take_buf: Vec::new(),
+            stats: DriverStats::default(),
+        })
+    }
+
+    /// The fallback rungs in use.
+    pub fn ladder(&self) -> &Ladder {
+        &self.ladder
+    }
+
+    /// Driver counters.
+    pub fn stats(&self) -> DriverStats {
+        self.stats
+    }
+
+    /// Ops started and not yet finished (including parked ones).
+    pub fn in_flight(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Creates a buffer group: a provided buffer ring where the kernel has them (incremental if
+    /// asked and available), a legacy `PROVIDE_BUFFERS` group otherwise.
+    ///
+    /// # Errors
+    /// A count that is not a power of two or exceeds 32768, a size of 0 or above
+    /// [`MAX_BUF_SIZE`](crate::MAX_BUF_SIZE), a group id already in use, or memory that cannot be
+    /// had.
+    pub fn buf_group(&mut self, cfg: BufGroupConfig) -> Result<BufGroup> {
+        let max_count = cfg.validate()?;
+        let bgid = match cfg.bgid {
+            Some(id) if self.bgid_used[id as usize] => {
+                return Err(Error::GroupIdInUse { bgid: id })
+            }
+            Some(id) => id,
+            None => self
+                .bgid_used
+                .iter()
+                .position(|u| !u)
+                .ok_or(Error::GroupIdsExhausted)? as u16,
+        };
+        let (ring, incremental) = match self.ladder.groups {
+            GroupRung::Ring { incremental } => (true, cfg.incremental && incremental),
+            GroupRung::Legacy => (false, false),
+        };
+        let shared = Rc::new(GroupShared::new(&cfg, bgid, max_count, ring, incremental)?);
+        if let Some((addr, entries)) = shared.ring_registration() {
+            let flags = if incremental {
+                sys::IOU_PBUF_RING_INC
+            } else {
+                0
+            };
+            // SAFETY: the ring memory is owned by `shared`, which the driver keeps in
+            // `self.groups` until it unregisters the ring (or until the driver, and with it the
+            // io_uring, is gone), so it stays valid for as long as the kernel may read it.
+            unsafe {
+                self.ring
+                    .submitter()
+                    .register_buf_ring_with_flags(addr, entries, bgid, flags)
+            }
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EEXIST) => Error::GroupIdInUse { bgid },
+                _ => Error::Os {
+                    op: "registering a buffer ring",
+                    source: e,
+                },
+            })?;
+        }
+        shared.set_registered(true);
+        self.bgid_used[bgid as usize] = true;
+        shared.fill(0, shared.count());
+        self.groups.push(shared.clone());
+        if !ring {
+            // Provide the initial buffers now, so the group is usable when this returns.
+            self.flush_provides()?;
+            while shared.stats().in_kernel != shared.count() || self.providing(&shared) {
+                self.wait(Some(Duration::from_millis(100)))?;
+            }
+        }
+        Ok(BufGroup {
+            shared: shared.clone(),
+            _handle: Rc::new(HandleGuard(shared)),
+        })
+    }
+
+    fn providing(&self, g: &Rc<GroupShared>) -> bool {
+        self.ops
+            .iter()
+            .any(|(_, s)| matches!(&s.kind, OpKind::Provide { group, .. } if Rc::ptr_eq(group, g)))
+    }
+
+    /// Starts a receive on `fd` into buffers the kernel selects from `group`.
+    ///
+    /// Completions: [`Event::Data`] per arrival, then [`Event::Eof`] or [`Event::Error`] as the
+    /// last one (multishot), or a single one (once/bundle). A dry group is not an error: the
+    /// receive pauses and resumes when buffers come back, with nothing lost.
+    pub fn recv(&mut self, fd: &Fd, group: &BufGroup, mode: RecvMode, token: u64) -> Result<OpId> {
+        let kind = OpKind::Recv {
+            fd: fd.clone(),
+            group: group.shared.clone(),
+            mode,
+        };
+        Ok(self.start(kind, token))
+    }
+
+    /// Reads from `fd` at `offset` (`u64::MAX`: the file position) into a buffer the kernel
+    /// selects from `group`. One completion: [`Event::Data`], [`Event::Eof`] or [`Event::Error`].
+    pub fn read(&mut self, fd: &Fd, group: &BufGroup, offset: u64, token: u64) -> Result<OpId> {
+        let kind = OpKind::Read {
+            fd: fd.clone(),
+            group: group.shared.clone(),
+            offset,
+        };
+        Ok(self.start(kind, token))
+    }
+
+    /// Accepts connections on `listener` until cancelled: one [`Event::Accepted`] each
+    /// (multishot accept, 5.19; re-armed single accepts where missing).
+    pub fn accept_multishot(&mut self, listener: &Fd, token: u64) -> Result<OpId> {
+        Ok(self.start(
+            OpKind::Accept {
+                fd: listener.clone(),
+            },
+            token,
+        ))
+    }
+
+    /// Sends all of `buf` on `fd`, continuing short sends; one [`Event::Sent`] completion that
+    /// returns `buf`. Sends on one socket must be started one after the other's completion (or
+    /// their bytes may interleave), as with `send(2)` from several threads.
+    pub fn send(&mut self, fd: &Fd, buf: impl Into<SendBuf>, token: u64) -> Result<OpId> {
+        // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+        let msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        let kind = OpKind::Send {
+            fd: fd.clone(),
+            buf: Some(buf.into()),
+            sent: 0,
+            iov: Vec::new(),
+            msg,
+        };
+        Ok(self.start(kind, token))
+    }
+
+    /// Asks the kernel to stop `op`. Its final completion still comes (usually
+    /// `Error(Cancelled)`), and its memory is released only then. Stale ids are ignored.
+    pub fn cancel(&mut self, op: OpId) {
+        let Some(slot) = self.ops.get_mut(op.key()) else {
+            return;
+        };
+        if slot.gen != op.gen() || slot.cancel {
+            return;
+        }
+        slot.cancel = true;
+        match slot.state {
+            SlotState::Parked => self.finish_parked(op.key(), Event::Error(Error::Cancelled)),
+            SlotState::InKernel => {
+                let sqe = opcode::AsyncCancel::new(op.0).build().user_data(IGNORED);
+                self.push(sqe);
+            }
+        }
+    }
+
+    /// Cancels every op using `fd` (for closing a connection with receives in flight).
+    pub fn cancel_fd(&mut self, fd: &Fd) {
+        let ids: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, s)| op_fd(&s.kind).is_some_and(|f| f.same(fd)))
+            .map(|(k, s)| OpId::new(k, s.gen))
+            .collect();
+        for id in ids {
+            self.cancel(id);
+        }
+    }
+
+    /// The next completion, if any is ready.
+    pub fn pop(&mut self) -> Option<Completion> {
+        self.ready.pop_front()
+    }
+
+    /// Completions ready to be popped.
+    pub fn ready(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Submits queued work (re-arming receives whose groups were refilled, providing returned
+    /// legacy buffers), waits until at least one CQE arrives or `timeout` passes (no waiting if
+    /// completions are already ready), and dispatches every CQE. Returns the number of
+    /// completions ready.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
+        self.flush()?;
+        let want = if self.ready.is_empty() { 1 } else { 0 };
+        self.enter(want, timeout)?;
+        self.reap();
+        Ok(self.ready.len())
+    }
+
+    /// Submits queued work and dispatches CQEs that are already there, without waiting.
+    pub fn submit(&mut self) -> Result<usize> {
+        self.flush()?;
+        self.enter(0, None)?;
+        self.reap();
+        Ok(self.ready.len())
+    }
+
+    fn next_gen(&mut self) -> u32 {
+        self.gen = self.gen.wrapping_add(1);
+        self.gen
+    }
+
+    fn start(&mut self, kind: OpKind, token: u64) -> OpId {
+        let gen = self.next_gen();
+        let key = self.ops.insert(OpSlot {
+            token,
+            gen,
+            kind,
+            state: SlotState::InKernel,
+            cancel: false,
+        });
+        self.arm(key);
+        OpId::new(key, gen)
+    }
+
+    /// Builds the op's SQE from its slot and pushes it.
+    fn arm(&mut self, key: usize) {
+        let ladder = self.ladder;
+        let slot = &mut self.ops[key];
+        let ud = OpId::new(key, slot.gen).0;
+        slot.state = SlotState::InKernel;
+        let sqe = match &mut slot.kind {
+            OpKind::Recv { fd, group, mode } => {
+                let fd = types::Fd(fd.as_raw_fd());
+                let bundle = mode.bundle() && ladder.bundle && !is_incremental(group);
+                let bgid = group.bgid;
+                match (
+                    mode.multishot() && ladder.recv == MultishotRung::Kernel,
+                    bundle,
+                ) {
+                    (true, true) => opcode::RecvMultiBundle::new(fd, bgid).build(),
+                    (true, false) => opcode::RecvMulti::new(fd, bgid).build(),
+                    (false, true) => opcode::RecvBundle::new(fd, bgid).build(),
+                    (false, false) => opcode::Recv::new(fd, std::ptr::null_mut(), group.buf_size)
+                        .buf_group(bgid)
+                        .build()
+                        .flags(squeue::Flags::BUFFER_SELECT),
+                }
+            }
+            OpKind::Read { fd, group, offset } => opcode::Read::new(
+                types::Fd(fd.as_raw_fd()),
+                std::ptr::null_mut(),
+                group.buf_size,
+            )
+            .offset(*offset)
+            .buf_group(group.bgid)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT),
+            OpKind::Accept { fd } => {
+                let fd = types::Fd(fd.as_raw_fd());
+                match ladder.accept {
+                    MultishotRung::Kernel => opcode::AcceptMulti::new(fd)
+                        .flags(libc::SOCK_CLOEXEC)
+                        .build(),
+                    MultishotRung::Rearmed => {
+                        opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                            .flags(libc::SOCK_CLOEXEC)
+                            .build()
+                    }
+                }
+            }
+            OpKind::Send {
+                fd,
+                buf,
+                sent,
+                iov,
+                msg,
+            } => {
+                buf.as_ref()
+                    .expect("a send in flight owns its buffer")
+                    .iovecs(*sent, iov);
+                msg.msg_iov = iov.as_mut_ptr();
+                msg.msg_iovlen = iov.len();
+                let msg_ptr: *const libc::msghdr = &**msg;
+                opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), msg_ptr)
+                    .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+                    .build()
+            }
+            OpKind::Provide { .. } | OpKind::Remove { .. } | OpKind::Timeout { .. } => {
+                unreachable!("internal ops are pushed where they are built")
+            }
+        };
+        self.push(sqe.user_data(ud));
+    }
+
+    /// Pushes an SQE, submitting first if the queue is full.
+    fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: every SQE pushed names only memory owned by an op slot (or none), and that
+            // slot lives until the op's final CQE: the ownership rule of this module.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                self.stats.sqes += 1;
+                return;
+            }
+            // The queue is full: hand what is there to the kernel and retry.
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+                    panic!("io_uring_enter failed while the submission queue was full: {e}");
+                }
+                self.reap();
+            }
+            self.stats.enters += 1;
+        }
+    }
+
+    /// Calls `io_uring_enter`: submits, runs deferred task work and waits for `want` CQEs.
+    fn enter(&mut self, want: usize, timeout: Option<Duration>) -> Result<()> {
+        self.stats.enters += 1;
+        let res = match timeout {
+            Some(t) if want > 0 && self.ladder.ext_arg => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+            Some(t) if want > 0 => {
+                let ts = Box::new(types::Timespec::from(t));
+                let sqe = opcode::Timeout::new(&*ts).build();
+                let key = self.ops.insert(OpSlot {
+                    token: 0,
+                    gen: 0,
+                    kind: OpKind::Timeout { _ts: ts },
+                    state: SlotState::InKernel,
+                    cancel: false,
+                });
+                self.push(sqe.user_data(OpId::new(key, 0).0));
+                self.ring.submit_and_wait(want)
+            }
+            _ if want == 0 && self.ladder.defer_taskrun => {
+                // Deferred task work runs only on an enter with GETEVENTS, even without waiting.
+                let n = self.ring.submission().len() as u32;
+                // SAFETY: no argument is passed; the SQEs in the queue obey the ownership rule.
+                unsafe { self.ring.submitter().enter::<libc::sigset_t>(n, 0, 1, None) }
+            }
+            _ => self.ring.submit_and_wait(want),
+        };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(Error::Os {
+                op: "io_uring_enter",
+                source: e,
+            }),
+        }
+    }
+
+    /// Before entering the kernel: provide returned legacy buffers, re-arm parked receives whose
+    /// group has buffers again, unregister abandoned groups.
+    fn flush(&mut self) -> Result<()> {
+        self.flush_provides()?;
+        if !self.parked.is_empty() {
+            let parked = std::mem::take(&mut self.parked);
+            for key in parked {
+                let slot = &self.ops[key];
+                let (group, fd) = match &slot.kind {
+                    OpKind::Recv { group, fd, .. } | OpKind::Read { group, fd, .. } => {
+                        (group.clone(), fd.clone())
+                    }
+                    _ => unreachable!("only buffer-selecting ops park"),
+                };
+                if Rc::strong_count(&fd.0) == 2 {
+                    // Only this op (and our clone) hold the descriptor: the user closed it.
+                    self.finish_parked(key, Event::Error(Error::Cancelled));
+                } else if group.refilled.get() {
+                    group.rearms.set(group.rearms.get() + 1);
+                    self.arm(key);
+                } else {
+                    self.parked.push(key);
+                }
+            }
+        }
+        for g in &self.groups {
+            g.refilled.set(false);
+        }
+        self.reap_groups();
+        Ok(())
+    }
+
+    fn flush_provides(&mut self) -> Result<()> {
+        for gi in 0..self.groups.len() {
+            let group = self.groups[gi].clone();
+            for (bid, n, addr) in group.take_pending_runs() {
+                let sqe =
+                    opcode::ProvideBuffers::new(addr, group.buf_size as i32, n, group.bgid, bid)
+                        .build();
+                let gen = self.next_gen();
+                let kind = OpKind::Provide {
+                    group: group.clone(),
+                    first: bid,
+                    n: n as u32,
+                };
+                let key = self.ops.insert(OpSlot {
+                    token: 0,
+                    gen,
+                    kind,
+                    state: SlotState::InKernel,
+                    cancel: false,
+                });
+                self.push(sqe.user_data(OpId::new(key, gen).0));
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets groups whose handle is gone and that no op uses any more.
+    fn reap_groups(&mut self) {
+        let mut i = 0;
+        while i < self.groups.len() {
+            let g = &self.groups[i];
+            let in_use = !g.handle_alive.get()
+                && self
+                    .ops
+                    .iter()
+                    .any(|(_, s)| op_group(&s.kind).is_some_and(|og| Rc::ptr_eq(og, g)));
+            if g.handle_alive.get() || in_use {
+                i += 1;
+                continue;
+            }
+            let g = self.groups.swap_remove(i);
+            g.set_registered(false);
+            if g.is_ring() {
+                // Nothing selects from the ring any more; the kernel forgets it synchronously.
+                let _ = self.ring.submitter().unregister_buf_ring(g.bgid);
+                self.bgid_used[g.bgid as usize] = false;
+            } else {
+                // Take the provided buffers back before the memory or the id can be reused.
+                let sqe = opcode::RemoveBuffers::new(g.count().min(u16::MAX as u32) as u16, g.bgid)
+                    .build();
+                let gen = self.next_gen();
+                let key = self.ops.insert(OpSlot {
+                    token: 0,
+                    gen,
+                    kind: OpKind::Remove { group: g },
+                    state: SlotState::InKernel,
+                    cancel: false,
+                });
+                self.push(sqe.user_data(OpId::new(key, gen).0));
+            }
+        }
+    }
+
+    /// Dispatches every CQE in the completion queue.
+    fn reap(&mut self) {
+        let mut cqes = std::mem::take(&mut self.cqe_buf);
+        cqes.clear();
+        cqes.extend(self.ring.completion());
+        self.stats.cqes += cqes.len() as u64;
+        for cqe in &cqes {
+            if cqe.user_data() != IGNORED {
+                self.dispatch(cqe);
+            }
+        }
+        self.cqe_buf = cqes;
+    }
+
+    fn dispatch(&mut self, cqe: &cqueue::Entry) {
+        let id = OpId(cqe.user_data());
+        let key = id.key();
+        let (res, flags) = (cqe.result(), cqe.flags());
+        let more = cqueue::more(flags);
+        let Some(slot) = self.ops.get_mut(key) else {
+            debug_assert!(false, "CQE for a free slot: {id:?}");
+            return;
+        };
+        debug_assert_eq!(slot.gen, id.gen(), "CQE for a reused slot");
+        let token = slot.token;
+        let cancelled = slot.cancel;
+        match &mut slot.kind {
+            OpKind::Recv { group, mode, .. } => {
+                let (group, multishot) = (group.clone(), mode.multishot());
+                self.buffer_completion(key, id, token, &group, res, flags, multishot && !cancelled);
+            }
+            OpKind::Read { group, .. } => {
+                let group = group.clone();
+                self.buffer_completion(key, id, token, &group, res, flags, false);
+            }
+            OpKind::Accept { .. } => {
+                let keep = !cancelled && (more || res >= 0 || res == -libc::ECONNABORTED);
+                let event = if res >= 0 {
+                    // SAFETY: a successful accept returns a new descriptor that we now own.
+                    Event::Accepted(Fd::from(unsafe { OwnedFd::from_raw_fd(res) }))
+                } else {
+                    Event::Error(errno_error("accept", res))
+                };
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event,
+                    more: keep,
+                });
+                if keep && !more {
+                    self.arm(key);
+                } else if !keep && !more {
+                    self.ops.remove(key);
+                }
+            }
+            OpKind::Send { buf, sent, .. } => {
+                let total = buf.as_ref().map_or(0, SendBuf::len);
+                if res > 0 {
+                    *sent += res as usize;
+                }
+                if res > 0 && *sent < total && !cancelled {
+                    // A short send: continue from where the kernel stopped.
+                    self.arm(key);
+                    return;
+                }
+                let result = if res >= 0 {
+                    Ok(*sent)
+                } else {
+                    Err(errno_error("send", res))
+                };
+                let buf = buf.take().expect("send owns its buffer until completion");
+                self.ops.remove(key);
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::Sent { result, buf },
+                    more: false,
+                });
+            }
+            OpKind::Provide { group, first, n } => {
+                let (group, first, n) = (group.clone(), *first, *n);
+                self.ops.remove(key);
+                if res < 0 {
+                    // The kernel did not take them: queue them again for the next flush.
+                    group.provide_failed(first, n);
+                } else {
+                    group.provided(n);
+                    group.refilled.set(true);
+                }
+            }
+            OpKind::Remove { group } => {
+                let bgid = group.bgid;
+                self.ops.remove(key);
+                self.bgid_used[bgid as usize] = false;
+            }
+            OpKind::Timeout { .. } => {
+                self.ops.remove(key);
+            }
+        }
+    }
+
+    /// A completion of an op that selected a buffer (recv, read).
+    #[allow(clippy::too_many_arguments)]
+    fn buffer_completion(
+        &mut self,
+        key: usize,
+        id: OpId,
+        token: u64,
+        group: &Rc<GroupShared>,
+        res: i32,
+        flags: u32,
+        rearm: bool,
+    ) {
+        let more = cqueue::more(flags);
+        if res > 0 {
+            let bid = cqueue::buffer_select(flags)
+                .expect("a selected-buffer completion names its buffer");
+            let mut parts = std::mem::take(&mut self.take_buf);
+            parts.clear();
+            group.take(
+                bid,
+                res as u32,
+                flags & sys::IORING_CQE_F_BUF_MORE != 0,
+                &mut parts,
+            );
+            let bufs = parts
+                .iter()
+                // SAFETY: the kernel wrote these bytes before posting this CQE, and `take` marked
+                // the buffers as in user hands, so nothing hands them out again before they drop.
+                .map(|&(b, off, len)| unsafe { PooledBuf::new(group.clone(), b, off, len) })
+                .collect();
+            self.take_buf = parts;
+            let keep = more || rearm;
+            self.ready.push_back(Completion {
+                token,
+                op: id,
+                event: Event::Data(BufChain::from_bufs(bufs)),
+                more: keep,
+            });
+            if !more {
+                if keep {
+                    self.arm(key);
+                } else {
+                    self.ops.remove(key);
+                }
+            }
+            return;
+        }
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            group.put_back_unused(bid);
+        }
+        if res == -libc::ENOBUFS && !more {
+            group.enobufs.set(group.enobufs.get() + 1);
+            if self.ops[key].cancel {
+                self.ops.remove(key);
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::Error(Error::Cancelled),
+                    more: false,
+                });
+                return;
+            }
+            if group.report_exhaustion {
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::Error(Error::PoolExhausted { bgid: group.bgid }),
+                    more: true,
+                });
+            }
+            self.park(key, group);
+            return;
+        }
+        if more {
+            // A multishot op reported a passing condition and goes on.
+            return;
+        }
+        let event = match res {
+            0 => Event::Eof,
+            r if r == -libc::ECANCELED => Event::Error(Error::Cancelled),
+            r => Event::Error(errno_error("recv", r)),
+        };
+        self.ops.remove(key);
+        self.ready.push_back(Completion {
+            token,
+            op: id,
+            event,
+            more: false,
+        });
+    }
+
+    /// The op's group ran dry: grow it if allowed, else wait for buffers to come back.
+    fn park(&mut self, key: usize, group: &Rc<GroupShared>) {
+        self.ops[key].state = SlotState::Parked;
+        self.parked.push(key);
+        match group.grow() {
+            Ok(Some((first, n))) => group.fill(first, n),
+            Ok(None) | Err(_) => {}
+        }
+        // Buffers may have come back between the kernel's ENOBUFS and now; then re-arm at once.
+        if group.stats().in_kernel > 0 {
+            group.refilled.set(true);
+        }
+    }
+
+    fn finish_parked(&mut self, key: usize, event: Event) {
+        self.parked.retain(|&k| k != key);
+        let slot = self.ops.remove(key);
+        self.ready.push_back(Completion {
+            token: slot.token,
+            op: OpId::new(key, slot.gen),
+            event,
+            more: false,
+        });
+    }
+}
+
+fn errno_error(op: &'static str, res: i32) -> Error {
+    if res == -libc::ECANCELED {
+        Error::Cancelled
+    } else {
+        Error::from_errno(op, res)
+    }
+}
+
+fn is_incremental(g: &GroupShared) -> bool {
+    matches!(&g.backing, crate::pool::Backing::Ring(r) if r.incremental)
+}
+
+fn op_fd(kind: &OpKind) -> Option<&Fd> {
+    match kind {
+        OpKind::Recv { fd, .. }
+        | OpKind::Read { fd, .. }
+        | OpKind::Accept { fd }
+        | OpKind::Send { fd, .. } => Some(fd),
+        _ => None,
+    }
+}
+
+fn op_group(kind: &OpKind) -> Option<&Rc<GroupShared>> {
+    match kind {
+        OpKind::Recv { group, .. }
+        | OpKind::Read { group, .. }
+        | OpKind::Provide { group, .. }
+        | OpKind::Remove { group } => Some(group),
+        _ => None,
+    }
+}
+
+impl Drop for Driver {
+    /// Cancels every op and waits (up to 5 s) for their final CQEs. Memory of ops whose CQE never
+    /// came is leaked on purpose: the kernel may still write to it.
+    fn drop(&mut self) {
+        let parked: Vec<usize> = std::mem::take(&mut self.parked);
+        for key in parked {
+            self.ops.remove(key);
+        }
+        // One cancel per op (works on every kernel, unlike CANCEL_ANY, which needs 5.19).
+        let ids: Vec<OpId> = self.ops.iter().map(|(k, s)| OpId::new(k, s.gen)).collect();
+        for id in ids {
+            self.cancel(id);
+        }
+        if !self.ops.is_empty() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !self.ops.is_empty() && Instant::now() < deadline {
+                // Internal ops (provides, removes) finish on their own; user ops were cancelled.
+                if self.enter(1, Some(Duration::from_millis(50))).is_err() {
+                    break;
+                }
+                self.reap();
+                self.ready.clear();
+            }
+        }
+        if !self.ops.is_empty() {
+            // The kernel still holds these ops: leak their memory rather than free it under it.
+            std::mem::forget(std::mem::take(&mut self.ops));
+            std::mem::forget(std::mem::take(&mut self.groups));
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Typed errors. Every error names what was asked and why it cannot be done, and converts into
+//! `io::Error` for code that wants one error type.
+
+use std::io;
+
+use crate::sys::KernelVersion;
+
+/// The result type of ringpool.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong.
+///
+/// # Examples
+/// ```
+/// use ringpool::{BufGroupConfig, Driver, Error};
+/// let mut driver = Driver::new(Default::default()).unwrap();
+/// let err = driver.buf_group(BufGroupConfig::new(4096, 100)).unwrap_err();
+/// assert!(matches!(err, Error::InvalidBufferCount { count: 100, .. }));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Os {
+        /// What ringpool was doing.
+        op: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The ring size asked for is not usable.
+    #[error("ring size {entries} is invalid: it must be a power of two between 1 and {max}")]
+    InvalidRingSize {
+        /// Entries asked for.
+        entries: u32,
+        /// Largest accepted value.
+        max: u32,
+    },
+    /// A buffer group's buffer count must be a power of two no larger than 32768.
+    #[error("buffer count {count} is invalid: it must be a power of two between 1 and {max}")]
+    InvalidBufferCount {
+        /// Count asked for.
+        count: u32,
+        /// Largest accepted value.
+        max: u32,
+    },
+    /// A buffer group's buffer size must be at least 1 byte and at most the limit.
+    #[error("buffer size {size} is invalid: it must be between 1 and {max} bytes")]
+    InvalidBufferSize {
+        /// Size asked for.
+        size: usize,
+        /// Largest accepted value.
+        max: usize,
+    },
+    /// A group's maximum is below its initial count, or not a power of two.
+    #[error("buffer group growth limit {max_count} is invalid for an initial count of {count}")]
+    InvalidGrowth {
+        /// Initial count.
+        count: u32,
+        /// Growth limit asked for.
+        max_count: u32,
+    },
+    /// The group id is already registered on this ring.
+    #[error("buffer group id {bgid} is already in use on this ring")]
+    GroupIdInUse {
+        /// The id asked for.
+        bgid: u16,
+    },
+    /// Every buffer group id is taken.
+    #[error("no free buffer group id left on this ring")]
+    GroupIdsExhausted,
+    /// The pool asked for exceeds what this machine could ever hold.
+    #[error("a pool of {bytes} bytes cannot be allocated ({reason})")]
+    OutOfMemory {
+        /// Bytes asked for.
+        bytes: u128,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// The running kernel lacks a feature that was required (not merely preferred).
+    #[error("{feature} is not supported by this kernel ({kernel})")]
+    Unsupported {
+        /// The missing feature.
+        feature: &'static str,
+        /// The running kernel.
+        kernel: KernelVersion,
+    },
+    /// A buffer group ran dry and the caller asked to see that instead of waiting.
+    #[error("buffer group {bgid} is exhausted (every buffer is in use)")]
+    PoolExhausted {
+        /// The exhausted group.
+        bgid: u16,
+    },
+    /// The operation was cancelled before it completed.
+    #[error("operation cancelled")]
+    Cancelled,
+    /// `RINGPOOL_FORCE` or a builder option named an unknown rung.
+    #[error("unknown fallback rung {name:?} (known: {known})")]
+    UnknownRung {
+        /// What was given.
+        name: String,
+        /// The names that are accepted.
+        known: &'static str,
+    },
+}
+
+impl Error {
+    /// Wraps the OS error `errno` (a negative CQE result or a positive errno).
+    pub(crate) fn from_errno(op: &'static str, errno: i32) -> Error {
+        Error::Os {
+            op,
+            source: io::Error::from_raw_os_error(errno.abs()),
+        }
+    }
+
+    /// Wraps an `io::Error` from a setup call.
+    pub(crate) fn os(op: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Os { op, source }
+    }
+
+    /// The raw OS error number, when the error came from the kernel.
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::Error;
+    /// assert_eq!(Error::Cancelled.raw_os_error(), Some(libc::ECANCELED));
+    /// ```
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Os { source, .. } => source.raw_os_error(),
+            Error::Cancelled => Some(libc::ECANCELED),
+            Error::PoolExhausted { .. } => Some(libc::ENOBUFS),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        match e {
+            Error::Os { source, .. } => source,
+            Error::Cancelled => io::Error::from_raw_os_error(libc::ECANCELED),
+            Error::OutOfMemory { .. } => io::Error::new(io::ErrorKind::OutOfMemory, e),
+            Error::Unsupported { .. } => io::Error::new(io::ErrorKind::Unsupported, e),
+            Error::PoolExhausted { .. } => io::Error::new(io::ErrorKind::WouldBlock, e),
+            other => io::Error::new(io::ErrorKind::InvalidInput, other),
+        }
+    }
+}

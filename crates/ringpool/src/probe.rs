@@ -1,0 +1,525 @@
+//! What the running kernel can do, detected once and cached, and the rung of the fallback
+//! ladder each capability will use.
+//!
+//! Detection asks the kernel, not the version number: opcodes through `IORING_REGISTER_PROBE`,
+//! buffer rings and incremental rings by registering one, multishot recv and accept by running
+//! one on a loopback socket. [`Features::get`] runs the probe once per process.
+//!
+//! The ladder ([`Ladder`]) is chosen once from the features and from forced rungs: the
+//! `RINGPOOL_FORCE` environment variable (a comma-separated list of [`Force`] names) or
+//! [`crate::DriverConfig::force`]. Forcing a rung lets the tests run every fallback path on a new
+//! kernel.
+
+use std::io::Write as _;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::error::{Error, Result};
+use crate::sys::{self, KernelVersion, Memlock, Mmap};
+
+/// What the running kernel supports, as measured by the probe.
+///
+/// # Examples
+/// ```
+/// let f = ringpool::Features::get();
+/// println!("kernel {} buffer rings: {}", f.kernel, f.buf_ring);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// The running kernel.
+    pub kernel: KernelVersion,
+    /// io_uring itself works (setup succeeded).
+    pub io_uring: bool,
+    /// Opcodes the kernel reports as supported (index = opcode).
+    pub opcodes: Vec<bool>,
+    /// `io_uring_params.features` bits.
+    pub feature_bits: u32,
+    /// `IORING_OP_PROVIDE_BUFFERS` (5.7).
+    pub provide_buffers: bool,
+    /// Provided buffer rings (5.19).
+    pub buf_ring: bool,
+    /// Incrementally consumed buffer rings, `IOU_PBUF_RING_INC` (6.12).
+    pub buf_ring_incremental: bool,
+    /// Send/recv bundles (6.10).
+    pub bundle: bool,
+    /// Multishot recv (6.0).
+    pub recv_multishot: bool,
+    /// Multishot accept (5.19).
+    pub accept_multishot: bool,
+    /// `IORING_OP_SEND_ZC` (6.0).
+    pub send_zc: bool,
+    /// `IORING_OP_SENDMSG_ZC` (6.1).
+    pub sendmsg_zc: bool,
+    /// `IORING_OP_READV_FIXED`/`WRITEV_FIXED` (6.15).
+    pub vectored_fixed: bool,
+    /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (6.1).
+    pub defer_taskrun: bool,
+    /// `io_uring_enter` with a timeout argument (5.11).
+    pub ext_arg: bool,
+    /// How much memory this process may register.
+    pub memlock: Memlock,
+}
+
+static FEATURES: OnceLock<Features> = OnceLock::new();
+
+impl Features {
+    /// The probed features, detected on first call and cached for the life of the process.
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(ringpool::Features::get().io_uring);
+    /// ```
+    pub fn get() -> &'static Features {
+        FEATURES.get_or_init(detect)
+    }
+
+    /// Whether `opcode` is supported.
+    ///
+    /// # Examples
+    /// ```
+    /// let f = ringpool::Features::get();
+    /// assert!(f.opcode(io_uring::opcode::Nop::CODE));
+    /// ```
+    pub fn opcode(&self, opcode: u8) -> bool {
+        self.opcodes.get(opcode as usize).copied().unwrap_or(false)
+    }
+}
+
+fn detect() -> Features {
+    let kernel = KernelVersion::current();
+    let memlock = Memlock::current();
+    let mut f = Features {
+        kernel,
+        io_uring: false,
+        opcodes: vec![false; 256],
+        feature_bits: 0,
+        provide_buffers: false,
+        buf_ring: false,
+        buf_ring_incremental: false,
+        bundle: false,
+        recv_multishot: false,
+        accept_multishot: false,
+        send_zc: false,
+        sendmsg_zc: false,
+        vectored_fixed: false,
+        defer_taskrun: false,
+        ext_arg: false,
+        memlock,
+    };
+    let Ok(mut ring) = IoUring::new(8) else {
+        return f;
+    };
+    f.io_uring = true;
+    let mut probe = io_uring::Probe::new();
+    if ring.submitter().register_probe(&mut probe).is_ok() {
+        for (op, slot) in f.opcodes.iter_mut().enumerate() {
+            *slot = probe.is_supported(op as u8);
+        }
+    }
+    f.feature_bits = feature_bits(&ring);
+    f.ext_arg = f.feature_bits & sys::IORING_FEAT_EXT_ARG != 0;
+    f.bundle = f.feature_bits & sys::IORING_FEAT_RECVSEND_BUNDLE != 0;
+    f.provide_buffers = f.opcode(opcode::ProvideBuffers::CODE);
+    f.send_zc = f.opcode(opcode::SendZc::CODE);
+    f.sendmsg_zc = f.opcode(opcode::SendMsgZc::CODE);
+    f.vectored_fixed = f.opcode(opcode::ReadvFixed::CODE) && f.opcode(opcode::WritevFixed::CODE);
+    f.buf_ring = try_buf_ring(&ring, 0);
+    f.buf_ring_incremental = f.buf_ring && try_buf_ring(&ring, sys::IOU_PBUF_RING_INC);
+    f.defer_taskrun = IoUring::<squeue::Entry, cqueue::Entry>::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(8)
+        .is_ok();
+    if f.provide_buffers {
+        f.recv_multishot = try_recv_multishot(&mut ring).unwrap_or(false);
+    }
+    f.accept_multishot = try_accept_multishot(&mut ring).unwrap_or(false);
+    f
+}
+
+fn feature_bits(ring: &IoUring) -> u32 {
+    let p = ring.params();
+    // The crate exposes the bits one predicate at a time; rebuild the word from the ones we use.
+    let mut bits = 0;
+    if p.is_feature_ext_arg() {
+        bits |= sys::IORING_FEAT_EXT_ARG;
+    }
+    if p.is_feature_recvsend_bundle() {
+        bits |= sys::IORING_FEAT_RECVSEND_BUNDLE;
+    }
+    if p.is_feature_nodrop() {
+        bits |= 1 << 1;
+    }
+    if p.is_feature_fast_poll() {
+        bits |= 1 << 5;
+    }
+    bits
+}
+
+/// Registers and unregisters a small buffer ring with `flags`.
+fn try_buf_ring(ring: &IoUring, flags: u16) -> bool {
+    const PROBE_BGID: u16 = 0xfffe;
+    let Ok(mem) = Mmap::anonymous(4096) else {
+        return false;
+    };
+    // SAFETY: `mem` is a page-aligned 4096-byte mapping, large enough for 8 entries of 16 bytes,
+    // and stays mapped until after the unregister below.
+    let ok = unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(mem.as_ptr() as u64, 8, PROBE_BGID, flags)
+            .is_ok()
+    };
+    if ok {
+        let _ = ring.submitter().unregister_buf_ring(PROBE_BGID);
+    }
+    ok
+}
+
+/// Pushes one SQE, submits it and returns the first CQE for `user_data` (waiting at most for the
+/// ones that are already due: the probe only submits ops whose data is already there).
+fn run_one(ring: &mut IoUring, sqe: squeue::Entry) -> std::io::Result<cqueue::Entry> {
+    // SAFETY: the probe's SQEs point only at memory that outlives the wait below.
+    unsafe { ring.submission().push(&sqe) }.map_err(|_| std::io::ErrorKind::Other)?;
+    ring.submit_and_wait(1)?;
+    ring.completion()
+        .next()
+        .ok_or_else(|| std::io::ErrorKind::Other.into())
+}
+
+/// Cancels everything still in flight on the probe ring and waits for it to finish.
+fn drain(ring: &mut IoUring) {
+    let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+        .build()
+        .user_data(u64::MAX);
+    // SAFETY: a cancel SQE names no memory.
+    if unsafe { ring.submission().push(&cancel) }.is_err() {
+        return;
+    }
+    for _ in 0..8 {
+        if ring.submit_and_wait(1).is_err() {
+            return;
+        }
+        let mut done = false;
+        for cqe in ring.completion() {
+            done |= cqe.user_data() == u64::MAX;
+        }
+        if done {
+            break;
+        }
+    }
+    // Collect whatever the cancellation ended.
+    let _ = ring.submitter().submit_and_wait(0);
+    ring.completion().for_each(drop);
+}
+
+fn try_recv_multishot(ring: &mut IoUring) -> std::io::Result<bool> {
+    const BGID: u16 = 0xfffd;
+    let mut fds = [0; 2];
+    sys::syscall!(socketpair(
+        libc::AF_UNIX,
+        libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+        0,
+        fds.as_mut_ptr()
+    ))?;
+    // SAFETY: socketpair returned two fresh descriptors we now own.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mem = Mmap::anonymous(4096)?;
+    let provide = opcode::ProvideBuffers::new(mem.as_ptr(), 64, 4, BGID, 0)
+        .build()
+        .user_data(1);
+    let cqe = run_one(ring, provide)?;
+    if cqe.result() < 0 {
+        return Ok(false);
+    }
+    std::fs::File::from(b.try_clone()?).write_all(b"x")?;
+    let recv = opcode::RecvMulti::new(types::Fd(a.as_raw_fd()), BGID)
+        .build()
+        .user_data(2);
+    let cqe = run_one(ring, recv)?;
+    let supported = cqe.result() > 0 && cqueue::more(cqe.flags());
+    drain(ring);
+    let remove = opcode::RemoveBuffers::new(4, BGID).build().user_data(3);
+    let _ = run_one(ring, remove);
+    // `mem` outlives every op that could have used it: the recv was cancelled and reaped above.
+    drop(mem);
+    Ok(supported)
+}
+
+fn try_accept_multishot(ring: &mut IoUring) -> std::io::Result<bool> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let _client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(4);
+    let cqe = run_one(ring, accept)?;
+    let supported = cqe.result() >= 0 && cqueue::more(cqe.flags());
+    if cqe.result() >= 0 {
+        // SAFETY: a successful accept returns a new descriptor we own.
+        drop(unsafe { OwnedFd::from_raw_fd(cqe.result()) });
+    }
+    drain(ring);
+    Ok(supported)
+}
+
+/// A rung that can be forced, by name, through `RINGPOOL_FORCE` or [`crate::DriverConfig::force`].
+///
+/// # Examples
+/// ```
+/// use ringpool::Force;
+/// let forced = Force::parse_list("legacy-provide,no-multishot").unwrap();
+/// assert_eq!(forced, vec![Force::LegacyProvide, Force::NoMultishot]);
+/// assert!(Force::parse_list("warp-drive").is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Force {
+    /// `legacy-provide`: legacy `IORING_OP_PROVIDE_BUFFERS` groups instead of buffer rings.
+    LegacyProvide,
+    /// `no-incremental`: plain buffer rings where incremental ones were asked for.
+    NoIncremental,
+    /// `no-bundle`: one buffer per recv instead of bundles.
+    NoBundle,
+    /// `no-multishot`: re-armed single-shot recv and accept instead of multishot.
+    NoMultishot,
+    /// `no-defer-taskrun`: a ring without `SINGLE_ISSUER|DEFER_TASKRUN`.
+    NoDeferTaskrun,
+    /// `no-ext-arg`: timed waits through a timeout op instead of `io_uring_enter`'s argument.
+    NoExtArg,
+}
+
+const FORCE_NAMES: &[(&str, Force)] = &[
+    ("legacy-provide", Force::LegacyProvide),
+    ("no-incremental", Force::NoIncremental),
+    ("no-bundle", Force::NoBundle),
+    ("no-multishot", Force::NoMultishot),
+    ("no-defer-taskrun", Force::NoDeferTaskrun),
+    ("no-ext-arg", Force::NoExtArg),
+];
+const FORCE_KNOWN: &str =
+    "legacy-provide, no-incremental, no-bundle, no-multishot, no-defer-taskrun, no-ext-arg";
+
+impl Force {
+    /// The rung's name as `RINGPOOL_FORCE` spells it.
+    ///
+    /// # Examples
+    /// ```
+    /// assert_eq!(ringpool::Force::NoBundle.name(), "no-bundle");
+    /// ```
+    pub fn name(self) -> &'static str {
+        FORCE_NAMES
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+
+    /// Parses a comma-separated list of rung names; an unknown name is an error.
+    pub fn parse_list(list: &str) -> Result<Vec<Force>> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|name| {
+                FORCE_NAMES
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, f)| *f)
+                    .ok_or_else(|| Error::UnknownRung {
+                        name: name.to_string(),
+                        known: FORCE_KNOWN,
+                    })
+            })
+            .collect()
+    }
+
+    /// The rungs forced by the `RINGPOOL_FORCE` environment variable.
+    pub fn from_env() -> Result<Vec<Force>> {
+        match std::env::var("RINGPOOL_FORCE") {
+            Ok(list) => Force::parse_list(&list),
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// How buffer groups are backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupRung {
+    /// Provided buffer rings (5.19), incremental where asked and supported (6.12).
+    Ring {
+        /// Whether incremental consumption is available.
+        incremental: bool,
+    },
+    /// Legacy `IORING_OP_PROVIDE_BUFFERS` groups (5.7).
+    Legacy,
+}
+
+/// How multishot operations (recv, accept) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MultishotRung {
+    /// The kernel's multishot op.
+    Kernel,
+    /// A single-shot op that the driver re-arms after each completion.
+    Rearmed,
+}
+
+/// The rung of the fallback ladder chosen for each capability, once, at driver start.
+///
+/// # Examples
+/// ```
+/// use ringpool::{Features, Force, Ladder};
+/// let ladder = Ladder::choose(Features::get(), &[Force::LegacyProvide]);
+/// assert_eq!(ladder.groups, ringpool::GroupRung::Legacy);
+/// assert!(!ladder.bundle, "bundles need buffer rings");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ladder {
+    /// Buffer groups.
+    pub groups: GroupRung,
+    /// Recv bundles (several buffers per completion); `false` means one buffer per op.
+    pub bundle: bool,
+    /// Multishot recv.
+    pub recv: MultishotRung,
+    /// Multishot accept.
+    pub accept: MultishotRung,
+    /// `SINGLE_ISSUER|DEFER_TASKRUN` ring setup.
+    pub defer_taskrun: bool,
+    /// Timed waits through `io_uring_enter`'s extended argument (else a timeout op).
+    pub ext_arg: bool,
+}
+
+impl Ladder {
+    /// Chooses the highest rung the kernel supports for each capability, below any forced one.
+    pub fn choose(f: &Features, forced: &[Force]) -> Ladder {
+        let has = |x: Force| forced.contains(&x);
+        let groups = if f.buf_ring && !has(Force::LegacyProvide) {
+            GroupRung::Ring {
+                incremental: f.buf_ring_incremental && !has(Force::NoIncremental),
+            }
+        } else {
+            GroupRung::Legacy
+        };
+        let multishot = |ok: bool| {
+            if ok && !has(Force::NoMultishot) {
+                MultishotRung::Kernel
+            } else {
+                MultishotRung::Rearmed
+            }
+        };
+        Ladder {
+            groups,
+            bundle: f.bundle && matches!(groups, GroupRung::Ring { .. }) && !has(Force::NoBundle),
+            // Multishot recv selects buffers from a group; on legacy groups it works too (6.0+).
+            recv: multishot(f.recv_multishot),
+            accept: multishot(f.accept_multishot),
+            defer_taskrun: f.defer_taskrun && !has(Force::NoDeferTaskrun),
+            ext_arg: f.ext_arg && !has(Force::NoExtArg),
+        }
+    }
+
+    /// One line per capability: its name and the rung in use, for `ringpool probe` and test logs.
+    ///
+    /// # Examples
+    /// ```
+    /// let ladder = ringpool::Ladder::choose(ringpool::Features::get(), &[]);
+    /// for (capability, rung) in ladder.describe() {
+    ///     println!("{capability}: {rung}");
+    /// }
+    /// ```
+    pub fn describe(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            (
+                "buffer groups",
+                match self.groups {
+                    GroupRung::Ring { incremental: true } => "buffer ring (incremental available)",
+                    GroupRung::Ring { incremental: false } => "buffer ring",
+                    GroupRung::Legacy => "legacy PROVIDE_BUFFERS",
+                },
+            ),
+            (
+                "recv bundles",
+                if self.bundle {
+                    "bundle"
+                } else {
+                    "one buffer per op"
+                },
+            ),
+            (
+                "multishot recv",
+                match self.recv {
+                    MultishotRung::Kernel => "multishot",
+                    MultishotRung::Rearmed => "re-armed single shot",
+                },
+            ),
+            (
+                "multishot accept",
+                match self.accept {
+                    MultishotRung::Kernel => "multishot",
+                    MultishotRung::Rearmed => "re-armed single shot",
+                },
+            ),
+            (
+                "ring setup",
+                if self.defer_taskrun {
+                    "single issuer + defer taskrun"
+                } else {
+                    "plain"
+                },
+            ),
+            (
+                "timed wait",
+                if self.ext_arg {
+                    "enter with timeout argument"
+                } else {
+                    "timeout op"
+                },
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn force_names_round_trip() {
+        for (name, f) in FORCE_NAMES {
+            assert_eq!(f.name(), *name);
+            assert_eq!(Force::parse_list(name).unwrap(), vec![*f]);
+            assert!(FORCE_KNOWN.contains(name));
+        }
+        assert_eq!(Force::parse_list(" , ").unwrap(), vec![]);
+        let err = Force::parse_list("no-bundle,bogus").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn forcing_legacy_disables_bundles() {
+        let mut f = Features::get().clone();
+        f.buf_ring = true;
+        f.bundle = true;
+        let l = Ladder::choose(&f, &[Force::LegacyProvide]);
+        assert_eq!(l.groups, GroupRung::Legacy);
+        assert!(!l.bundle);
+        let l = Ladder::choose(&f, &[]);
+        assert!(matches!(l.groups, GroupRung::Ring { .. }));
+        assert!(l.bundle);
+    }
+
+    #[test]
+    fn old_kernel_features_pick_low_rungs() {
+        let mut f = Features::get().clone();
+        f.buf_ring = false;
+        f.buf_ring_incremental = false;
+        f.bundle = false;
+        f.recv_multishot = false;
+        f.accept_multishot = false;
+        let l = Ladder::choose(&f, &[]);
+        assert_eq!(l.groups, GroupRung::Legacy);
+        assert_eq!(l.recv, MultishotRung::Rearmed);
+        assert_eq!(l.accept, MultishotRung::Rearmed);
+        assert!(!l.bundle);
+    }
+}

@@ -1,0 +1,282 @@
+//! The thin layer under everything: the few kernel constants and structures the `io-uring` crate
+//! does not export, a `syscall!` macro, anonymous memory mappings, the kernel version and the
+//! memlock budget.
+//!
+//! Every raw value the `io-uring` crate lacks is defined here and nowhere else, with the kernel
+//! version that introduced it.
+
+use std::io;
+use std::ptr::NonNull;
+
+/// Calls a libc function and turns `-1` into `io::Error::last_os_error()`.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        #[allow(unused_unsafe)]
+        // SAFETY: the caller passes arguments valid for this libc call (see each call site).
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+pub(crate) use syscall;
+
+/// `IORING_CQE_F_BUF_MORE` (6.12): an incremental ring kept the buffer; later completions
+/// append to it.
+pub const IORING_CQE_F_BUF_MORE: u32 = 1 << 4;
+/// `IOU_PBUF_RING_INC` (6.12): register an incrementally consumed buffer ring.
+pub const IOU_PBUF_RING_INC: u16 = 2;
+/// `IORING_RECVSEND_BUNDLE` (6.10), an `ioprio` flag of send/recv.
+pub const IORING_RECVSEND_BUNDLE: u16 = 1 << 4;
+/// `IORING_RECVSEND_FIXED_BUF` (6.0), an `ioprio` flag of send_zc/sendmsg_zc.
+pub const IORING_RECVSEND_FIXED_BUF: u16 = 1 << 2;
+/// `IORING_SEND_ZC_REPORT_USAGE` (6.2), an `ioprio` flag of send_zc.
+pub const IORING_SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED` (6.2): the notification's result says the kernel copied.
+pub const IORING_NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+/// `IORING_FEAT_RECVSEND_BUNDLE` (6.10) in the setup feature bits.
+pub const IORING_FEAT_RECVSEND_BUNDLE: u32 = 1 << 14;
+/// `IORING_FEAT_EXT_ARG` (5.11): `io_uring_enter` takes a timeout argument.
+pub const IORING_FEAT_EXT_ARG: u32 = 1 << 8;
+/// Largest buffer ring the kernel accepts (`ring_entries` must be a power of two below 65536;
+/// the kernel's own limit is 32768).
+pub const MAX_RING_ENTRIES: u32 = 32768;
+
+/// One entry of a provided buffer ring, `struct io_uring_buf` (5.19). The ring's tail lives in
+/// the `resv` field of entry 0, so entry 0's `resv` must never be written as data.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BufRingEntry {
+    /// Address of the buffer.
+    pub addr: u64,
+    /// Length of the buffer.
+    pub len: u32,
+    /// Buffer id reported back in the completion.
+    pub bid: u16,
+    /// Reserved; in entry 0 this is the ring's tail.
+    pub resv: u16,
+}
+const _: () = assert!(std::mem::size_of::<BufRingEntry>() == 16);
+/// Byte offset of the shared tail inside the ring (`resv` of entry 0).
+pub const BUF_RING_TAIL_OFFSET: usize = 14;
+
+/// The running kernel's version, from `uname(2)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KernelVersion {
+    /// Major version.
+    pub major: u32,
+    /// Minor version.
+    pub minor: u32,
+    /// Patch level (0 when the release string has none).
+    pub patch: u32,
+}
+
+impl KernelVersion {
+    /// Reads the running kernel's version.
+    ///
+    /// # Examples
+    /// ```
+    /// let v = ringpool::sys::KernelVersion::current();
+    /// assert!(v.major >= 5);
+    /// ```
+    pub fn current() -> KernelVersion {
+        // SAFETY: utsname is plain old data; all-zero is a valid value.
+        let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: `uts` is a valid, writable utsname.
+        if unsafe { libc::uname(&mut uts) } != 0 {
+            return KernelVersion {
+                major: 0,
+                minor: 0,
+                patch: 0,
+            };
+        }
+        // SAFETY: uname NUL-terminates `release`.
+        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+        Self::parse(&release.to_string_lossy())
+    }
+
+    /// Parses a release string such as `6.18.44-fc-v782`.
+    ///
+    /// # Examples
+    /// ```
+    /// let v = ringpool::sys::KernelVersion::parse("6.1.0-56-cloud-amd64");
+    /// assert_eq!((v.major, v.minor, v.patch), (6, 1, 0));
+    /// ```
+    pub fn parse(release: &str) -> KernelVersion {
+        let mut nums = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|s| s.parse::<u32>().unwrap_or(0));
+        KernelVersion {
+            major: nums.next().unwrap_or(0),
+            minor: nums.next().unwrap_or(0),
+            patch: nums.next().unwrap_or(0),
+        }
+    }
+}
+
+impl std::fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// How much memory this process may pin (registered buffers count against it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memlock {
+    /// `CAP_IPC_LOCK` or an infinite `RLIMIT_MEMLOCK`: no limit.
+    Unlimited,
+    /// The soft `RLIMIT_MEMLOCK`, in bytes.
+    Limited(u64),
+}
+
+impl Memlock {
+    /// Reads the budget of the current process.
+    ///
+    /// # Examples
+    /// ```
+    /// match ringpool::sys::Memlock::current() {
+    ///     ringpool::sys::Memlock::Unlimited => println!("no memlock limit"),
+    ///     ringpool::sys::Memlock::Limited(bytes) => println!("{bytes} bytes may be pinned"),
+    /// }
+    /// ```
+    pub fn current() -> Memlock {
+        if has_cap_ipc_lock() {
+            return Memlock::Unlimited;
+        }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid, writable rlimit.
+        if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
+            || lim.rlim_cur == libc::RLIM_INFINITY
+        {
+            return Memlock::Unlimited;
+        }
+        Memlock::Limited(lim.rlim_cur)
+    }
+}
+
+/// Whether the effective capability set holds `CAP_IPC_LOCK` (bit 14), read from /proc.
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// An anonymous, private, page-aligned memory mapping, unmapped on drop.
+///
+/// The kernel reads and writes this memory while we hold only a raw pointer, so no Rust
+/// reference to the whole mapping is ever created: users take disjoint slices through
+/// [`Mmap::as_ptr`].
+#[derive(Debug)]
+pub struct Mmap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mmap {
+    /// Maps `len` bytes of zeroed memory. `len` must be non-zero.
+    pub fn anonymous(len: usize) -> io::Result<Mmap> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        // SAFETY: an anonymous private mapping with a null hint has no preconditions.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mmap {
+            ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            len,
+        })
+    }
+
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a mapping is never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; its owner (the pool) keeps it alive until the kernel can no
+        // longer touch it, so unmapping it here frees memory nobody else uses.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Total physical memory, from `sysinfo(2)`, for refusing pools that can never fit.
+pub fn physical_memory() -> u64 {
+    // SAFETY: sysinfo is plain old data; all-zero is valid.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable sysinfo.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return u64::MAX;
+    }
+    info.totalram as u64 * info.mem_unit as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_release_strings() {
+        assert_eq!(
+            KernelVersion::parse("6.18.44-fc-v782"),
+            KernelVersion {
+                major: 6,
+                minor: 18,
+                patch: 44
+            }
+        );
+        assert_eq!(
+            KernelVersion::parse("5.10"),
+            KernelVersion {
+                major: 5,
+                minor: 10,
+                patch: 0
+            }
+        );
+        assert!(KernelVersion::parse("6.12.1") > KernelVersion::parse("6.1.99"));
+    }
+
+    #[test]
+    fn mmap_is_zeroed_and_writable() {
+        let m = Mmap::anonymous(8192).unwrap();
+        // SAFETY: the mapping is 8192 bytes, private to this test.
+        let s = unsafe { std::slice::from_raw_parts_mut(m.as_ptr(), m.len()) };
+        assert!(s.iter().all(|&b| b == 0));
+        s[8191] = 7;
+        assert_eq!(s[8191], 7);
+        assert!(Mmap::anonymous(0).is_err());
+    }
+}
