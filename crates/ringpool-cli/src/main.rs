@@ -1,1 +1,41 @@
-fn main() {}
+//! `ringpool`: the command-line tool of the ringpool library.
+//!
+//! - `ringpool probe [--json]`: what this kernel supports and the fallback rung in use.
+//! - `ringpool echo --listen ADDR`: an echo server whose connections share one buffer group.
+
+use clap::{Parser, Subcommand};
+
+mod echo;
+mod probe;
+mod signals;
+
+#[derive(Parser)]
+#[command(
+    name = "ringpool",
+    version,
+    about = "io_uring buffer pools for zero-copy I/O"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print what this kernel supports and which rung of the fallback ladder ringpool uses.
+    Probe(probe::Args),
+    /// Run an echo server on multishot accept and multishot recv over one shared buffer group.
+    Echo(echo::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Probe(args) => probe::run(args),
+        Command::Echo(args) => echo::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("ringpool: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1005,9 +1005,8 @@ impl Driver {
     fn park(&mut self, key: usize, group: &Rc<GroupShared>) {
         self.ops[key].state = SlotState::Parked;
         self.parked.push(key);
-        match group.grow() {
-            Ok(Some((first, n))) => group.fill(first, n),
-            Ok(None) | Err(_) => {}
+        if let Ok(Some((first, n))) = group.grow() {
+            group.fill(first, n);
         }
         // Buffers may have come back between the kernel's ENOBUFS and now; then re-arm at once.
         if group.stats().in_kernel > 0 {

@@ -1,0 +1,188 @@
+//! `ringpool echo`: an echo server on multishot accept and multishot recv, every connection
+//! sharing one buffer group, so buffer memory is bounded by the group, not by the connections.
+//!
+//! Received buffers are sent back as they are (no copy): a connection queues the chains it
+//! received and keeps one send in flight, which carries everything queued so far. Buffers go
+//! back to the group when their send completes. A client that does not read makes the group
+//! run dry; receives then pause (backpressure) until buffers come back.
+
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use ringpool::{BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, SendBuf};
+
+use crate::signals;
+
+/// Arguments of `ringpool echo`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to listen on, e.g. 127.0.0.1:7000 (port 0 picks a free port).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Size of each buffer in the shared group.
+    #[arg(long, default_value_t = 4096)]
+    buf_size: usize,
+    /// Number of buffers in the shared group (a power of two, at most 32768).
+    #[arg(long, default_value_t = 512)]
+    bufs: u32,
+}
+
+/// Upper bound of iovecs in one send (the kernel's `UIO_MAXIOV` is 1024).
+const MAX_IOV: usize = 1024;
+const ACCEPT: u64 = u64::MAX;
+
+struct Conn {
+    fd: Fd,
+    queued: VecDeque<BufChain>,
+    sending: bool,
+    recv_done: bool,
+}
+
+/// What the server did, printed when it stops.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub connections: u64,
+    pub bytes_echoed: u64,
+    pub peak_connections: usize,
+}
+
+pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    signals::install();
+    let listener = TcpListener::bind(args.listen)?;
+    let addr = listener.local_addr()?;
+    let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
+    let group = driver.buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
+    println!("listening on {addr}");
+    println!(
+        "buffer group {}: {} x {} B = {} B ({}), shared by all connections",
+        group.id(),
+        args.bufs,
+        args.buf_size,
+        group.buffer_bytes(),
+        if group.is_ring() {
+            "buffer ring"
+        } else {
+            "legacy provided buffers"
+        }
+    );
+    std::io::stdout().flush()?;
+    let summary = serve(
+        &mut driver,
+        &group,
+        Fd::from(listener),
+        signals::stop_requested,
+    )?;
+    let s = group.stats();
+    println!(
+        "stopped: {} connections served (peak {}), {} bytes echoed",
+        summary.connections, summary.peak_connections, summary.bytes_echoed
+    );
+    println!(
+        "group stats: total {} in_kernel {} in_user {} enobufs {} rearms {} grows {} bytes_received {}",
+        s.total, s.in_kernel, s.in_user, s.enobufs, s.rearms, s.grows, s.bytes_received
+    );
+    let json = serde_json::json!({
+        "connections": summary.connections,
+        "peak_connections": summary.peak_connections,
+        "bytes_echoed": summary.bytes_echoed,
+        "buffer_bytes": group.buffer_bytes(),
+        "total": s.total, "in_kernel": s.in_kernel, "in_user": s.in_user,
+        "enobufs": s.enobufs, "rearms": s.rearms, "bytes_received": s.bytes_received,
+    });
+    println!("stats {json}");
+    Ok(())
+}
+
+/// Serves echo on `listener` until `stop()` says so.
+pub fn serve(
+    driver: &mut Driver,
+    group: &ringpool::BufGroup,
+    listener: Fd,
+    stop: impl Fn() -> bool,
+) -> ringpool::Result<Summary> {
+    let mut conns: slab::Slab<Conn> = slab::Slab::new();
+    let mut summary = Summary::default();
+    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    while !stop() {
+        driver.wait(Some(Duration::from_millis(200)))?;
+        while let Some(c) = driver.pop() {
+            if c.token == ACCEPT {
+                match c.event {
+                    Event::Accepted(fd) => {
+                        set_nodelay(&fd);
+                        let key = conns.insert(Conn {
+                            fd: fd.clone(),
+                            queued: VecDeque::new(),
+                            sending: false,
+                            recv_done: false,
+                        });
+                        driver.recv(&fd, group, RecvMode::MultishotBundle, key as u64)?;
+                        summary.connections += 1;
+                        summary.peak_connections = summary.peak_connections.max(conns.len());
+                    }
+                    Event::Error(e) => eprintln!("accept: {e}"),
+                    _ => {}
+                }
+                if !c.more {
+                    eprintln!("accept stopped; re-arming");
+                    driver.accept_multishot(&listener, ACCEPT)?;
+                }
+                continue;
+            }
+            let key = c.token as usize;
+            let Some(conn) = conns.get_mut(key) else {
+                continue;
+            };
+            match c.event {
+                Event::Data(chain) => {
+                    summary.bytes_echoed += chain.len() as u64;
+                    conn.queued.push_back(chain);
+                }
+                Event::Eof | Event::Error(_) => conn.recv_done = true,
+                Event::Sent { result, buf } => {
+                    drop(buf); // the buffers go back to the group here
+                    conn.sending = false;
+                    if result.is_err() {
+                        // The peer is gone: stop receiving, drop what is queued.
+                        conn.queued.clear();
+                        driver.cancel_fd(&conn.fd);
+                    }
+                }
+                _ => {}
+            }
+            if !conn.sending && !conn.queued.is_empty() {
+                let mut out = conn.queued.pop_front().expect("non-empty");
+                while let Some(next) = conn.queued.front() {
+                    if out.buf_count() + next.buf_count() > MAX_IOV {
+                        break;
+                    }
+                    out.append(conn.queued.pop_front().expect("non-empty"));
+                }
+                driver.send(&conn.fd, SendBuf::from(out), key as u64)?;
+                conn.sending = true;
+            }
+            if conn.recv_done && !conn.sending && conn.queued.is_empty() {
+                conns.remove(key);
+            }
+        }
+    }
+    driver.cancel(accept);
+    Ok(summary)
+}
+
+fn set_nodelay(fd: &Fd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `one` (a valid c_int) for the given length; fd is a live socket.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}

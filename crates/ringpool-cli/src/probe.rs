@@ -1,0 +1,72 @@
+//! `ringpool probe`: the kernel's io_uring features and the fallback rung chosen for each.
+
+use ringpool::{sys::Memlock, Features, Force, Ladder};
+
+/// Arguments of `ringpool probe`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let f = Features::get();
+    let forced = Force::from_env()?;
+    let ladder = Ladder::choose(f, &forced);
+    let features: Vec<(&str, bool, &str)> = vec![
+        ("io_uring", f.io_uring, "5.1"),
+        ("provide_buffers", f.provide_buffers, "5.7"),
+        ("buf_ring", f.buf_ring, "5.19"),
+        ("buf_ring_incremental", f.buf_ring_incremental, "6.12"),
+        ("bundle", f.bundle, "6.10"),
+        ("recv_multishot", f.recv_multishot, "6.0"),
+        ("accept_multishot", f.accept_multishot, "5.19"),
+        ("send_zc", f.send_zc, "6.0"),
+        ("sendmsg_zc", f.sendmsg_zc, "6.1"),
+        ("vectored_fixed", f.vectored_fixed, "6.15"),
+        ("defer_taskrun", f.defer_taskrun, "6.1"),
+        ("ext_arg", f.ext_arg, "5.11"),
+    ];
+    let memlock = match f.memlock {
+        Memlock::Unlimited => "unlimited".to_string(),
+        Memlock::Limited(b) => format!("{} KiB", b / 1024),
+    };
+    let opcodes = f.opcodes.iter().filter(|&&s| s).count();
+    if args.json {
+        let json = serde_json::json!({
+            "kernel": f.kernel.to_string(),
+            "opcodes_supported": opcodes,
+            "memlock": memlock,
+            "forced": forced.iter().map(|r| r.name()).collect::<Vec<_>>(),
+            "features": features.iter().map(|(n, s, _)| (n.to_string(), serde_json::Value::Bool(*s))).collect::<serde_json::Map<_, _>>(),
+            "ladder": ladder.describe().into_iter().map(|(c, r)| (c.to_string(), serde_json::Value::String(r.to_string()))).collect::<serde_json::Map<_, _>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "kernel {}   opcodes supported: {}   memlock: {}",
+        f.kernel, opcodes, memlock
+    );
+    if !forced.is_empty() {
+        let names: Vec<_> = forced.iter().map(|r| r.name()).collect();
+        println!("forced rungs (RINGPOOL_FORCE): {}", names.join(", "));
+    }
+    println!();
+    println!("{:<22} {:<10} since", "feature", "supported");
+    for (name, supported, since) in &features {
+        println!(
+            "{:<22} {:<10} {}",
+            name,
+            if *supported { "yes" } else { "no" },
+            since
+        );
+    }
+    println!();
+    println!("{:<22} rung in use", "capability");
+    for (capability, rung) in ladder.describe() {
+        println!("{capability:<22} {rung}");
+    }
+    Ok(())
+}
