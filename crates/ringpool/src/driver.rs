@@ -306,6 +306,8 @@ pub struct Driver {
     bgid_used: Vec<bool>,
     parked: Vec<usize>,
     cqe_buf: Vec<cqueue::Entry>,
+    /// Slots of internal ops (provides, removes, timeouts), not counted in `in_flight`.
+    internal: usize,
     take_buf: Vec<(u16, u32, u32)>,
     stats: DriverStats,
 }
@@ -355,6 +357,7 @@ impl Driver {
             bgid_used: vec![false; 1 << 16],
             parked: Vec::new(),
             cqe_buf: Vec::with_capacity(256),
+            internal: 0,
             take_buf: Vec::new(),
             stats: DriverStats::default(),
         })
@@ -370,9 +373,9 @@ impl Driver {
         self.stats
     }
 
-    /// Ops started and not yet finished (including parked ones).
+    /// The user's ops started and not yet finished (including parked ones).
     pub fn in_flight(&self) -> usize {
-        self.ops.len()
+        self.ops.len() - self.internal
     }
 
     /// Creates a buffer group: a provided buffer ring where the kernel has them (incremental if
@@ -677,17 +680,14 @@ impl Driver {
                 self.ring.submitter().submit_with_args(want, &args)
             }
             Some(t) if want > 0 => {
+                // No timeout argument (before 5.11, or forced): a timeout op bounds the wait,
+                // and is removed afterwards if something else woke us first.
                 let ts = Box::new(types::Timespec::from(t));
                 let sqe = opcode::Timeout::new(&*ts).build();
-                let key = self.ops.insert(OpSlot {
-                    token: 0,
-                    gen: 0,
-                    kind: OpKind::Timeout { _ts: ts },
-                    state: SlotState::InKernel,
-                    cancel: false,
-                });
-                self.push(sqe.user_data(OpId::new(key, 0).0));
-                self.ring.submit_and_wait(want)
+                let ud = self.start_internal(OpKind::Timeout { _ts: ts }, sqe);
+                let res = self.ring.submit_and_wait(want);
+                self.push(opcode::TimeoutRemove::new(ud).build().user_data(IGNORED));
+                res
             }
             _ if want == 0 && self.ladder.defer_taskrun => {
                 // Deferred task work runs only on an enter with GETEVENTS, even without waiting.
@@ -753,20 +753,12 @@ impl Driver {
                 let sqe =
                     opcode::ProvideBuffers::new(addr, group.buf_size as i32, n, group.bgid, bid)
                         .build();
-                let gen = self.next_gen();
                 let kind = OpKind::Provide {
                     group: group.clone(),
                     first: bid,
                     n: n as u32,
                 };
-                let key = self.ops.insert(OpSlot {
-                    token: 0,
-                    gen,
-                    kind,
-                    state: SlotState::InKernel,
-                    cancel: false,
-                });
-                self.push(sqe.user_data(OpId::new(key, gen).0));
+                self.start_internal(kind, sqe);
             }
         }
         Ok(())
@@ -796,17 +788,31 @@ impl Driver {
                 // Take the provided buffers back before the memory or the id can be reused.
                 let sqe = opcode::RemoveBuffers::new(g.count().min(u16::MAX as u32) as u16, g.bgid)
                     .build();
-                let gen = self.next_gen();
-                let key = self.ops.insert(OpSlot {
-                    token: 0,
-                    gen,
-                    kind: OpKind::Remove { group: g },
-                    state: SlotState::InKernel,
-                    cancel: false,
-                });
-                self.push(sqe.user_data(OpId::new(key, gen).0));
+                self.start_internal(OpKind::Remove { group: g }, sqe);
             }
         }
+    }
+
+    /// Starts an op of the driver's own (not the user's); returns its user data.
+    fn start_internal(&mut self, kind: OpKind, sqe: squeue::Entry) -> u64 {
+        let gen = self.next_gen();
+        let key = self.ops.insert(OpSlot {
+            token: 0,
+            gen,
+            kind,
+            state: SlotState::InKernel,
+            cancel: false,
+        });
+        self.internal += 1;
+        let ud = OpId::new(key, gen).0;
+        self.push(sqe.user_data(ud));
+        ud
+    }
+
+    /// The final CQE of an internal op arrived.
+    fn finish_internal(&mut self, key: usize) {
+        self.ops.remove(key);
+        self.internal -= 1;
     }
 
     /// Dispatches every CQE in the completion queue.
@@ -890,7 +896,7 @@ impl Driver {
             }
             OpKind::Provide { group, first, n } => {
                 let (group, first, n) = (group.clone(), *first, *n);
-                self.ops.remove(key);
+                self.finish_internal(key);
                 if res < 0 {
                     // The kernel did not take them: queue them again for the next flush.
                     group.provide_failed(first, n);
@@ -901,12 +907,10 @@ impl Driver {
             }
             OpKind::Remove { group } => {
                 let bgid = group.bgid;
-                self.ops.remove(key);
+                self.finish_internal(key);
                 self.bgid_used[bgid as usize] = false;
             }
-            OpKind::Timeout { .. } => {
-                self.ops.remove(key);
-            }
+            OpKind::Timeout { .. } => self.finish_internal(key),
         }
     }
 

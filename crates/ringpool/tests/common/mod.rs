@@ -1,0 +1,112 @@
+//! Shared helpers of the kernel tests: visible skips, the rungs to run each test on, a
+//! deterministic byte pattern, and loopback socket pairs.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use ringpool::{Completion, Driver, DriverConfig, Features, Force};
+
+/// Skips the test (returns false) when `supported` is false, printing why; with
+/// `RINGPOOL_REQUIRE_ALL=1` a missing feature fails the test instead.
+pub fn require(supported: bool, feature: &str) -> bool {
+    if supported {
+        return true;
+    }
+    let kernel = Features::get().kernel;
+    if std::env::var("RINGPOOL_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+        panic!("{feature} not supported by this kernel ({kernel}) but RINGPOOL_REQUIRE_ALL=1");
+    }
+    eprintln!("skipped: {feature} not supported by this kernel ({kernel})");
+    false
+}
+
+/// A named driver configuration: one rung of the fallback ladder.
+pub struct Rung {
+    pub name: &'static str,
+    pub force: &'static [Force],
+}
+
+impl Rung {
+    pub fn driver(&self) -> Driver {
+        let mut cfg = DriverConfig::default().ignore_env();
+        for f in self.force {
+            cfg = cfg.force(*f);
+        }
+        let d = Driver::new(cfg).expect("driver");
+        eprintln!("rung {}: {:?}", self.name, d.ladder());
+        d
+    }
+}
+
+/// The rungs every end-to-end test runs on: the kernel's best, and each fallback forced.
+pub const RUNGS: &[Rung] = &[
+    Rung {
+        name: "best",
+        force: &[],
+    },
+    Rung {
+        name: "legacy-provide",
+        force: &[Force::LegacyProvide],
+    },
+    Rung {
+        name: "no-multishot",
+        force: &[Force::NoMultishot],
+    },
+    Rung {
+        name: "no-bundle+no-defer-taskrun",
+        force: &[Force::NoBundle, Force::NoDeferTaskrun],
+    },
+    Rung {
+        name: "legacy+no-multishot+no-ext-arg",
+        force: &[Force::LegacyProvide, Force::NoMultishot, Force::NoExtArg],
+    },
+];
+
+/// A deterministic, seekable byte stream: byte `i` of stream `seed`.
+pub fn pattern(seed: u64, i: u64) -> u8 {
+    let mut x =
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i / 8).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 29;
+    (x >> ((i % 8) * 8)) as u8
+}
+
+pub fn pattern_vec(seed: u64, start: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| pattern(seed, start + i)).collect()
+}
+
+/// A connected loopback TCP pair: (server side, client side).
+pub fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    (s, c)
+}
+
+/// Waits for completions until `f` returns true for one of them, or panics after `secs`.
+pub fn pump(driver: &mut Driver, secs: u64, mut f: impl FnMut(Completion) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for completions"
+        );
+        driver.wait(Some(Duration::from_millis(100))).unwrap();
+        while let Some(c) = driver.pop() {
+            if f(c) {
+                return;
+            }
+        }
+    }
+}
+
+/// Reads until EOF (bounded in time by the socket's timeout).
+pub fn read_to_end(mut s: TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).unwrap();
+    v
+}
