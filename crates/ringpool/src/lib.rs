@@ -51,7 +51,9 @@ mod probe;
 pub mod sys;
 
 pub use buf::{BufChain, PooledBuf, SendBuf};
-pub use driver::{Completion, Driver, DriverConfig, DriverStats, Event, Fd, OpId, RecvMode};
+pub use driver::{
+    leaked_ops, Completion, Driver, DriverConfig, DriverStats, Event, Fd, OpId, RecvMode,
+};
 pub use error::{Error, Result};
 pub use pool::{BufGroup, BufGroupConfig, GroupStats, MAX_BUF_SIZE};
 pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung};
