@@ -1,0 +1,109 @@
+//! `ringpool echo` as a user runs it: thousands of connections sharing one small buffer group,
+//! every echoed byte checked, a clean stop on SIGINT, and the group full again at the end. Run
+//! on the kernel's best rung and with the legacy rungs forced through `RINGPOOL_FORCE`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const CONNECTIONS: usize = 2000;
+const BUSY: usize = 32;
+const BUSY_BYTES: usize = 256 * 1024;
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write a valid rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+fn start(force: &str) -> (Child, SocketAddr, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args(["echo", "--listen", "127.0.0.1:0", "--bufs", "64", "--buf-size", "4096"])
+        .env("RINGPOOL_FORCE", force)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn ringpool echo");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").expect(&line).parse().unwrap();
+    (child, addr, out)
+}
+
+fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 31 + seed * 7) % 251) as u8).collect()
+}
+
+fn run_echo(force: &str) {
+    raise_fd_limit();
+    let (mut child, addr, mut out) = start(force);
+    let mut conns: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| {
+            let c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            c
+        })
+        .collect();
+    // Busy connections stream 256 KiB each, concurrently, through a group of 64 buffers.
+    let busy: Vec<_> = conns
+        .drain(..BUSY)
+        .enumerate()
+        .map(|(i, c)| {
+            std::thread::spawn(move || {
+                let data = pattern(i, BUSY_BYTES);
+                let mut w = c.try_clone().unwrap();
+                let sent = data.clone();
+                let writer = std::thread::spawn(move || w.write_all(&sent).unwrap());
+                let mut got = vec![0u8; BUSY_BYTES];
+                let mut r = c;
+                r.read_exact(&mut got).unwrap();
+                writer.join().unwrap();
+                assert!(got == data, "connection {i}: echoed bytes differ");
+            })
+        })
+        .collect();
+    for b in busy {
+        b.join().unwrap();
+    }
+    // Every idle connection is still served.
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(&[(i % 256) as u8]).unwrap();
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], (i % 256) as u8);
+    }
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill sends a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "echo exited with {status}; output:\n{rest}");
+    let stats = rest.lines().find_map(|l| l.strip_prefix("stats ")).expect(&rest);
+    let v: serde_json::Value = serde_json::from_str(stats).unwrap();
+    assert_eq!(v["connections"], CONNECTIONS as u64, "{force}: {stats}");
+    let expected = (BUSY * BUSY_BYTES + CONNECTIONS - BUSY) as u64;
+    assert_eq!(v["bytes_echoed"], expected, "{force}: {stats}");
+    assert_eq!(v["in_user"], 0, "{force}: group full again: {stats}");
+    assert_eq!(v["in_kernel"], v["total"], "{force}: {stats}");
+    assert_eq!(v["buffer_bytes"], 64 * 4096, "{force}: buffer memory is the group's");
+    eprintln!("{force:?}: {stats}");
+}
+
+#[test]
+fn echo_serves_thousands_of_connections_from_one_group() {
+    run_echo("");
+}
+
+#[test]
+fn echo_on_legacy_groups_and_rearmed_single_shots() {
+    run_echo("legacy-provide,no-multishot");
+}
