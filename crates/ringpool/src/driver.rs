@@ -565,9 +565,17 @@ impl Driver {
     /// legacy buffers), waits until at least one CQE arrives or `timeout` passes (no waiting if
     /// completions are already ready), and dispatches every CQE. Returns the number of
     /// completions ready.
+    ///
+    /// It never blocks when the kernel holds nothing of ours (every op finished or parked on a
+    /// dry group): then it returns at once, so a loop that holds every buffer cannot hang here.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
         self.flush()?;
-        let want = if self.ready.is_empty() { 1 } else { 0 };
+        let in_kernel = self.ops.len() - self.parked.len();
+        let want = if self.ready.is_empty() && in_kernel > 0 {
+            1
+        } else {
+            0
+        };
         self.enter(want, timeout)?;
         self.reap();
         Ok(self.ready.len())
@@ -738,23 +746,27 @@ impl Driver {
     fn flush(&mut self) -> Result<()> {
         self.flush_provides()?;
         if !self.parked.is_empty() {
+            // Snapshot (and clear) which groups got buffers back *before* re-arming: a refill
+            // noticed while we re-arm stays set for the next flush instead of being lost.
+            let refilled: Vec<*const GroupShared> = self
+                .groups
+                .iter()
+                .filter(|g| g.refilled.replace(false))
+                .map(Rc::as_ptr)
+                .collect();
             let parked = std::mem::take(&mut self.parked);
             for key in parked {
-                let slot = &self.ops[key];
-                let group = match &slot.kind {
+                let group = match &self.ops[key].kind {
                     OpKind::Recv { group, .. } | OpKind::Read { group, .. } => group.clone(),
                     _ => unreachable!("only buffer-selecting ops park"),
                 };
-                if group.refilled.get() {
+                if refilled.contains(&Rc::as_ptr(&group)) {
                     group.rearms.set(group.rearms.get() + 1);
                     self.arm(key);
                 } else {
                     self.parked.push(key);
                 }
             }
-        }
-        for g in &self.groups {
-            g.refilled.set(false);
         }
         self.reap_groups();
         Ok(())

@@ -307,3 +307,36 @@ fn send_to_a_reset_peer_fails_and_returns_the_buffer() {
     }
     assert!(errors > 0, "sending to a reset peer fails");
 }
+
+/// Regression: `wait(None)` with nothing in the kernel (every op parked on a group whose buffers
+/// the user holds) used to block forever.
+#[test]
+fn wait_returns_at_once_when_the_kernel_holds_nothing() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut d = Driver::new(Default::default()).unwrap();
+        let g = d.buf_group(BufGroupConfig::new(64, 1)).unwrap();
+        let (s, mut c) = tcp_pair();
+        let s = Fd::from(s);
+        d.recv(&s, &g, RecvMode::Multishot, 0).unwrap();
+        c.write_all(&[1u8; 200]).unwrap();
+        let mut held = Vec::new();
+        // Take the only buffer and keep it; the recv parks on the dry group.
+        while held.is_empty() {
+            d.wait(None).unwrap();
+            while let Some(comp) = d.pop() {
+                if let Event::Data(chain) = comp.event {
+                    held.push(chain);
+                }
+            }
+        }
+        for _ in 0..3 {
+            d.wait(None).unwrap();
+        }
+        tx.send(d.ready()).unwrap();
+    });
+    let ready = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("wait(None) blocked with nothing in the kernel");
+    assert_eq!(ready, 0);
+}
