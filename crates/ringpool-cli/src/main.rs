@@ -2,12 +2,15 @@
 //!
 //! - `ringpool probe [--json]`: what this kernel supports and the fallback rung in use.
 //! - `ringpool echo --listen ADDR`: an echo server whose connections share one buffer group.
+//! - `ringpool bench [--quick] [--workload NAME] [--json]`: ringpool against a baseline.
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod echo;
 mod probe;
 mod signals;
+mod tokio_echo;
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +29,11 @@ enum Command {
     Probe(probe::Args),
     /// Run an echo server on multishot accept and multishot recv over one shared buffer group.
     Echo(echo::Args),
+    /// Benchmark ringpool against a baseline (medians of alternating rounds, and ratios).
+    Bench(bench::Args),
+    /// Baseline echo server for `bench`: tokio, one task and buffer per connection.
+    #[command(hide = true)]
+    TokioEcho(tokio_echo::Args),
 }
 
 fn main() {
@@ -33,6 +41,8 @@ fn main() {
     let result = match cli.command {
         Command::Probe(args) => probe::run(args),
         Command::Echo(args) => echo::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::TokioEcho(args) => tokio_echo::run(args),
     };
     if let Err(e) = result {
         eprintln!("ringpool: {e}");
