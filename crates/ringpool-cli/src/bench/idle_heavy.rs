@@ -1,0 +1,401 @@
+//! Workload `idle-heavy`: 10,000 connections of which 100 are busy with 512-byte
+//! request/response exchanges and 9,900 sit idle.
+//!
+//! ringpool's side is `ringpool echo` (one shared group of 512 x 4 KiB buffers); the baseline
+//! is `ringpool tokio-echo` (a 16 KiB buffer per connection). The target: ringpool holds at
+//! most 5% of the baseline's buffer bytes at 1.0x or more of its requests/s.
+
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use super::report::{median, Metric, Unit, WorkloadReport};
+use super::server::Server;
+use super::{load, sys, BenchResult, Options, Side, WorkloadDef};
+
+/// The workload's entry in the bench.
+pub const WORKLOAD: WorkloadDef = WorkloadDef {
+    name: "idle-heavy",
+    run,
+};
+
+const TOTAL_CONNS: usize = 10_000;
+const BUSY_CONNS: usize = 100;
+const MSG_LEN: usize = 512;
+const IDLE_PROBE_LEN: usize = 16;
+const RINGPOOL_BUF_SIZE: usize = 4096;
+const RINGPOOL_BUFS: u32 = 512;
+const BASELINE_BUF_SIZE: usize = 16 * 1024;
+/// Longest time one request/response may take before it counts as a failure (a stall).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections checked at once at the end of a round.
+const IDLE_CHECK_CONCURRENCY: usize = 256;
+/// Bound on the whole idle check.
+const IDLE_CHECK_TIME: Duration = Duration::from_secs(20);
+
+/// What one round of one side measured.
+struct Round {
+    side: Side,
+    connect_time: Duration,
+    slow_connects: usize,
+    window: Duration,
+    requests: u64,
+    cpu_ticks: u64,
+    rss_bytes: u64,
+    busy: BusyTotals,
+    idle: IdleCheck,
+    stats: Option<serde_json::Value>,
+    killed: bool,
+    exit: std::process::ExitStatus,
+}
+
+/// Outcome of the busy connections' exchanges.
+#[derive(Default)]
+struct BusyTotals {
+    requests: u64,
+    mismatches: u64,
+    errors: u64,
+}
+
+/// Outcome of the final check of the idle connections.
+#[derive(Default)]
+struct IdleCheck {
+    ok: u64,
+    failed: u64,
+}
+
+impl Round {
+    fn buffer_bytes(&self) -> Option<f64> {
+        self.stat("buffer_bytes")
+    }
+
+    fn stat(&self, key: &str) -> Option<f64> {
+        self.stats.as_ref()?.get(key)?.as_f64()
+    }
+
+    fn verified(&self) -> bool {
+        self.busy.mismatches == 0
+            && self.busy.errors == 0
+            && self.idle.failed == 0
+            && self.idle.ok == (TOTAL_CONNS - BUSY_CONNS) as u64
+            && self.requests > 0
+            && self.stats.is_some()
+    }
+
+    fn requests_per_sec(&self) -> f64 {
+        self.requests as f64 / self.window.as_secs_f64()
+    }
+
+    fn cpu_us_per_request(&self, hz: u64) -> f64 {
+        self.cpu_ticks as f64 * 1e6 / hz as f64 / self.requests.max(1) as f64
+    }
+
+    fn to_json(&self, hz: u64) -> serde_json::Value {
+        serde_json::json!({
+            "side": self.side.label(),
+            "connect_secs": self.connect_time.as_secs_f64(),
+            "slow_connects": self.slow_connects,
+            "window_secs": self.window.as_secs_f64(),
+            "requests": self.requests,
+            "requests_per_sec": self.requests_per_sec(),
+            "cpu_ticks": self.cpu_ticks,
+            "cpu_us_per_request": self.cpu_us_per_request(hz),
+            "rss_bytes": self.rss_bytes,
+            "mismatches": self.busy.mismatches,
+            "errors": self.busy.errors,
+            "idle_ok": self.idle.ok,
+            "idle_failed": self.idle.failed,
+            "killed": self.killed,
+            "exit": self.exit.to_string(),
+            "verified": self.verified(),
+            "server_stats": self.stats,
+        })
+    }
+}
+
+/// Runs every round, alternating the sides, and summarizes them.
+fn run(opts: &Options) -> BenchResult<WorkloadReport> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let hz = sys::clock_ticks_per_sec();
+    let mut rounds = Vec::new();
+    for i in 1..=opts.rounds {
+        for side in Side::BOTH {
+            let r = run_round(&rt, side, opts.window)
+                .map_err(|e| format!("round {i} ({}): {e}", side.label()))?;
+            print_progress(&r, i, opts.rounds, hz);
+            rounds.push(r);
+        }
+    }
+    Ok(summarize(&rounds, opts.rounds, hz))
+}
+
+fn server_args(side: Side) -> Vec<String> {
+    let args = match side {
+        Side::Ringpool => format!(
+            "echo --listen 127.0.0.1:0 --buf-size {RINGPOOL_BUF_SIZE} --bufs {RINGPOOL_BUFS}"
+        ),
+        Side::Baseline => {
+            format!("tokio-echo --listen 127.0.0.1:0 --buf-size {BASELINE_BUF_SIZE}")
+        }
+    };
+    args.split(' ').map(str::to_owned).collect()
+}
+
+/// One round: start the server, connect everything, measure the busy window, check the
+/// idle connections, stop the server.
+fn run_round(rt: &tokio::runtime::Runtime, side: Side, window: Duration) -> BenchResult<Round> {
+    let server = Server::spawn(side.label(), &server_args(side))?;
+    let pid = server.pid();
+    let conns = load::connect_all(server.addr(), TOTAL_CONNS)?;
+    let _runtime = rt.enter();
+    let mut busy = conns
+        .streams
+        .into_iter()
+        .map(load::into_tokio)
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let idle = busy.split_off(BUSY_CONNS);
+    let measured = rt.block_on(measure(busy, pid, window))?;
+    let (idle, idle_check) = rt.block_on(check_idle(idle));
+    let stopped = server.stop()?;
+    // Close our ends only after the server stopped, so it served every connection to the end.
+    drop(measured.streams);
+    drop(idle);
+    Ok(Round {
+        side,
+        connect_time: conns.elapsed,
+        slow_connects: conns.slow,
+        window: measured.elapsed,
+        requests: measured.busy.requests,
+        cpu_ticks: measured.cpu_ticks,
+        rss_bytes: measured.rss_bytes,
+        busy: measured.busy,
+        idle: idle_check,
+        stats: stopped.stats,
+        killed: stopped.killed,
+        exit: stopped.status,
+    })
+}
+
+/// What the measurement window saw.
+struct Measured {
+    streams: Vec<TcpStream>,
+    elapsed: Duration,
+    busy: BusyTotals,
+    cpu_ticks: u64,
+    rss_bytes: u64,
+}
+
+/// Warms up each busy connection with one exchange, then runs all of them for `window`,
+/// reading the server's CPU time around the window and its RSS at the end.
+async fn measure(mut busy: Vec<TcpStream>, pid: u32, window: Duration) -> BenchResult<Measured> {
+    let mut totals = BusyTotals::default();
+    for (id, s) in busy.iter_mut().enumerate() {
+        exchange(s, id as u32, 0, MSG_LEN, &mut totals).await;
+    }
+    if totals.errors > 0 {
+        return Err(format!("{} busy connection(s) failed the warm-up", totals.errors).into());
+    }
+    let totals = BusyTotals {
+        mismatches: totals.mismatches,
+        ..BusyTotals::default()
+    };
+    let cpu_before = sys::cpu_ticks(pid)?;
+    let start = Instant::now();
+    let deadline = start + window;
+    let tasks: Vec<_> = busy
+        .into_iter()
+        .enumerate()
+        .map(|(id, s)| tokio::spawn(busy_loop(s, id as u32, deadline)))
+        .collect();
+    let mut streams = Vec::with_capacity(tasks.len());
+    let mut totals = totals;
+    for task in tasks {
+        let (s, t) = task.await?;
+        streams.push(s);
+        totals.requests += t.requests;
+        totals.mismatches += t.mismatches;
+        totals.errors += t.errors;
+    }
+    let elapsed = start.elapsed();
+    let cpu_ticks = sys::cpu_ticks(pid)?.saturating_sub(cpu_before);
+    let rss_bytes = sys::rss_bytes(pid)?;
+    Ok(Measured {
+        streams,
+        elapsed,
+        busy: totals,
+        cpu_ticks,
+        rss_bytes,
+    })
+}
+
+/// Request/response on one busy connection until `deadline`; stops at the first failure.
+async fn busy_loop(mut s: TcpStream, id: u32, deadline: Instant) -> (TcpStream, BusyTotals) {
+    let mut totals = BusyTotals::default();
+    let mut seq = 1;
+    while Instant::now() < deadline && totals.errors == 0 {
+        exchange(&mut s, id, seq, MSG_LEN, &mut totals).await;
+        seq += 1;
+    }
+    (s, totals)
+}
+
+/// One verified exchange of `len` bytes, counted into `totals`.
+async fn exchange(s: &mut TcpStream, id: u32, seq: u64, len: usize, totals: &mut BusyTotals) {
+    let mut out = [0u8; MSG_LEN];
+    let mut back = [0u8; MSG_LEN];
+    let out = &mut out[..len];
+    load::fill_message(id, seq, out);
+    match tokio::time::timeout(REQUEST_TIMEOUT, load::round_trip(s, out, &mut back)).await {
+        Ok(Ok(true)) => totals.requests += 1,
+        Ok(Ok(false)) => {
+            totals.requests += 1;
+            totals.mismatches += 1;
+        }
+        Ok(Err(_)) | Err(_) => totals.errors += 1,
+    }
+}
+
+/// Checks that every idle connection is still open and echoing: one small verified exchange
+/// each, a bounded number at a time, within [`IDLE_CHECK_TIME`] overall.
+async fn check_idle(idle: Vec<TcpStream>) -> (Vec<TcpStream>, IdleCheck) {
+    let deadline = tokio::time::Instant::now() + IDLE_CHECK_TIME;
+    let mut check = IdleCheck::default();
+    let mut kept = Vec::with_capacity(idle.len());
+    let mut set = JoinSet::new();
+    for (i, s) in idle.into_iter().enumerate() {
+        if set.len() >= IDLE_CHECK_CONCURRENCY {
+            collect_probe(set.join_next().await, &mut kept, &mut check);
+        }
+        let id = (BUSY_CONNS + i) as u32;
+        set.spawn(async move {
+            let mut s = s;
+            let mut totals = BusyTotals::default();
+            let probe = exchange(&mut s, id, 0, IDLE_PROBE_LEN, &mut totals);
+            let ok = tokio::time::timeout_at(deadline, probe).await.is_ok()
+                && totals.requests == 1
+                && totals.mismatches == 0;
+            (s, ok)
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        collect_probe(Some(done), &mut kept, &mut check);
+    }
+    (kept, check)
+}
+
+type ProbeResult = Option<Result<(TcpStream, bool), tokio::task::JoinError>>;
+
+fn collect_probe(done: ProbeResult, kept: &mut Vec<TcpStream>, check: &mut IdleCheck) {
+    match done {
+        Some(Ok((s, ok))) => {
+            if ok {
+                check.ok += 1;
+            } else {
+                check.failed += 1;
+            }
+            kept.push(s);
+        }
+        Some(Err(_)) => check.failed += 1,
+        None => {}
+    }
+}
+
+fn print_progress(r: &Round, i: usize, rounds: usize, hz: u64) {
+    eprintln!(
+        "idle-heavy round {i}/{rounds} {:<8}: {} conns in {:.2} s ({} slow), {} req in {:.2} s \
+         ({:.0} req/s), server CPU {:.2} µs/req, RSS {:.1} MiB, idle {}/{} ok, verified {}{}",
+        r.side.label(),
+        TOTAL_CONNS,
+        r.connect_time.as_secs_f64(),
+        r.slow_connects,
+        r.requests,
+        r.window.as_secs_f64(),
+        r.requests_per_sec(),
+        r.cpu_us_per_request(hz),
+        r.rss_bytes as f64 / (1024.0 * 1024.0),
+        r.idle.ok,
+        TOTAL_CONNS - BUSY_CONNS,
+        if r.verified() { "yes" } else { "no" },
+        if r.killed { " (server killed)" } else { "" },
+    );
+}
+
+/// Medians per side of every metric.
+fn summarize(rounds: &[Round], per_side: usize, hz: u64) -> WorkloadReport {
+    let side_median = |side: Side, f: &dyn Fn(&Round) -> f64| {
+        let values: Vec<f64> = rounds.iter().filter(|r| r.side == side).map(f).collect();
+        median(&values)
+    };
+    let metric = |key, label, unit, f: &dyn Fn(&Round) -> f64| Metric {
+        key,
+        label,
+        unit,
+        ringpool: side_median(Side::Ringpool, f),
+        baseline: side_median(Side::Baseline, f),
+    };
+    let metrics = vec![
+        metric("buffer_bytes", "buffer bytes", Unit::Bytes, &|r| {
+            r.buffer_bytes().unwrap_or(f64::NAN)
+        }),
+        metric("requests_per_sec", "requests/s", Unit::Count, &|r| {
+            r.requests_per_sec()
+        }),
+        metric(
+            "cpu_us_per_request",
+            "server CPU/request",
+            Unit::Micros,
+            &|r| r.cpu_us_per_request(hz),
+        ),
+        metric("rss_bytes", "server RSS", Unit::Bytes, &|r| {
+            r.rss_bytes as f64
+        }),
+        metric("requests", "requests (window)", Unit::Count, &|r| {
+            r.requests as f64
+        }),
+        metric("connections", "connections served", Unit::Count, &|r| {
+            r.stat("connections").unwrap_or(f64::NAN)
+        }),
+    ];
+    WorkloadReport {
+        name: WORKLOAD.name,
+        baseline: "tokio current_thread echo, 16 KiB buffer per connection",
+        verified: rounds.iter().all(Round::verified),
+        rounds: per_side,
+        metrics,
+        raw_rounds: rounds.iter().map(|r| r.to_json(hz)).collect(),
+        notes: notes(rounds),
+    }
+}
+
+/// Anything abnormal in the rounds, in words.
+fn notes(rounds: &[Round]) -> Vec<String> {
+    let mut notes = Vec::new();
+    for r in rounds {
+        let side = r.side.label();
+        if r.killed {
+            notes.push(format!("{side} server ignored SIGTERM and was killed"));
+        }
+        if !r.killed && !r.exit.success() {
+            notes.push(format!("{side} server exited with {}", r.exit));
+        }
+        if r.stats.is_none() {
+            notes.push(format!("{side} server printed no `stats` line"));
+        }
+        if r.busy.mismatches > 0 || r.busy.errors > 0 {
+            notes.push(format!(
+                "{side}: {} mismatched replies, {} failed/timed-out exchanges on busy connections",
+                r.busy.mismatches, r.busy.errors
+            ));
+        }
+        if r.idle.failed > 0 {
+            notes.push(format!(
+                "{side}: {} idle connections failed the final check",
+                r.idle.failed
+            ));
+        }
+    }
+    notes
+}

@@ -1,0 +1,155 @@
+//! `ringpool bench`: runs ringpool's servers against a baseline, workload by workload, and
+//! prints the medians and ratios.
+//!
+//! Each workload is a module with a [`WorkloadDef`] in [`WORKLOADS`]. A workload alternates
+//! the two sides (ringpool, baseline, ringpool, ...), runs each server as a child process of
+//! this executable, drives the load from this process, and verifies every byte it gets back.
+
+use std::time::Duration;
+
+mod idle_heavy;
+mod load;
+mod report;
+mod server;
+pub mod sys;
+
+use report::WorkloadReport;
+
+/// The error type of the bench: any error, with a message saying where it happened.
+pub type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Arguments of `ringpool bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// One round per side and a 1 s measurement window instead of 3 rounds of 3 s.
+    #[arg(long)]
+    quick: bool,
+    /// Run only this workload (default: all of them).
+    #[arg(long, value_name = "NAME")]
+    workload: Option<String>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How long and how often each side is measured.
+pub struct Options {
+    /// Rounds per side.
+    pub rounds: usize,
+    /// Length of one measurement window.
+    pub window: Duration,
+}
+
+impl Options {
+    fn new(quick: bool) -> Options {
+        if quick {
+            Options {
+                rounds: 1,
+                window: Duration::from_secs(1),
+            }
+        } else {
+            Options {
+                rounds: 3,
+                window: Duration::from_secs(3),
+            }
+        }
+    }
+}
+
+/// Which server a round measures.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Side {
+    /// ringpool's server.
+    Ringpool,
+    /// The baseline server.
+    Baseline,
+}
+
+impl Side {
+    /// Both sides, in the order a round runs them.
+    pub const BOTH: [Side; 2] = [Side::Ringpool, Side::Baseline];
+
+    /// Name in progress lines and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Ringpool => "ringpool",
+            Side::Baseline => "baseline",
+        }
+    }
+}
+
+/// A workload the bench knows.
+pub struct WorkloadDef {
+    /// Name given to `--workload`.
+    pub name: &'static str,
+    /// Runs all rounds of the workload.
+    pub run: fn(&Options) -> BenchResult<WorkloadReport>,
+}
+
+/// Every workload, in the order `ringpool bench` runs them.
+const WORKLOADS: &[WorkloadDef] = &[idle_heavy::WORKLOAD];
+
+/// Runs `ringpool bench`.
+pub fn run(args: Args) -> BenchResult<()> {
+    let selected = select(args.workload.as_deref())?;
+    let nofile = sys::raise_nofile_limit()?;
+    let opts = Options::new(args.quick);
+    eprintln!(
+        "bench: {} round(s) per side, {:?} window, RLIMIT_NOFILE {nofile}",
+        opts.rounds, opts.window
+    );
+    let mut reports = Vec::new();
+    for w in selected {
+        reports.push((w.run)(&opts).map_err(|e| format!("workload {}: {e}", w.name))?);
+    }
+    if args.json {
+        println!("{:#}", report::to_json(&reports));
+    } else {
+        report::print_table(&reports);
+    }
+    let unverified: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.verified)
+        .map(|r| r.name)
+        .collect();
+    if !unverified.is_empty() {
+        return Err(format!("bytes not verified in: {}", unverified.join(", ")).into());
+    }
+    Ok(())
+}
+
+/// The workloads `--workload` asks for, or all of them.
+fn select(name: Option<&str>) -> BenchResult<Vec<&'static WorkloadDef>> {
+    let Some(name) = name else {
+        return Ok(WORKLOADS.iter().collect());
+    };
+    match WORKLOADS.iter().find(|w| w.name == name) {
+        Some(w) => Ok(vec![w]),
+        None => {
+            let known: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+            Err(format!(
+                "unknown workload `{name}`; known workloads: {}",
+                known.join(", ")
+            )
+            .into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_workload_lists_the_known_ones() {
+        let err = select(Some("nope")).err().unwrap().to_string();
+        assert!(err.contains("unknown workload `nope`"), "{err}");
+        assert!(err.contains("idle-heavy"), "{err}");
+    }
+
+    #[test]
+    fn no_name_selects_every_workload() {
+        assert_eq!(select(None).unwrap().len(), WORKLOADS.len());
+        assert_eq!(select(Some("idle-heavy")).unwrap().len(), 1);
+    }
+}
