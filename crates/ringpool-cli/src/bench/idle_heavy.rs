@@ -37,6 +37,8 @@ const IDLE_CHECK_TIME: Duration = Duration::from_secs(20);
 /// What one round of one side measured.
 struct Round {
     side: Side,
+    /// Every byte this process got echoed back in the round (warm-up, window, idle check).
+    client_bytes: u64,
     connect_time: Duration,
     slow_connects: usize,
     window: Duration,
@@ -54,6 +56,8 @@ struct Round {
 #[derive(Default)]
 struct BusyTotals {
     requests: u64,
+    /// Bytes sent and echoed back, matching or not.
+    bytes: u64,
     mismatches: u64,
     errors: u64,
 }
@@ -98,6 +102,7 @@ impl Round {
             "slow_connects": self.slow_connects,
             "window_secs": self.window.as_secs_f64(),
             "requests": self.requests,
+            "client_bytes": self.client_bytes,
             "requests_per_sec": self.requests_per_sec(),
             "cpu_ticks": self.cpu_ticks,
             "cpu_us_per_request": self.cpu_us_per_request(hz),
@@ -165,6 +170,9 @@ fn run_round(rt: &tokio::runtime::Runtime, side: Side, window: Duration) -> Benc
     drop(idle);
     Ok(Round {
         side,
+        client_bytes: measured.warmup_bytes
+            + measured.busy.bytes
+            + idle_check.ok * IDLE_PROBE_LEN as u64,
         connect_time: conns.elapsed,
         slow_connects: conns.slow,
         window: measured.elapsed,
@@ -182,6 +190,8 @@ fn run_round(rt: &tokio::runtime::Runtime, side: Side, window: Duration) -> Benc
 /// What the measurement window saw.
 struct Measured {
     streams: Vec<TcpStream>,
+    /// Bytes echoed by the warm-up exchanges, before the window.
+    warmup_bytes: u64,
     elapsed: Duration,
     busy: BusyTotals,
     cpu_ticks: u64,
@@ -198,6 +208,7 @@ async fn measure(mut busy: Vec<TcpStream>, pid: u32, window: Duration) -> BenchR
     if totals.errors > 0 {
         return Err(format!("{} busy connection(s) failed the warm-up", totals.errors).into());
     }
+    let warmup_bytes = totals.bytes;
     let totals = BusyTotals {
         mismatches: totals.mismatches,
         ..BusyTotals::default()
@@ -216,6 +227,7 @@ async fn measure(mut busy: Vec<TcpStream>, pid: u32, window: Duration) -> BenchR
         let (s, t) = task.await?;
         streams.push(s);
         totals.requests += t.requests;
+        totals.bytes += t.bytes;
         totals.mismatches += t.mismatches;
         totals.errors += t.errors;
     }
@@ -224,6 +236,7 @@ async fn measure(mut busy: Vec<TcpStream>, pid: u32, window: Duration) -> BenchR
     let rss_bytes = sys::rss_bytes(pid)?;
     Ok(Measured {
         streams,
+        warmup_bytes,
         elapsed,
         busy: totals,
         cpu_ticks,
@@ -249,10 +262,10 @@ async fn exchange(s: &mut TcpStream, id: u32, seq: u64, len: usize, totals: &mut
     let out = &mut out[..len];
     load::fill_message(id, seq, out);
     match tokio::time::timeout(REQUEST_TIMEOUT, load::round_trip(s, out, &mut back)).await {
-        Ok(Ok(true)) => totals.requests += 1,
-        Ok(Ok(false)) => {
+        Ok(Ok(matched)) => {
             totals.requests += 1;
-            totals.mismatches += 1;
+            totals.bytes += len as u64;
+            totals.mismatches += u64::from(!matched);
         }
         Ok(Err(_)) | Err(_) => totals.errors += 1,
     }
@@ -389,6 +402,14 @@ fn notes(rounds: &[Round]) -> Vec<String> {
                 "{side}: {} mismatched replies, {} failed/timed-out exchanges on busy connections",
                 r.busy.mismatches, r.busy.errors
             ));
+        }
+        if let Some(server) = r.stat("bytes_echoed") {
+            if server != r.client_bytes as f64 {
+                notes.push(format!(
+                    "{side} server counted {server} bytes echoed, the client {}",
+                    r.client_bytes
+                ));
+            }
         }
         if r.idle.failed > 0 {
             notes.push(format!(
