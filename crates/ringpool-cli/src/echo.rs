@@ -52,6 +52,11 @@ pub struct Summary {
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
     let listener = TcpListener::bind(args.listen)?;
+    // std listens with a backlog of 128; thousands of clients connecting at once need more.
+    // SAFETY: listen on a bound socket we own; calling it again only changes the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
     let addr = listener.local_addr()?;
     let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
     let group = driver.buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
@@ -142,8 +147,8 @@ pub fn serve(
                     conn.queued.push_back(chain);
                 }
                 Event::Eof | Event::Error(_) => conn.recv_done = true,
-                Event::Sent { result, buf } => {
-                    drop(buf); // the buffers go back to the group here
+                Event::Sent { result, .. } => {
+                    // The buffers go back to the group by themselves once the kernel is done.
                     conn.sending = false;
                     if result.is_err() {
                         // The peer is gone: stop receiving, drop what is queued.
@@ -161,7 +166,7 @@ pub fn serve(
                     }
                     out.append(conn.queued.pop_front().expect("non-empty"));
                 }
-                driver.send(&conn.fd, SendBuf::from(out), key as u64)?;
+                driver.send_zc(&conn.fd, SendBuf::from(out), key as u64)?;
                 conn.sending = true;
             }
             if conn.recv_done && !conn.sending && conn.queued.is_empty() {

@@ -12,7 +12,10 @@ const BUSY: usize = 32;
 const BUSY_BYTES: usize = 256 * 1024;
 
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit read and write a valid rlimit.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
@@ -23,7 +26,15 @@ fn raise_fd_limit() {
 
 fn start(force: &str) -> (Child, SocketAddr, BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringpool"))
-        .args(["echo", "--listen", "127.0.0.1:0", "--bufs", "64", "--buf-size", "4096"])
+        .args([
+            "echo",
+            "--listen",
+            "127.0.0.1:0",
+            "--bufs",
+            "64",
+            "--buf-size",
+            "4096",
+        ])
         .env("RINGPOOL_FORCE", force)
         .stdout(Stdio::piped())
         .spawn()
@@ -31,12 +42,19 @@ fn start(force: &str) -> (Child, SocketAddr, BufReader<std::process::ChildStdout
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").expect(&line).parse().unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect(&line)
+        .parse()
+        .unwrap();
     (child, addr, out)
 }
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i * 31 + seed * 7) % 251) as u8).collect()
+    (0..len)
+        .map(|i| ((i * 31 + seed * 7) % 251) as u8)
+        .collect()
 }
 
 fn run_echo(force: &str) {
@@ -86,15 +104,25 @@ fn run_echo(force: &str) {
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
     let status = child.wait().unwrap();
-    assert!(status.success(), "echo exited with {status}; output:\n{rest}");
-    let stats = rest.lines().find_map(|l| l.strip_prefix("stats ")).expect(&rest);
+    assert!(
+        status.success(),
+        "echo exited with {status}; output:\n{rest}"
+    );
+    let stats = rest
+        .lines()
+        .find_map(|l| l.strip_prefix("stats "))
+        .expect(&rest);
     let v: serde_json::Value = serde_json::from_str(stats).unwrap();
     assert_eq!(v["connections"], CONNECTIONS as u64, "{force}: {stats}");
     let expected = (BUSY * BUSY_BYTES + CONNECTIONS - BUSY) as u64;
     assert_eq!(v["bytes_echoed"], expected, "{force}: {stats}");
     assert_eq!(v["in_user"], 0, "{force}: group full again: {stats}");
     assert_eq!(v["in_kernel"], v["total"], "{force}: {stats}");
-    assert_eq!(v["buffer_bytes"], 64 * 4096, "{force}: buffer memory is the group's");
+    assert_eq!(
+        v["buffer_bytes"],
+        64 * 4096,
+        "{force}: buffer memory is the group's"
+    );
     eprintln!("{force:?}: {stats}");
 }
 

@@ -33,7 +33,7 @@
 //! # Ok::<(), ringpool::Error>(())
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -44,8 +44,9 @@ use slab::Slab;
 use crate::buf::{BufChain, PooledBuf, SendBuf};
 use crate::error::{Error, Result};
 use crate::pool::{BufGroup, BufGroupConfig, GroupShared, HandleGuard};
-use crate::probe::{Features, Force, GroupRung, Ladder, MultishotRung};
+use crate::probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
 use crate::sys;
+use crate::zc::{Lane, LanePolicy, ZcConfig, ZcStats};
 
 /// User data of CQEs nobody waits for (cancel requests, timeout removals). Such SQEs name no
 /// memory.
@@ -78,6 +79,7 @@ pub fn leaked_ops() -> usize {
 /// ```
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
+    zc: ZcConfig,
     entries: u32,
     cq_entries: Option<u32>,
     force: Vec<Force>,
@@ -87,6 +89,7 @@ pub struct DriverConfig {
 impl Default for DriverConfig {
     fn default() -> Self {
         DriverConfig {
+            zc: ZcConfig::default(),
             entries: 256,
             cq_entries: None,
             force: Vec::new(),
@@ -111,6 +114,12 @@ impl DriverConfig {
     /// Forces a lower rung of the fallback ladder (adds to `RINGPOOL_FORCE`).
     pub fn force(mut self, rung: Force) -> Self {
         self.force.push(rung);
+        self
+    }
+
+    /// Zero-copy send settings (default: the adaptive policy).
+    pub fn zerocopy(mut self, zc: ZcConfig) -> Self {
+        self.zc = zc;
         self
     }
 
@@ -216,13 +225,17 @@ pub enum Event {
     Eof,
     /// A connection was accepted.
     Accepted(Fd),
-    /// A send finished: every byte was sent (`Ok(len)`), or it failed. The buffer comes back.
+    /// A send finished: every byte was sent (`Ok(len)`), or it failed. A plain [`Driver::send`]
+    /// returns its buffer here; a zero-copy send's buffer stays with the kernel until its
+    /// notification and then goes home by itself (or comes back in [`Event::Returned`]).
     Sent {
         /// Bytes sent, or why the send failed.
         result: Result<usize>,
-        /// The memory that was sent, returned to the user.
-        buf: SendBuf,
+        /// The memory that was sent, when the kernel is already done with it.
+        buf: Option<SendBuf>,
     },
+    /// The buffer of a [`Driver::send_zc_returning`], after the kernel's last notification.
+    Returned(SendBuf),
     /// The op failed; no further completions follow.
     Error(Error),
 }
@@ -263,13 +276,7 @@ enum OpKind {
     Accept {
         fd: Fd,
     },
-    Send {
-        fd: Fd,
-        buf: Option<SendBuf>,
-        sent: usize,
-        iov: Vec<libc::iovec>,
-        msg: Box<libc::msghdr>,
-    },
+    Send(Box<SendOp>),
     Provide {
         group: Rc<GroupShared>,
         first: u16,
@@ -283,12 +290,48 @@ enum OpKind {
     },
 }
 
+/// Where a send's buffer goes once the kernel is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GiveBack {
+    /// In the `Sent` completion (plain sends: the kernel is done at the result).
+    InSent,
+    /// In a later `Returned` completion, after the last notification.
+    Later,
+    /// Dropped after the last notification: pooled buffers go home, owned bytes are freed.
+    Never,
+}
+
+/// A send in flight. Boxed, so the `msghdr`, iovecs and address the kernel reads stay put while
+/// the op table grows.
+struct SendOp {
+    fd: Fd,
+    buf: Option<SendBuf>,
+    sent: usize,
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+    dest: Option<(libc::sockaddr_storage, libc::socklen_t)>,
+    /// `send_zc`: the zero-copy policy applies.
+    zc: bool,
+    give_back: GiveBack,
+    /// Zero-copy notifications still to come.
+    notifs: u32,
+    /// The user has seen the result.
+    reported: bool,
+    /// Whether the SQE in flight is a zero-copy one.
+    in_flight_zc: bool,
+    lane: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
     /// The kernel has an SQE of this op.
     InKernel,
     /// Out of buffers; waiting for its group to be refilled.
     Parked,
+    /// A send waiting in its socket's lane.
+    Queued,
+    /// A send whose result was reported, waiting for its zero-copy notifications.
+    Notif,
 }
 
 struct OpSlot {
@@ -322,8 +365,17 @@ pub struct Driver {
     bgid_used: Vec<bool>,
     parked: Vec<usize>,
     cqe_buf: Vec<cqueue::Entry>,
-    /// Slots of internal ops (provides, removes, timeouts), not counted in `in_flight`.
+    /// Slots of internal ops (provides, removes, timeouts) and of sends waiting only for their
+    /// notifications: not counted in `in_flight`.
     internal: usize,
+    /// Send lanes by socket (`Rc` address of the descriptor).
+    lanes: HashMap<usize, Lane>,
+    /// Lanes with sends to start.
+    dirty_lanes: Vec<usize>,
+    zc_cfg: ZcConfig,
+    zc_stats: ZcStats,
+    /// Whether the last lane to learn anything found zero-copy copied (seeds new lanes).
+    zc_backing_off: bool,
     take_buf: Vec<(u16, u32, u32)>,
     stats: DriverStats,
 }
@@ -374,6 +426,11 @@ impl Driver {
             parked: Vec::new(),
             cqe_buf: Vec::with_capacity(256),
             internal: 0,
+            lanes: HashMap::new(),
+            dirty_lanes: Vec::new(),
+            zc_cfg: config.zc,
+            zc_stats: ZcStats::default(),
+            zc_backing_off: false,
             take_buf: Vec::new(),
             stats: DriverStats::default(),
         })
@@ -503,20 +560,107 @@ impl Driver {
         ))
     }
 
-    /// Sends all of `buf` on `fd`, continuing short sends; one [`Event::Sent`] completion that
-    /// returns `buf`. Sends on one socket must be started one after the other's completion (or
-    /// their bytes may interleave), as with `send(2)` from several threads.
+    /// Sends all of `buf` on `fd` with a plain send (the kernel copies), continuing short
+    /// sends; one [`Event::Sent`] completion that returns `buf`.
+    ///
+    /// Sends on one socket complete in order, whatever their kind: they queue in the socket's
+    /// lane and go out as linked chains.
     pub fn send(&mut self, fd: &Fd, buf: impl Into<SendBuf>, token: u64) -> Result<OpId> {
-        // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
-        let msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-        let kind = OpKind::Send {
+        Ok(self.start_send(fd, buf.into(), None, false, GiveBack::InSent, token))
+    }
+
+    /// Sends all of `buf` on `fd` with zero-copy where the policy says it pays
+    /// ([`ZcConfig`]), else plainly. One completion, [`Event::Sent`], as soon as the bytes are
+    /// queued, so the next send can go at once; the buffer stays pinned until the kernel's
+    /// notification and then goes home by itself (a pooled buffer to its group, owned bytes are
+    /// freed). Sends on one socket complete in order.
+    ///
+    /// Zero-copy send is 6.0+ (`SENDMSG_ZC` 6.1+); older kernels send plainly.
+    pub fn send_zc(&mut self, fd: &Fd, buf: impl Into<SendBuf>, token: u64) -> Result<OpId> {
+        Ok(self.start_send(fd, buf.into(), None, true, GiveBack::Never, token))
+    }
+
+    /// Like [`Driver::send_zc`], but hands the buffer back in an [`Event::Returned`] completion
+    /// (same token) once the kernel is done with it; the `Sent` completion then has `more` set.
+    pub fn send_zc_returning(
+        &mut self,
+        fd: &Fd,
+        buf: impl Into<SendBuf>,
+        token: u64,
+    ) -> Result<OpId> {
+        Ok(self.start_send(fd, buf.into(), None, true, GiveBack::Later, token))
+    }
+
+    /// Like [`Driver::send_zc`], to `dest` (an unconnected datagram socket).
+    pub fn send_zc_to(
+        &mut self,
+        fd: &Fd,
+        buf: impl Into<SendBuf>,
+        dest: std::net::SocketAddr,
+        token: u64,
+    ) -> Result<OpId> {
+        Ok(self.start_send(
+            fd,
+            buf.into(),
+            Some(sockaddr(dest)),
+            true,
+            GiveBack::Never,
+            token,
+        ))
+    }
+
+    fn start_send(
+        &mut self,
+        fd: &Fd,
+        buf: SendBuf,
+        dest: Option<(libc::sockaddr_storage, libc::socklen_t)>,
+        zc: bool,
+        give_back: GiveBack,
+        token: u64,
+    ) -> OpId {
+        let lane_key = Rc::as_ptr(&fd.0) as usize;
+        let backing_off = self.zc_backing_off;
+        let gen = self.next_gen();
+        let lane = self.lanes.entry(lane_key).or_insert_with(|| {
+            let policy = if backing_off {
+                LanePolicy::backed_off()
+            } else {
+                LanePolicy::default()
+            };
+            Lane::new(policy)
+        });
+        let op = SendOp {
             fd: fd.clone(),
-            buf: Some(buf.into()),
+            buf: Some(buf),
             sent: 0,
             iov: Vec::new(),
-            msg,
+            // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+            msg: unsafe { std::mem::zeroed() },
+            dest,
+            zc,
+            give_back,
+            notifs: 0,
+            reported: false,
+            in_flight_zc: false,
+            lane: lane_key,
         };
-        Ok(self.start(kind, token))
+        let key = self.ops.insert(OpSlot {
+            token,
+            gen,
+            kind: OpKind::Send(Box::new(op)),
+            state: SlotState::Queued,
+            cancel: false,
+        });
+        if lane.queue.is_empty() && lane.in_flight == 0 {
+            self.dirty_lanes.push(lane_key);
+        }
+        lane.queue.push_back(key);
+        OpId::new(key, gen)
+    }
+
+    /// Zero-copy statistics.
+    pub fn zc_stats(&self) -> ZcStats {
+        self.zc_stats
     }
 
     /// Asks the kernel to stop `op`. Its final completion still comes (usually
@@ -531,6 +675,18 @@ impl Driver {
         slot.cancel = true;
         match slot.state {
             SlotState::Parked => self.finish_parked(op.key(), Event::Error(Error::Cancelled)),
+            SlotState::Notif => {}
+            SlotState::Queued => {
+                let OpKind::Send(send) = &slot.kind else {
+                    unreachable!("only sends queue")
+                };
+                let lane_key = send.lane;
+                if let Some(lane) = self.lanes.get_mut(&lane_key) {
+                    lane.queue.retain(|&k| k != op.key());
+                    lane.requeue.retain(|&k| k != op.key());
+                }
+                self.report_send(op.key(), Err(Error::Cancelled));
+            }
             SlotState::InKernel => {
                 let sqe = opcode::AsyncCancel::new(op.0).build().user_data(IGNORED);
                 self.push(sqe);
@@ -609,6 +765,10 @@ impl Driver {
 
     /// Builds the op's SQE from its slot and pushes it.
     fn arm(&mut self, key: usize) {
+        if matches!(self.ops[key].kind, OpKind::Send(_)) {
+            self.arm_send(key, false);
+            return;
+        }
         let ladder = self.ladder;
         let slot = &mut self.ops[key];
         let ud = OpId::new(key, slot.gen).0;
@@ -653,28 +813,271 @@ impl Driver {
                     }
                 }
             }
-            OpKind::Send {
-                fd,
-                buf,
-                sent,
-                iov,
-                msg,
-            } => {
-                buf.as_ref()
-                    .expect("a send in flight owns its buffer")
-                    .iovecs(*sent, iov);
-                msg.msg_iov = iov.as_mut_ptr();
-                msg.msg_iovlen = iov.len();
-                let msg_ptr: *const libc::msghdr = &**msg;
-                opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), msg_ptr)
-                    .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
-                    .build()
-            }
+            OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
             OpKind::Provide { .. } | OpKind::Remove { .. } | OpKind::Timeout { .. } => {
                 unreachable!("internal ops are pushed where they are built")
             }
         };
         self.push(sqe.user_data(ud));
+    }
+
+    /// Builds a send's SQE: plain, `SENDMSG_ZC` or `SEND_ZC` (one buffer), as the ladder and the
+    /// lane's policy say. With `link`, the next SQE of the lane's chain waits for this one.
+    /// Returns whether it linked: a `SEND_ZC` that covers only the first of several buffers
+    /// ends the chain, so its continuation can go before anything newer.
+    fn arm_send(&mut self, key: usize, link: bool) -> bool {
+        let (ladder, cfg) = (self.ladder, self.zc_cfg);
+        let slot = &mut self.ops[key];
+        let ud = OpId::new(key, slot.gen).0;
+        slot.state = SlotState::InKernel;
+        let OpKind::Send(op) = &mut slot.kind else {
+            unreachable!("arm_send on a send")
+        };
+        let op = &mut **op;
+        let buf = op.buf.as_ref().expect("a send in flight owns its buffer");
+        buf.iovecs(op.sent, &mut op.iov);
+        let remaining = buf.len() - op.sent;
+        let lane = self
+            .lanes
+            .get_mut(&op.lane)
+            .expect("a send's lane lives while it has sends");
+        let zc = op.zc
+            && ladder.zc != ZcRung::Plain
+            && lane
+                .policy
+                .wants_zc(&cfg, ladder.zc_report_usage, remaining);
+        op.in_flight_zc = zc;
+        op.msg.msg_iov = op.iov.as_mut_ptr();
+        op.msg.msg_iovlen = op.iov.len();
+        if let Some((addr, len)) = &op.dest {
+            op.msg.msg_name = (addr as *const libc::sockaddr_storage).cast_mut().cast();
+            op.msg.msg_namelen = *len;
+        }
+        let fd = types::Fd(op.fd.as_raw_fd());
+        let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
+        let usage = if ladder.zc_report_usage {
+            sys::IORING_SEND_ZC_REPORT_USAGE
+        } else {
+            0
+        };
+        let msg_ptr: *const libc::msghdr = &op.msg;
+        let mut linked = link;
+        let sqe = if !zc {
+            self.zc_stats.plain_sends += op.zc as u64;
+            opcode::SendMsg::new(fd, msg_ptr)
+                .flags(flags as u32)
+                .build()
+        } else if ladder.zc == ZcRung::SendmsgZc {
+            self.zc_stats.zc_sends += 1;
+            opcode::SendMsgZc::new(fd, msg_ptr)
+                .ioprio(usage)
+                .flags(flags as u32)
+                .build()
+        } else {
+            self.zc_stats.zc_sends += 1;
+            linked &= op.iov.len() <= 1;
+            let (ptr, len) = op.iov.first().map_or((std::ptr::null(), 0), |v| {
+                (v.iov_base as *const u8, v.iov_len as u32)
+            });
+            let mut b = opcode::SendZc::new(fd, ptr, len)
+                .zc_flags(usage)
+                .flags(flags);
+            if let Some((addr, alen)) = &op.dest {
+                b = b
+                    .dest_addr((addr as *const libc::sockaddr_storage).cast())
+                    .dest_addr_len(*alen);
+            }
+            b.build()
+        };
+        let sqe = if linked {
+            sqe.flags(squeue::Flags::IO_LINK)
+        } else {
+            sqe
+        };
+        self.push(sqe.user_data(ud));
+        linked
+    }
+
+    /// Starts the next chain of every lane that is idle and has sends queued.
+    fn flush_lanes(&mut self) {
+        /// Longest chain submitted at once.
+        const MAX_CHAIN: usize = 64;
+        let dirty = std::mem::take(&mut self.dirty_lanes);
+        for lane_key in dirty {
+            let Some(lane) = self.lanes.get_mut(&lane_key) else {
+                continue;
+            };
+            if lane.in_flight > 0 {
+                continue;
+            }
+            if lane.queue.is_empty() {
+                // Idle: forget it (a new one starts from the driver's last zero-copy verdict).
+                self.lanes.remove(&lane_key);
+                continue;
+            }
+            let n = lane.queue.len().min(MAX_CHAIN);
+            let chain: Vec<usize> = lane.queue.drain(..n).collect();
+            lane.in_flight = 0;
+            for (i, &key) in chain.iter().enumerate() {
+                let last = i + 1 == chain.len();
+                self.lanes.get_mut(&lane_key).expect("lane").in_flight += 1;
+                if !self.arm_send(key, !last) && !last {
+                    // The chain ends early: the rest waits for the next one, in order.
+                    let lane = self.lanes.get_mut(&lane_key).expect("lane");
+                    for &k in chain[i + 1..].iter().rev() {
+                        lane.queue.push_front(k);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A send's result is final: tell the user, and free the slot unless notifications are
+    /// still to come.
+    fn report_send(&mut self, key: usize, result: Result<usize>) {
+        let slot = &mut self.ops[key];
+        let (token, id) = (slot.token, OpId::new(key, slot.gen));
+        let OpKind::Send(op) = &mut slot.kind else {
+            unreachable!("report_send on a send")
+        };
+        op.reported = true;
+        let (give_back, notifs) = (op.give_back, op.notifs);
+        if notifs > 0 {
+            slot.state = SlotState::Notif;
+            self.internal += 1;
+            let more = give_back == GiveBack::Later;
+            self.ready.push_back(Completion {
+                token,
+                op: id,
+                event: Event::Sent { result, buf: None },
+                more,
+            });
+            return;
+        }
+        let buf = op.buf.take();
+        self.ops.remove(key);
+        match give_back {
+            GiveBack::InSent => self.ready.push_back(Completion {
+                token,
+                op: id,
+                event: Event::Sent { result, buf },
+                more: false,
+            }),
+            GiveBack::Never => {
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::Sent { result, buf: None },
+                    more: false,
+                });
+                drop(buf);
+            }
+            GiveBack::Later => {
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::Sent { result, buf: None },
+                    more: true,
+                });
+                let buf = buf.expect("a send owns its buffer until it ends");
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::Returned(buf),
+                    more: false,
+                });
+            }
+        }
+    }
+
+    /// A CQE of a send: its result, or a zero-copy notification.
+    fn send_completion(&mut self, key: usize, res: i32, flags: u32) {
+        let slot = &mut self.ops[key];
+        let (token, id, cancelled) = (slot.token, OpId::new(key, slot.gen), slot.cancel);
+        let OpKind::Send(op) = &mut slot.kind else {
+            unreachable!("send_completion on a send")
+        };
+        let lane_key = op.lane;
+        if cqueue::notif(flags) {
+            let copied = res as u32 & sys::IORING_NOTIF_USAGE_ZC_COPIED != 0;
+            self.zc_stats.notifications += 1;
+            self.zc_stats.zc_copied += copied as u64;
+            if self.ladder.zc_report_usage {
+                if let Some(lane) = self.lanes.get_mut(&lane_key) {
+                    lane.policy.notified(copied);
+                    self.zc_backing_off = lane.policy.backing_off();
+                }
+            }
+            op.notifs -= 1;
+            if op.notifs == 0 && op.reported {
+                self.internal -= 1;
+                let buf = op.buf.take();
+                let give_back = op.give_back;
+                self.ops.remove(key);
+                match (give_back, buf) {
+                    (GiveBack::Later, Some(buf)) => self.ready.push_back(Completion {
+                        token,
+                        op: id,
+                        event: Event::Returned(buf),
+                        more: false,
+                    }),
+                    // Pooled buffers go home here; owned bytes are freed.
+                    (_, buf) => drop(buf),
+                }
+            }
+            return;
+        }
+        if cqueue::more(flags) {
+            op.notifs += 1;
+        }
+        if res > 0 {
+            op.sent += res as usize;
+            if op.in_flight_zc {
+                self.zc_stats.zc_bytes += res as u64;
+            } else if op.zc {
+                self.zc_stats.plain_bytes += res as u64;
+            }
+        }
+        let total = op.buf.as_ref().map_or(0, SendBuf::len);
+        let lane = self
+            .lanes
+            .get_mut(&lane_key)
+            .expect("a send's lane lives while it has sends");
+        lane.in_flight -= 1;
+        let outcome = if res >= 0 && op.sent < total && res > 0 && !cancelled {
+            // A short send, or one buffer of several through SEND_ZC: the rest goes next.
+            lane.requeue.push(key);
+            None
+        } else if res == -libc::ECANCELED && !cancelled {
+            match lane.error {
+                // The chain broke on a real error: this send shares it.
+                Some(errno) => Some(Err(Error::from_errno("send", errno))),
+                // The chain broke on a short send before us: run again, in order.
+                None => {
+                    lane.requeue.push(key);
+                    None
+                }
+            }
+        } else if res < 0 {
+            if res != -libc::ECANCELED {
+                lane.error = Some(-res);
+            }
+            Some(Err(errno_error("send", res)))
+        } else {
+            Some(Ok(op.sent))
+        };
+        if lane.in_flight == 0 {
+            lane.chain_done();
+            self.dirty_lanes.push(lane_key);
+        }
+        match outcome {
+            Some(result) => self.report_send(key, result),
+            None => {
+                let _ = token;
+                self.ops[key].state = SlotState::Queued;
+            }
+        }
     }
 
     /// Pushes an SQE, submitting first if the queue is full.
@@ -745,6 +1148,9 @@ impl Driver {
     /// group has buffers again, unregister abandoned groups.
     fn flush(&mut self) -> Result<()> {
         self.flush_provides()?;
+        if !self.dirty_lanes.is_empty() {
+            self.flush_lanes();
+        }
         if !self.parked.is_empty() {
             // Snapshot (and clear) which groups got buffers back *before* re-arming: a refill
             // noticed while we re-arm stays set for the next flush instead of being lost.
@@ -896,30 +1302,7 @@ impl Driver {
                     self.ops.remove(key);
                 }
             }
-            OpKind::Send { buf, sent, .. } => {
-                let total = buf.as_ref().map_or(0, SendBuf::len);
-                if res > 0 {
-                    *sent += res as usize;
-                }
-                if res > 0 && *sent < total && !cancelled {
-                    // A short send: continue from where the kernel stopped.
-                    self.arm(key);
-                    return;
-                }
-                let result = if res >= 0 {
-                    Ok(*sent)
-                } else {
-                    Err(errno_error("send", res))
-                };
-                let buf = buf.take().expect("send owns its buffer until completion");
-                self.ops.remove(key);
-                self.ready.push_back(Completion {
-                    token,
-                    op: id,
-                    event: Event::Sent { result, buf },
-                    more: false,
-                });
-            }
+            OpKind::Send(_) => self.send_completion(key, res, flags),
             OpKind::Provide { group, first, n } => {
                 let (group, first, n) = (group.clone(), *first, *n);
                 self.finish_internal(key);
@@ -1056,6 +1439,42 @@ impl Driver {
     }
 }
 
+/// A socket address in the form `sendmsg` takes.
+fn sockaddr(addr: std::net::SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        std::net::SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in>(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        std::net::SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in6>(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
 fn errno_error(op: &'static str, res: i32) -> Error {
     if res == -libc::ECANCELED {
         Error::Cancelled
@@ -1070,10 +1489,8 @@ fn is_incremental(g: &GroupShared) -> bool {
 
 fn op_fd(kind: &OpKind) -> Option<&Fd> {
     match kind {
-        OpKind::Recv { fd, .. }
-        | OpKind::Read { fd, .. }
-        | OpKind::Accept { fd }
-        | OpKind::Send { fd, .. } => Some(fd),
+        OpKind::Recv { fd, .. } | OpKind::Read { fd, .. } | OpKind::Accept { fd } => Some(fd),
+        OpKind::Send(op) => Some(&op.fd),
         _ => None,
     }
 }

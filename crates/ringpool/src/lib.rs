@@ -49,6 +49,7 @@ mod error;
 mod pool;
 mod probe;
 pub mod sys;
+mod zc;
 
 pub use buf::{BufChain, PooledBuf, SendBuf};
 pub use driver::{
@@ -56,4 +57,7 @@ pub use driver::{
 };
 pub use error::{Error, Result};
 pub use pool::{BufGroup, BufGroupConfig, GroupStats, MAX_BUF_SIZE};
-pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung};
+pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
+pub use zc::{
+    ZcConfig, ZcMode, ZcStats, COPIED_STREAK, DEFAULT_THRESHOLD as ZC_DEFAULT_THRESHOLD, PLAIN_RUN,
+};

@@ -52,6 +52,8 @@ pub struct Features {
     pub send_zc: bool,
     /// `IORING_OP_SENDMSG_ZC` (6.1).
     pub sendmsg_zc: bool,
+    /// `IORING_SEND_ZC_REPORT_USAGE` (6.2): notifications say whether the kernel copied.
+    pub zc_report_usage: bool,
     /// `IORING_OP_READV_FIXED`/`WRITEV_FIXED` (6.15).
     pub vectored_fixed: bool,
     /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (6.1).
@@ -103,6 +105,7 @@ fn detect() -> Features {
         accept_multishot: false,
         send_zc: false,
         sendmsg_zc: false,
+        zc_report_usage: false,
         vectored_fixed: false,
         defer_taskrun: false,
         ext_arg: false,
@@ -136,7 +139,38 @@ fn detect() -> Features {
         f.recv_multishot = try_recv_multishot(&mut ring).unwrap_or(false);
     }
     f.accept_multishot = try_accept_multishot(&mut ring).unwrap_or(false);
+    if f.send_zc {
+        f.zc_report_usage = try_zc_report_usage(&mut ring).unwrap_or(false);
+    }
     f
+}
+
+/// Sends one byte with `SEND_ZC | REPORT_USAGE` on loopback TCP and collects both CQEs.
+fn try_zc_report_usage(ring: &mut IoUring) -> std::io::Result<bool> {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (mut server, _) = listener.accept()?;
+    // A static byte: the kernel may hold it until the notification, which we wait for only
+    // for a bounded time, so it must outlive any wait.
+    static BYTE: [u8; 1] = [7];
+    let send = opcode::SendZc::new(types::Fd(client.as_raw_fd()), BYTE.as_ptr(), 1)
+        .zc_flags(sys::IORING_SEND_ZC_REPORT_USAGE)
+        .build()
+        .user_data(5);
+    let cqe = run_one(ring, send)?;
+    let supported = cqe.result() == 1;
+    if cqueue::more(cqe.flags()) {
+        // On loopback the notification comes once the receiver has read the data.
+        server.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        server.read_exact(&mut [0u8; 1])?;
+        let ts = types::Timespec::new().sec(2);
+        let _ = ring
+            .submitter()
+            .submit_with_args(1, &types::SubmitArgs::new().timespec(&ts));
+        ring.completion().for_each(drop);
+    }
+    Ok(supported)
 }
 
 fn feature_bits(ring: &IoUring) -> u32 {
@@ -288,6 +322,10 @@ pub enum Force {
     NoDeferTaskrun,
     /// `no-ext-arg`: timed waits through a timeout op instead of `io_uring_enter`'s argument.
     NoExtArg,
+    /// `no-sendmsg-zc`: zero-copy sends through `SEND_ZC`, one buffer per op.
+    NoSendmsgZc,
+    /// `no-send-zc`: plain sends only.
+    NoSendZc,
 }
 
 const FORCE_NAMES: &[(&str, Force)] = &[
@@ -297,9 +335,11 @@ const FORCE_NAMES: &[(&str, Force)] = &[
     ("no-multishot", Force::NoMultishot),
     ("no-defer-taskrun", Force::NoDeferTaskrun),
     ("no-ext-arg", Force::NoExtArg),
+    ("no-sendmsg-zc", Force::NoSendmsgZc),
+    ("no-send-zc", Force::NoSendZc),
 ];
-const FORCE_KNOWN: &str =
-    "legacy-provide, no-incremental, no-bundle, no-multishot, no-defer-taskrun, no-ext-arg";
+const FORCE_KNOWN: &str = "legacy-provide, no-incremental, no-bundle, no-multishot, \
+     no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc";
 
 impl Force {
     /// The rung's name as `RINGPOOL_FORCE` spells it.
@@ -364,6 +404,17 @@ pub enum MultishotRung {
     Rearmed,
 }
 
+/// How zero-copy sends go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZcRung {
+    /// `SENDMSG_ZC` (6.1): any number of buffers in one op.
+    SendmsgZc,
+    /// `SEND_ZC` (6.0): one op per buffer.
+    SendZc,
+    /// Plain send: the kernel has no zero-copy send.
+    Plain,
+}
+
 /// The rung of the fallback ladder chosen for each capability, once, at driver start.
 ///
 /// # Examples
@@ -387,6 +438,10 @@ pub struct Ladder {
     pub defer_taskrun: bool,
     /// Timed waits through `io_uring_enter`'s extended argument (else a timeout op).
     pub ext_arg: bool,
+    /// Zero-copy sends.
+    pub zc: ZcRung,
+    /// Notifications report whether the kernel copied (the adaptive policy needs it).
+    pub zc_report_usage: bool,
 }
 
 impl Ladder {
@@ -415,6 +470,14 @@ impl Ladder {
             accept: multishot(f.accept_multishot),
             defer_taskrun: f.defer_taskrun && !has(Force::NoDeferTaskrun),
             ext_arg: f.ext_arg && !has(Force::NoExtArg),
+            zc: if !f.send_zc || has(Force::NoSendZc) {
+                ZcRung::Plain
+            } else if f.sendmsg_zc && !has(Force::NoSendmsgZc) {
+                ZcRung::SendmsgZc
+            } else {
+                ZcRung::SendZc
+            },
+            zc_report_usage: f.zc_report_usage,
         }
     }
 
@@ -465,6 +528,14 @@ impl Ladder {
                     "single issuer + defer taskrun"
                 } else {
                     "plain"
+                },
+            ),
+            (
+                "zero-copy send",
+                match self.zc {
+                    ZcRung::SendmsgZc => "sendmsg_zc (many buffers per op)",
+                    ZcRung::SendZc => "send_zc (one buffer per op)",
+                    ZcRung::Plain => "plain send",
                 },
             ),
             (

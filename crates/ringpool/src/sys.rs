@@ -44,6 +44,23 @@ pub const IORING_FEAT_EXT_ARG: u32 = 1 << 8;
 /// the kernel's own limit is 32768).
 pub const MAX_RING_ENTRIES: u32 = 32768;
 
+/// Sets `buf_index` (byte 40 of the 64-byte SQE) on an SQE the `io-uring` crate built without
+/// one (its `SendMsgZc` lacks the field; fixed-buffer `SENDMSG_ZC` needs it, 6.1+).
+pub fn sqe_set_buf_index(sqe: &mut io_uring::squeue::Entry, buf_index: u16) {
+    const BUF_INDEX_OFFSET: usize = 40;
+    let raw: *mut io_uring::squeue::Entry = sqe;
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around `struct io_uring_sqe` (64 bytes, asserted
+    // below), whose `buf_index` is the u16 at byte 40; the pointer comes from a live `&mut`, and
+    // the write is unaligned-safe.
+    unsafe {
+        raw.cast::<u8>()
+            .add(BUF_INDEX_OFFSET)
+            .cast::<u16>()
+            .write_unaligned(buf_index)
+    };
+}
+const _: () = assert!(std::mem::size_of::<io_uring::squeue::Entry>() == 64);
+
 /// One entry of a provided buffer ring, `struct io_uring_buf` (5.19). The ring's tail lives in
 /// the `resv` field of entry 0, so entry 0's `resv` must never be written as data.
 #[repr(C)]
