@@ -102,8 +102,10 @@ const K5_10: Row = Row {
     },
 };
 
-/// Debian bookworm's 6.1: buffer rings, multishot, zero-copy send, defer taskrun; no incremental
-/// rings, no bundles.
+/// Debian bookworm's 6.1 (6.1.15x): buffer rings, multishot, zero-copy send, defer taskrun; no
+/// incremental rings, no bundles. `SEND_ZC_REPORT_USAGE` came in mainline 6.2, but this kernel
+/// has it (a stable backport): checked in the guest, a loopback `SEND_ZC` with the flag gets a
+/// notification whose result says `ZC_COPIED`, while an unknown zc flag is rejected with `EINVAL`.
 const K6_1: Row = Row {
     provide_buffers: true,
     buf_ring: true,
@@ -113,7 +115,7 @@ const K6_1: Row = Row {
     accept_multishot: true,
     send_zc: true,
     sendmsg_zc: true,
-    zc_report_usage: false,
+    zc_report_usage: true,
     vectored_fixed: false,
     defer_taskrun: true,
     ext_arg: true,
@@ -125,7 +127,7 @@ const K6_1: Row = Row {
         defer_taskrun: true,
         ext_arg: true,
         zc: ZcRung::SendmsgZc,
-        zc_report_usage: false,
+        zc_report_usage: true,
     },
 };
 
