@@ -20,9 +20,12 @@ OUT=${RINGPOOL_MATRIX_OUT:-$PROJ/target/kernel-matrix}
 # Exact package names: Debian drops superseded kernel ABIs from the archive, so pin and cache.
 KERNELS=${KERNELS:-"linux-image-5.10.0-32-cloud-amd64-unsigned linux-image-6.1.0-56-cloud-amd64-unsigned linux-image-6.12.107+deb13-cloud-amd64-unsigned"}
 TESTARGS=${TESTARGS:-}          # extra arguments for every test binary in the guest
-TEST_TIMEOUT=${TEST_TIMEOUT:-240}  # seconds one test may run inside a guest
-BOOT_TIMEOUT=${BOOT_TIMEOUT:-120}  # seconds until the guest must say GUEST-UP
-GUEST_TIMEOUT=${GUEST_TIMEOUT:-600} # seconds one guest may run in all
+# Time bounds. A guest normally boots in 6-11 s and runs the suite in 45-90 s (TCG on a busy
+# 2-core host; the slowest test, backpressure's 64 MiB stream, takes 20-50 s).
+TEST_TIMEOUT=${TEST_TIMEOUT:-150}   # seconds one test may run inside a guest
+BOOT_TIMEOUT=${BOOT_TIMEOUT:-90}    # seconds until the guest must say GUEST-UP
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-300} # seconds one guest may run in all
+MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-600} # seconds all guests together may run
 SMP=${SMP:-2}
 # QEMU 7.2 (bookworm) crashed in 7 of 21 boots of 6.12 with -smp 2; QEMU 10 from
 # bookworm-backports, only unpacked (dpkg -x), booted 20 of 20. QEMU_BPO=0 uses the system QEMU.
@@ -161,10 +164,18 @@ done
 # GUEST_TIMEOUT, is stopped and failed.
 fail=0
 summary=()
+t_guests=$SECONDS
 for pkg in "${available[@]}"; do
   raw="$OUT/$pkg.raw"
   log="$OUT/$pkg.log"
-  say "booting $pkg"
+  left=$((MATRIX_TIMEOUT - (SECONDS - t_guests)))
+  if [ $left -le 0 ]; then
+    summary+=("FAIL    $pkg: not run, the guests used up MATRIX_TIMEOUT (${MATRIX_TIMEOUT} s)")
+    fail=1
+    continue
+  fi
+  limit=$((left < GUEST_TIMEOUT ? left : GUEST_TIMEOUT))
+  say "booting $pkg (time limit $limit s)"
   t0=$SECONDS
   "$QEMU" "${QEMU_L[@]}" -accel tcg -cpu max -m 1024 -smp "$SMP" \
     -bios qboot.rom -nodefaults -no-user-config -display none -serial stdio -no-reboot \
@@ -178,8 +189,8 @@ for pkg in "${available[@]}"; do
     el=$((SECONDS - t0))
     if [ $el -ge "$BOOT_TIMEOUT" ] && ! grep -aq '^GUEST-UP' "$raw"; then
       why="did not boot: no GUEST-UP within ${BOOT_TIMEOUT} s"
-    elif [ $el -ge "$GUEST_TIMEOUT" ]; then
-      why="hung: still running after ${GUEST_TIMEOUT} s (GUEST_TIMEOUT)"
+    elif [ $el -ge "$limit" ]; then
+      why="hung: still running after $limit s (GUEST_TIMEOUT=$GUEST_TIMEOUT, MATRIX_TIMEOUT=$MATRIX_TIMEOUT)"
     fi
     if [ -n "$why" ]; then
       kill "$qpid" 2>/dev/null || true
