@@ -33,6 +33,7 @@
 //! # Ok::<(), ringpool::Error>(())
 //! ```
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -304,7 +305,9 @@ enum GiveBack {
 /// A send in flight. Boxed, so the `msghdr`, iovecs and address the kernel reads stay put while
 /// the op table grows.
 struct SendOp {
-    fd: Fd,
+    /// The socket, until the result is in (the kernel holds its own reference after that, so
+    /// a send waiting only for its notification does not keep the socket open).
+    fd: Option<Fd>,
     buf: Option<SendBuf>,
     sent: usize,
     iov: Vec<libc::iovec>,
@@ -313,8 +316,14 @@ struct SendOp {
     /// `send_zc`: the zero-copy policy applies.
     zc: bool,
     give_back: GiveBack,
-    /// Zero-copy notifications still to come.
-    notifs: u32,
+    /// Generations of this op's zero-copy attempts whose notification may still come. Each
+    /// attempt (first try, continuation, re-run after a broken chain) has its own `user_data`
+    /// generation, so a notification is matched to its attempt, and one the kernel posts after
+    /// a result without `F_MORE` (6.18 does, for a linked `SEND_ZC` its broken chain cancelled)
+    /// finds no attempt and is ignored instead of landing on a reused slot.
+    notif_attempts: Vec<u32>,
+    /// `user_data` of the SQE in flight (what `cancel` targets).
+    cur_ud: u64,
     /// The user has seen the result.
     reported: bool,
     /// Whether the SQE in flight is a zero-copy one.
@@ -351,6 +360,9 @@ pub struct DriverStats {
     pub cqes: u64,
     /// SQEs pushed.
     pub sqes: u64,
+    /// CQEs that matched no live op or attempt (late zero-copy notifications the kernel posts
+    /// after a result without `F_MORE`), ignored.
+    pub stray_cqes: u64,
 }
 
 /// Owns an io_uring and everything the kernel may touch through it. See the [module
@@ -372,6 +384,8 @@ pub struct Driver {
     lanes: HashMap<usize, Lane>,
     /// Lanes with sends to start.
     dirty_lanes: Vec<usize>,
+    /// Sweep lanes of gone sockets when the map grows past this.
+    lane_sweep_at: usize,
     zc_cfg: ZcConfig,
     zc_stats: ZcStats,
     /// Whether the last lane to learn anything found zero-copy copied (seeds new lanes).
@@ -428,6 +442,7 @@ impl Driver {
             internal: 0,
             lanes: HashMap::new(),
             dirty_lanes: Vec::new(),
+            lane_sweep_at: 1024,
             zc_cfg: config.zc,
             zc_stats: ZcStats::default(),
             zc_backing_off: false,
@@ -621,16 +636,29 @@ impl Driver {
         let lane_key = Rc::as_ptr(&fd.0) as usize;
         let backing_off = self.zc_backing_off;
         let gen = self.next_gen();
-        let lane = self.lanes.entry(lane_key).or_insert_with(|| {
-            let policy = if backing_off {
-                LanePolicy::backed_off()
-            } else {
-                LanePolicy::default()
-            };
-            Lane::new(policy)
-        });
+        if self.lanes.len() > self.lane_sweep_at {
+            // Forget lanes of sockets that are gone (amortised: the bound doubles with the map).
+            self.lanes
+                .retain(|_, l| !(l.idle() && l.fd.strong_count() == 0));
+            self.lane_sweep_at = (self.lanes.len() * 2).max(1024);
+        }
+        let policy = if backing_off {
+            LanePolicy::backed_off()
+        } else {
+            LanePolicy::default()
+        };
+        let lane = match self.lanes.entry(lane_key) {
+            Entry::Occupied(e) if e.get().fd.strong_count() > 0 => e.into_mut(),
+            // A socket at the address of a gone one, whose lane is idle (its sends kept it alive
+            // while they ran): start afresh.
+            Entry::Occupied(mut e) => {
+                e.insert(Lane::new(Rc::downgrade(&fd.0), policy));
+                e.into_mut()
+            }
+            Entry::Vacant(e) => e.insert(Lane::new(Rc::downgrade(&fd.0), policy)),
+        };
         let op = SendOp {
-            fd: fd.clone(),
+            fd: Some(fd.clone()),
             buf: Some(buf),
             sent: 0,
             iov: Vec::new(),
@@ -639,7 +667,8 @@ impl Driver {
             dest,
             zc,
             give_back,
-            notifs: 0,
+            notif_attempts: Vec::new(),
+            cur_ud: 0,
             reported: false,
             in_flight_zc: false,
             lane: lane_key,
@@ -656,6 +685,32 @@ impl Driver {
         }
         lane.queue.push_back(key);
         OpId::new(key, gen)
+    }
+
+    #[doc(hidden)]
+    pub fn debug_state(&self) -> String {
+        let mut out = String::new();
+        for (k, slot) in self.ops.iter() {
+            if let OpKind::Send(op) = &slot.kind {
+                out += &format!(
+                    "[{k} tok {} {:?} sent {} notifs {:?} reported {} zc {}] ",
+                    slot.token,
+                    slot.state,
+                    op.sent,
+                    op.notif_attempts,
+                    op.reported,
+                    op.in_flight_zc
+                );
+            }
+        }
+        for (k, l) in &self.lanes {
+            out += &format!(
+                "lane {k}: q {:?} in_flight {} requeue {:?} err {:?}; ",
+                l.queue, l.in_flight, l.requeue, l.error
+            );
+        }
+        out += &format!("dirty {:?}", self.dirty_lanes);
+        out
     }
 
     /// Zero-copy statistics.
@@ -688,7 +743,12 @@ impl Driver {
                 self.report_send(op.key(), Err(Error::Cancelled));
             }
             SlotState::InKernel => {
-                let sqe = opcode::AsyncCancel::new(op.0).build().user_data(IGNORED);
+                // A send's SQE carries the generation of its current attempt.
+                let target = match &slot.kind {
+                    OpKind::Send(send) => send.cur_ud,
+                    _ => op.0,
+                };
+                let sqe = opcode::AsyncCancel::new(target).build().user_data(IGNORED);
                 self.push(sqe);
             }
         }
@@ -827,8 +887,9 @@ impl Driver {
     /// ends the chain, so its continuation can go before anything newer.
     fn arm_send(&mut self, key: usize, link: bool) -> bool {
         let (ladder, cfg) = (self.ladder, self.zc_cfg);
+        let attempt = self.next_gen();
         let slot = &mut self.ops[key];
-        let ud = OpId::new(key, slot.gen).0;
+        let ud = OpId::new(key, attempt).0;
         slot.state = SlotState::InKernel;
         let OpKind::Send(op) = &mut slot.kind else {
             unreachable!("arm_send on a send")
@@ -847,13 +908,19 @@ impl Driver {
                 .policy
                 .wants_zc(&cfg, ladder.zc_report_usage, remaining);
         op.in_flight_zc = zc;
+        op.cur_ud = ud;
         op.msg.msg_iov = op.iov.as_mut_ptr();
         op.msg.msg_iovlen = op.iov.len();
         if let Some((addr, len)) = &op.dest {
             op.msg.msg_name = (addr as *const libc::sockaddr_storage).cast_mut().cast();
             op.msg.msg_namelen = *len;
         }
-        let fd = types::Fd(op.fd.as_raw_fd());
+        let fd = types::Fd(
+            op.fd
+                .as_ref()
+                .expect("a send owns its socket until its result")
+                .as_raw_fd(),
+        );
         let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
         let usage = if ladder.zc_report_usage {
             sys::IORING_SEND_ZC_REPORT_USAGE
@@ -911,13 +978,17 @@ impl Driver {
                 continue;
             }
             if lane.queue.is_empty() {
-                // Idle: forget it (a new one starts from the driver's last zero-copy verdict).
-                self.lanes.remove(&lane_key);
                 continue;
             }
-            let n = lane.queue.len().min(MAX_CHAIN);
+            // A link chain cannot span two submissions: the kernel ends a chain at the end of a
+            // submit, and the rest would run beside it, out of order. Make room for the whole
+            // chain first (and never build one longer than the queue).
+            let capacity = self.ring.submission().capacity();
+            let n = lane.queue.len().min(MAX_CHAIN).min(capacity);
             let chain: Vec<usize> = lane.queue.drain(..n).collect();
-            lane.in_flight = 0;
+            if capacity - self.ring.submission().len() < n {
+                self.submit_queued();
+            }
             for (i, &key) in chain.iter().enumerate() {
                 let last = i + 1 == chain.len();
                 self.lanes.get_mut(&lane_key).expect("lane").in_flight += 1;
@@ -942,7 +1013,8 @@ impl Driver {
             unreachable!("report_send on a send")
         };
         op.reported = true;
-        let (give_back, notifs) = (op.give_back, op.notifs);
+        op.fd = None;
+        let (give_back, notifs) = (op.give_back, op.notif_attempts.len());
         if notifs > 0 {
             slot.state = SlotState::Notif;
             self.internal += 1;
@@ -992,7 +1064,7 @@ impl Driver {
     }
 
     /// A CQE of a send: its result, or a zero-copy notification.
-    fn send_completion(&mut self, key: usize, res: i32, flags: u32) {
+    fn send_completion(&mut self, key: usize, attempt: u32, res: i32, flags: u32) {
         let slot = &mut self.ops[key];
         let (token, id, cancelled) = (slot.token, OpId::new(key, slot.gen), slot.cancel);
         let OpKind::Send(op) = &mut slot.kind else {
@@ -1009,8 +1081,8 @@ impl Driver {
                     self.zc_backing_off = lane.policy.backing_off();
                 }
             }
-            op.notifs -= 1;
-            if op.notifs == 0 && op.reported {
+            op.notif_attempts.retain(|&a| a != attempt);
+            if op.notif_attempts.is_empty() && op.reported {
                 self.internal -= 1;
                 let buf = op.buf.take();
                 let give_back = op.give_back;
@@ -1029,7 +1101,7 @@ impl Driver {
             return;
         }
         if cqueue::more(flags) {
-            op.notifs += 1;
+            op.notif_attempts.push(attempt);
         }
         if res > 0 {
             op.sent += res as usize;
@@ -1080,6 +1152,19 @@ impl Driver {
         }
     }
 
+    /// Hands the queued SQEs to the kernel without waiting or reaping.
+    fn submit_queued(&mut self) {
+        self.stats.enters += 1;
+        while let Err(e) = self.ring.submit() {
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // The completion queue is full: make room, then submit again.
+                Some(libc::EBUSY | libc::EAGAIN) => self.reap(),
+                _ => panic!("io_uring_enter failed while submitting: {e}"),
+            }
+        }
+    }
+
     /// Pushes an SQE, submitting first if the queue is full.
     fn push(&mut self, sqe: squeue::Entry) {
         loop {
@@ -1090,13 +1175,7 @@ impl Driver {
                 return;
             }
             // The queue is full: hand what is there to the kernel and retry.
-            if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
-                    panic!("io_uring_enter failed while the submission queue was full: {e}");
-                }
-                self.reap();
-            }
-            self.stats.enters += 1;
+            self.submit_queued();
         }
     }
 
@@ -1267,10 +1346,28 @@ impl Driver {
         let (res, flags) = (cqe.result(), cqe.flags());
         let more = cqueue::more(flags);
         let Some(slot) = self.ops.get_mut(key) else {
-            debug_assert!(false, "CQE for a free slot: {id:?}");
+            // A notification the kernel posted after a result without F_MORE, for an op that
+            // has ended (see `SendOp::notif_attempts`): nothing of ours is behind it.
+            self.stats.stray_cqes += 1;
             return;
         };
-        debug_assert_eq!(slot.gen, id.gen(), "CQE for a reused slot");
+        if let OpKind::Send(op) = &slot.kind {
+            let known = if cqueue::notif(flags) {
+                op.notif_attempts.contains(&id.gen())
+            } else {
+                op.cur_ud == id.0 && slot.state == SlotState::InKernel
+            };
+            if known {
+                self.send_completion(key, id.gen(), res, flags);
+            } else {
+                self.stats.stray_cqes += 1;
+            }
+            return;
+        }
+        if slot.gen != id.gen() {
+            self.stats.stray_cqes += 1;
+            return;
+        }
         let token = slot.token;
         let cancelled = slot.cancel;
         match &mut slot.kind {
@@ -1302,7 +1399,7 @@ impl Driver {
                     self.ops.remove(key);
                 }
             }
-            OpKind::Send(_) => self.send_completion(key, res, flags),
+            OpKind::Send(_) => unreachable!("sends are dispatched above"),
             OpKind::Provide { group, first, n } => {
                 let (group, first, n) = (group.clone(), *first, *n);
                 self.finish_internal(key);
@@ -1490,7 +1587,7 @@ fn is_incremental(g: &GroupShared) -> bool {
 fn op_fd(kind: &OpKind) -> Option<&Fd> {
     match kind {
         OpKind::Recv { fd, .. } | OpKind::Read { fd, .. } | OpKind::Accept { fd } => Some(fd),
-        OpKind::Send(op) => Some(&op.fd),
+        OpKind::Send(op) => op.fd.as_ref(),
         _ => None,
     }
 }

@@ -20,6 +20,8 @@
 //! driver saw last, so a server on loopback does not pay the probe on every connection.
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::rc::Weak;
 
 /// Whether `send_zc` uses zero-copy.
 ///
@@ -126,14 +128,22 @@ pub struct ZcStats {
 }
 
 /// Per-lane memory of what zero-copy did.
+///
+/// Notifications lag behind results (on loopback they come only once the receiver has read the
+/// data), so a lane that has not yet seen zero-copy work is on probation: at most
+/// [`COPIED_STREAK`] zero-copy sends may await their verdict at once, the others go plainly.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct LanePolicy {
     copied_streak: u32,
     plain_left: u32,
+    /// A notification said the kernel did not copy: zero-copy works on this route.
+    verified: bool,
+    /// Zero-copy sends issued on probation whose notification has not come.
+    on_probation: u32,
 }
 
 impl LanePolicy {
-    /// Whether the next send of `len` bytes should try zero-copy.
+    /// Whether the next send of `len` bytes should try zero-copy (and, if so, counts it).
     pub(crate) fn wants_zc(&mut self, cfg: &ZcConfig, report_usage: bool, len: usize) -> bool {
         match cfg.mode {
             ZcMode::Off => false,
@@ -144,19 +154,27 @@ impl LanePolicy {
                 self.plain_left -= 1;
                 false
             }
-            ZcMode::Auto => true,
+            ZcMode::Auto if self.verified => true,
+            ZcMode::Auto if self.on_probation < COPIED_STREAK => {
+                self.on_probation += 1;
+                true
+            }
+            ZcMode::Auto => false,
         }
     }
 
     /// A notification arrived; `copied` says whether the kernel copied after all.
     pub(crate) fn notified(&mut self, copied: bool) {
+        self.on_probation = self.on_probation.saturating_sub(1);
         if !copied {
             self.copied_streak = 0;
+            self.verified = true;
             return;
         }
         self.copied_streak += 1;
         if self.copied_streak >= COPIED_STREAK {
             self.copied_streak = 0;
+            self.verified = false;
             self.plain_left = PLAIN_RUN;
         }
     }
@@ -169,15 +187,17 @@ impl LanePolicy {
     /// A lane that starts out backing off (the driver's last lane found zero-copy copied).
     pub(crate) fn backed_off() -> LanePolicy {
         LanePolicy {
-            copied_streak: 0,
             plain_left: PLAIN_RUN,
+            ..LanePolicy::default()
         }
     }
 }
 
-/// The sends of one socket, in order. A lane exists while its socket has sends queued or in
-/// flight; keyed by the address of the socket's `Rc`, which those sends keep alive.
+/// The sends of one socket, in order; keyed by the address of the socket's `Rc`.
 pub(crate) struct Lane {
+    /// The socket: an idle lane whose socket is gone is swept away. While the socket lives, the
+    /// lane (and what its policy learned) stays.
+    pub(crate) fd: Weak<OwnedFd>,
     /// Sends waiting for the lane to be idle (slot keys, oldest first).
     pub(crate) queue: VecDeque<usize>,
     /// Sends of the current chain whose result CQE has not arrived.
@@ -191,14 +211,20 @@ pub(crate) struct Lane {
 }
 
 impl Lane {
-    pub(crate) fn new(policy: LanePolicy) -> Lane {
+    pub(crate) fn new(fd: Weak<OwnedFd>, policy: LanePolicy) -> Lane {
         Lane {
+            fd,
             queue: VecDeque::new(),
             in_flight: 0,
             requeue: Vec::new(),
             error: None,
             policy,
         }
+    }
+
+    /// Whether nothing is queued or in flight.
+    pub(crate) fn idle(&self) -> bool {
+        self.queue.is_empty() && self.in_flight == 0 && self.requeue.is_empty()
     }
 
     /// The chain finished: what must run again goes first.
@@ -244,6 +270,22 @@ mod tests {
     }
 
     #[test]
+    fn probation_limits_unverified_zero_copy_sends_in_flight() {
+        let mut p = LanePolicy::default();
+        let cfg = ZcConfig::default().threshold(0);
+        let zc = (0..100).filter(|_| p.wants_zc(&cfg, true, 1)).count();
+        assert_eq!(
+            zc as u32, COPIED_STREAK,
+            "only a streak's worth awaits a verdict"
+        );
+        p.notified(false);
+        assert!(
+            (0..100).all(|_| p.wants_zc(&cfg, true, 1)),
+            "verified: no limit"
+        );
+    }
+
+    #[test]
     fn a_real_zero_copy_resets_the_streak() {
         let mut p = LanePolicy::default();
         for _ in 0..COPIED_STREAK - 1 {
@@ -256,7 +298,7 @@ mod tests {
 
     #[test]
     fn requeued_sends_go_first_in_order() {
-        let mut lane = Lane::new(LanePolicy::default());
+        let mut lane = Lane::new(Weak::new(), LanePolicy::default());
         lane.queue.extend([7, 8]);
         lane.requeue.extend([3, 4, 5]);
         lane.chain_done();
