@@ -102,7 +102,7 @@ const K5_10: Row = Row {
     },
 };
 
-/// Debian bookworm's 6.1 (6.1.15x): buffer rings, multishot, zero-copy send, defer taskrun; no
+/// Debian bookworm's 6.1 (6.1.192): buffer rings, multishot, zero-copy send, defer taskrun; no
 /// incremental rings, no bundles. `SEND_ZC_REPORT_USAGE` came in mainline 6.2, but this kernel
 /// has it (a stable backport): checked in the guest, a loopback `SEND_ZC` with the flag gets a
 /// notification whose result says `ZC_COPIED`, while an unknown zc flag is rejected with `EINVAL`.
