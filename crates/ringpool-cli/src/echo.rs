@@ -89,7 +89,13 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "group stats: total {} in_kernel {} in_user {} enobufs {} rearms {} grows {} bytes_received {}",
         s.total, s.in_kernel, s.in_user, s.enobufs, s.rearms, s.grows, s.bytes_received
     );
+    let ds = driver.stats();
+    println!(
+        "driver stats: enters {} sqes {} cqes {} stray_cqes {}",
+        ds.enters, ds.sqes, ds.cqes, ds.stray_cqes
+    );
     let json = serde_json::json!({
+        "enters": ds.enters, "sqes": ds.sqes, "cqes": ds.cqes,
         "connections": summary.connections,
         "peak_connections": summary.peak_connections,
         "bytes_echoed": summary.bytes_echoed,

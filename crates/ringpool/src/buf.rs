@@ -9,6 +9,8 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::rc::Rc;
 
+use smallvec::SmallVec;
+
 use crate::pool::GroupShared;
 
 /// One buffer the kernel picked from a group and filled; returns to the group on drop.
@@ -109,12 +111,13 @@ impl std::fmt::Debug for PooledBuf {
 #[derive(Debug)]
 #[must_use = "dropping a BufChain returns its buffers to their group at once"]
 pub struct BufChain {
-    bufs: Vec<PooledBuf>,
+    // One buffer inline: the common single-buffer completion allocates nothing.
+    bufs: SmallVec<[PooledBuf; 1]>,
     len: usize,
 }
 
 impl BufChain {
-    pub(crate) fn from_bufs(bufs: Vec<PooledBuf>) -> BufChain {
+    pub(crate) fn from_bufs(bufs: SmallVec<[PooledBuf; 1]>) -> BufChain {
         let len = bufs.iter().map(|b| b.len()).sum();
         BufChain { bufs, len }
     }
@@ -157,7 +160,7 @@ impl BufChain {
 
 impl IntoIterator for BufChain {
     type Item = PooledBuf;
-    type IntoIter = std::vec::IntoIter<PooledBuf>;
+    type IntoIter = smallvec::IntoIter<[PooledBuf; 1]>;
     fn into_iter(self) -> Self::IntoIter {
         self.bufs.into_iter()
     }
@@ -239,7 +242,7 @@ impl From<BufChain> for SendBuf {
 
 impl From<PooledBuf> for SendBuf {
     fn from(b: PooledBuf) -> Self {
-        SendBuf::Chain(BufChain::from_bufs(vec![b]))
+        SendBuf::Chain(BufChain::from_bufs(smallvec::smallvec![b]))
     }
 }
 

@@ -34,7 +34,7 @@
 //! ```
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -47,7 +47,7 @@ use crate::error::{Error, Result};
 use crate::pool::{BufGroup, BufGroupConfig, GroupShared, HandleGuard};
 use crate::probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
 use crate::sys;
-use crate::zc::{Lane, LanePolicy, ZcConfig, ZcStats};
+use crate::zc::{Lane, LaneMap, LanePolicy, ZcConfig, ZcStats};
 
 /// User data of CQEs nobody waits for (cancel requests, timeout removals). Such SQEs name no
 /// memory.
@@ -381,7 +381,9 @@ pub struct Driver {
     /// notifications: not counted in `in_flight`.
     internal: usize,
     /// Send lanes by socket (`Rc` address of the descriptor).
-    lanes: HashMap<usize, Lane>,
+    lanes: LaneMap,
+    /// Send ops ready for reuse (their iovec vectors keep their capacity).
+    spare_sends: Vec<Box<SendOp>>,
     /// Lanes with sends to start.
     dirty_lanes: Vec<usize>,
     /// Sweep lanes of gone sockets when the map grows past this.
@@ -440,7 +442,8 @@ impl Driver {
             parked: Vec::new(),
             cqe_buf: Vec::with_capacity(256),
             internal: 0,
-            lanes: HashMap::new(),
+            lanes: LaneMap::default(),
+            spare_sends: Vec::new(),
             dirty_lanes: Vec::new(),
             lane_sweep_at: 1024,
             zc_cfg: config.zc,
@@ -676,7 +679,14 @@ impl Driver {
         let key = self.ops.insert(OpSlot {
             token,
             gen,
-            kind: OpKind::Send(Box::new(op)),
+            kind: OpKind::Send(match self.spare_sends.pop() {
+                Some(mut spare) => {
+                    let iov = std::mem::take(&mut spare.iov);
+                    *spare = SendOp { iov, ..op };
+                    spare
+                }
+                None => Box::new(op),
+            }),
             state: SlotState::Queued,
             cancel: false,
         });
@@ -1028,7 +1038,7 @@ impl Driver {
             return;
         }
         let buf = op.buf.take();
-        self.ops.remove(key);
+        self.free_send(key);
         match give_back {
             GiveBack::InSent => self.ready.push_back(Completion {
                 token,
@@ -1063,6 +1073,15 @@ impl Driver {
         }
     }
 
+    /// Frees a finished send's slot and keeps its op for reuse.
+    fn free_send(&mut self, key: usize) {
+        if let OpKind::Send(op) = self.ops.remove(key).kind {
+            if self.spare_sends.len() < 1024 {
+                self.spare_sends.push(op);
+            }
+        }
+    }
+
     /// A CQE of a send: its result, or a zero-copy notification.
     fn send_completion(&mut self, key: usize, attempt: u32, res: i32, flags: u32) {
         let slot = &mut self.ops[key];
@@ -1086,7 +1105,7 @@ impl Driver {
                 self.internal -= 1;
                 let buf = op.buf.take();
                 let give_back = op.give_back;
-                self.ops.remove(key);
+                self.free_send(key);
                 match (give_back, buf) {
                     (GiveBack::Later, Some(buf)) => self.ready.push_back(Completion {
                         token,
