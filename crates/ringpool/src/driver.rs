@@ -382,7 +382,9 @@ pub struct Driver {
     internal: usize,
     /// Send lanes by socket (`Rc` address of the descriptor).
     lanes: LaneMap,
-    /// Send ops ready for reuse (their iovec vectors keep their capacity).
+    /// Send ops ready for reuse (their iovec vectors keep their capacity). Boxed on purpose:
+    /// the box is the allocation a new send reuses.
+    #[allow(clippy::vec_box)]
     spare_sends: Vec<Box<SendOp>>,
     /// Lanes with sends to start.
     dirty_lanes: Vec<usize>,
