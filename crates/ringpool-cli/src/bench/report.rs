@@ -9,6 +9,10 @@ pub enum Unit {
     Count,
     /// Microseconds.
     Micros,
+    /// CPU seconds per gigabyte (10^9 bytes).
+    SecsPerGb,
+    /// Gigabytes (10^9 bytes) per second.
+    GbPerSec,
 }
 
 /// One metric of a workload: the median of each side over its rounds.
@@ -131,6 +135,8 @@ fn format_value(v: f64, unit: Unit) -> String {
         Unit::Bytes => format!("{:.1} KiB", v / 1024.0),
         Unit::Count => format!("{v:.0}"),
         Unit::Micros => format!("{v:.2} µs"),
+        Unit::SecsPerGb => format!("{v:.4} s/GB"),
+        Unit::GbPerSec => format!("{v:.3} GB/s"),
     }
 }
 

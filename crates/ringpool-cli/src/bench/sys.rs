@@ -1,7 +1,8 @@
-//! Process facts the bench needs from the OS: the open-file limit, and a child's CPU time and
-//! resident memory read from `/proc`.
+//! Process facts the bench needs from the OS: the open-file limit, a child's CPU time and
+//! resident memory read from `/proc`, and this process's own CPU time (`getrusage`).
 
 use std::io;
+use std::time::Duration;
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, so one process can hold 10,000 sockets.
 /// Children inherit the raised limit. Returns the new soft limit.
@@ -65,6 +66,28 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// User plus system CPU time of the calling thread (`getrusage(RUSAGE_THREAD)`).
+pub fn thread_cpu_time() -> io::Result<Duration> {
+    rusage_cpu_time(libc::RUSAGE_THREAD)
+}
+
+/// User plus system CPU time of this whole process: every thread, including exited ones and
+/// the kernel's io_uring workers (`getrusage(RUSAGE_SELF)`).
+pub fn process_cpu_time() -> io::Result<Duration> {
+    rusage_cpu_time(libc::RUSAGE_SELF)
+}
+
+fn rusage_cpu_time(who: libc::c_int) -> io::Result<Duration> {
+    // SAFETY: `rusage` is plain old data; all-zero bytes are a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one `rusage` into the valid, exclusively borrowed `usage`.
+    if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +109,15 @@ mod tests {
         let pid = std::process::id();
         assert!(rss_bytes(pid).unwrap() > 0);
         cpu_ticks(pid).unwrap();
+    }
+
+    #[test]
+    fn thread_cpu_time_grows_with_work() {
+        let before = thread_cpu_time().unwrap();
+        let mut x = 0u64;
+        while thread_cpu_time().unwrap() < before + Duration::from_millis(20) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(process_cpu_time().unwrap() >= thread_cpu_time().unwrap());
     }
 }
