@@ -4,12 +4,15 @@
 //! Each workload is a module with a [`WorkloadDef`] in [`WORKLOADS`]. A workload alternates
 //! the two sides (ringpool, baseline, ringpool, ...), runs each server as a child process of
 //! this executable, drives the load from this process, and verifies every byte it gets back.
+//! `send` runs its four variants in threads of this process instead (sender and receiver per
+//! connection), and compares each with ringpool's plain send.
 
 use std::time::Duration;
 
 mod idle_heavy;
 mod load;
 mod report;
+mod send;
 mod server;
 pub mod sys;
 
@@ -21,7 +24,8 @@ pub type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 /// Arguments of `ringpool bench`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// One round per side and a 1 s measurement window instead of 3 rounds of 3 s.
+    /// One round per side and a 1 s measurement window instead of 3 rounds of 3 s (`send`: one
+    /// round of 128 MiB per run instead of 3 rounds of 1 GiB).
     #[arg(long)]
     quick: bool,
     /// Run only this workload (default: all of them).
@@ -38,6 +42,8 @@ pub struct Options {
     pub rounds: usize,
     /// Length of one measurement window.
     pub window: Duration,
+    /// `--quick`: workloads with a fixed volume use a smaller one.
+    pub quick: bool,
 }
 
 impl Options {
@@ -46,11 +52,13 @@ impl Options {
             Options {
                 rounds: 1,
                 window: Duration::from_secs(1),
+                quick,
             }
         } else {
             Options {
                 rounds: 3,
                 window: Duration::from_secs(3),
+                quick,
             }
         }
     }
@@ -87,7 +95,7 @@ pub struct WorkloadDef {
 }
 
 /// Every workload, in the order `ringpool bench` runs them.
-const WORKLOADS: &[WorkloadDef] = &[idle_heavy::WORKLOAD];
+const WORKLOADS: &[WorkloadDef] = &[idle_heavy::WORKLOAD, send::WORKLOAD];
 
 /// Runs `ringpool bench`.
 pub fn run(args: Args) -> BenchResult<()> {
@@ -151,5 +159,6 @@ mod tests {
     fn no_name_selects_every_workload() {
         assert_eq!(select(None).unwrap().len(), WORKLOADS.len());
         assert_eq!(select(Some("idle-heavy")).unwrap().len(), 1);
+        assert_eq!(select(Some("send")).unwrap()[0].name, "send");
     }
 }
