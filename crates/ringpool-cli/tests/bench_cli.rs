@@ -1,6 +1,8 @@
 //! `ringpool bench --quick --json --workload idle-heavy` end to end: the workload runs, its
 //! bytes verify, both sides serve requests, and ringpool's buffer memory is at most 5% of the
-//! baseline's. Timings are printed by the bench but never asserted here (noisy VM).
+//! baseline's. `--workload send`: every variant at every size sends and verifies its bytes, and
+//! the zero-copy statistics are reported. Timings are printed by the bench but never asserted
+//! here (noisy VM).
 
 use std::process::Command;
 
@@ -47,13 +49,86 @@ fn idle_heavy_quick_json() {
     );
 }
 
+/// The one workload named `name` of a successful `bench --quick --json --workload name`.
+fn quick_json_workload(name: &str) -> serde_json::Value {
+    let out = run_bench(&["--quick", "--json", "--workload", name]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let workloads = json["workloads"].as_array().expect("a workloads array");
+    assert_eq!(workloads.len(), 1, "only {name} runs: {json:#}");
+    workloads[0].clone()
+}
+
+#[test]
+fn send_quick_json() {
+    let w = quick_json_workload("send");
+    assert_eq!(w["name"], "send", "{w:#}");
+    assert_eq!(w["verified"], true, "bytes not verified: {w:#}");
+
+    let runs = w["raw_rounds"].as_array().expect("raw_rounds");
+    for size in [4096u64, 65536, 1 << 20] {
+        for variant in ["policy", "forced", "plain", "tokio"] {
+            let run = runs
+                .iter()
+                .find(|r| r["size"] == size && r["variant"] == variant)
+                .unwrap_or_else(|| panic!("no {variant} run at {size} B: {w:#}"));
+            assert_eq!(run["verified"], true, "{run:#}");
+            assert!(run["bytes"].as_u64().unwrap() > 0, "{run:#}");
+            assert_eq!(run["received"], run["bytes"], "{run:#}");
+            let rate = run["gb_per_sec"].as_f64().unwrap_or(0.0);
+            assert!(rate > 0.0, "{variant} at {size} B: no throughput: {run:#}");
+            let cpu = run["cpu_s_per_gb"].as_f64().unwrap_or(0.0);
+            assert!(cpu > 0.0, "{variant} at {size} B: no sender CPU: {run:#}");
+
+            let zc = &run["zc_stats"];
+            match variant {
+                "policy" | "forced" => {
+                    let sends = zc["zc_sends"].as_u64().expect("zc_sends")
+                        + zc["plain_sends"].as_u64().expect("plain_sends");
+                    assert_eq!(Some(sends), run["sends"].as_u64(), "{run:#}");
+                    if variant == "forced" {
+                        assert_eq!(
+                            zc["plain_sends"], 0,
+                            "forced zero-copy sent plainly: {run:#}"
+                        );
+                    }
+                    if variant == "policy" && size == 4096 {
+                        // Below the default threshold the policy never tries zero-copy.
+                        assert_eq!(zc["zc_sends"], 0, "{run:#}");
+                    }
+                }
+                _ => assert!(zc.is_null(), "{run:#}"),
+            }
+        }
+    }
+    // Every size has its rows against plain send.
+    for tag in ["4k", "64k", "1m"] {
+        for variant in ["policy", "forced", "tokio"] {
+            for metric in ["cpu_s_per_gb", "gb_per_sec"] {
+                let key = format!("{variant}_{metric}_{tag}");
+                let m = &w["metrics"][&key];
+                assert!(m["ringpool"].as_f64().unwrap_or(0.0) > 0.0, "{key}: {w:#}");
+                assert!(m["baseline"].as_f64().unwrap_or(0.0) > 0.0, "{key}: {w:#}");
+            }
+        }
+    }
+}
+
 #[test]
 fn unknown_workload_is_a_clear_error() {
     let out = run_bench(&["--quick", "--workload", "no-such-workload"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("unknown workload `no-such-workload`") && stderr.contains("idle-heavy"),
+        stderr.contains("unknown workload `no-such-workload`")
+            && stderr.contains("idle-heavy")
+            && stderr.contains("send"),
         "stderr: {stderr}"
     );
 }
