@@ -616,6 +616,20 @@ fn median_of(runs: &[Run], size: usize, variant: Variant, f: impl Fn(&Run) -> f6
     median(&values)
 }
 
+/// Per round, how much more CPU per GB `variant` took than plain send at `size`, in percent.
+/// The runs of one round are adjacent in time, so this pairing cancels the VM's slow drift.
+fn paired_pcts(runs: &[Run], size: usize, variant: Variant) -> Vec<f64> {
+    let of = |round, v| {
+        runs.iter()
+            .find(|r| r.round == round && r.size == size && r.variant == v)
+            .map(Run::cpu_s_per_gb)
+    };
+    runs.iter()
+        .filter(|r| r.size == size && r.variant == variant)
+        .filter_map(|r| Some((r.cpu_s_per_gb() / of(r.round, Variant::Plain)? - 1.0) * 100.0))
+        .collect()
+}
+
 /// Medians per size and variant, each compared with plain send.
 fn summarize(runs: &[Run], rounds: usize) -> WorkloadReport {
     let mut metrics = Vec::new();
@@ -663,12 +677,27 @@ fn notes(runs: &[Run]) -> Vec<String> {
         let pct = |v| (cpu(v) / plain - 1.0) * 100.0;
         let policy = pct(Variant::Policy);
         notes.push(format!(
-            "{}: CPU/GB vs plain send: policy {policy:+.1}% (target within 3%: {}), forced \
-             zero-copy {:+.1}%, tokio write_all {:+.1}%",
+            "{}: CPU/GB vs plain send (ratio of medians): policy {policy:+.1}% (target within \
+             3%: {}), forced zero-copy {:+.1}%, tokio write_all {:+.1}%",
             size.label,
             if policy <= 3.0 { "met" } else { "NOT met" },
             pct(Variant::Forced),
             pct(Variant::Tokio),
+        ));
+        let paired: Vec<String> = COMPARED
+            .iter()
+            .map(|&v| {
+                let p = paired_pcts(runs, size.bytes, v);
+                let (lo, hi) = p
+                    .iter()
+                    .fold((f64::NAN, f64::NAN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                format!("{} {:+.1}% ({lo:+.1}..{hi:+.1})", v.label(), median(&p))
+            })
+            .collect();
+        notes.push(format!(
+            "{}: CPU/GB vs plain send of the same round (median, range): {}",
+            size.label,
+            paired.join(", ")
         ));
         for variant in [Variant::Policy, Variant::Forced] {
             let stat = |f: fn(&ZcStats) -> u64| {
