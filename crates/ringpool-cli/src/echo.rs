@@ -9,11 +9,11 @@
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use ringpool::{BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, SendBuf};
 
+use crate::net::{set_backlog, set_nodelay};
 use crate::signals;
 
 /// Arguments of `ringpool echo`.
@@ -52,11 +52,7 @@ pub struct Summary {
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
     let listener = TcpListener::bind(args.listen)?;
-    // std listens with a backlog of 128; thousands of clients connecting at once need more.
-    // SAFETY: listen on a bound socket we own; calling it again only changes the backlog.
-    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
     let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
     let group = driver.buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
@@ -182,18 +178,4 @@ pub fn serve(
     }
     driver.cancel(accept);
     Ok(summary)
-}
-
-fn set_nodelay(fd: &Fd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads `one` (a valid c_int) for the given length; fd is a live socket.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }

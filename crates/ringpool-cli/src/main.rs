@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod echo;
+mod net;
 mod probe;
+mod proxy;
 mod signals;
 mod tokio_echo;
 
@@ -29,6 +31,8 @@ enum Command {
     Probe(probe::Args),
     /// Run an echo server on multishot accept and multishot recv over one shared buffer group.
     Echo(echo::Args),
+    /// Run a TCP proxy whose received buffers leave without a copy (zero-copy where it pays).
+    Proxy(proxy::Args),
     /// Benchmark ringpool against a baseline (medians of alternating rounds, and ratios).
     Bench(bench::Args),
     /// Baseline echo server for `bench`: tokio, one task and buffer per connection.
@@ -41,6 +45,7 @@ fn main() {
     let result = match cli.command {
         Command::Probe(args) => probe::run(args),
         Command::Echo(args) => echo::run(args),
+        Command::Proxy(args) => proxy::run(args),
         Command::Bench(args) => bench::run(args),
         Command::TokioEcho(args) => tokio_echo::run(args),
     };

@@ -170,6 +170,19 @@ impl AsRawFd for Fd {
 }
 
 impl Fd {
+    /// A new, unconnected TCP socket of `addr`'s family (close-on-exec), for [`Driver::connect`].
+    pub fn tcp_socket(addr: std::net::SocketAddr) -> Result<Fd> {
+        let family = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let fd = sys::syscall!(socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0))
+            .map_err(Error::os("socket"))?;
+        // SAFETY: socket returned a fresh descriptor that we now own.
+        Ok(Fd::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
     /// Whether `self` and `other` are clones of the same descriptor.
     pub fn same(&self, other: &Fd) -> bool {
         Rc::ptr_eq(&self.0, &other.0)
@@ -226,6 +239,8 @@ pub enum Event {
     Eof,
     /// A connection was accepted.
     Accepted(Fd),
+    /// A [`Driver::connect`] succeeded.
+    Connected,
     /// A send finished: every byte was sent (`Ok(len)`), or it failed. A plain [`Driver::send`]
     /// returns its buffer here; a zero-copy send's buffer stays with the kernel until its
     /// notification and then goes home by itself (or comes back in [`Event::Returned`]).
@@ -276,6 +291,11 @@ enum OpKind {
     },
     Accept {
         fd: Fd,
+    },
+    Connect {
+        fd: Fd,
+        /// Boxed: the kernel reads the address after the submit, while the table may grow.
+        addr: Box<(libc::sockaddr_storage, libc::socklen_t)>,
     },
     Send(Box<SendOp>),
     Provide {
@@ -578,6 +598,29 @@ impl Driver {
             },
             token,
         ))
+    }
+
+    /// Connects the socket `fd` to `addr`; one completion: [`Event::Connected`] or
+    /// [`Event::Error`].
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{Driver, Event, Fd};
+    /// use std::os::fd::FromRawFd;
+    /// let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    /// let mut driver = Driver::new(Default::default())?;
+    /// let sock = Fd::tcp_socket(listener.local_addr().unwrap())?;
+    /// driver.connect(&sock, listener.local_addr().unwrap(), 1)?;
+    /// driver.wait(None)?;
+    /// assert!(matches!(driver.pop().unwrap().event, Event::Connected));
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn connect(&mut self, fd: &Fd, addr: std::net::SocketAddr, token: u64) -> Result<OpId> {
+        let kind = OpKind::Connect {
+            fd: fd.clone(),
+            addr: Box::new(sockaddr(addr)),
+        };
+        Ok(self.start(kind, token))
     }
 
     /// Sends all of `buf` on `fd` with a plain send (the kernel copies), continuing short
@@ -884,6 +927,10 @@ impl Driver {
                             .build()
                     }
                 }
+            }
+            OpKind::Connect { fd, addr } => {
+                let ptr: *const libc::sockaddr = (&addr.0 as *const libc::sockaddr_storage).cast();
+                opcode::Connect::new(types::Fd(fd.as_raw_fd()), ptr, addr.1).build()
             }
             OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
             OpKind::Provide { .. } | OpKind::Remove { .. } | OpKind::Timeout { .. } => {
@@ -1420,6 +1467,20 @@ impl Driver {
                     self.ops.remove(key);
                 }
             }
+            OpKind::Connect { .. } => {
+                let event = if res == 0 {
+                    Event::Connected
+                } else {
+                    Event::Error(errno_error("connect", res))
+                };
+                self.ops.remove(key);
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event,
+                    more: false,
+                });
+            }
             OpKind::Send(_) => unreachable!("sends are dispatched above"),
             OpKind::Provide { group, first, n } => {
                 let (group, first, n) = (group.clone(), *first, *n);
@@ -1607,7 +1668,10 @@ fn is_incremental(g: &GroupShared) -> bool {
 
 fn op_fd(kind: &OpKind) -> Option<&Fd> {
     match kind {
-        OpKind::Recv { fd, .. } | OpKind::Read { fd, .. } | OpKind::Accept { fd } => Some(fd),
+        OpKind::Recv { fd, .. }
+        | OpKind::Read { fd, .. }
+        | OpKind::Accept { fd }
+        | OpKind::Connect { fd, .. } => Some(fd),
         OpKind::Send(op) => op.fd.as_ref(),
         _ => None,
     }

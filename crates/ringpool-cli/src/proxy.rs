@@ -1,0 +1,318 @@
+//! `ringpool proxy`: a TCP proxy in both directions. Every connection's receives select buffers
+//! from one shared group (multishot, bundles where the kernel has them) and the received chains
+//! leave as they are, through `send_zc` (zero-copy where the policy says it pays, plain
+//! `sendmsg` from the same buffers otherwise): no byte is copied in user space.
+//!
+//! Half-close propagates (EOF from one side becomes `shutdown(SHUT_WR)` on the other once
+//! everything before it was sent), and so do resets (an error on one side resets the other).
+//!
+//! **Flow control.** A shared group can deadlock a proxy: if one direction's sends block (its
+//! receiver is not reading) and hold every buffer, the other direction, whose progress would
+//! unblock them, cannot receive. So each direction holds at most a fair share of the group,
+//! `buffers / (2 × connections)` (at least one), counted until its buffers are really back
+//! (after any zero-copy notification), and receives one buffer at a time while it is under its
+//! share: the shares always fit in the group, so every direction can always make progress and
+//! the group never runs dry. A multishot or bundle receive cannot be bounded this way: it takes
+//! whatever the socket holds before a cancel lands, and the kernel (6.18, measured) ignores a
+//! bundle receive's length as a cap (128 bytes asked, 2,880 taken).
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use ringpool::{BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, ZcConfig, ZcMode};
+
+use crate::net::{set_backlog, set_nodelay, set_reset_on_close};
+use crate::signals;
+
+/// Arguments of `ringpool proxy`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Where to forward connections.
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Zero-copy send: auto (the adaptive policy), on, or off.
+    #[arg(long, default_value = "auto")]
+    zerocopy: ZcMode,
+    /// Size of each buffer in the shared group.
+    #[arg(long, default_value_t = 4096)]
+    buf_size: usize,
+    /// Number of buffers in the shared group (a power of two, at most 32768).
+    #[arg(long, default_value_t = 4096)]
+    bufs: u32,
+}
+
+const ACCEPT: u64 = u64::MAX;
+/// Token tags: which op of a pair a completion belongs to.
+const RECV_CLIENT: u64 = 0;
+const RECV_UPSTREAM: u64 = 1;
+const SEND_UPSTREAM: u64 = 2;
+const SEND_CLIENT: u64 = 3;
+const CONNECT: u64 = 4;
+
+/// One direction of a pair: bytes from `src` to `dst`.
+#[derive(Default)]
+struct Direction {
+    /// `src` reached end of stream.
+    eof: bool,
+    /// Sends to `dst` whose result has not come.
+    sends: u32,
+    /// Buffers of this direction not yet back in the group.
+    bufs_out: u32,
+    /// A receive on `src` is armed.
+    receiving: bool,
+    /// `dst` was shut down for writing (the EOF went through).
+    shut: bool,
+}
+
+struct Pair {
+    client: Fd,
+    upstream: Fd,
+    /// [0]: client → upstream, [1]: upstream → client.
+    dirs: [Direction; 2],
+    /// Ops of this pair whose final completion has not come: the pair's key is not reused
+    /// before they are all in.
+    live_ops: u32,
+    aborted: bool,
+}
+
+impl Pair {
+    fn sockets(&self, dir: usize) -> (&Fd, &Fd) {
+        if dir == 0 {
+            (&self.client, &self.upstream)
+        } else {
+            (&self.upstream, &self.client)
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.live_ops == 0 && (self.aborted || (self.dirs[0].shut && self.dirs[1].shut))
+    }
+}
+
+/// What the proxy did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub connections: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub resets: u64,
+}
+
+pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    signals::install();
+    let listener = TcpListener::bind(args.listen)?;
+    set_backlog(&listener, 4096)?;
+    let addr = listener.local_addr()?;
+    let cfg = DriverConfig::default()
+        .entries(1024)
+        .zerocopy(ZcConfig::default().mode(args.zerocopy));
+    let mut driver = Driver::new(cfg)?;
+    let group = driver.buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
+    println!("listening on {addr}");
+    println!(
+        "forwarding to {} through buffer group {}: {} x {} B ({}), zero-copy {:?}",
+        args.upstream,
+        group.id(),
+        args.bufs,
+        args.buf_size,
+        if group.is_ring() {
+            "buffer ring"
+        } else {
+            "legacy provided buffers"
+        },
+        args.zerocopy
+    );
+    std::io::stdout().flush()?;
+    let summary = serve(
+        &mut driver,
+        &group,
+        Fd::from(listener),
+        args.upstream,
+        signals::stop_requested,
+    )?;
+    let (s, z, d) = (group.stats(), driver.zc_stats(), driver.stats());
+    println!(
+        "stopped: {} connections, {} bytes up, {} bytes down, {} resets",
+        summary.connections, summary.bytes_up, summary.bytes_down, summary.resets
+    );
+    let json = serde_json::json!({
+        "connections": summary.connections, "bytes_up": summary.bytes_up,
+        "bytes_down": summary.bytes_down, "resets": summary.resets,
+        "buffer_bytes": group.buffer_bytes(), "total": s.total, "in_kernel": s.in_kernel,
+        "in_user": s.in_user, "enobufs": s.enobufs, "rearms": s.rearms,
+        "zc_sends": z.zc_sends, "zc_copied": z.zc_copied, "plain_sends": z.plain_sends,
+        "enters": d.enters, "sqes": d.sqes, "cqes": d.cqes,
+    });
+    println!("stats {json}");
+    Ok(())
+}
+
+/// Proxies connections accepted on `listener` to `upstream` until `stop()` says so.
+pub fn serve(
+    driver: &mut Driver,
+    group: &ringpool::BufGroup,
+    listener: Fd,
+    upstream: SocketAddr,
+    stop: impl Fn() -> bool,
+) -> ringpool::Result<Summary> {
+    let mut pairs: slab::Slab<Pair> = slab::Slab::new();
+    let total = group.stats().total;
+    let mut summary = Summary::default();
+    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    while !stop() {
+        driver.wait(Some(Duration::from_millis(200)))?;
+        while let Some(c) = driver.pop() {
+            if c.token == ACCEPT {
+                match c.event {
+                    Event::Accepted(client) => {
+                        set_nodelay(&client);
+                        let up = Fd::tcp_socket(upstream)?;
+                        let key = pairs.insert(Pair {
+                            client,
+                            upstream: up.clone(),
+                            dirs: Default::default(),
+                            live_ops: 1,
+                            aborted: false,
+                        }) as u64;
+                        driver.connect(&up, upstream, key << 3 | CONNECT)?;
+                        summary.connections += 1;
+                    }
+                    Event::Error(e) => eprintln!("accept: {e}"),
+                    _ => {}
+                }
+                if !c.more {
+                    driver.accept_multishot(&listener, ACCEPT)?;
+                }
+                continue;
+            }
+            let (key, tag) = ((c.token >> 3) as usize, c.token & 7);
+            let live_pairs = pairs.len();
+            let Some(pair) = pairs.get_mut(key) else {
+                continue;
+            };
+            if !c.more {
+                pair.live_ops -= 1;
+            }
+            match (tag, c.event) {
+                (CONNECT, Event::Connected) => {
+                    set_nodelay(&pair.upstream);
+                    let share = fair_share(total, live_pairs);
+                    for dir in 0..2 {
+                        arm_recv(driver, group, pair, key, dir, share)?;
+                    }
+                }
+                (CONNECT, _) => abort(driver, pair, &mut summary),
+                (RECV_CLIENT | RECV_UPSTREAM, Event::Data(chain)) => {
+                    let dir = (tag == RECV_UPSTREAM) as usize;
+                    pair.dirs[dir].receiving = false;
+                    if pair.aborted {
+                        continue;
+                    }
+                    if dir == 0 {
+                        summary.bytes_up += chain.len() as u64;
+                    } else {
+                        summary.bytes_down += chain.len() as u64;
+                    }
+                    let dst = pair.sockets(dir).1.clone();
+                    let send_tag = if dir == 0 { SEND_UPSTREAM } else { SEND_CLIENT };
+                    let d = &mut pair.dirs[dir];
+                    d.bufs_out += chain.buf_count() as u32;
+                    d.sends += 1;
+                    pair.live_ops += 1;
+                    driver.send_zc_returning(&dst, chain, (key as u64) << 3 | send_tag)?;
+                    arm_recv(driver, group, pair, key, dir, fair_share(total, live_pairs))?;
+                }
+                (RECV_CLIENT | RECV_UPSTREAM, Event::Eof) => {
+                    let dir = (tag == RECV_UPSTREAM) as usize;
+                    pair.dirs[dir].receiving = false;
+                    pair.dirs[dir].eof = true;
+                    shut_if_drained(pair, dir);
+                }
+                (RECV_CLIENT | RECV_UPSTREAM, Event::Error(_)) => abort(driver, pair, &mut summary),
+                (SEND_UPSTREAM | SEND_CLIENT, Event::Sent { result, .. }) => {
+                    let dir = (tag == SEND_CLIENT) as usize;
+                    pair.dirs[dir].sends -= 1;
+                    if result.is_err() {
+                        abort(driver, pair, &mut summary);
+                    } else {
+                        shut_if_drained(pair, dir);
+                    }
+                }
+                (SEND_UPSTREAM | SEND_CLIENT, Event::Returned(buf)) => {
+                    // The kernel is done with these buffers: they go home as `buf` drops.
+                    let dir = (tag == SEND_CLIENT) as usize;
+                    let n = match &buf {
+                        ringpool::SendBuf::Chain(chain) => chain.buf_count() as u32,
+                        _ => 0,
+                    };
+                    drop(buf);
+                    pair.dirs[dir].bufs_out -= n;
+                    arm_recv(driver, group, pair, key, dir, fair_share(total, live_pairs))?;
+                }
+                _ => {}
+            }
+            if pair.finished() {
+                pairs.remove(key);
+            }
+        }
+    }
+    driver.cancel(accept);
+    Ok(summary)
+}
+
+/// The buffers one direction may hold: half the group split across the connections.
+fn fair_share(total: u32, pairs: usize) -> u32 {
+    (total / (2 * pairs.max(1) as u32)).max(1)
+}
+
+/// Arms the one-buffer receive of direction `dir` unless one is armed, its source ended, or the
+/// direction holds its share.
+fn arm_recv(
+    driver: &mut Driver,
+    group: &ringpool::BufGroup,
+    pair: &mut Pair,
+    key: usize,
+    dir: usize,
+    share: u32,
+) -> ringpool::Result<()> {
+    let d = &pair.dirs[dir];
+    if d.receiving || d.eof || pair.aborted || d.bufs_out >= share {
+        return Ok(());
+    }
+    let tag = if dir == 0 { RECV_CLIENT } else { RECV_UPSTREAM };
+    let (src, _) = pair.sockets(dir);
+    driver.recv(src, group, RecvMode::Once, (key as u64) << 3 | tag)?;
+    pair.dirs[dir].receiving = true;
+    pair.live_ops += 1;
+    Ok(())
+}
+
+/// Passes an EOF on: once `src` ended and every byte before the EOF left, shut `dst` for writing.
+fn shut_if_drained(pair: &mut Pair, dir: usize) {
+    let d = &pair.dirs[dir];
+    if d.eof && d.sends == 0 && !d.shut && !pair.aborted {
+        let (_, dst) = pair.sockets(dir);
+        // SAFETY: shutdown on a socket the pair owns.
+        unsafe { libc::shutdown(dst.as_raw_fd(), libc::SHUT_WR) };
+        pair.dirs[dir].shut = true;
+    }
+}
+
+/// One side failed: reset both (SO_LINGER 0, so closing sends RST) and cancel their ops. The
+/// sockets close when the last op using them has ended.
+fn abort(driver: &mut Driver, pair: &mut Pair, summary: &mut Summary) {
+    if pair.aborted {
+        return;
+    }
+    pair.aborted = true;
+    summary.resets += 1;
+    for fd in [&pair.client, &pair.upstream] {
+        set_reset_on_close(fd);
+        driver.cancel_fd(fd);
+    }
+}

@@ -1,0 +1,227 @@
+//! `ringpool proxy` as a user runs it: 64 MiB in both directions at once over several
+//! connections, checked byte for byte, half-close passed on, resets passed on, and the shared
+//! group full again at the end. On the best rung and on forced fallbacks, zero-copy on and off.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const CONNS: usize = 4;
+const PER_CONN: usize = 16 << 20;
+
+fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i / 7 + seed * 13 + i * 31) % 253) as u8)
+        .collect()
+}
+
+/// An upstream echo server: copies each connection back until EOF, then half-closes.
+fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut s, &mut w);
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// A running `ringpool proxy` and the rest of its stdout, collected in the background so the
+/// proxy never blocks on a full pipe.
+struct Proxy {
+    child: Child,
+    addr: SocketAddr,
+    rest: std::sync::mpsc::Receiver<String>,
+}
+
+fn start(upstream: SocketAddr, zerocopy: &str, force: &str) -> Proxy {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream.to_string(),
+        ])
+        .args(["--zerocopy", zerocopy, "--bufs", "256"])
+        .env("RINGPOOL_FORCE", force)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn ringpool proxy");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect(&line)
+        .parse()
+        .unwrap();
+    let (tx, rest) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = out.read_to_string(&mut rest);
+        let _ = tx.send(rest);
+    });
+    Proxy { child, addr, rest }
+}
+
+/// Stops the proxy with SIGINT and returns its final `stats` line.
+fn stop(mut proxy: Proxy) -> serde_json::Value {
+    // SAFETY: kill sends a signal to our own child process.
+    unsafe { libc::kill(proxy.child.id() as i32, libc::SIGINT) };
+    let status = proxy.child.wait().unwrap();
+    assert!(status.success(), "proxy exited with {status}");
+    let out = proxy
+        .rest
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the proxy's output");
+    let stats = out
+        .lines()
+        .find_map(|l| l.strip_prefix("stats "))
+        .unwrap_or_else(|| panic!("no stats in {out:?}"));
+    serde_json::from_str(stats).unwrap()
+}
+
+fn both_directions(zerocopy: &str, force: &str) {
+    let upstream = echo_upstream();
+    let proxy = start(upstream, zerocopy, force);
+    let addr = proxy.addr;
+    let clients: Vec<_> = (0..CONNS)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+                let data = pattern(c, PER_CONN);
+                let sent = data.clone();
+                let mut w = s.try_clone().unwrap();
+                // Send everything, then half-close: the EOF must travel through the proxy.
+                let writer = std::thread::spawn(move || {
+                    w.write_all(&sent).unwrap();
+                    w.shutdown(Shutdown::Write).unwrap();
+                });
+                let mut got = Vec::with_capacity(PER_CONN);
+                let mut r = s;
+                r.read_to_end(&mut got).unwrap();
+                writer.join().unwrap();
+                assert!(got == data, "conn {c}: {} bytes back, differing", got.len());
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let v = stop(proxy);
+    assert_eq!(v["bytes_up"], (CONNS * PER_CONN) as u64, "{v}");
+    assert_eq!(v["bytes_down"], (CONNS * PER_CONN) as u64, "{v}");
+    assert_eq!(v["in_user"], 0, "{force}: group full again: {v}");
+    assert_eq!(v["in_kernel"], v["total"], "{v}");
+    assert_eq!(v["resets"], 0, "{v}");
+    eprintln!("zerocopy {zerocopy} force {force:?}: {v}");
+}
+
+#[test]
+fn sixty_four_mib_each_way_at_once_with_the_adaptive_policy() {
+    both_directions("auto", "");
+}
+
+#[test]
+fn sixty_four_mib_each_way_with_forced_zero_copy() {
+    both_directions("on", "");
+}
+
+#[test]
+fn sixty_four_mib_each_way_on_fallback_rungs() {
+    both_directions("on", "legacy-provide,no-multishot,no-sendmsg-zc");
+    both_directions("off", "no-bundle,no-defer-taskrun");
+}
+
+/// Reads until EOF or error; returns the error kind, if any.
+fn drain(mut s: TcpStream) -> Option<ErrorKind> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = vec![0u8; 65536];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return None,
+            Ok(_) => continue,
+            Err(e) => return Some(e.kind()),
+        }
+    }
+}
+
+#[test]
+fn an_upstream_reset_mid_stream_reaches_the_client_and_no_buffer_is_lost() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = vec![0u8; 1 << 20];
+        s.read_exact(&mut b).unwrap();
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: setsockopt reads a valid linger; the fd is a live socket.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+    });
+    let proxy = start(upstream, "auto", "");
+    let addr = proxy.addr;
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![9u8; 65536];
+        for _ in 0..1024 {
+            if w.write_all(&chunk).is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let read_err = drain(s);
+    let write_failed = writer.join().unwrap();
+    assert!(
+        matches!(read_err, Some(ErrorKind::ConnectionReset)) || write_failed,
+        "the client saw the reset (read: {read_err:?}, write failed: {write_failed})"
+    );
+    let v = stop(proxy);
+    assert_eq!(v["in_user"], 0, "{v}");
+    assert_eq!(v["resets"], 1, "{v}");
+}
+
+#[test]
+fn a_refusing_upstream_resets_the_client() {
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = start(dead, "auto", "");
+    let addr = proxy.addr;
+    let s = TcpStream::connect(addr).unwrap();
+    assert_eq!(
+        drain(s),
+        Some(ErrorKind::ConnectionReset),
+        "the client sees the refusal as a reset"
+    );
+    let v = stop(proxy);
+    assert_eq!(v["resets"], 1, "{v}");
+    assert_eq!(v["in_user"], 0, "{v}");
+}
