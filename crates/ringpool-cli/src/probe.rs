@@ -24,6 +24,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ("accept_multishot", f.accept_multishot, "5.19"),
         ("send_zc", f.send_zc, "6.0"),
         ("sendmsg_zc", f.sendmsg_zc, "6.1"),
+        ("fixed_buffers", f.fixed_buffers, "5.19"),
+        ("zc_report_usage", f.zc_report_usage, "6.2"),
         ("vectored_fixed", f.vectored_fixed, "6.15"),
         ("defer_taskrun", f.defer_taskrun, "6.1"),
         ("ext_arg", f.ext_arg, "5.11"),

@@ -11,6 +11,7 @@ use std::rc::Rc;
 
 use smallvec::SmallVec;
 
+use crate::fixed::FixedBuf;
 use crate::pool::GroupShared;
 
 /// One buffer the kernel picked from a group and filled; returns to the group on drop.
@@ -151,6 +152,16 @@ impl BufChain {
         v
     }
 
+    /// The fixed table slot all of the chain's buffers are registered in (they come from one
+    /// registered region), if any: then a zero-copy send names it and skips page pinning.
+    pub fn fixed_slot(&self) -> Option<u16> {
+        let slot = self.bufs.first()?.group.fixed_slot()?;
+        self.bufs[1..]
+            .iter()
+            .all(|b| b.group.fixed_slot() == Some(slot))
+            .then_some(slot)
+    }
+
     /// Appends another chain's buffers (keeps the order: `self` first).
     pub fn append(&mut self, other: BufChain) {
         self.len += other.len;
@@ -190,6 +201,13 @@ pub enum SendBuf {
     Owned(Vec<u8>),
     /// Buffers received from a group, sent back out without a copy.
     Chain(BufChain),
+    /// A byte range of registered memory.
+    Fixed {
+        /// The memory.
+        buf: FixedBuf,
+        /// The bytes to send.
+        range: std::ops::Range<usize>,
+    },
 }
 
 impl SendBuf {
@@ -198,6 +216,16 @@ impl SendBuf {
         match self {
             SendBuf::Owned(v) => v.len(),
             SendBuf::Chain(c) => c.len(),
+            SendBuf::Fixed { range, .. } => range.len(),
+        }
+    }
+
+    /// The fixed table slot the bytes are registered in, if any.
+    pub fn fixed_slot(&self) -> Option<u16> {
+        match self {
+            SendBuf::Owned(_) => None,
+            SendBuf::Chain(c) => c.fixed_slot(),
+            SendBuf::Fixed { buf, .. } => buf.slot(),
         }
     }
 
@@ -224,6 +252,7 @@ impl SendBuf {
         match self {
             SendBuf::Owned(v) => push(v),
             SendBuf::Chain(c) => c.iter().for_each(|b| push(b)),
+            SendBuf::Fixed { buf, range } => push(&buf[range.clone()]),
         }
     }
 }

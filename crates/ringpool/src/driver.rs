@@ -41,10 +41,12 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
+use smallvec::SmallVec;
 
 use crate::buf::{BufChain, PooledBuf, SendBuf};
 use crate::error::{Error, Result};
-use crate::pool::{BufGroup, BufGroupConfig, GroupShared, HandleGuard};
+use crate::fixed::{self, FixedBuf, FixedStats, FixedTable, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
+use crate::pool::{BufGroup, BufGroupConfig, GroupShared, HandleGuard, Registration};
 use crate::probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
 use crate::sys;
 use crate::zc::{Lane, LaneMap, LanePolicy, ZcConfig, ZcStats};
@@ -85,6 +87,7 @@ pub struct DriverConfig {
     cq_entries: Option<u32>,
     force: Vec<Force>,
     ignore_env: bool,
+    fixed_slots: u32,
 }
 
 impl Default for DriverConfig {
@@ -95,6 +98,7 @@ impl Default for DriverConfig {
             cq_entries: None,
             force: Vec::new(),
             ignore_env: false,
+            fixed_slots: 1024,
         }
     }
 }
@@ -121,6 +125,14 @@ impl DriverConfig {
     /// Zero-copy send settings (default: the adaptive policy).
     pub fn zerocopy(mut self, zc: ZcConfig) -> Self {
         self.zc = zc;
+        self
+    }
+
+    /// Slots of the fixed buffer table, registered the first time registered memory is asked
+    /// for (default 1024, at most [`MAX_FIXED_SLOTS`]). Each [`FixedBuf`] and each registered
+    /// group takes one.
+    pub fn fixed_slots(mut self, slots: u32) -> Self {
+        self.fixed_slots = slots;
         self
     }
 
@@ -241,6 +253,14 @@ pub enum Event {
     Accepted(Fd),
     /// A [`Driver::connect`] succeeded.
     Connected,
+    /// A read or write on registered memory ([`Driver::read_fixed`] and friends) ended: the
+    /// buffer comes back with the bytes transferred or the error.
+    FixedIo {
+        /// The buffer, back in the user's hands.
+        buf: FixedBuf,
+        /// Bytes read or written.
+        result: Result<usize>,
+    },
     /// A send finished: every byte was sent (`Ok(len)`), or it failed. A plain [`Driver::send`]
     /// returns its buffer here; a zero-copy send's buffer stays with the kernel until its
     /// notification and then goes home by itself (or comes back in [`Event::Returned`]).
@@ -298,6 +318,7 @@ enum OpKind {
         addr: Box<(libc::sockaddr_storage, libc::socklen_t)>,
     },
     Send(Box<SendOp>),
+    Fixed(Box<FixedOp>),
     Provide {
         group: Rc<GroupShared>,
         first: u16,
@@ -309,6 +330,17 @@ enum OpKind {
     Timeout {
         _ts: Box<types::Timespec>,
     },
+}
+
+/// A read or write on registered memory. Boxed, so the iovecs the kernel reads stay put.
+struct FixedOp {
+    fd: Fd,
+    buf: Option<FixedBuf>,
+    write: bool,
+    /// One range: `READ/WRITE(_FIXED)`; several: the vectored forms.
+    iov: SmallVec<[libc::iovec; 1]>,
+    vectored: bool,
+    offset: u64,
 }
 
 /// Where a send's buffer goes once the kernel is done with it.
@@ -416,6 +448,9 @@ pub struct Driver {
     zc_backing_off: bool,
     take_buf: Vec<(u16, u32, u32)>,
     stats: DriverStats,
+    /// The fixed buffer table, once registered memory was asked for.
+    fixed: Option<Rc<FixedTable>>,
+    fixed_slots: u32,
 }
 
 impl Driver {
@@ -426,6 +461,11 @@ impl Driver {
             return Err(Error::InvalidRingSize {
                 entries,
                 max: sys::MAX_RING_ENTRIES,
+            });
+        }
+        if config.fixed_slots == 0 || config.fixed_slots > MAX_FIXED_SLOTS {
+            return Err(Error::InvalidArgument {
+                what: "fixed_slots must be between 1 and 16384",
             });
         }
         let features = Features::get();
@@ -473,6 +513,8 @@ impl Driver {
             zc_backing_off: false,
             take_buf: Vec::new(),
             stats: DriverStats::default(),
+            fixed: None,
+            fixed_slots: config.fixed_slots,
         })
     }
 
@@ -537,6 +579,26 @@ impl Driver {
                     source: e,
                 },
             })?;
+        }
+        if cfg.registration != Registration::Plain {
+            let registered = {
+                let region = shared.region();
+                self.register_fixed(&region)
+            };
+            match registered {
+                Ok(slot) => shared.set_fixed(slot, self.fixed_table()?),
+                Err(
+                    Error::MemlockExceeded { .. }
+                    | Error::FixedTableFull { .. }
+                    | Error::Unsupported { .. },
+                ) if cfg.registration == Registration::Preferred => {}
+                Err(e) => {
+                    if shared.is_ring() {
+                        let _ = self.ring.submitter().unregister_buf_ring(bgid);
+                    }
+                    return Err(e);
+                }
+            }
         }
         shared.set_registered(true);
         self.bgid_used[bgid as usize] = true;
@@ -623,13 +685,294 @@ impl Driver {
         Ok(self.start(kind, token))
     }
 
+    /// `len` bytes of page-aligned, zeroed memory registered in the ring's fixed buffer table:
+    /// its pages are pinned once, not per I/O. The table (sparse, [`DriverConfig::fixed_slots`]
+    /// slots) is registered on first use.
+    ///
+    /// # Errors
+    /// [`Error::MemlockExceeded`] when the kernel refuses to pin more (it names the limit and the
+    /// size), [`Error::FixedTableFull`], [`Error::Unsupported`] on kernels without a sparse
+    /// table (before 5.19) or with the `no-fixed` rung forced, [`Error::InvalidArgument`] for 0
+    /// or more than 1 GiB. [`Driver::fixed_buf_or_plain`] falls back to plain memory instead.
+    ///
+    /// # Examples
+    /// ```
+    /// let mut driver = ringpool::Driver::new(Default::default())?;
+    /// match driver.fixed_buf(1 << 20) {
+    ///     Ok(buf) => assert_eq!(buf.len(), 1 << 20),
+    ///     Err(ringpool::Error::MemlockExceeded { limit, .. }) => println!("limit: {limit:?}"),
+    ///     Err(e) => println!("no registered memory here: {e}"),
+    /// }
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn fixed_buf(&mut self, len: usize) -> Result<FixedBuf> {
+        let mem = fixed_mem(len)?;
+        let slot = self.register_fixed(&mem)?;
+        Ok(FixedBuf::new(mem, len, Some((slot, self.fixed_table()?))))
+    }
+
+    /// Like [`Driver::fixed_buf`], but where the memory cannot be registered (memlock, a full
+    /// table, an old kernel, the `no-fixed` rung) it returns plain memory, on which the same ops
+    /// work through the unregistered opcodes. [`FixedBuf::is_registered`] tells which.
+    ///
+    /// # Examples
+    /// ```
+    /// let mut driver = ringpool::Driver::new(Default::default())?;
+    /// let buf = driver.fixed_buf_or_plain(4096)?;
+    /// println!("registered: {}", buf.is_registered());
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn fixed_buf_or_plain(&mut self, len: usize) -> Result<FixedBuf> {
+        match self.fixed_buf(len) {
+            Err(
+                Error::MemlockExceeded { .. }
+                | Error::FixedTableFull { .. }
+                | Error::Unsupported { .. },
+            ) => Ok(FixedBuf::new(fixed_mem(len)?, len, None)),
+            other => other,
+        }
+    }
+
+    /// Counters of the fixed buffer table.
+    ///
+    /// # Examples
+    /// ```
+    /// let driver = ringpool::Driver::new(Default::default())?;
+    /// assert_eq!(driver.fixed_stats().used, 0);
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn fixed_stats(&self) -> FixedStats {
+        self.fixed
+            .as_ref()
+            .map_or_else(FixedStats::default, |t| t.stats())
+    }
+
+    /// The table, registered (sparse) on first use.
+    fn fixed_table(&mut self) -> Result<Rc<FixedTable>> {
+        if let Some(t) = &self.fixed {
+            return Ok(t.clone());
+        }
+        if !self.ladder.fixed {
+            return Err(Error::Unsupported {
+                feature: "a sparse fixed buffer table (5.19)",
+                kernel: Features::get().kernel,
+            });
+        }
+        self.ring
+            .submitter()
+            .register_buffers_sparse(self.fixed_slots)
+            .map_err(Error::os("registering a sparse fixed buffer table"))?;
+        let table = Rc::new(FixedTable::new(self.fixed_slots));
+        self.fixed = Some(table.clone());
+        Ok(table)
+    }
+
+    /// Registers `mem` in a free slot, tagged so that its release is confirmed.
+    pub(crate) fn register_fixed(&mut self, mem: &sys::Mmap) -> Result<u16> {
+        let table = self.fixed_table()?;
+        if table.has_releases() {
+            // Slots let go of since the last flush may be the ones we need.
+            self.release_fixed()?;
+        }
+        let registered = table.stats().registered_bytes;
+        let slot = match table.take(mem.len()) {
+            Some(slot) => slot,
+            None => self.take_released_slot(&table, mem.len())?,
+        };
+        let iov = libc::iovec {
+            iov_base: mem.as_ptr().cast(),
+            iov_len: mem.len(),
+        };
+        // SAFETY: `mem` stays mapped until the slot's tag CQE: its owner hands it to the table
+        // on release ([`FixedTable::release`]), which unmaps it only after the kernel confirmed
+        // it let go (or after the ring is gone, which unpins it).
+        let res = unsafe {
+            self.ring.submitter().register_buffers_update(
+                slot as u32,
+                &[iov],
+                Some(&[fixed::tag(slot)]),
+            )
+        };
+        if let Err(e) = res {
+            table.untake(slot, mem.len());
+            return Err(fixed::registration_error(e, mem.len(), registered));
+        }
+        Ok(slot)
+    }
+
+    /// The table is full: if slots are being released, give the kernel a moment (50 ms at
+    /// most) to confirm one whose last op is done.
+    fn take_released_slot(&mut self, table: &Rc<FixedTable>, len: usize) -> Result<u16> {
+        let deadline = Instant::now() + Duration::from_millis(50);
+        loop {
+            if table.stats().releasing == 0 || Instant::now() >= deadline {
+                return Err(Error::FixedTableFull {
+                    slots: self.fixed_slots,
+                });
+            }
+            self.enter(1, Some(Duration::from_millis(5)))?;
+            self.reap();
+            if let Some(slot) = table.take(len) {
+                return Ok(slot);
+            }
+        }
+    }
+
+    /// Empties the slots whose owners let go; their memory is freed at the tag CQE.
+    fn release_fixed(&mut self) -> Result<()> {
+        let Some(table) = self.fixed.clone() else {
+            return Ok(());
+        };
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        for slot in table.drain_releases() {
+            // SAFETY: an empty entry points at no memory.
+            unsafe {
+                self.ring
+                    .submitter()
+                    .register_buffers_update(slot as u32, &[empty], None)
+            }
+            .map_err(Error::os("releasing a fixed buffer slot"))?;
+        }
+        Ok(())
+    }
+
+    /// Reads from `fd` at `offset` (`u64::MAX`: the file position) into `buf[range]`, with
+    /// `READ_FIXED` on registered memory (plain `READ` otherwise). One completion,
+    /// [`Event::FixedIo`], that gives `buf` back. `O_DIRECT` files need the range and offset
+    /// aligned to the device's block size (`buf` itself is page aligned).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a range outside `buf` (the buffer is dropped).
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{Driver, Event, Fd};
+    /// let mut driver = Driver::new(Default::default())?;
+    /// let file = std::fs::File::open("/proc/self/cmdline").unwrap();
+    /// let buf = driver.fixed_buf_or_plain(4096)?;
+    /// driver.read_fixed(&Fd::from(std::os::fd::OwnedFd::from(file)), buf, 0..4096, 0, 7)?;
+    /// driver.wait(None)?;
+    /// let Event::FixedIo { buf, result } = driver.pop().unwrap().event else { panic!() };
+    /// assert!(result? > 0 && buf[0] != 0);
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn read_fixed(
+        &mut self,
+        fd: &Fd,
+        buf: FixedBuf,
+        range: std::ops::Range<usize>,
+        offset: u64,
+        token: u64,
+    ) -> Result<OpId> {
+        self.start_fixed(fd, buf, &[range], false, false, offset, token)
+    }
+
+    /// Writes `buf[range]` to `fd` at `offset` (`u64::MAX`: the file position), with
+    /// `WRITE_FIXED` on registered memory. One completion, [`Event::FixedIo`]. See
+    /// [`Driver::read_fixed`].
+    pub fn write_fixed(
+        &mut self,
+        fd: &Fd,
+        buf: FixedBuf,
+        range: std::ops::Range<usize>,
+        offset: u64,
+        token: u64,
+    ) -> Result<OpId> {
+        self.start_fixed(fd, buf, &[range], true, false, offset, token)
+    }
+
+    /// Reads from `fd` at `offset` into the `ranges` of `buf`, in order, in one op:
+    /// `READV_FIXED` (6.15+), or `READV` on the same memory where that is missing. One
+    /// completion, [`Event::FixedIo`], with the total bytes.
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{Driver, Event, Fd};
+    /// let mut driver = Driver::new(Default::default())?;
+    /// let file = std::fs::File::open("/proc/self/cmdline").unwrap();
+    /// let buf = driver.fixed_buf_or_plain(8192)?;
+    /// let fd = Fd::from(std::os::fd::OwnedFd::from(file));
+    /// driver.read_fixed_vectored(&fd, buf, &[4096..4098, 0..4], 0, 7)?;
+    /// driver.wait(None)?;
+    /// let Event::FixedIo { result, .. } = driver.pop().unwrap().event else { panic!() };
+    /// assert!(result? > 0);
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn read_fixed_vectored(
+        &mut self,
+        fd: &Fd,
+        buf: FixedBuf,
+        ranges: &[std::ops::Range<usize>],
+        offset: u64,
+        token: u64,
+    ) -> Result<OpId> {
+        self.start_fixed(fd, buf, ranges, false, true, offset, token)
+    }
+
+    /// Writes the `ranges` of `buf`, in order, to `fd` at `offset` in one op: `WRITEV_FIXED`
+    /// (6.15+), or `WRITEV` on the same memory. See [`Driver::read_fixed_vectored`].
+    pub fn write_fixed_vectored(
+        &mut self,
+        fd: &Fd,
+        buf: FixedBuf,
+        ranges: &[std::ops::Range<usize>],
+        offset: u64,
+        token: u64,
+    ) -> Result<OpId> {
+        self.start_fixed(fd, buf, ranges, true, true, offset, token)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_fixed(
+        &mut self,
+        fd: &Fd,
+        buf: FixedBuf,
+        ranges: &[std::ops::Range<usize>],
+        write: bool,
+        vectored: bool,
+        offset: u64,
+        token: u64,
+    ) -> Result<OpId> {
+        if ranges.is_empty() || ranges.len() > libc::UIO_MAXIOV as usize {
+            return Err(Error::InvalidArgument {
+                what: "between 1 and 1024 ranges per vectored op",
+            });
+        }
+        if ranges.iter().any(|r| r.start > r.end || r.end > buf.len()) {
+            return Err(Error::InvalidArgument {
+                what: "a range outside the registered buffer",
+            });
+        }
+        let base = buf.as_ptr();
+        let iov = ranges
+            .iter()
+            .map(|r| libc::iovec {
+                // Pointer arithmetic only; the range was checked to lie inside `buf`.
+                iov_base: base.wrapping_add(r.start).cast(),
+                iov_len: r.len(),
+            })
+            .collect();
+        let kind = OpKind::Fixed(Box::new(FixedOp {
+            fd: fd.clone(),
+            buf: Some(buf),
+            write,
+            iov,
+            vectored,
+            offset,
+        }));
+        Ok(self.start(kind, token))
+    }
+
     /// Sends all of `buf` on `fd` with a plain send (the kernel copies), continuing short
     /// sends; one [`Event::Sent`] completion that returns `buf`.
     ///
     /// Sends on one socket complete in order, whatever their kind: they queue in the socket's
     /// lane and go out as linked chains.
     pub fn send(&mut self, fd: &Fd, buf: impl Into<SendBuf>, token: u64) -> Result<OpId> {
-        Ok(self.start_send(fd, buf.into(), None, false, GiveBack::InSent, token))
+        self.start_send(fd, buf.into(), None, false, GiveBack::InSent, token)
     }
 
     /// Sends all of `buf` on `fd` with zero-copy where the policy says it pays
@@ -640,7 +983,7 @@ impl Driver {
     ///
     /// Zero-copy send is 6.0+ (`SENDMSG_ZC` 6.1+); older kernels send plainly.
     pub fn send_zc(&mut self, fd: &Fd, buf: impl Into<SendBuf>, token: u64) -> Result<OpId> {
-        Ok(self.start_send(fd, buf.into(), None, true, GiveBack::Never, token))
+        self.start_send(fd, buf.into(), None, true, GiveBack::Never, token)
     }
 
     /// Like [`Driver::send_zc`], but hands the buffer back in an [`Event::Returned`] completion
@@ -651,7 +994,7 @@ impl Driver {
         buf: impl Into<SendBuf>,
         token: u64,
     ) -> Result<OpId> {
-        Ok(self.start_send(fd, buf.into(), None, true, GiveBack::Later, token))
+        self.start_send(fd, buf.into(), None, true, GiveBack::Later, token)
     }
 
     /// Like [`Driver::send_zc`], to `dest` (an unconnected datagram socket).
@@ -662,14 +1005,14 @@ impl Driver {
         dest: std::net::SocketAddr,
         token: u64,
     ) -> Result<OpId> {
-        Ok(self.start_send(
+        self.start_send(
             fd,
             buf.into(),
             Some(sockaddr(dest)),
             true,
             GiveBack::Never,
             token,
-        ))
+        )
     }
 
     fn start_send(
@@ -680,7 +1023,14 @@ impl Driver {
         zc: bool,
         give_back: GiveBack,
         token: u64,
-    ) -> OpId {
+    ) -> Result<OpId> {
+        if let SendBuf::Fixed { buf, range } = &buf {
+            if range.start > range.end || range.end > buf.len() {
+                return Err(Error::InvalidArgument {
+                    what: "send range outside the registered buffer",
+                });
+            }
+        }
         let lane_key = Rc::as_ptr(&fd.0) as usize;
         let backing_off = self.zc_backing_off;
         let gen = self.next_gen();
@@ -739,7 +1089,7 @@ impl Driver {
             self.dirty_lanes.push(lane_key);
         }
         lane.queue.push_back(key);
-        OpId::new(key, gen)
+        Ok(OpId::new(key, gen))
     }
 
     #[doc(hidden)]
@@ -932,6 +1282,38 @@ impl Driver {
                 let ptr: *const libc::sockaddr = (&addr.0 as *const libc::sockaddr_storage).cast();
                 opcode::Connect::new(types::Fd(fd.as_raw_fd()), ptr, addr.1).build()
             }
+            OpKind::Fixed(op) => {
+                let fd = types::Fd(op.fd.as_raw_fd());
+                let slot = op.buf.as_ref().and_then(FixedBuf::slot);
+                let (iov, n) = (op.iov.as_ptr(), op.iov.len() as u32);
+                let (ptr, len) = (op.iov[0].iov_base.cast::<u8>(), op.iov[0].iov_len as u32);
+                match (op.vectored, slot, op.write) {
+                    (false, Some(i), false) => opcode::ReadFixed::new(fd, ptr, len, i)
+                        .offset(op.offset)
+                        .build(),
+                    (false, Some(i), true) => opcode::WriteFixed::new(fd, ptr, len, i)
+                        .offset(op.offset)
+                        .build(),
+                    (false, None, false) => {
+                        opcode::Read::new(fd, ptr, len).offset(op.offset).build()
+                    }
+                    (false, None, true) => {
+                        opcode::Write::new(fd, ptr, len).offset(op.offset).build()
+                    }
+                    (true, Some(i), false) if ladder.vectored_fixed => {
+                        opcode::ReadvFixed::new(fd, iov, n, i)
+                            .offset(op.offset)
+                            .build()
+                    }
+                    (true, Some(i), true) if ladder.vectored_fixed => {
+                        opcode::WritevFixed::new(fd, iov, n, i)
+                            .offset(op.offset)
+                            .build()
+                    }
+                    (true, _, false) => opcode::Readv::new(fd, iov, n).offset(op.offset).build(),
+                    (true, _, true) => opcode::Writev::new(fd, iov, n).offset(op.offset).build(),
+                }
+            }
             OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
             OpKind::Provide { .. } | OpKind::Remove { .. } | OpKind::Timeout { .. } => {
                 unreachable!("internal ops are pushed where they are built")
@@ -956,6 +1338,7 @@ impl Driver {
         let op = &mut **op;
         let buf = op.buf.as_ref().expect("a send in flight owns its buffer");
         buf.iovecs(op.sent, &mut op.iov);
+        let fixed_slot = if ladder.fixed { buf.fixed_slot() } else { None };
         let remaining = buf.len() - op.sent;
         let lane = self
             .lanes
@@ -993,12 +1376,24 @@ impl Driver {
             opcode::SendMsg::new(fd, msg_ptr)
                 .flags(flags as u32)
                 .build()
-        } else if ladder.zc == ZcRung::SendmsgZc {
+        } else if ladder.zc == ZcRung::SendmsgZc && (op.iov.len() > 1 || fixed_slot.is_none()) {
             self.zc_stats.zc_sends += 1;
-            opcode::SendMsgZc::new(fd, msg_ptr)
-                .ioprio(usage)
-                .flags(flags as u32)
-                .build()
+            // Registered iovecs in SENDMSG_ZC came with the vectored fixed ops (6.15).
+            match fixed_slot.filter(|_| ladder.vectored_fixed) {
+                Some(slot) => {
+                    self.zc_stats.fixed_sends += 1;
+                    let mut sqe = opcode::SendMsgZc::new(fd, msg_ptr)
+                        .ioprio(usage | sys::IORING_RECVSEND_FIXED_BUF)
+                        .flags(flags as u32)
+                        .build();
+                    sys::sqe_set_buf_index(&mut sqe, slot);
+                    sqe
+                }
+                None => opcode::SendMsgZc::new(fd, msg_ptr)
+                    .ioprio(usage)
+                    .flags(flags as u32)
+                    .build(),
+            }
         } else {
             self.zc_stats.zc_sends += 1;
             linked &= op.iov.len() <= 1;
@@ -1007,7 +1402,9 @@ impl Driver {
             });
             let mut b = opcode::SendZc::new(fd, ptr, len)
                 .zc_flags(usage)
+                .buf_index(fixed_slot)
                 .flags(flags);
+            self.zc_stats.fixed_sends += fixed_slot.is_some() as u64;
             if let Some((addr, alen)) = &op.dest {
                 b = b
                     .dest_addr((addr as *const libc::sockaddr_storage).cast())
@@ -1295,6 +1692,9 @@ impl Driver {
     /// group has buffers again, unregister abandoned groups.
     fn flush(&mut self) -> Result<()> {
         self.flush_provides()?;
+        if self.fixed.as_ref().is_some_and(|t| t.has_releases()) {
+            self.release_fixed()?;
+        }
         if !self.dirty_lanes.is_empty() {
             self.flush_lanes();
         }
@@ -1410,6 +1810,17 @@ impl Driver {
 
     fn dispatch(&mut self, cqe: &cqueue::Entry) {
         let id = OpId(cqe.user_data());
+        if id.0 & fixed::TAG_KEY == fixed::TAG_KEY {
+            // The kernel let go of a released fixed buffer slot.
+            let released = self
+                .fixed
+                .as_ref()
+                .is_some_and(|t| t.tag_done(id.gen() as u16));
+            if !released {
+                self.stats.stray_cqes += 1;
+            }
+            return;
+        }
         let key = id.key();
         let (res, flags) = (cqe.result(), cqe.flags());
         let more = cqueue::more(flags);
@@ -1478,6 +1889,26 @@ impl Driver {
                     token,
                     op: id,
                     event,
+                    more: false,
+                });
+            }
+            OpKind::Fixed(op) => {
+                let (write, buf) = (
+                    op.write,
+                    op.buf.take().expect("an op in flight owns its buffer"),
+                );
+                self.ops.remove(key);
+                let result = if res >= 0 {
+                    Ok(res as usize)
+                } else if res == -libc::ECANCELED {
+                    Err(Error::Cancelled)
+                } else {
+                    Err(errno_error(if write { "write" } else { "read" }, res))
+                };
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::FixedIo { buf, result },
                     more: false,
                 });
             }
@@ -1666,6 +2097,16 @@ fn is_incremental(g: &GroupShared) -> bool {
     matches!(&g.backing, crate::pool::Backing::Ring(r) if r.incremental)
 }
 
+/// Page-aligned memory for a [`FixedBuf`] of `len` bytes.
+fn fixed_mem(len: usize) -> Result<sys::Mmap> {
+    if len == 0 || len > MAX_FIXED_LEN {
+        return Err(Error::InvalidArgument {
+            what: "a registered buffer must hold between 1 byte and 1 GiB",
+        });
+    }
+    sys::Mmap::anonymous(len).map_err(Error::os("allocating registered memory"))
+}
+
 fn op_fd(kind: &OpKind) -> Option<&Fd> {
     match kind {
         OpKind::Recv { fd, .. }
@@ -1673,6 +2114,7 @@ fn op_fd(kind: &OpKind) -> Option<&Fd> {
         | OpKind::Accept { fd }
         | OpKind::Connect { fd, .. } => Some(fd),
         OpKind::Send(op) => op.fd.as_ref(),
+        OpKind::Fixed(op) => Some(&op.fd),
         _ => None,
     }
 }
@@ -1720,6 +2162,10 @@ impl Drop for Driver {
                 break;
             }
             self.reap();
+        }
+        if let Some(table) = &self.fixed {
+            // From now on released memory is freed at once: the ring's close unregisters it.
+            table.ring_alive.set(false);
         }
         if !self.ops.is_empty() {
             // The kernel still holds these ops: leak their memory rather than free it under it.

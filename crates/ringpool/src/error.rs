@@ -92,6 +92,28 @@ pub enum Error {
         /// The exhausted group.
         bgid: u16,
     },
+    /// The kernel refused to pin more memory: registering it would exceed `RLIMIT_MEMLOCK`.
+    #[error("registering {asked} bytes exceeds the memlock limit ({}; {registered} bytes already registered by this ring); raise `ulimit -l`, run with CAP_IPC_LOCK, or allow the fallback to unregistered memory", match limit { Some(l) => format!("{l} bytes"), None => "unlimited, yet the kernel refused".to_string() })]
+    MemlockExceeded {
+        /// Bytes this registration asked for.
+        asked: u64,
+        /// Bytes this ring had registered already.
+        registered: u64,
+        /// The soft `RLIMIT_MEMLOCK` in bytes (`None`: unlimited).
+        limit: Option<u64>,
+    },
+    /// Every slot of the fixed buffer table is taken (or waits for the kernel to let go).
+    #[error("the fixed buffer table is full ({slots} slots); drop registered buffers or configure more slots")]
+    FixedTableFull {
+        /// Slots in the table.
+        slots: u32,
+    },
+    /// An argument that cannot be used this way.
+    #[error("invalid argument: {what}")]
+    InvalidArgument {
+        /// What is wrong.
+        what: &'static str,
+    },
     /// The operation was cancelled before it completed.
     #[error("operation cancelled")]
     Cancelled,

@@ -46,6 +46,7 @@
 mod buf;
 mod driver;
 mod error;
+mod fixed;
 mod pool;
 mod probe;
 pub mod sys;
@@ -56,7 +57,8 @@ pub use driver::{
     leaked_ops, Completion, Driver, DriverConfig, DriverStats, Event, Fd, OpId, RecvMode,
 };
 pub use error::{Error, Result};
-pub use pool::{BufGroup, BufGroupConfig, GroupStats, MAX_BUF_SIZE};
+pub use fixed::{FixedBuf, FixedStats, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
+pub use pool::{BufGroup, BufGroupConfig, GroupStats, Registration, MAX_BUF_SIZE};
 pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
 pub use zc::{
     ZcConfig, ZcMode, ZcStats, COPIED_STREAK, DEFAULT_THRESHOLD as ZC_DEFAULT_THRESHOLD, PLAIN_RUN,

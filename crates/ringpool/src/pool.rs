@@ -22,6 +22,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use crate::error::{Error, Result};
+use crate::fixed::FixedTable;
 use crate::sys::{self, BufRingEntry, Mmap};
 
 /// Largest buffer a group accepts: the kernel's per-I/O limit (`MAX_RW_COUNT`) rounded down to
@@ -46,6 +47,27 @@ pub struct BufGroupConfig {
     pub(crate) bgid: Option<u16>,
     pub(crate) incremental: bool,
     pub(crate) report_exhaustion: bool,
+    pub(crate) registration: Registration,
+}
+
+/// Whether a group's memory is also registered in the ring's fixed buffer table (a **registered
+/// region**), so that buffers the kernel picked for a receive can leave by zero-copy send
+/// straight from where they landed, without per-I/O page pinning.
+///
+/// # Examples
+/// ```
+/// use ringpool::{BufGroupConfig, Registration};
+/// let cfg = BufGroupConfig::new(4096, 256).registration(Registration::Preferred);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Registration {
+    /// Plain memory (the default).
+    #[default]
+    Plain,
+    /// Registered, or fail with a typed error ([`Error::MemlockExceeded`], ...).
+    Required,
+    /// Registered where possible; plain memory where memlock, the table or the kernel refuse.
+    Preferred,
 }
 
 impl BufGroupConfig {
@@ -58,7 +80,15 @@ impl BufGroupConfig {
             bgid: None,
             incremental: false,
             report_exhaustion: false,
+            registration: Registration::Plain,
         }
+    }
+
+    /// Register the group's memory as one fixed buffer ([`Registration`]). A registered group
+    /// cannot grow, and holds at most 1 GiB.
+    pub fn registration(mut self, registration: Registration) -> Self {
+        self.registration = registration;
+        self
     }
 
     /// Use this group id instead of the next free one.
@@ -110,6 +140,18 @@ impl BufGroupConfig {
             });
         }
         let bytes = self.buf_size as u128 * max_count as u128;
+        if self.registration != Registration::Plain {
+            if max_count != self.count {
+                return Err(Error::InvalidArgument {
+                    what: "a registered region cannot grow (no max_count)",
+                });
+            }
+            if bytes > crate::fixed::MAX_FIXED_LEN as u128 {
+                return Err(Error::InvalidArgument {
+                    what: "a registered region holds at most 1 GiB",
+                });
+            }
+        }
         if bytes > sys::physical_memory() as u128 {
             return Err(Error::OutOfMemory {
                 bytes,
@@ -203,6 +245,20 @@ pub(crate) struct GroupShared {
     pub(crate) handle_alive: Cell<bool>,
     /// Buffers came back since the driver last looked (re-arm parked receives).
     pub(crate) refilled: Cell<bool>,
+    /// The fixed table slot of the (single) chunk, for registered regions.
+    fixed: RefCell<Option<(u16, Rc<FixedTable>)>>,
+}
+
+impl Drop for GroupShared {
+    /// A registered region's memory goes to the fixed table, which frees it only once the
+    /// kernel let go of the registration.
+    fn drop(&mut self) {
+        if let Some((slot, table)) = self.fixed.get_mut().take() {
+            if let Some(chunk) = self.chunks.get_mut().pop() {
+                table.release(slot, chunk);
+            }
+        }
+    }
 }
 
 impl GroupShared {
@@ -254,6 +310,7 @@ impl GroupShared {
             registered: Cell::new(false),
             handle_alive: Cell::new(true),
             refilled: Cell::new(false),
+            fixed: RefCell::new(None),
         })
     }
 
@@ -263,6 +320,21 @@ impl GroupShared {
             Backing::Ring(r) => Some((r.mem.as_ptr() as u64, r.mask.wrapping_add(1))),
             Backing::Legacy { .. } => None,
         }
+    }
+
+    /// The memory of a group that cannot grow (one chunk), for registering it.
+    pub(crate) fn region(&self) -> std::cell::Ref<'_, sys::Mmap> {
+        std::cell::Ref::map(self.chunks.borrow(), |c| &c[0])
+    }
+
+    /// Records the fixed table slot the group's memory is registered in.
+    pub(crate) fn set_fixed(&self, slot: u16, table: Rc<FixedTable>) {
+        *self.fixed.borrow_mut() = Some((slot, table));
+    }
+
+    /// The fixed table slot of a registered region.
+    pub(crate) fn fixed_slot(&self) -> Option<u16> {
+        self.fixed.borrow().as_ref().map(|(slot, _)| *slot)
     }
 
     pub(crate) fn set_registered(&self, yes: bool) {
@@ -583,6 +655,22 @@ impl BufGroup {
     /// Whether the group is a provided buffer ring (else a legacy group).
     pub fn is_ring(&self) -> bool {
         self.shared.is_ring()
+    }
+
+    /// Whether the group's memory is registered in the fixed buffer table (a registered region):
+    /// zero-copy sends of its buffers then name it and skip per-I/O page pinning.
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{BufGroupConfig, Driver, Registration};
+    /// let mut driver = Driver::new(Default::default())?;
+    /// let cfg = BufGroupConfig::new(4096, 16).registration(Registration::Preferred);
+    /// let group = driver.buf_group(cfg)?;
+    /// println!("registered region: {}", group.is_registered());
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn is_registered(&self) -> bool {
+        self.shared.fixed_slot().is_some()
     }
 
     /// Whether the group is an incrementally consumed ring.

@@ -54,6 +54,8 @@ pub struct Features {
     pub sendmsg_zc: bool,
     /// `IORING_SEND_ZC_REPORT_USAGE` (6.2): notifications say whether the kernel copied.
     pub zc_report_usage: bool,
+    /// A sparse fixed buffer table updated slot by slot with tags (5.19).
+    pub fixed_buffers: bool,
     /// `IORING_OP_READV_FIXED`/`WRITEV_FIXED` (6.15).
     pub vectored_fixed: bool,
     /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (6.1).
@@ -106,6 +108,7 @@ fn detect() -> Features {
         send_zc: false,
         sendmsg_zc: false,
         zc_report_usage: false,
+        fixed_buffers: false,
         vectored_fixed: false,
         defer_taskrun: false,
         ext_arg: false,
@@ -128,6 +131,7 @@ fn detect() -> Features {
     f.send_zc = f.opcode(opcode::SendZc::CODE);
     f.sendmsg_zc = f.opcode(opcode::SendMsgZc::CODE);
     f.vectored_fixed = f.opcode(opcode::ReadvFixed::CODE) && f.opcode(opcode::WritevFixed::CODE);
+    f.fixed_buffers = try_sparse_buffers(&ring);
     f.buf_ring = try_buf_ring(&ring, 0);
     f.buf_ring_incremental = f.buf_ring && try_buf_ring(&ring, sys::IOU_PBUF_RING_INC);
     f.defer_taskrun = IoUring::<squeue::Entry, cqueue::Entry>::builder()
@@ -207,6 +211,15 @@ fn try_buf_ring(ring: &IoUring, flags: u16) -> bool {
     };
     if ok {
         let _ = ring.submitter().unregister_buf_ring(PROBE_BGID);
+    }
+    ok
+}
+
+/// Registers (and unregisters) a sparse table of two fixed buffers.
+fn try_sparse_buffers(ring: &IoUring) -> bool {
+    let ok = ring.submitter().register_buffers_sparse(2).is_ok();
+    if ok {
+        let _ = ring.submitter().unregister_buffers();
     }
     ok
 }
@@ -326,6 +339,10 @@ pub enum Force {
     NoSendmsgZc,
     /// `no-send-zc`: plain sends only.
     NoSendZc,
+    /// `no-fixed`: plain memory where registered memory was preferred (fixed buffers, regions).
+    NoFixed,
+    /// `no-vectored-fixed`: `READV`/`WRITEV` on registered memory instead of the fixed forms.
+    NoVectoredFixed,
 }
 
 const FORCE_NAMES: &[(&str, Force)] = &[
@@ -337,9 +354,11 @@ const FORCE_NAMES: &[(&str, Force)] = &[
     ("no-ext-arg", Force::NoExtArg),
     ("no-sendmsg-zc", Force::NoSendmsgZc),
     ("no-send-zc", Force::NoSendZc),
+    ("no-fixed", Force::NoFixed),
+    ("no-vectored-fixed", Force::NoVectoredFixed),
 ];
 const FORCE_KNOWN: &str = "legacy-provide, no-incremental, no-bundle, no-multishot, \
-     no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc";
+     no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc, no-fixed, no-vectored-fixed";
 
 impl Force {
     /// The rung's name as `RINGPOOL_FORCE` spells it.
@@ -442,6 +461,11 @@ pub struct Ladder {
     pub zc: ZcRung,
     /// Notifications report whether the kernel copied (the adaptive policy needs it).
     pub zc_report_usage: bool,
+    /// Registered memory (fixed buffer table, registered regions); else plain memory.
+    pub fixed: bool,
+    /// `READV_FIXED`/`WRITEV_FIXED` and registered iovecs in `SENDMSG_ZC` (both 6.15); else
+    /// `READV`/`WRITEV` on the same memory, and zero-copy bundles that pin their pages per send.
+    pub vectored_fixed: bool,
 }
 
 impl Ladder {
@@ -478,6 +502,11 @@ impl Ladder {
                 ZcRung::SendZc
             },
             zc_report_usage: f.zc_report_usage,
+            fixed: f.fixed_buffers && !has(Force::NoFixed),
+            vectored_fixed: f.fixed_buffers
+                && f.vectored_fixed
+                && !has(Force::NoFixed)
+                && !has(Force::NoVectoredFixed),
         }
     }
 
@@ -536,6 +565,22 @@ impl Ladder {
                     ZcRung::SendmsgZc => "sendmsg_zc (many buffers per op)",
                     ZcRung::SendZc => "send_zc (one buffer per op)",
                     ZcRung::Plain => "plain send",
+                },
+            ),
+            (
+                "registered buffers",
+                if self.fixed {
+                    "fixed buffer table (sparse, tagged updates)"
+                } else {
+                    "plain memory"
+                },
+            ),
+            (
+                "vectored fixed I/O",
+                if self.vectored_fixed {
+                    "readv/writev_fixed"
+                } else {
+                    "readv/writev on the same memory"
                 },
             ),
             (

@@ -117,6 +117,9 @@ pub struct ZcStats {
     pub zc_sends: u64,
     /// Bytes sent by zero-copy ops.
     pub zc_bytes: u64,
+    /// Zero-copy send ops whose memory was registered (a registered region or a
+    /// [`FixedBuf`](crate::FixedBuf)): no per-I/O page pinning.
+    pub fixed_sends: u64,
     /// Notifications saying the kernel copied after all.
     pub zc_copied: u64,
     /// Notifications received.

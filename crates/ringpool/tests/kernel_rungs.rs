@@ -32,6 +32,8 @@ struct Row {
     sendmsg_zc: bool,
     /// `IORING_SEND_ZC_REPORT_USAGE` (6.2).
     zc_report_usage: bool,
+    /// A sparse fixed buffer table with tagged updates (5.19).
+    fixed_buffers: bool,
     /// `READV_FIXED`/`WRITEV_FIXED` (6.15).
     vectored_fixed: bool,
     /// `SINGLE_ISSUER|DEFER_TASKRUN` (6.1).
@@ -54,6 +56,8 @@ struct Rungs {
     ext_arg: bool,
     zc: ZcRung,
     zc_report_usage: bool,
+    fixed: bool,
+    vectored_fixed: bool,
 }
 
 impl From<Ladder> for Rungs {
@@ -67,6 +71,8 @@ impl From<Ladder> for Rungs {
             ext_arg: l.ext_arg,
             zc: l.zc,
             zc_report_usage: l.zc_report_usage,
+            fixed: l.fixed,
+            vectored_fixed: l.vectored_fixed,
         }
     }
 }
@@ -87,6 +93,7 @@ const K5_10: Row = Row {
     send_zc: false,
     sendmsg_zc: false,
     zc_report_usage: false,
+    fixed_buffers: false,
     vectored_fixed: false,
     defer_taskrun: false,
     ext_arg: true,
@@ -99,6 +106,8 @@ const K5_10: Row = Row {
         ext_arg: true,
         zc: ZcRung::Plain,
         zc_report_usage: false,
+        fixed: false,
+        vectored_fixed: false,
     },
 };
 
@@ -116,6 +125,7 @@ const K6_1: Row = Row {
     send_zc: true,
     sendmsg_zc: true,
     zc_report_usage: true,
+    fixed_buffers: true,
     vectored_fixed: false,
     defer_taskrun: true,
     ext_arg: true,
@@ -128,6 +138,8 @@ const K6_1: Row = Row {
         ext_arg: true,
         zc: ZcRung::SendmsgZc,
         zc_report_usage: true,
+        fixed: true,
+        vectored_fixed: false,
     },
 };
 
@@ -142,6 +154,7 @@ const K6_12: Row = Row {
     send_zc: true,
     sendmsg_zc: true,
     zc_report_usage: true,
+    fixed_buffers: true,
     vectored_fixed: false,
     defer_taskrun: true,
     ext_arg: true,
@@ -154,12 +167,18 @@ const K6_12: Row = Row {
         ext_arg: true,
         zc: ZcRung::SendmsgZc,
         zc_report_usage: true,
+        fixed: true,
+        vectored_fixed: false,
     },
 };
 
 /// The development host's 6.18: everything.
 const HOST: Row = Row {
     vectored_fixed: true,
+    ladder: Rungs {
+        vectored_fixed: true,
+        ..K6_12.ladder
+    },
     ..K6_12
 };
 
@@ -209,6 +228,7 @@ fn observed(f: &Features) -> Row {
         send_zc: f.send_zc,
         sendmsg_zc: f.sendmsg_zc,
         zc_report_usage: f.zc_report_usage,
+        fixed_buffers: f.fixed_buffers,
         vectored_fixed: f.vectored_fixed,
         defer_taskrun: f.defer_taskrun,
         ext_arg: f.ext_arg,
@@ -242,6 +262,7 @@ fn differences(want: &Row, got: &Row) -> Vec<String> {
     field!(send_zc);
     field!(sendmsg_zc);
     field!(zc_report_usage);
+    field!(fixed_buffers);
     field!(vectored_fixed);
     field!(defer_taskrun);
     field!(ext_arg);
@@ -253,6 +274,8 @@ fn differences(want: &Row, got: &Row) -> Vec<String> {
     field!(ladder.ext_arg);
     field!(ladder.zc);
     field!(ladder.zc_report_usage);
+    field!(ladder.fixed);
+    field!(ladder.vectored_fixed);
     out
 }
 
@@ -277,6 +300,7 @@ fn probe_chooses_the_tabled_rungs_for_this_kernel() {
         ("send_zc", got.send_zc),
         ("sendmsg_zc", got.sendmsg_zc),
         ("zc_report_usage", got.zc_report_usage),
+        ("fixed_buffers", got.fixed_buffers),
         ("vectored_fixed", got.vectored_fixed),
         ("defer_taskrun", got.defer_taskrun),
         ("ext_arg", got.ext_arg),
@@ -316,6 +340,7 @@ fn rows_follow_the_ladder_rules() {
         f.send_zc = row.send_zc;
         f.sendmsg_zc = row.sendmsg_zc;
         f.zc_report_usage = row.zc_report_usage;
+        f.fixed_buffers = row.fixed_buffers;
         f.vectored_fixed = row.vectored_fixed;
         f.defer_taskrun = row.defer_taskrun;
         f.ext_arg = row.ext_arg;

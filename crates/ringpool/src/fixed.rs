@@ -1,0 +1,293 @@
+//! The ring's registered ("fixed") buffer table, and [`FixedBuf`], memory registered in it.
+//!
+//! Registering memory pins its pages once, so ops that name it (`READ_FIXED`, `WRITE_FIXED`, the
+//! vectored forms, `SEND_ZC` with `IORING_RECVSEND_FIXED_BUF`) skip the per-I/O page pinning.
+//! The table is registered sparse (5.19) the first time it is needed and managed in slots:
+//!
+//! - a slot is taken by a registration update that carries a **tag**;
+//! - a slot is released by an update that empties it; the kernel keeps the old registration
+//!   alive while any op still uses it, and posts a CQE carrying the tag once it let go of it;
+//! - only then is the slot free for reuse and its memory unmapped. A slot released while an op
+//!   uses it therefore waits; it never corrupts.
+//!
+//! Tag CQEs carry [`TAG_KEY`] in the low 32 bits of their `user_data` (no op ever has that key)
+//! and the slot in the high 32 bits.
+
+use std::cell::{Cell, RefCell};
+use std::ops::{Deref, DerefMut};
+use std::rc::Rc;
+
+use crate::error::Error;
+use crate::sys::{Memlock, Mmap};
+
+/// Low 32 bits of a tag CQE's `user_data`: the driver's op slab never hands out this key.
+pub(crate) const TAG_KEY: u64 = 0xffff_ffff;
+
+/// Largest table the kernel accepts (`IORING_MAX_REG_BUFFERS`).
+pub const MAX_FIXED_SLOTS: u32 = 1 << 14;
+
+/// Largest single registration the kernel accepts (1 GiB).
+pub const MAX_FIXED_LEN: usize = 1 << 30;
+
+/// The tag of `slot`'s registration.
+pub(crate) fn tag(slot: u16) -> u64 {
+    TAG_KEY | (slot as u64) << 32
+}
+
+enum Slot {
+    Free,
+    Used,
+    /// Emptied in the kernel; the memory lives until the tag CQE says the kernel let go.
+    Releasing {
+        _memory: Mmap,
+    },
+}
+
+/// Counters of the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FixedStats {
+    /// Slots in the table (0 until first used).
+    pub slots: u32,
+    /// Slots holding a registration.
+    pub used: u32,
+    /// Slots released and waiting for the kernel to let go of their memory.
+    pub releasing: u32,
+    /// Bytes registered now.
+    pub registered_bytes: u64,
+}
+
+/// The table's state, shared by the driver and every [`FixedBuf`] (and registered group) so that
+/// memory released after the driver is gone is simply freed.
+pub(crate) struct FixedTable {
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u16>>,
+    /// Released by their owners, waiting for the driver to empty the slot.
+    to_release: RefCell<Vec<(u16, Mmap)>>,
+    /// False once the driver (and its ring) is gone.
+    pub(crate) ring_alive: Cell<bool>,
+    registered_bytes: Cell<u64>,
+}
+
+impl FixedTable {
+    pub(crate) fn new(slots: u32) -> FixedTable {
+        FixedTable {
+            slots: RefCell::new((0..slots).map(|_| Slot::Free).collect()),
+            free: RefCell::new((0..slots as u16).rev().collect()),
+            to_release: RefCell::new(Vec::new()),
+            ring_alive: Cell::new(true),
+            registered_bytes: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> FixedStats {
+        let slots = self.slots.borrow();
+        let mut s = FixedStats {
+            slots: slots.len() as u32,
+            registered_bytes: self.registered_bytes.get(),
+            ..FixedStats::default()
+        };
+        for slot in slots.iter() {
+            match slot {
+                Slot::Free => {}
+                Slot::Used => s.used += 1,
+                Slot::Releasing { .. } => s.releasing += 1,
+            }
+        }
+        s
+    }
+
+    /// Takes a free slot for a registration of `len` bytes.
+    pub(crate) fn take(&self, len: usize) -> Option<u16> {
+        let slot = self.free.borrow_mut().pop()?;
+        self.slots.borrow_mut()[slot as usize] = Slot::Used;
+        self.registered_bytes
+            .set(self.registered_bytes.get() + len as u64);
+        Some(slot)
+    }
+
+    /// Gives back a slot whose registration failed (the kernel never saw it).
+    pub(crate) fn untake(&self, slot: u16, len: usize) {
+        self.slots.borrow_mut()[slot as usize] = Slot::Free;
+        self.free.borrow_mut().push(slot);
+        self.registered_bytes
+            .set(self.registered_bytes.get() - len as u64);
+    }
+
+    /// The owner of `slot` let go of `mem`: the driver empties the slot at its next flush and
+    /// frees `mem` once the kernel confirms. Without a ring the memory is simply freed: closing
+    /// the ring unregistered it, and pinned pages stay valid for the kernel until it lets go.
+    pub(crate) fn release(&self, slot: u16, mem: Mmap) {
+        self.registered_bytes
+            .set(self.registered_bytes.get() - mem.len() as u64);
+        if self.ring_alive.get() {
+            self.to_release.borrow_mut().push((slot, mem));
+        }
+    }
+
+    /// Slots to empty now; each is marked releasing and keeps its memory.
+    pub(crate) fn drain_releases(&self) -> Vec<u16> {
+        let list = std::mem::take(&mut *self.to_release.borrow_mut());
+        let mut slots = self.slots.borrow_mut();
+        list.into_iter()
+            .map(|(slot, mem)| {
+                slots[slot as usize] = Slot::Releasing { _memory: mem };
+                slot
+            })
+            .collect()
+    }
+
+    /// Whether releases wait for the driver.
+    pub(crate) fn has_releases(&self) -> bool {
+        !self.to_release.borrow().is_empty()
+    }
+
+    /// The tag CQE of `slot` arrived: the kernel let go; free the memory and the slot.
+    pub(crate) fn tag_done(&self, slot: u16) -> bool {
+        let mut slots = self.slots.borrow_mut();
+        match slots.get_mut(slot as usize) {
+            Some(s @ Slot::Releasing { .. }) => {
+                *s = Slot::Free;
+                self.free.borrow_mut().push(slot);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why a registration was refused, as a typed error: memlock names the limit and the size.
+pub(crate) fn registration_error(err: std::io::Error, asked: usize, registered: u64) -> Error {
+    match err.raw_os_error() {
+        Some(libc::ENOMEM) => Error::MemlockExceeded {
+            asked: asked as u64,
+            registered,
+            limit: match Memlock::current() {
+                Memlock::Unlimited => None,
+                Memlock::Limited(bytes) => Some(bytes),
+            },
+        },
+        _ => Error::Os {
+            op: "registering buffers (IORING_REGISTER_BUFFERS_UPDATE)",
+            source: err,
+        },
+    }
+}
+
+/// Page-aligned memory, registered in the driver's fixed buffer table where it could be (or
+/// plain memory where the caller allowed the fallback): the buffer of `read_fixed`,
+/// `write_fixed` and their vectored forms. Aligned for `O_DIRECT`.
+///
+/// It derefs to its whole length. An op takes it by value and gives it back in its completion
+/// ([`Event::FixedIo`](crate::Event::FixedIo)), so it cannot be touched, freed or reused while
+/// the kernel uses it. Dropping it releases its slot; its memory is unmapped only once the
+/// kernel has let go of the registration.
+///
+/// # Examples
+/// ```
+/// use ringpool::{Driver, Event, Fd};
+/// use std::io::Write;
+/// let mut driver = Driver::new(Default::default())?;
+/// let mut buf = driver.fixed_buf(4096)?;
+/// buf[..5].copy_from_slice(b"hello");
+/// let mut file = tempfile::tempfile().unwrap();
+/// let fd = Fd::from(std::os::fd::OwnedFd::from(file.try_clone().unwrap()));
+/// driver.write_fixed(&fd, buf, 0..5, 0, 1)?;
+/// driver.wait(None)?;
+/// let Event::FixedIo { buf, result } = driver.pop().unwrap().event else { panic!() };
+/// assert_eq!(result?, 5);
+/// assert!(buf.is_registered() || !driver.ladder().fixed);
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+pub struct FixedBuf {
+    mem: Option<Mmap>,
+    len: usize,
+    /// The table slot and its table; `None` for plain (unregistered) memory.
+    reg: Option<(u16, Rc<FixedTable>)>,
+}
+
+impl FixedBuf {
+    pub(crate) fn new(mem: Mmap, len: usize, reg: Option<(u16, Rc<FixedTable>)>) -> FixedBuf {
+        debug_assert!(len <= mem.len());
+        FixedBuf {
+            mem: Some(mem),
+            len,
+            reg,
+        }
+    }
+
+    /// Whether the memory is registered (else ops on it use the unregistered opcodes).
+    pub fn is_registered(&self) -> bool {
+        self.reg.is_some()
+    }
+
+    /// The fixed table slot, if registered.
+    pub fn slot(&self) -> Option<u16> {
+        self.reg.as_ref().map(|(slot, _)| *slot)
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.mem.as_ref().expect("live until dropped").as_ptr()
+    }
+}
+
+impl Deref for FixedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the mapping holds at least `len` initialised (zero-filled) bytes and lives as
+        // long as `self`; while an op uses it, the op owns `self`, so no reference can exist.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for FixedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for FixedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FixedBuf")
+            .field("len", &self.len)
+            .field("slot", &self.slot())
+            .finish()
+    }
+}
+
+impl Drop for FixedBuf {
+    fn drop(&mut self) {
+        if let (Some((slot, table)), Some(mem)) = (self.reg.take(), self.mem.take()) {
+            table.release(slot, mem);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_released_slot_is_reused_only_after_its_tag() {
+        let t = FixedTable::new(2);
+        let a = t.take(4096).unwrap();
+        let b = t.take(4096).unwrap();
+        assert_eq!(t.take(1), None, "table full");
+        t.release(a, Mmap::anonymous(4096).unwrap());
+        assert_eq!(t.take(1), None, "released but not yet emptied");
+        assert_eq!(t.drain_releases(), vec![a]);
+        assert_eq!(t.stats().releasing, 1);
+        assert_eq!(t.take(1), None, "emptied, the kernel may still use it");
+        assert!(!t.tag_done(b), "a used slot ignores a stray tag");
+        assert!(t.tag_done(a));
+        assert_eq!(t.take(1), Some(a));
+    }
+
+    #[test]
+    fn tags_never_look_like_an_op() {
+        for slot in [0u16, 1, u16::MAX] {
+            assert_eq!(tag(slot) & 0xffff_ffff, TAG_KEY);
+            assert_ne!(tag(slot), 0, "a zero tag disables tagging");
+        }
+    }
+}
