@@ -1,7 +1,8 @@
 //! `ringpool proxy`: a TCP proxy in both directions. Every connection's receives select buffers
-//! from one shared group (multishot, bundles where the kernel has them) and the received chains
-//! leave as they are, through `send_zc` (zero-copy where the policy says it pays, plain
-//! `sendmsg` from the same buffers otherwise): no byte is copied in user space.
+//! from one shared group, a registered region where memlock allows (plain memory otherwise),
+//! and the received buffers leave as they are, through `send_zc`: zero-copy from the registered
+//! memory where the policy says it pays, plain `sendmsg` from the same buffers otherwise. No
+//! byte is copied in user space.
 //!
 //! Half-close propagates (EOF from one side becomes `shutdown(SHUT_WR)` on the other once
 //! everything before it was sent), and so do resets (an error on one side resets the other).
@@ -21,7 +22,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use ringpool::{BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, ZcConfig, ZcMode};
+use ringpool::{
+    BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, Registration, ZcConfig, ZcMode,
+};
 
 use crate::net::{set_backlog, set_nodelay, set_reset_on_close};
 use crate::signals;
@@ -112,10 +115,14 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .entries(1024)
         .zerocopy(ZcConfig::default().mode(args.zerocopy));
     let mut driver = Driver::new(cfg)?;
-    let group = driver.buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
+    // A registered region where memlock allows: zero-copy sends then name the memory the
+    // kernel received into, with no per-send page pinning.
+    let group = driver.buf_group(
+        BufGroupConfig::new(args.buf_size, args.bufs).registration(Registration::Preferred),
+    )?;
     println!("listening on {addr}");
     println!(
-        "forwarding to {} through buffer group {}: {} x {} B ({}), zero-copy {:?}",
+        "forwarding to {} through buffer group {}: {} x {} B ({}{}), zero-copy {:?}",
         args.upstream,
         group.id(),
         args.bufs,
@@ -124,6 +131,11 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "buffer ring"
         } else {
             "legacy provided buffers"
+        },
+        if group.is_registered() {
+            ", registered region"
+        } else {
+            ", plain memory"
         },
         args.zerocopy
     );
@@ -146,6 +158,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "buffer_bytes": group.buffer_bytes(), "total": s.total, "in_kernel": s.in_kernel,
         "in_user": s.in_user, "enobufs": s.enobufs, "rearms": s.rearms,
         "zc_sends": z.zc_sends, "zc_copied": z.zc_copied, "plain_sends": z.plain_sends,
+        "fixed_sends": z.fixed_sends, "registered": group.is_registered(),
         "enters": d.enters, "sqes": d.sqes, "cqes": d.cqes,
     });
     println!("stats {json}");

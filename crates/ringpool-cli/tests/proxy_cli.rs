@@ -90,7 +90,7 @@ fn stop(mut proxy: Proxy) -> serde_json::Value {
     serde_json::from_str(stats).unwrap()
 }
 
-fn both_directions(zerocopy: &str, force: &str) {
+fn both_directions(zerocopy: &str, force: &str) -> serde_json::Value {
     let upstream = echo_upstream();
     let proxy = start(upstream, zerocopy, force);
     let addr = proxy.addr;
@@ -127,6 +127,7 @@ fn both_directions(zerocopy: &str, force: &str) {
     assert_eq!(v["in_kernel"], v["total"], "{v}");
     assert_eq!(v["resets"], 0, "{v}");
     eprintln!("zerocopy {zerocopy} force {force:?}: {v}");
+    v
 }
 
 #[test]
@@ -135,14 +136,23 @@ fn sixty_four_mib_each_way_at_once_with_the_adaptive_policy() {
 }
 
 #[test]
-fn sixty_four_mib_each_way_with_forced_zero_copy() {
-    both_directions("on", "");
+fn sixty_four_mib_each_way_with_forced_zero_copy_from_a_registered_region() {
+    let v = both_directions("on", "");
+    assert_eq!(v["registered"], true, "{v}");
+    assert!(v["zc_sends"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(
+        v["fixed_sends"], v["zc_sends"],
+        "every zero-copy send named the region: {v}"
+    );
 }
 
 #[test]
 fn sixty_four_mib_each_way_on_fallback_rungs() {
     both_directions("on", "legacy-provide,no-multishot,no-sendmsg-zc");
-    both_directions("off", "no-bundle,no-defer-taskrun");
+    let v = both_directions("on", "no-bundle,no-defer-taskrun,no-fixed");
+    assert_eq!(v["registered"], false, "no-fixed: plain memory: {v}");
+    assert_eq!(v["fixed_sends"], 0, "{v}");
+    both_directions("off", "");
 }
 
 /// Reads until EOF or error; returns the error kind, if any.
