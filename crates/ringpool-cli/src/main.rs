@@ -13,6 +13,7 @@ mod probe;
 mod proxy;
 mod signals;
 mod tokio_echo;
+mod tokio_proxy;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,9 @@ enum Command {
     /// Baseline echo server for `bench`: tokio, one task and buffer per connection.
     #[command(hide = true)]
     TokioEcho(tokio_echo::Args),
+    /// Baseline proxy for `bench`: tokio, `copy_bidirectional` per connection.
+    #[command(hide = true)]
+    TokioProxy(tokio_proxy::Args),
 }
 
 fn main() {
@@ -48,6 +52,7 @@ fn main() {
         Command::Proxy(args) => proxy::run(args),
         Command::Bench(args) => bench::run(args),
         Command::TokioEcho(args) => tokio_echo::run(args),
+        Command::TokioProxy(args) => tokio_proxy::run(args),
     };
     if let Err(e) = result {
         eprintln!("ringpool: {e}");

@@ -1,8 +1,9 @@
 //! `ringpool bench --quick --json --workload idle-heavy` end to end: the workload runs, its
 //! bytes verify, both sides serve requests, and ringpool's buffer memory is at most 5% of the
 //! baseline's. `--workload send`: every variant at every size sends and verifies its bytes, and
-//! the zero-copy statistics are reported. Timings are printed by the bench but never asserted
-//! here (noisy VM).
+//! the zero-copy statistics are reported. `--workload proxy`: `ringpool proxy` and the tokio
+//! proxy both forward and verify every configuration, and every ratio is reported. Timings are
+//! printed by the bench but never asserted here (noisy VM).
 
 use std::process::Command;
 
@@ -121,6 +122,48 @@ fn send_quick_json() {
 }
 
 #[test]
+fn proxy_quick_json() {
+    let w = quick_json_workload("proxy");
+    assert_eq!(w["name"], "proxy", "{w:#}");
+    assert_eq!(w["verified"], true, "bytes not verified: {w:#}");
+
+    let runs = w["raw_rounds"].as_array().expect("raw_rounds");
+    for write in [4096u64, 65536] {
+        for streams in [1u64, 32] {
+            for side in ["ringpool", "baseline"] {
+                let run = runs
+                    .iter()
+                    .find(|r| r["write"] == write && r["streams"] == streams && r["side"] == side)
+                    .unwrap_or_else(|| panic!("no {side} run, {write} B x {streams}: {w:#}"));
+                assert_eq!(run["verified"], true, "{run:#}");
+                for dir in ["up", "down"] {
+                    let written = run[format!("bytes_{dir}_written")].as_u64().unwrap();
+                    assert!(written > 0, "nothing went {dir}: {run:#}");
+                    assert_eq!(run[format!("bytes_{dir}_read")], written, "{run:#}");
+                }
+                assert!(run["cpu_s_per_gb"].as_f64().unwrap_or(0.0) > 0.0, "{run:#}");
+                assert!(run["gb_per_sec"].as_f64().unwrap_or(0.0) > 0.0, "{run:#}");
+                let stats = &run["proxy_stats"];
+                assert_eq!(stats["connections"], streams, "{run:#}");
+                if side == "ringpool" {
+                    assert!(stats["sqes"].as_u64().unwrap_or(0) > 0, "{run:#}");
+                }
+            }
+        }
+    }
+    for tag in ["4k_x1", "4k_x32", "64k_x1", "64k_x32"] {
+        for metric in ["cpu_s_per_gb", "gb_per_sec"] {
+            let key = format!("{metric}_{tag}");
+            let m = &w["metrics"][&key];
+            for side in ["ringpool", "baseline", "ratio"] {
+                let v = m[side].as_f64().unwrap_or(0.0);
+                assert!(v > 0.0 && v.is_finite(), "{key}.{side}: {w:#}");
+            }
+        }
+    }
+}
+
+#[test]
 fn unknown_workload_is_a_clear_error() {
     let out = run_bench(&["--quick", "--workload", "no-such-workload"]);
     assert!(!out.status.success());
@@ -128,7 +171,8 @@ fn unknown_workload_is_a_clear_error() {
     assert!(
         stderr.contains("unknown workload `no-such-workload`")
             && stderr.contains("idle-heavy")
-            && stderr.contains("send"),
+            && stderr.contains("send")
+            && stderr.contains("proxy"),
         "stderr: {stderr}"
     );
 }

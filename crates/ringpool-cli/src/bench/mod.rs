@@ -5,12 +5,14 @@
 //! the two sides (ringpool, baseline, ringpool, ...), runs each server as a child process of
 //! this executable, drives the load from this process, and verifies every byte it gets back.
 //! `send` runs its four variants in threads of this process instead (sender and receiver per
-//! connection), and compares each with ringpool's plain send.
+//! connection), and compares each with ringpool's plain send. `proxy` runs the proxy under test
+//! as the child, with the load generator and the upstream in this process.
 
 use std::time::Duration;
 
 mod idle_heavy;
 mod load;
+mod proxy;
 mod report;
 mod send;
 mod server;
@@ -25,7 +27,8 @@ pub type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 #[derive(clap::Args)]
 pub struct Args {
     /// One round per side and a 1 s measurement window instead of 3 rounds of 3 s (`send`: one
-    /// round of 128 MiB per run instead of 3 rounds of 1 GiB).
+    /// round of 128 MiB per run instead of 3 rounds of 1 GiB; `proxy`: one round of 250 ms
+    /// windows instead of 3 rounds of 1 s).
     #[arg(long)]
     quick: bool,
     /// Run only this workload (default: all of them).
@@ -95,7 +98,7 @@ pub struct WorkloadDef {
 }
 
 /// Every workload, in the order `ringpool bench` runs them.
-const WORKLOADS: &[WorkloadDef] = &[idle_heavy::WORKLOAD, send::WORKLOAD];
+const WORKLOADS: &[WorkloadDef] = &[idle_heavy::WORKLOAD, send::WORKLOAD, proxy::WORKLOAD];
 
 /// Runs `ringpool bench`.
 pub fn run(args: Args) -> BenchResult<()> {
@@ -160,5 +163,6 @@ mod tests {
         assert_eq!(select(None).unwrap().len(), WORKLOADS.len());
         assert_eq!(select(Some("idle-heavy")).unwrap().len(), 1);
         assert_eq!(select(Some("send")).unwrap()[0].name, "send");
+        assert_eq!(select(Some("proxy")).unwrap()[0].name, "proxy");
     }
 }
