@@ -60,6 +60,11 @@ pub use error::{Error, Result};
 pub use fixed::{FixedBuf, FixedStats, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
 pub use pool::{BufGroup, BufGroupConfig, GroupStats, Registration, MAX_BUF_SIZE};
 pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use zc::{
     ZcConfig, ZcMode, ZcStats, COPIED_STREAK, DEFAULT_THRESHOLD as ZC_DEFAULT_THRESHOLD, PLAIN_RUN,
 };
