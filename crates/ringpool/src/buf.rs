@@ -12,6 +12,7 @@ use std::rc::Rc;
 use smallvec::SmallVec;
 
 use crate::fixed::FixedBuf;
+use crate::lease::Lease;
 use crate::pool::GroupShared;
 
 /// One buffer the kernel picked from a group and filled; returns to the group on drop.
@@ -208,6 +209,8 @@ pub enum SendBuf {
         /// The bytes to send.
         range: std::ops::Range<usize>,
     },
+    /// Leased bytes (a member of a lease group, or a lease lent again).
+    Leased(Lease),
 }
 
 impl SendBuf {
@@ -217,6 +220,7 @@ impl SendBuf {
             SendBuf::Owned(v) => v.len(),
             SendBuf::Chain(c) => c.len(),
             SendBuf::Fixed { range, .. } => range.len(),
+            SendBuf::Leased(l) => l.len(),
         }
     }
 
@@ -226,6 +230,7 @@ impl SendBuf {
             SendBuf::Owned(_) => None,
             SendBuf::Chain(c) => c.fixed_slot(),
             SendBuf::Fixed { buf, .. } => buf.slot(),
+            SendBuf::Leased(l) => l.fixed_slot(),
         }
     }
 
@@ -253,6 +258,7 @@ impl SendBuf {
             SendBuf::Owned(v) => push(v),
             SendBuf::Chain(c) => c.iter().for_each(|b| push(b)),
             SendBuf::Fixed { buf, range } => push(&buf[range.clone()]),
+            SendBuf::Leased(l) => push(l),
         }
     }
 }
@@ -260,6 +266,12 @@ impl SendBuf {
 impl From<Vec<u8>> for SendBuf {
     fn from(v: Vec<u8>) -> Self {
         SendBuf::Owned(v)
+    }
+}
+
+impl From<Lease> for SendBuf {
+    fn from(l: Lease) -> Self {
+        SendBuf::Leased(l)
     }
 }
 

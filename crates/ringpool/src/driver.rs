@@ -46,6 +46,7 @@ use smallvec::SmallVec;
 use crate::buf::{BufChain, PooledBuf, SendBuf};
 use crate::error::{Error, Result};
 use crate::fixed::{self, FixedBuf, FixedStats, FixedTable, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
+use crate::lease::{Lease, Member, MemberKind, ReturnQueue};
 use crate::pool::{BufGroup, BufGroupConfig, GroupShared, HandleGuard, Registration};
 use crate::probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
 use crate::sys;
@@ -253,6 +254,23 @@ pub enum Event {
     Accepted(Fd),
     /// A [`Driver::connect`] succeeded.
     Connected,
+    /// The leader of a [`Driver::lease_group`] finished: `Ok(n)` with the lease on the `n` bytes
+    /// it read (its members have started), or its error (every member then completes with
+    /// [`Error::Cancelled`]). Dropping this lease does not end the members' use of the buffer.
+    LeaseFilled {
+        /// Bytes the leader read.
+        result: Result<usize>,
+        /// A read-only lease on them (lend it again, or drop it).
+        lease: Option<Lease>,
+    },
+    /// A lease group's buffer is back: its leader failed, or its last holder (member op,
+    /// zero-copy notification, or user clone) let go. Carries the group's token.
+    LeaseReturned(FixedBuf),
+    /// A [`Member::write`] finished.
+    Written {
+        /// Bytes written, or why not.
+        result: Result<usize>,
+    },
     /// A read or write on registered memory ([`Driver::read_fixed`] and friends) ended: the
     /// buffer comes back with the bytes transferred or the error.
     FixedIo {
@@ -319,6 +337,14 @@ enum OpKind {
     },
     Send(Box<SendOp>),
     Fixed(Box<FixedOp>),
+    /// The leader of a lease group: a read into the buffer to lend.
+    Leader(Box<LeaderOp>),
+    /// A lease member writing the leased bytes.
+    LeaseWrite {
+        fd: Fd,
+        lease: Lease,
+        offset: u64,
+    },
     Provide {
         group: Rc<GroupShared>,
         first: u16,
@@ -341,6 +367,14 @@ struct FixedOp {
     iov: SmallVec<[libc::iovec; 1]>,
     vectored: bool,
     offset: u64,
+}
+
+/// A lease group's leader: reads into `buf`, then starts `members` on what it read.
+struct LeaderOp {
+    fd: Fd,
+    buf: Option<FixedBuf>,
+    offset: u64,
+    members: Vec<Member>,
 }
 
 /// Where a send's buffer goes once the kernel is done with it.
@@ -451,6 +485,8 @@ pub struct Driver {
     /// The fixed buffer table, once registered memory was asked for.
     fixed: Option<Rc<FixedTable>>,
     fixed_slots: u32,
+    /// Buffers of leases whose last holder let go, for [`Event::LeaseReturned`].
+    lease_returns: ReturnQueue,
 }
 
 impl Driver {
@@ -515,6 +551,7 @@ impl Driver {
             stats: DriverStats::default(),
             fixed: None,
             fixed_slots: config.fixed_slots,
+            lease_returns: ReturnQueue::default(),
         })
     }
 
@@ -966,6 +1003,159 @@ impl Driver {
         Ok(self.start(kind, token))
     }
 
+    /// A **lease group**: the leader reads from `fd` at `offset` (`u64::MAX`: the file position)
+    /// into `buf` (registered: `READ_FIXED`), then lends the bytes it read, read-only, to every
+    /// member at once (sends to many sockets, writes to many files); the buffer comes back in
+    /// [`Event::LeaseReturned`] (this call's token) after the last member and its last
+    /// zero-copy notification.
+    ///
+    /// - Members start only after the leader succeeded, all in one batch as it completes (not
+    ///   linked to it: a linked member would have to be sized before the read, and would send
+    ///   stale bytes after a short read).
+    /// - A failed leader cancels every member: each completes with [`Error::Cancelled`], and
+    ///   the buffer comes back at once.
+    /// - One member's failure does not cancel the others; each reports its own result under
+    ///   its own token ([`Event::Sent`], [`Event::Written`]).
+    /// - After a short read, members see only the bytes read, and the rest of the buffer is
+    ///   zeroed before anyone can look at it, so no stale data leaks.
+    /// - The leader completes with [`Event::LeaseFilled`], whose [`Lease`] may be lent again
+    ///   (read-only leases share freely); no member can write into the lease or select a buffer.
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{Driver, Event, Fd, Member};
+    /// use std::io::Read;
+    /// let mut driver = Driver::new(Default::default())?;
+    /// let file = Fd::from(std::os::fd::OwnedFd::from(std::fs::File::open("Cargo.toml").unwrap()));
+    /// let (a, mut peer_a) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// let (b, mut peer_b) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// let (a, b) = (Fd::from(std::os::fd::OwnedFd::from(a)), Fd::from(std::os::fd::OwnedFd::from(b)));
+    /// let buf = driver.fixed_buf_or_plain(16)?;
+    /// driver.lease_group(&file, buf, 0, vec![Member::send(&a, 1), Member::send_zc(&b, 2)], 9)?;
+    /// let mut returned = None;
+    /// while returned.is_none() {
+    ///     driver.wait(None)?;
+    ///     while let Some(c) = driver.pop() {
+    ///         if let Event::LeaseReturned(buf) = c.event {
+    ///             returned = Some(buf);
+    ///         }
+    ///     }
+    /// }
+    /// let (mut x, mut y) = ([0u8; 16], [0u8; 16]);
+    /// peer_a.read_exact(&mut x).unwrap();
+    /// peer_b.read_exact(&mut y).unwrap();
+    /// assert_eq!(x, y); // both got the same 16 bytes, read from the file once
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn lease_group(
+        &mut self,
+        fd: &Fd,
+        buf: FixedBuf,
+        offset: u64,
+        members: Vec<Member>,
+        token: u64,
+    ) -> Result<OpId> {
+        if buf.len() > u32::MAX as usize {
+            return Err(Error::InvalidArgument {
+                what: "a leased buffer holds at most 4 GiB",
+            });
+        }
+        let kind = OpKind::Leader(Box::new(LeaderOp {
+            fd: fd.clone(),
+            buf: Some(buf),
+            offset,
+            members,
+        }));
+        Ok(self.start(kind, token))
+    }
+
+    /// The leader of a lease group completed: lend its bytes to the members, or cancel them.
+    fn leader_done(
+        &mut self,
+        token: u64,
+        id: OpId,
+        result: Result<usize>,
+        buf: FixedBuf,
+        members: Vec<Member>,
+    ) {
+        let n = match result {
+            Ok(n) => n,
+            Err(e) => {
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::LeaseFilled {
+                        result: Err(e),
+                        lease: None,
+                    },
+                    more: true,
+                });
+                for m in members {
+                    let event = match m.kind {
+                        MemberKind::Send { .. } => Event::Sent {
+                            result: Err(Error::Cancelled),
+                            buf: None,
+                        },
+                        MemberKind::Write { .. } => Event::Written {
+                            result: Err(Error::Cancelled),
+                        },
+                    };
+                    self.ready.push_back(Completion {
+                        token: m.token,
+                        op: OpId(u64::MAX),
+                        event,
+                        more: false,
+                    });
+                }
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::LeaseReturned(buf),
+                    more: false,
+                });
+                return;
+            }
+        };
+        let lease = Lease::new(buf, n, token, self.lease_returns.clone());
+        self.ready.push_back(Completion {
+            token,
+            op: id,
+            event: Event::LeaseFilled {
+                result: Ok(n),
+                lease: Some(lease.clone()),
+            },
+            more: true,
+        });
+        for m in members {
+            match m.kind {
+                MemberKind::Send { fd, zc } => {
+                    let give_back = if zc {
+                        GiveBack::Never
+                    } else {
+                        GiveBack::InSent
+                    };
+                    // A leased range is always inside its buffer: this cannot fail.
+                    let _ = self.start_send(
+                        &fd,
+                        SendBuf::Leased(lease.clone()),
+                        None,
+                        zc,
+                        give_back,
+                        m.token,
+                    );
+                }
+                MemberKind::Write { fd, offset } => {
+                    let kind = OpKind::LeaseWrite {
+                        fd,
+                        lease: lease.clone(),
+                        offset,
+                    };
+                    self.start(kind, m.token);
+                }
+            }
+        }
+    }
+
     /// Sends all of `buf` on `fd` with a plain send (the kernel copies), continuing short
     /// sends; one [`Event::Sent`] completion that returns `buf`.
     ///
@@ -1174,7 +1364,23 @@ impl Driver {
 
     /// The next completion, if any is ready.
     pub fn pop(&mut self) -> Option<Completion> {
+        if self.ready.is_empty() {
+            self.collect_lease_returns();
+        }
         self.ready.pop_front()
+    }
+
+    /// Leases whose last holder let go: their buffers go back to the user.
+    fn collect_lease_returns(&mut self) {
+        let mut returns = self.lease_returns.borrow_mut();
+        while let Some((token, buf)) = returns.pop_front() {
+            self.ready.push_back(Completion {
+                token,
+                op: OpId(u64::MAX),
+                event: Event::LeaseReturned(buf),
+                more: false,
+            });
+        }
     }
 
     /// Completions ready to be popped.
@@ -1191,6 +1397,7 @@ impl Driver {
     /// dry group): then it returns at once, so a loop that holds every buffer cannot hang here.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
         self.flush()?;
+        self.collect_lease_returns();
         let in_kernel = self.ops.len() - self.parked.len();
         let want = if self.ready.is_empty() && in_kernel > 0 {
             1
@@ -1199,6 +1406,7 @@ impl Driver {
         };
         self.enter(want, timeout)?;
         self.reap();
+        self.collect_lease_returns();
         Ok(self.ready.len())
     }
 
@@ -1312,6 +1520,27 @@ impl Driver {
                     }
                     (true, _, false) => opcode::Readv::new(fd, iov, n).offset(op.offset).build(),
                     (true, _, true) => opcode::Writev::new(fd, iov, n).offset(op.offset).build(),
+                }
+            }
+            OpKind::Leader(op) => {
+                let fd = types::Fd(op.fd.as_raw_fd());
+                let buf = op.buf.as_ref().expect("a leader in flight owns its buffer");
+                let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+                match buf.slot() {
+                    Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
+                        .offset(op.offset)
+                        .build(),
+                    None => opcode::Read::new(fd, ptr, len).offset(op.offset).build(),
+                }
+            }
+            OpKind::LeaseWrite { fd, lease, offset } => {
+                let fd = types::Fd(fd.as_raw_fd());
+                let (ptr, len) = (lease.as_ptr(), lease.len() as u32);
+                match lease.fixed_slot() {
+                    Some(i) => opcode::WriteFixed::new(fd, ptr, len, i)
+                        .offset(*offset)
+                        .build(),
+                    None => opcode::Write::new(fd, ptr, len).offset(*offset).build(),
                 }
             }
             OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
@@ -1912,6 +2141,26 @@ impl Driver {
                     more: false,
                 });
             }
+            OpKind::Leader(op) => {
+                let mut buf = op.buf.take().expect("a leader in flight owns its buffer");
+                let members = std::mem::take(&mut op.members);
+                self.ops.remove(key);
+                self.leader_done(token, id, buf_result(&mut buf, res), buf, members);
+            }
+            OpKind::LeaseWrite { .. } => {
+                self.ops.remove(key);
+                let result = match res {
+                    r if r >= 0 => Ok(r as usize),
+                    r if r == -libc::ECANCELED => Err(Error::Cancelled),
+                    r => Err(errno_error("write", r)),
+                };
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::Written { result },
+                    more: false,
+                });
+            }
             OpKind::Send(_) => unreachable!("sends are dispatched above"),
             OpKind::Provide { group, first, n } => {
                 let (group, first, n) = (group.clone(), *first, *n);
@@ -2097,6 +2346,21 @@ fn is_incremental(g: &GroupShared) -> bool {
     matches!(&g.backing, crate::pool::Backing::Ring(r) if r.incremental)
 }
 
+/// A leader read's result; after a short read, zeroes the rest of `buf` so no stale bytes can
+/// be seen through the lease.
+fn buf_result(buf: &mut FixedBuf, res: i32) -> Result<usize> {
+    if res < 0 {
+        return Err(if res == -libc::ECANCELED {
+            Error::Cancelled
+        } else {
+            errno_error("lease leader read", res)
+        });
+    }
+    let n = res as usize;
+    buf[n..].fill(0);
+    Ok(n)
+}
+
 /// Page-aligned memory for a [`FixedBuf`] of `len` bytes.
 fn fixed_mem(len: usize) -> Result<sys::Mmap> {
     if len == 0 || len > MAX_FIXED_LEN {
@@ -2115,6 +2379,8 @@ fn op_fd(kind: &OpKind) -> Option<&Fd> {
         | OpKind::Connect { fd, .. } => Some(fd),
         OpKind::Send(op) => op.fd.as_ref(),
         OpKind::Fixed(op) => Some(&op.fd),
+        OpKind::Leader(op) => Some(&op.fd),
+        OpKind::LeaseWrite { fd, .. } => Some(fd),
         _ => None,
     }
 }

@@ -47,6 +47,7 @@ mod buf;
 mod driver;
 mod error;
 mod fixed;
+mod lease;
 mod pool;
 mod probe;
 pub mod sys;
@@ -58,6 +59,7 @@ pub use driver::{
 };
 pub use error::{Error, Result};
 pub use fixed::{FixedBuf, FixedStats, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
+pub use lease::{Lease, Member};
 pub use pool::{BufGroup, BufGroupConfig, GroupStats, Registration, MAX_BUF_SIZE};
 pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
 /// The README's examples, compiled and run as doctests.

@@ -1,0 +1,154 @@
+//! Leased buffers: one buffer, filled once by a **leader** op, lent read-only to a group of
+//! **member** ops that use it in parallel (sends to many sockets, zero-copy or not, and writes to
+//! many files). The buffer goes back to its owner when the last member is done *and* the last
+//! zero-copy notification is in: a [`Lease`] is a reference-counted, read-only view, every
+//! member op holds a clone until its final completion, and dropping the last clone returns the
+//! buffer ([`Event::LeaseReturned`](crate::Event::LeaseReturned)).
+//!
+//! Upstream io_uring once proposed this as SQE groups (never merged); ringpool does it in user
+//! space. See [`Driver::lease_group`](crate::Driver::lease_group) for the rules.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use crate::fixed::FixedBuf;
+
+/// Buffers whose lease ended, with the token of their group: the driver turns them into
+/// completions.
+pub(crate) type ReturnQueue = Rc<RefCell<VecDeque<(u64, FixedBuf)>>>;
+
+struct LeaseInner {
+    buf: Option<FixedBuf>,
+    len: usize,
+    token: u64,
+    returns: ReturnQueue,
+}
+
+impl Drop for LeaseInner {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.returns.borrow_mut().push_back((self.token, buf));
+        }
+    }
+}
+
+/// A read-only lease on the bytes a leader op filled. Clones share the buffer; ops that send or
+/// write it hold a clone until the kernel is done with the memory. No clone can write to it, so
+/// any number of leases may read it at once, and nothing can take it back while one exists.
+///
+/// # Examples
+/// ```no_run
+/// # fn f(lease: ringpool::Lease) {
+/// assert_eq!(&lease[..5], b"hello"); // derefs to exactly the bytes the leader read
+/// println!("{} holders", lease.holders());
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Lease(Rc<LeaseInner>);
+
+impl Lease {
+    pub(crate) fn new(buf: FixedBuf, len: usize, token: u64, returns: ReturnQueue) -> Lease {
+        debug_assert!(len <= buf.len());
+        Lease(Rc::new(LeaseInner {
+            buf: Some(buf),
+            len,
+            token,
+            returns,
+        }))
+    }
+
+    /// How many clones (the user's and the member ops') hold the buffer now.
+    pub fn holders(&self) -> usize {
+        Rc::strong_count(&self.0)
+    }
+
+    /// The fixed table slot of the leased memory, if registered.
+    pub fn fixed_slot(&self) -> Option<u16> {
+        self.buf().slot()
+    }
+
+    fn buf(&self) -> &FixedBuf {
+        self.0.buf.as_ref().expect("a live lease holds its buffer")
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf()[..self.0.len]
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("len", &self.0.len)
+            .field("holders", &self.holders())
+            .finish()
+    }
+}
+
+/// One member of a lease group: what it does with the leased bytes, and the token its own
+/// completion carries.
+///
+/// There is deliberately no member that selects a buffer from a group or writes into the lease:
+/// a member only reads the leased bytes, so the rules cannot be broken by construction.
+///
+/// # Examples
+/// ```no_run
+/// # fn f(sock: ringpool::Fd, file: ringpool::Fd) {
+/// use ringpool::Member;
+/// let members = vec![Member::send_zc(&sock, 10), Member::write(&file, 0, 11)];
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub(crate) kind: MemberKind,
+    pub(crate) token: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum MemberKind {
+    /// A send of the leased bytes (`zc`: through the zero-copy policy).
+    Send { fd: crate::Fd, zc: bool },
+    /// A write of the leased bytes to `fd` at `offset`.
+    Write { fd: crate::Fd, offset: u64 },
+}
+
+impl Member {
+    /// Sends the leased bytes on `fd` plainly; completes with [`Event::Sent`](crate::Event::Sent).
+    pub fn send(fd: &crate::Fd, token: u64) -> Member {
+        Member {
+            kind: MemberKind::Send {
+                fd: fd.clone(),
+                zc: false,
+            },
+            token,
+        }
+    }
+
+    /// Sends the leased bytes on `fd` with zero-copy where the policy says it pays (registered
+    /// memory is named, so no page pinning); completes with [`Event::Sent`](crate::Event::Sent).
+    pub fn send_zc(fd: &crate::Fd, token: u64) -> Member {
+        Member {
+            kind: MemberKind::Send {
+                fd: fd.clone(),
+                zc: true,
+            },
+            token,
+        }
+    }
+
+    /// Writes the leased bytes to `fd` at `offset` (`WRITE_FIXED` on registered memory);
+    /// completes with [`Event::Written`](crate::Event::Written).
+    pub fn write(fd: &crate::Fd, offset: u64, token: u64) -> Member {
+        Member {
+            kind: MemberKind::Write {
+                fd: fd.clone(),
+                offset,
+            },
+            token,
+        }
+    }
+}
