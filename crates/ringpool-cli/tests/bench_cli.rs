@@ -2,8 +2,10 @@
 //! bytes verify, both sides serve requests, and ringpool's buffer memory is at most 5% of the
 //! baseline's. `--workload send`: every variant at every size sends and verifies its bytes, and
 //! the zero-copy statistics are reported. `--workload proxy`: `ringpool proxy` and the tokio
-//! proxy both forward and verify every configuration, and every ratio is reported. Timings are
-//! printed by the bench but never asserted here (noisy VM).
+//! proxy both forward and verify every configuration, and every ratio is reported. `--workload
+//! file`: `O_DIRECT` reads into registered and into plain buffers both verify every block, and
+//! the ratios are reported (or the workload says why it skipped). Timings are printed by the
+//! bench but never asserted here (noisy VM).
 
 use std::process::Command;
 
@@ -159,6 +161,42 @@ fn proxy_quick_json() {
                 let v = m[side].as_f64().unwrap_or(0.0);
                 assert!(v > 0.0 && v.is_finite(), "{key}.{side}: {w:#}");
             }
+        }
+    }
+}
+
+#[test]
+fn file_quick_json() {
+    let w = quick_json_workload("file");
+    assert_eq!(w["name"], "file", "{w:#}");
+    assert_eq!(w["verified"], true, "blocks not verified: {w:#}");
+    let notes = w["notes"].as_array().expect("notes");
+    if let Some(skip) = notes
+        .iter()
+        .filter_map(|n| n.as_str())
+        .find(|n| n.starts_with("skipped:"))
+    {
+        // The bench itself fails a skip under RINGPOOL_REQUIRE_ALL=1.
+        eprintln!("{skip}");
+        return;
+    }
+
+    let runs = w["raw_rounds"].as_array().expect("raw_rounds");
+    for (side, registered_bufs) in [("registered", 32), ("unregistered", 0)] {
+        let side_runs: Vec<_> = runs.iter().filter(|r| r["side"] == side).collect();
+        assert!(!side_runs.is_empty(), "no {side} round: {w:#}");
+        for run in side_runs {
+            assert_eq!(run["verified"], true, "{run:#}");
+            assert!(run["reads"].as_u64().unwrap_or(0) > 0, "{run:#}");
+            assert_eq!(run["mismatches"], 0, "{run:#}");
+            assert_eq!(run["short_reads"], 0, "{run:#}");
+            assert_eq!(run["registered_bufs"], registered_bufs, "{run:#}");
+        }
+    }
+    for key in ["cpu_us_per_io", "process_cpu_us_per_io", "iops"] {
+        for side in ["ringpool", "baseline", "ratio"] {
+            let v = w["metrics"][key][side].as_f64().unwrap_or(0.0);
+            assert!(v > 0.0 && v.is_finite(), "{key}.{side}: {w:#}");
         }
     }
 }

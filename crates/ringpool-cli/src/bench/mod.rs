@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+mod file;
 mod idle_heavy;
 mod load;
 mod proxy;
@@ -98,7 +99,12 @@ pub struct WorkloadDef {
 }
 
 /// Every workload, in the order `ringpool bench` runs them.
-const WORKLOADS: &[WorkloadDef] = &[idle_heavy::WORKLOAD, send::WORKLOAD, proxy::WORKLOAD];
+const WORKLOADS: &[WorkloadDef] = &[
+    idle_heavy::WORKLOAD,
+    send::WORKLOAD,
+    proxy::WORKLOAD,
+    file::WORKLOAD,
+];
 
 /// Runs `ringpool bench`.
 pub fn run(args: Args) -> BenchResult<()> {
