@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod echo;
+mod fanout;
 mod net;
 mod probe;
 mod proxy;
@@ -34,6 +35,8 @@ enum Command {
     Echo(echo::Args),
     /// Run a TCP proxy whose received buffers leave without a copy (zero-copy where it pays).
     Proxy(proxy::Args),
+    /// Serve a file to every client, reading each chunk once and leasing it to all their sends.
+    Fanout(fanout::Args),
     /// Benchmark ringpool against a baseline (medians of alternating rounds, and ratios).
     Bench(bench::Args),
     /// Baseline echo server for `bench`: tokio, one task and buffer per connection.
@@ -50,6 +53,7 @@ fn main() {
         Command::Probe(args) => probe::run(args),
         Command::Echo(args) => echo::run(args),
         Command::Proxy(args) => proxy::run(args),
+        Command::Fanout(args) => fanout::run(args),
         Command::Bench(args) => bench::run(args),
         Command::TokioEcho(args) => tokio_echo::run(args),
         Command::TokioProxy(args) => tokio_proxy::run(args),

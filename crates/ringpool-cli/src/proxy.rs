@@ -42,10 +42,10 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     zerocopy: ZcMode,
     /// Size of each buffer in the shared group.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 65536)]
     buf_size: usize,
     /// Number of buffers in the shared group (a power of two, at most 32768).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 256)]
     bufs: u32,
 }
 
@@ -62,8 +62,11 @@ const CONNECT: u64 = 4;
 struct Direction {
     /// `src` reached end of stream.
     eof: bool,
-    /// Sends to `dst` whose result has not come.
+    /// Sends to `dst` whose result has not come (at most one: see `pending`).
     sends: u32,
+    /// Data received while a send was in flight: it leaves in one send (one `sendmsg` with an
+    /// iovec per buffer) when that send completes, so small receives coalesce.
+    pending: Option<ringpool::BufChain>,
     /// Buffers of this direction not yet back in the group.
     bufs_out: u32,
     /// A receive on `src` is armed.
@@ -231,13 +234,15 @@ pub fn serve(
                     } else {
                         summary.bytes_down += chain.len() as u64;
                     }
-                    let dst = pair.sockets(dir).1.clone();
-                    let send_tag = if dir == 0 { SEND_UPSTREAM } else { SEND_CLIENT };
                     let d = &mut pair.dirs[dir];
                     d.bufs_out += chain.buf_count() as u32;
-                    d.sends += 1;
-                    pair.live_ops += 1;
-                    driver.send_zc_returning(&dst, chain, (key as u64) << 3 | send_tag)?;
+                    if d.sends == 0 {
+                        send(driver, pair, key, dir, chain)?;
+                    } else if let Some(p) = &mut d.pending {
+                        p.append(chain);
+                    } else {
+                        d.pending = Some(chain);
+                    }
                     arm_recv(driver, group, pair, key, dir, fair_share(total, live_pairs))?;
                 }
                 (RECV_CLIENT | RECV_UPSTREAM, Event::Eof) => {
@@ -252,6 +257,8 @@ pub fn serve(
                     pair.dirs[dir].sends -= 1;
                     if result.is_err() {
                         abort(driver, pair, &mut summary);
+                    } else if let Some(chain) = pair.dirs[dir].pending.take() {
+                        send(driver, pair, key, dir, chain)?;
                     } else {
                         shut_if_drained(pair, dir);
                     }
@@ -305,10 +312,27 @@ fn arm_recv(
     Ok(())
 }
 
+/// Sends `chain` from direction `dir`'s source to its destination; the buffers come back in
+/// `Event::Returned` after any zero-copy notification.
+fn send(
+    driver: &mut Driver,
+    pair: &mut Pair,
+    key: usize,
+    dir: usize,
+    chain: ringpool::BufChain,
+) -> ringpool::Result<()> {
+    let dst = pair.sockets(dir).1.clone();
+    let tag = if dir == 0 { SEND_UPSTREAM } else { SEND_CLIENT };
+    pair.dirs[dir].sends += 1;
+    pair.live_ops += 1;
+    driver.send_zc_returning(&dst, chain, (key as u64) << 3 | tag)?;
+    Ok(())
+}
+
 /// Passes an EOF on: once `src` ended and every byte before the EOF left, shut `dst` for writing.
 fn shut_if_drained(pair: &mut Pair, dir: usize) {
     let d = &pair.dirs[dir];
-    if d.eof && d.sends == 0 && !d.shut && !pair.aborted {
+    if d.eof && d.sends == 0 && d.pending.is_none() && !d.shut && !pair.aborted {
         let (_, dst) = pair.sockets(dir);
         // SAFETY: shutdown on a socket the pair owns.
         unsafe { libc::shutdown(dst.as_raw_fd(), libc::SHUT_WR) };
@@ -324,6 +348,9 @@ fn abort(driver: &mut Driver, pair: &mut Pair, summary: &mut Summary) {
     }
     pair.aborted = true;
     summary.resets += 1;
+    for d in &mut pair.dirs {
+        d.pending = None; // back to the group
+    }
     for fd in [&pair.client, &pair.upstream] {
         set_reset_on_close(fd);
         driver.cancel_fd(fd);

@@ -2,9 +2,11 @@
 //! connections, checked byte for byte, half-close passed on, resets passed on, and the shared
 //! group full again at the end. On the best rung and on forced fallbacks, zero-copy on and off.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+mod common;
+
+use common::Server;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const CONNS: usize = 4;
@@ -33,61 +35,26 @@ fn echo_upstream() -> SocketAddr {
     addr
 }
 
-/// A running `ringpool proxy` and the rest of its stdout, collected in the background so the
-/// proxy never blocks on a full pipe.
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-    rest: std::sync::mpsc::Receiver<String>,
-}
-
-fn start(upstream: SocketAddr, zerocopy: &str, force: &str) -> Proxy {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringpool"))
-        .args([
+fn start(upstream: SocketAddr, zerocopy: &str, force: &str) -> Server {
+    let upstream = upstream.to_string();
+    Server::start(
+        &[
             "proxy",
             "--listen",
             "127.0.0.1:0",
             "--upstream",
-            &upstream.to_string(),
-        ])
-        .args(["--zerocopy", zerocopy, "--bufs", "256"])
-        .env("RINGPOOL_FORCE", force)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn ringpool proxy");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect(&line)
-        .parse()
-        .unwrap();
-    let (tx, rest) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = out.read_to_string(&mut rest);
-        let _ = tx.send(rest);
-    });
-    Proxy { child, addr, rest }
+            &upstream,
+            "--zerocopy",
+            zerocopy,
+            "--bufs",
+            "256",
+        ],
+        force,
+    )
 }
 
-/// Stops the proxy with SIGINT and returns its final `stats` line.
-fn stop(mut proxy: Proxy) -> serde_json::Value {
-    // SAFETY: kill sends a signal to our own child process.
-    unsafe { libc::kill(proxy.child.id() as i32, libc::SIGINT) };
-    let status = proxy.child.wait().unwrap();
-    assert!(status.success(), "proxy exited with {status}");
-    let out = proxy
-        .rest
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the proxy's output");
-    let stats = out
-        .lines()
-        .find_map(|l| l.strip_prefix("stats "))
-        .unwrap_or_else(|| panic!("no stats in {out:?}"));
-    serde_json::from_str(stats).unwrap()
+fn stop(proxy: Server) -> serde_json::Value {
+    proxy.stop()
 }
 
 fn both_directions(zerocopy: &str, force: &str) -> serde_json::Value {

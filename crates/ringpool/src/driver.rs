@@ -1015,7 +1015,8 @@ impl Driver {
     /// - A failed leader cancels every member: each completes with [`Error::Cancelled`], and
     ///   the buffer comes back at once.
     /// - One member's failure does not cancel the others; each reports its own result under
-    ///   its own token ([`Event::Sent`], [`Event::Written`]).
+    ///   its own token ([`Event::Sent`], [`Event::Written`]). A zero-copy send member then
+    ///   reports, in [`Event::Returned`], when its notification came and it let go of the lease.
     /// - After a short read, members see only the bytes read, and the rest of the buffer is
     ///   zeroed before anyone can look at it, so no stale data leaks.
     /// - The leader completes with [`Event::LeaseFilled`], whose [`Lease`] may be lent again
@@ -1129,8 +1130,11 @@ impl Driver {
         for m in members {
             match m.kind {
                 MemberKind::Send { fd, zc } => {
+                    // Each member says when it let go of the lease: a plain send in its `Sent`
+                    // (which carries its clone), a zero-copy send in a later `Returned`, after
+                    // its notification. A server can tell which member still holds a lease.
                     let give_back = if zc {
-                        GiveBack::Never
+                        GiveBack::Later
                     } else {
                         GiveBack::InSent
                     };

@@ -129,7 +129,9 @@ impl Member {
     }
 
     /// Sends the leased bytes on `fd` with zero-copy where the policy says it pays (registered
-    /// memory is named, so no page pinning); completes with [`Event::Sent`](crate::Event::Sent).
+    /// memory is named, so no page pinning); completes with [`Event::Sent`](crate::Event::Sent)
+    /// (with `more` set) and, once the kernel let go of the memory, with
+    /// [`Event::Returned`](crate::Event::Returned) carrying its clone of the lease.
     pub fn send_zc(fd: &crate::Fd, token: u64) -> Member {
         Member {
             kind: MemberKind::Send {

@@ -39,6 +39,8 @@ struct Outcome {
     members: std::collections::BTreeMap<u64, ringpool::Result<usize>>,
     returned: Option<FixedBuf>,
     returns: usize,
+    /// Zero-copy send members that reported letting go of the lease.
+    let_go: usize,
 }
 
 fn run_group(d: &mut Driver, group_token: u64) -> Outcome {
@@ -56,6 +58,13 @@ fn run_group(d: &mut Driver, group_token: u64) -> Outcome {
                 assert_eq!(c.token, group_token);
                 o.returns += 1;
                 o.returned = Some(buf);
+            }
+            Event::Returned(ringpool::SendBuf::Leased(_)) => {
+                assert!(
+                    o.members.contains_key(&c.token),
+                    "returned before its result"
+                );
+                o.let_go += 1;
             }
             Event::Sent { result, .. } | Event::Written { result } => {
                 assert!(o.filled.is_some(), "a member completed before its leader");
@@ -118,6 +127,7 @@ fn members_start_after_the_leader_and_each_gets_the_same_bytes() {
             })
             .collect();
         let o = run_group(&mut d, 99);
+        assert_eq!(o.let_go, 2, "{name}: each zero-copy member let go once");
         assert_eq!(o.filled.unwrap().unwrap(), 48 << 10, "{name}");
         assert_eq!(o.members.len(), 5, "{name}");
         for (t, r) in &o.members {
@@ -333,6 +343,7 @@ fn a_read_only_lease_can_be_lent_again_while_members_hold_it() {
                     assert_eq!(result.unwrap(), 2048);
                     sends += 1;
                 }
+                Event::Returned(_) => {}
                 Event::LeaseReturned(buf) => {
                     assert_eq!(sends, 2, "returned before every holder was done");
                     returned = Some(buf);

@@ -1,0 +1,344 @@
+//! `ringpool fanout`: serves one file to every client, reading each chunk **once** and leasing
+//! it to all clients' sends at the same time (`Driver::lease_group`: zero-copy from registered
+//! memory where the policy says it pays, plain sends from the same memory otherwise).
+//!
+//! Clients are served in rounds: a round starts when `--clients` clients are connected (those
+//! that connect during a round wait for the next one) and sends each of them the whole file,
+//! then half-closes their connections.
+//!
+//! **Memory is bounded** by `--in-flight` chunk buffers: a chunk is read only into a free
+//! buffer, and a buffer is free again only when every client's send of it is done (and its
+//! zero-copy notification is in). **A slow client cannot stall the others forever**: when every
+//! buffer is held and none came back for `--laggard-timeout` seconds, the clients that still
+//! hold the oldest chunk are disconnected (reset), which frees it; the others go on. Dropping
+//! the laggard (rather than waiting) keeps both memory and the other clients' progress bounded.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ringpool::{Driver, DriverConfig, Event, Fd, FixedBuf, Member};
+
+use crate::net::{set_backlog, set_nodelay, set_reset_on_close};
+use crate::signals;
+
+/// Arguments of `ringpool fanout`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The file to serve.
+    #[arg(long)]
+    file: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Bytes per chunk (each chunk is read once for all clients).
+    #[arg(long, default_value_t = 1 << 20)]
+    chunk: usize,
+    /// Chunks in flight at most (the memory bound: chunk × in-flight bytes).
+    #[arg(long, default_value_t = 8)]
+    in_flight: usize,
+    /// Clients per round: a round starts when this many are connected.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Seconds without progress, with every chunk buffer held, before the clients holding the
+    /// oldest chunk are dropped.
+    #[arg(long, default_value_t = 10.0)]
+    laggard_timeout: f64,
+}
+
+/// What `serve` did.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    /// Rounds completed.
+    pub rounds: u64,
+    /// Clients served to the end of the file.
+    pub clients_done: u64,
+    /// Clients that failed or were dropped as laggards.
+    pub clients_lost: u64,
+    /// Of those, dropped as laggards.
+    pub laggards: u64,
+    /// Chunks read from the file (each once per round).
+    pub chunks_read: u64,
+    /// Bytes read from the file.
+    pub bytes_read: u64,
+    /// Bytes delivered to clients (sum over clients).
+    pub bytes_sent: u64,
+    /// Most chunk buffers in flight at once.
+    pub peak_in_flight: usize,
+    /// Chunk buffers free (back from every lease) when serving stopped, of `buffers_total`.
+    pub buffers_free: usize,
+    /// Chunk buffers.
+    pub buffers_total: usize,
+}
+
+const ACCEPT: u64 = u64::MAX;
+/// Token of lease groups: the chunk index.
+const CHUNK_TAG: u64 = 1 << 62;
+
+struct Client {
+    /// The socket; `None` once the client failed or was dropped (its ops keep their own clones,
+    /// so the descriptor closes when the last of them ends).
+    fd: Option<Fd>,
+    /// Sends whose result has not come.
+    sends: u32,
+    /// Chunks whose send completed.
+    done_chunks: u64,
+    /// Chunks this client's sends still hold (a zero-copy send until its notification, which
+    /// on loopback comes only once the client has read the data).
+    held: u32,
+    /// Chunks this client's sends let go of.
+    released: u64,
+    alive: bool,
+}
+
+/// The state of one round.
+struct Round {
+    clients: Vec<Client>,
+    /// The next chunk to read, and whether the file ended.
+    next_chunk: u64,
+    eof: bool,
+    /// A leader read is in flight (reads go one at a time, so chunks reach every client in order).
+    reading: bool,
+}
+
+pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    signals::install();
+    let listener = TcpListener::bind(args.listen)?;
+    set_backlog(&listener, 4096)?;
+    let addr = listener.local_addr()?;
+    let file = std::fs::File::open(&args.file)?;
+    let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+    let summary = serve(
+        &mut driver,
+        Fd::from(std::os::fd::OwnedFd::from(file)),
+        Fd::from(listener),
+        &Options {
+            chunk: args.chunk,
+            in_flight: args.in_flight,
+            clients: args.clients,
+            laggard_timeout: Duration::from_secs_f64(args.laggard_timeout),
+        },
+        signals::stop_requested,
+    )?;
+    let z = driver.zc_stats();
+    println!(
+        "stopped: {} rounds, {} clients served, {} lost ({} laggards), {} chunks read, {} bytes sent",
+        summary.rounds,
+        summary.clients_done,
+        summary.clients_lost,
+        summary.laggards,
+        summary.chunks_read,
+        summary.bytes_sent
+    );
+    let mut json = serde_json::json!({
+        "rounds": summary.rounds, "clients_done": summary.clients_done,
+        "clients_lost": summary.clients_lost, "laggards": summary.laggards,
+        "chunks_read": summary.chunks_read, "bytes_read": summary.bytes_read,
+        "bytes_sent": summary.bytes_sent, "peak_in_flight": summary.peak_in_flight,
+        "buffers_free": summary.buffers_free, "buffers_total": summary.buffers_total,
+    });
+    json["zc_sends"] = z.zc_sends.into();
+    json["zc_copied"] = z.zc_copied.into();
+    json["plain_sends"] = z.plain_sends.into();
+    json["fixed_sends"] = z.fixed_sends.into();
+    json["chunk_bytes"] = (args.chunk as u64).into();
+    json["in_flight_limit"] = (args.in_flight as u64).into();
+    println!("stats {json}");
+    Ok(())
+}
+
+/// Tuning of [`serve`].
+pub struct Options {
+    pub chunk: usize,
+    pub in_flight: usize,
+    pub clients: usize,
+    pub laggard_timeout: Duration,
+}
+
+/// Serves `file` to the clients of `listener`, round after round, until `stop()` says so.
+pub fn serve(
+    driver: &mut Driver,
+    file: Fd,
+    listener: Fd,
+    opts: &Options,
+    stop: impl Fn() -> bool,
+) -> ringpool::Result<Summary> {
+    let mut summary = Summary::default();
+    let mut free: Vec<FixedBuf> = (0..opts.in_flight.max(1))
+        .map(|_| driver.fixed_buf_or_plain(opts.chunk))
+        .collect::<ringpool::Result<_>>()?;
+    let total_bufs = free.len();
+    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut waiting: Vec<Fd> = Vec::new();
+    let mut round: Option<Round> = None;
+    let mut last_progress = Instant::now();
+    while !stop() {
+        if round.is_none() && waiting.len() >= opts.clients.max(1) {
+            round = Some(Round {
+                clients: waiting
+                    .drain(..)
+                    .map(|fd| Client {
+                        fd: Some(fd),
+                        sends: 0,
+                        done_chunks: 0,
+                        held: 0,
+                        released: 0,
+                        alive: true,
+                    })
+                    .collect(),
+                next_chunk: 0,
+                eof: false,
+                reading: false,
+            });
+            last_progress = Instant::now();
+        }
+        if let Some(r) = &mut round {
+            // Read the next chunk into a free buffer and lend it to every live client.
+            if !r.reading && !r.eof && r.clients.iter().any(|c| c.alive) {
+                if let Some(buf) = free.pop() {
+                    let members = r
+                        .clients
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, c)| Some(Member::send_zc(c.fd.as_ref()?, i as u64)))
+                        .collect::<Vec<_>>();
+                    for c in r.clients.iter_mut().filter(|c| c.fd.is_some()) {
+                        c.sends += 1;
+                        c.held += 1;
+                    }
+                    let offset = r.next_chunk * opts.chunk as u64;
+                    driver.lease_group(&file, buf, offset, members, CHUNK_TAG | r.next_chunk)?;
+                    r.reading = true;
+                    summary.peak_in_flight = summary.peak_in_flight.max(total_bufs - free.len());
+                }
+            }
+            if free.is_empty() && last_progress.elapsed() > opts.laggard_timeout {
+                drop_laggards(driver, r, &mut summary);
+                last_progress = Instant::now();
+            }
+            if round_finished(r, &mut summary) && free.len() == total_bufs {
+                summary.rounds += 1;
+                round = None;
+                continue;
+            }
+        }
+        driver.wait(Some(Duration::from_millis(100)))?;
+        while let Some(c) = driver.pop() {
+            match (c.token, c.event) {
+                (ACCEPT, Event::Accepted(fd)) => {
+                    set_nodelay(&fd);
+                    waiting.push(fd);
+                }
+                (ACCEPT, Event::Error(e)) => eprintln!("accept: {e}"),
+                (ACCEPT, _) => {}
+                (_, Event::LeaseFilled { result, lease }) => {
+                    let r = round.as_mut().expect("a lease belongs to the round");
+                    r.reading = false;
+                    drop(lease);
+                    match result {
+                        Ok(0) => r.eof = true,
+                        Ok(n) => {
+                            summary.chunks_read += 1;
+                            summary.bytes_read += n as u64;
+                            r.next_chunk += 1;
+                            // A short read is the end of the file (or the file shrank).
+                            r.eof = n < opts.chunk;
+                        }
+                        Err(e) => {
+                            eprintln!("reading the file: {e}");
+                            r.eof = true;
+                        }
+                    }
+                }
+                (_, Event::LeaseReturned(buf)) => {
+                    free.push(buf);
+                    last_progress = Instant::now();
+                }
+                (i, Event::Sent { result, .. }) => {
+                    let r = round.as_mut().expect("a send belongs to the round");
+                    let client = &mut r.clients[i as usize];
+                    client.sends -= 1;
+                    if !c.more {
+                        client.held -= 1;
+                        client.released += 1;
+                    }
+                    match result {
+                        Ok(n) => {
+                            client.done_chunks += 1;
+                            summary.bytes_sent += n as u64;
+                        }
+                        Err(_) => {
+                            if let Some(fd) = client.fd.take() {
+                                client.alive = false;
+                                summary.clients_lost += 1;
+                                driver.cancel_fd(&fd);
+                            }
+                        }
+                    }
+                }
+                (i, Event::Returned(lease)) => {
+                    // A zero-copy member's notification: it let go of its chunk.
+                    drop(lease);
+                    let r = round.as_mut().expect("a send belongs to the round");
+                    let client = &mut r.clients[i as usize];
+                    client.held -= 1;
+                    client.released += 1;
+                }
+                (_, other) => eprintln!("fanout: unexpected {other:?}"),
+            }
+        }
+    }
+    driver.cancel(accept);
+    summary.buffers_free = free.len();
+    summary.buffers_total = total_bufs;
+    Ok(summary)
+}
+
+/// Every chunk was read and every live client got all of them: half-close and count them.
+fn round_finished(r: &mut Round, summary: &mut Summary) -> bool {
+    let all_sent = r.clients.iter().all(|c| c.sends == 0);
+    if !(r.eof || r.clients.iter().all(|c| !c.alive)) || r.reading || !all_sent {
+        return false;
+    }
+    for c in r.clients.iter_mut().filter(|c| c.alive) {
+        if let Some(fd) = c.fd.take() {
+            // SAFETY: shutdown on a socket the round owns.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+        }
+        c.alive = false;
+        summary.clients_done += 1;
+    }
+    true
+}
+
+/// Every chunk buffer is held and nothing came back for a while: reset the clients that still
+/// hold the oldest chunk (those holding chunks that let go of the fewest). Resetting a socket
+/// ends its sends and frees its pending zero-copy notifications.
+fn drop_laggards(driver: &mut Driver, r: &mut Round, summary: &mut Summary) {
+    let Some(oldest) = r
+        .clients
+        .iter()
+        .filter(|c| c.alive && c.held > 0)
+        .map(|c| c.released)
+        .min()
+    else {
+        return;
+    };
+    for c in r
+        .clients
+        .iter_mut()
+        .filter(|c| c.alive && c.held > 0 && c.released == oldest)
+    {
+        c.alive = false;
+        summary.clients_lost += 1;
+        summary.laggards += 1;
+        if let Some(fd) = c.fd.take() {
+            set_reset_on_close(&fd);
+            driver.cancel_fd(&fd);
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! `ringpool fanout` as a user runs it: a file served to many clients, each chunk read once and
+//! leased to every client's send; identical, checksum-verified copies, every chunk buffer back
+//! at the end; a client that disconnects, a file that shrinks, and a laggard that is dropped.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::Server;
+
+/// A file of `len` bytes whose content depends on the position (so a misplaced chunk shows).
+fn make_file(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
+    let path = dir.join("served.bin");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let mut block = vec![0u8; 1 << 16];
+    for b in 0..len.div_ceil(block.len()) {
+        for (i, x) in block.iter_mut().enumerate() {
+            *x = ((b * 7919 + i * 31 + i / 251) % 256) as u8;
+        }
+        let n = block.len().min(len - b * block.len());
+        f.write_all(&block[..n]).unwrap();
+    }
+    f.flush().unwrap();
+    path
+}
+
+/// A 64-bit checksum of a stream (position-sensitive).
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+struct Sum {
+    hash: u64,
+    len: u64,
+}
+
+impl Sum {
+    fn add(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.hash = (self.hash ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.len += bytes.len() as u64;
+    }
+}
+
+fn sum_of(bytes: &[u8]) -> Sum {
+    let mut s = Sum::default();
+    s.add(bytes);
+    s
+}
+
+/// Reads a client's copy to EOF: its checksum, or the error that ended it.
+fn receive(addr: SocketAddr, read_first: Option<usize>) -> std::io::Result<Sum> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut sum = Sum::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        if read_first.is_some_and(|limit| sum.len as usize >= limit) {
+            return Ok(sum);
+        }
+        match s.read(&mut buf)? {
+            0 => return Ok(sum),
+            n => sum.add(&buf[..n]),
+        }
+    }
+}
+
+fn fanout(file: &std::path::Path, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "fanout",
+        "--file",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args, "")
+}
+
+#[test]
+fn a_256_mib_file_to_16_clients_identical_verified_copies() {
+    const LEN: usize = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_file(dir.path(), LEN);
+    let expected = sum_of(&std::fs::read(&path).unwrap());
+    let server = fanout(&path, &["--clients", "16", "--in-flight", "8"]);
+    let addr = server.addr;
+    let clients: Vec<_> = (0..16)
+        .map(|_| std::thread::spawn(move || receive(addr, None)))
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        assert_eq!(c.join().unwrap().unwrap(), expected, "client {i}");
+    }
+    let v = server.stop();
+    eprintln!("{v}");
+    assert_eq!(v["rounds"], 1, "{v}");
+    assert_eq!(v["clients_done"], 16, "{v}");
+    assert_eq!(v["chunks_read"], 256, "each chunk read once: {v}");
+    assert_eq!(v["bytes_sent"], 16 * LEN as u64, "{v}");
+    assert!(v["peak_in_flight"].as_u64().unwrap() <= 8, "{v}");
+    assert_eq!(
+        v["buffers_free"], v["buffers_total"],
+        "every chunk buffer back: {v}"
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_mid_file_does_not_disturb_the_others() {
+    const LEN: usize = 32 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_file(dir.path(), LEN);
+    let expected = sum_of(&std::fs::read(&path).unwrap());
+    let server = fanout(&path, &["--clients", "3", "--in-flight", "4"]);
+    let addr = server.addr;
+    let quitter = std::thread::spawn(move || receive(addr, Some(1 << 20)));
+    let others: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || receive(addr, None)))
+        .collect();
+    assert!(quitter.join().unwrap().unwrap().len >= 1 << 20);
+    for c in others {
+        assert_eq!(c.join().unwrap().unwrap(), expected);
+    }
+    let v = server.stop();
+    assert_eq!(v["clients_done"], 2, "{v}");
+    assert_eq!(v["clients_lost"], 1, "{v}");
+    assert_eq!(v["buffers_free"], v["buffers_total"], "{v}");
+}
+
+#[test]
+fn a_file_that_shrinks_while_served_ends_the_round_with_identical_copies() {
+    const LEN: usize = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_file(dir.path(), LEN);
+    let original = std::fs::read(&path).unwrap();
+    let server = fanout(
+        &path,
+        &["--clients", "2", "--in-flight", "2", "--chunk", "65536"],
+    );
+    let addr = server.addr;
+    let mut a = TcpStream::connect(addr).unwrap();
+    let b = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).unwrap();
+        v
+    });
+    let mut first = vec![0u8; 1 << 20];
+    a.read_exact(&mut first).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let mut rest = Vec::new();
+    a.read_to_end(&mut rest).unwrap();
+    first.extend(rest);
+    let got_b = b.join().unwrap();
+    assert_eq!(first.len(), got_b.len(), "both clients got the same length");
+    assert!(first == got_b, "both clients got the same bytes");
+    assert!(first.len() < LEN, "the shrink was seen");
+    assert!(first.len() >= 4 << 20);
+    assert!(first[..] == original[..first.len()], "a prefix of the file");
+    let v = server.stop();
+    assert_eq!(v["clients_done"], 2, "{v}");
+    assert_eq!(v["buffers_free"], v["buffers_total"], "{v}");
+}
+
+#[test]
+fn a_laggard_is_dropped_and_memory_stays_bounded() {
+    const LEN: usize = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_file(dir.path(), LEN);
+    let expected = sum_of(&std::fs::read(&path).unwrap());
+    let server = fanout(
+        &path,
+        &[
+            "--clients",
+            "3",
+            "--in-flight",
+            "2",
+            "--laggard-timeout",
+            "1",
+        ],
+    );
+    let addr = server.addr;
+    // The laggard connects and never reads.
+    let laggard = TcpStream::connect(addr).unwrap();
+    let others: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || receive(addr, None)))
+        .collect();
+    for c in others {
+        assert_eq!(
+            c.join().unwrap().unwrap(),
+            expected,
+            "the others got everything"
+        );
+    }
+    // The laggard was reset: reading what it buffered ends in an error or a short EOF.
+    let mut l = laggard;
+    l.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let ended = loop {
+        match l.read(&mut buf) {
+            Ok(0) => break "eof",
+            Ok(n) => got += n,
+            Err(_) => break "reset",
+        }
+    };
+    assert!(
+        got < LEN,
+        "the laggard did not get the whole file ({ended})"
+    );
+    let v = server.stop();
+    assert_eq!(v["laggards"], 1, "{v}");
+    assert!(v["peak_in_flight"].as_u64().unwrap() <= 2, "{v}");
+    assert_eq!(v["buffers_free"], v["buffers_total"], "{v}");
+}
