@@ -624,11 +624,8 @@ impl Driver {
             };
             match registered {
                 Ok(slot) => shared.set_fixed(slot, self.fixed_table()?),
-                Err(
-                    Error::MemlockExceeded { .. }
-                    | Error::FixedTableFull { .. }
-                    | Error::Unsupported { .. },
-                ) if cfg.registration == Registration::Preferred => {}
+                Err(e)
+                    if e.refused_registration() && cfg.registration == Registration::Preferred => {}
                 Err(e) => {
                     if shared.is_ring() {
                         let _ = self.ring.submitter().unregister_buf_ring(bgid);
@@ -761,11 +758,7 @@ impl Driver {
     /// ```
     pub fn fixed_buf_or_plain(&mut self, len: usize) -> Result<FixedBuf> {
         match self.fixed_buf(len) {
-            Err(
-                Error::MemlockExceeded { .. }
-                | Error::FixedTableFull { .. }
-                | Error::Unsupported { .. },
-            ) => Ok(FixedBuf::new(fixed_mem(len)?, len, None)),
+            Err(e) if e.refused_registration() => Ok(FixedBuf::new(fixed_mem(len)?, len, None)),
             other => other,
         }
     }
@@ -790,9 +783,17 @@ impl Driver {
             return Ok(t.clone());
         }
         if !self.ladder.fixed {
-            return Err(Error::Unsupported {
-                feature: "a sparse fixed buffer table (5.19)",
-                kernel: Features::get().kernel,
+            let feature = "registered memory (a sparse fixed buffer table, 5.19)";
+            return Err(if Features::get().fixed_buffers {
+                Error::RungForced {
+                    feature,
+                    rung: Force::NoFixed.name(),
+                }
+            } else {
+                Error::Unsupported {
+                    feature,
+                    kernel: Features::get().kernel,
+                }
             });
         }
         self.ring

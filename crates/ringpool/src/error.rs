@@ -117,6 +117,15 @@ pub enum Error {
     /// The operation was cancelled before it completed.
     #[error("operation cancelled")]
     Cancelled,
+    /// The kernel has the feature, but a lower fallback rung was forced (`RINGPOOL_FORCE` or
+    /// [`DriverConfig::force`](crate::DriverConfig::force)).
+    #[error("{feature} is off: the `{rung}` fallback rung is forced (RINGPOOL_FORCE or DriverConfig::force)")]
+    RungForced {
+        /// The feature that is off.
+        feature: &'static str,
+        /// The forced rung's name.
+        rung: &'static str,
+    },
     /// `RINGPOOL_FORCE` or a builder option named an unknown rung.
     #[error("unknown fallback rung {name:?} (known: {known})")]
     UnknownRung {
@@ -134,6 +143,18 @@ impl Error {
             op,
             source: io::Error::from_raw_os_error(errno.abs()),
         }
+    }
+
+    /// Whether this error means "memory could not be registered" (memlock, a full table, the
+    /// kernel or a forced rung), where plain memory is the documented fallback.
+    pub(crate) fn refused_registration(&self) -> bool {
+        matches!(
+            self,
+            Error::MemlockExceeded { .. }
+                | Error::FixedTableFull { .. }
+                | Error::Unsupported { .. }
+                | Error::RungForced { .. }
+        )
     }
 
     /// Wraps an `io::Error` from a setup call.

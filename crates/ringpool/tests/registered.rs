@@ -206,6 +206,28 @@ fn a_full_table_is_a_typed_error_and_a_dropped_buffer_frees_its_slot() {
 }
 
 #[test]
+fn a_forced_no_fixed_rung_says_so_and_the_fallback_is_plain_memory() {
+    let mut d = driver(&[Force::NoFixed]);
+    let err = d.fixed_buf(4096).unwrap_err();
+    if Features::get().fixed_buffers {
+        assert!(
+            matches!(
+                err,
+                Error::RungForced {
+                    rung: "no-fixed",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("no-fixed"), "{err}");
+    } else {
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    }
+    assert!(!d.fixed_buf_or_plain(4096).unwrap().is_registered());
+}
+
+#[test]
 fn bad_registered_arguments_are_typed_errors() {
     if !fixed_supported() {
         return;
