@@ -405,7 +405,7 @@ fn a_region_whose_handle_is_dropped_mid_send_is_released_after_the_notification(
     let until = Instant::now() + Duration::from_millis(300);
     while Instant::now() < until {
         d.wait(Some(Duration::from_millis(20))).unwrap();
-        while let Some(c) = d.pop() {
+        if let Some(c) = d.pop() {
             panic!("the send cannot have finished: {:?}", c.event);
         }
         assert_eq!(d.fixed_stats().used, 1, "released while a send used it");
