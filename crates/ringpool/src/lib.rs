@@ -62,6 +62,7 @@ pub use fixed::{FixedBuf, FixedStats, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
 pub use lease::{Lease, Member};
 pub use pool::{BufGroup, BufGroupConfig, GroupStats, Registration, MAX_BUF_SIZE};
 pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
+pub use sys::PageBacking;
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use crate::error::{Error, Result};
 use crate::fixed::FixedTable;
-use crate::sys::{self, BufRingEntry, Mmap};
+use crate::sys::{self, BufRingEntry, Mmap, PageBacking};
 
 /// Largest buffer a group accepts: the kernel's per-I/O limit (`MAX_RW_COUNT`) rounded down to
 /// a power of two.
@@ -48,6 +48,7 @@ pub struct BufGroupConfig {
     pub(crate) incremental: bool,
     pub(crate) report_exhaustion: bool,
     pub(crate) registration: Registration,
+    pub(crate) huge_pages: bool,
 }
 
 /// Whether a group's memory is also registered in the ring's fixed buffer table (a **registered
@@ -81,7 +82,17 @@ impl BufGroupConfig {
             incremental: false,
             report_exhaustion: false,
             registration: Registration::Plain,
+            huge_pages: false,
         }
+    }
+
+    /// Back the buffers with huge pages where the system has them: reserved huge pages
+    /// (`MAP_HUGETLB`) if any are free, else transparent huge pages, else normal pages
+    /// ([`BufGroup::page_backing`] tells which). Fewer, larger pages to pin for a registered
+    /// region, and fewer TLB misses.
+    pub fn huge_pages(mut self, yes: bool) -> Self {
+        self.huge_pages = yes;
+        self
     }
 
     /// Register the group's memory as one fixed buffer ([`Registration`]). A registered group
@@ -247,6 +258,8 @@ pub(crate) struct GroupShared {
     pub(crate) refilled: Cell<bool>,
     /// The fixed table slot of the (single) chunk, for registered regions.
     fixed: RefCell<Option<(u16, Rc<FixedTable>)>>,
+    huge_pages: bool,
+    pub(crate) page_backing: PageBacking,
 }
 
 impl Drop for GroupShared {
@@ -270,7 +283,7 @@ impl GroupShared {
         ring: bool,
         incremental: bool,
     ) -> Result<GroupShared> {
-        let chunk = alloc_chunk(cfg.buf_size, cfg.count)?;
+        let (chunk, page_backing) = alloc_chunk(cfg.buf_size, cfg.count, cfg.huge_pages)?;
         let backing = if ring {
             let mem = Mmap::anonymous(max_count as usize * std::mem::size_of::<BufRingEntry>())
                 .map_err(Error::os("allocating a buffer ring"))?;
@@ -311,6 +324,8 @@ impl GroupShared {
             handle_alive: Cell::new(true),
             refilled: Cell::new(false),
             fixed: RefCell::new(None),
+            huge_pages: cfg.huge_pages,
+            page_backing,
         })
     }
 
@@ -374,7 +389,7 @@ impl GroupShared {
         if count >= self.max_count {
             return Ok(None);
         }
-        let chunk = alloc_chunk(self.buf_size as usize, self.chunk_len)?;
+        let (chunk, _) = alloc_chunk(self.buf_size as usize, self.chunk_len, self.huge_pages)?;
         self.chunks.borrow_mut().push(chunk);
         self.count.set(count + self.chunk_len);
         self.grows.set(self.grows.get() + 1);
@@ -587,13 +602,18 @@ impl GroupShared {
     }
 }
 
-fn alloc_chunk(buf_size: usize, count: u32) -> Result<Mmap> {
+fn alloc_chunk(buf_size: usize, count: u32, huge: bool) -> Result<(Mmap, PageBacking)> {
     let bytes = buf_size as u128 * count as u128;
     let len = usize::try_from(bytes).map_err(|_| Error::OutOfMemory {
         bytes,
         reason: "larger than the address space",
     })?;
-    Mmap::anonymous(len).map_err(|e| match e.raw_os_error() {
+    let mapped = if huge {
+        Mmap::anonymous_huge(len)
+    } else {
+        Mmap::anonymous(len).map(|m| (m, PageBacking::Normal))
+    };
+    mapped.map_err(|e| match e.raw_os_error() {
         Some(libc::ENOMEM) => Error::OutOfMemory {
             bytes,
             reason: "mmap refused it",
@@ -671,6 +691,20 @@ impl BufGroup {
     /// ```
     pub fn is_registered(&self) -> bool {
         self.shared.fixed_slot().is_some()
+    }
+
+    /// What backs the group's buffers (huge pages only if asked for and available).
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{BufGroupConfig, Driver};
+    /// let mut driver = Driver::new(Default::default())?;
+    /// let group = driver.buf_group(BufGroupConfig::new(65536, 64).huge_pages(true))?;
+    /// println!("{:?}", group.page_backing());
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn page_backing(&self) -> PageBacking {
+        self.shared.page_backing
     }
 
     /// Whether the group is an incrementally consumed ring.

@@ -189,6 +189,23 @@ fn has_cap_ipc_lock() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
+/// What backs a mapping's memory.
+///
+/// # Examples
+/// ```
+/// let (_mem, backing) = ringpool::sys::Mmap::anonymous_huge(4 << 20).unwrap();
+/// println!("{backing:?}");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageBacking {
+    /// Normal pages.
+    Normal,
+    /// Normal pages the kernel may back with transparent huge pages (`MADV_HUGEPAGE`).
+    TransparentHuge,
+    /// Reserved huge pages (`MAP_HUGETLB`): fewer pages to pin and map.
+    HugeTlb,
+}
+
 /// An anonymous, private, page-aligned memory mapping, unmapped on drop.
 ///
 /// The kernel reads and writes this memory while we hold only a raw pointer, so no Rust
@@ -224,6 +241,46 @@ impl Mmap {
             ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
             len,
         })
+    }
+
+    /// Maps `len` bytes backed by huge pages where the system has them: reserved huge pages
+    /// (`MAP_HUGETLB`, 2 MiB, `len` rounded up) if a mapping of them succeeds, else normal pages
+    /// marked for transparent huge pages (`MADV_HUGEPAGE`). Returns the backing obtained.
+    pub fn anonymous_huge(len: usize) -> io::Result<(Mmap, PageBacking)> {
+        const HUGE: usize = 2 << 20;
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        let rounded = len.div_ceil(HUGE) * HUGE;
+        // SAFETY: an anonymous private mapping with a null hint has no preconditions.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                rounded,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+                -1,
+                0,
+            )
+        };
+        if ptr != libc::MAP_FAILED {
+            let mmap = Mmap {
+                ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
+                len: rounded,
+            };
+            return Ok((mmap, PageBacking::HugeTlb));
+        }
+        let mmap = Mmap::anonymous(len)?;
+        // SAFETY: advice on a mapping we own, over its exact extent.
+        let advised = unsafe { libc::madvise(mmap.as_ptr().cast(), len, libc::MADV_HUGEPAGE) } == 0;
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| !s.contains("[never]"));
+        let backing = if advised && thp {
+            PageBacking::TransparentHuge
+        } else {
+            PageBacking::Normal
+        };
+        Ok((mmap, backing))
     }
 
     /// Start of the mapping.

@@ -605,3 +605,98 @@ fn memlock_as_an_unprivileged_user_gives_a_typed_error_or_the_fallback() {
     eprintln!("{line}");
     assert!(line.contains("memlock limit"), "{line}");
 }
+
+/// Receives a little into `g` (a registered region) and forwards it with zero-copy send.
+fn small_round_trip(d: &mut Driver, g: &ringpool::BufGroup, seed: u64) {
+    let (a, mut a_peer) = tcp_pair();
+    let (b, mut b_peer) = tcp_pair();
+    let (a, b) = (Fd::from(a), Fd::from(b));
+    let data = pattern_vec(seed, 0, 100_000);
+    a_peer.write_all(&data).unwrap();
+    drop(a_peer);
+    d.recv(&a, g, RecvMode::Multishot, 1).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = vec![0u8; 100_000];
+        b_peer.read_exact(&mut v).unwrap();
+        v
+    });
+    let (mut eof, mut chains) = (false, Vec::new());
+    pump(d, 10, |c| {
+        match c.event {
+            Event::Data(chain) => {
+                assert!(chain.fixed_slot().is_some());
+                chains.push(chain);
+            }
+            Event::Eof => eof = true,
+            other => panic!("{other:?}"),
+        }
+        eof
+    });
+    for chain in chains {
+        d.send_zc(&b, chain, 2).unwrap();
+    }
+    let mut sent = 0;
+    pump(d, 10, |c| {
+        if let Event::Sent { result, .. } = c.event {
+            sent += result.unwrap();
+        }
+        sent == 100_000
+    });
+    assert_eq!(reader.join().unwrap(), data);
+}
+
+/// Restores `/proc/sys/vm/nr_hugepages` when dropped.
+struct HugePagesReserved(String);
+
+impl Drop for HugePagesReserved {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", &self.0);
+    }
+}
+
+#[test]
+fn huge_page_backed_regions_where_the_system_has_huge_pages() {
+    if !fixed_supported() || !require(Features::get().send_zc, "zero-copy send") {
+        return;
+    }
+    let mut d = driver(&[]);
+    let cfg = BufGroupConfig::new(64 << 10, 32)
+        .registration(Registration::Required)
+        .huge_pages(true);
+    // Without reserved huge pages: transparent huge pages where enabled, else normal pages.
+    let free: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    if free == 0 {
+        let g = d.buf_group(cfg.clone()).unwrap();
+        assert_ne!(g.page_backing(), ringpool::PageBacking::HugeTlb);
+        eprintln!("no reserved huge pages: {:?}", g.page_backing());
+        small_round_trip(&mut d, &g, 40);
+    }
+    // With reserved huge pages (root can reserve two for the test; restored afterwards).
+    let Ok(old) = std::fs::read_to_string("/proc/sys/vm/nr_hugepages") else {
+        eprintln!("skipped: reserved huge pages (no /proc/sys/vm/nr_hugepages)");
+        return;
+    };
+    let old = old.trim().to_string();
+    let want = old.parse::<u64>().unwrap_or(0) + 2;
+    if std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string()).is_err() {
+        eprintln!("skipped: reserved huge pages (cannot reserve: not root)");
+        return;
+    }
+    let _restore = HugePagesReserved(old);
+    let g = d.buf_group(cfg).unwrap();
+    if g.page_backing() != ringpool::PageBacking::HugeTlb {
+        // The kernel could not find two free 2 MiB pages (fragmented memory): say so.
+        eprintln!("skipped: reserved huge pages (the kernel could not reserve two)");
+        return;
+    }
+    assert!(g.is_registered());
+    eprintln!("reserved huge pages: {:?}", g.page_backing());
+    small_round_trip(&mut d, &g, 41);
+    drop(g);
+    wait_table_empty(&mut d, "huge pages");
+}
