@@ -12,6 +12,12 @@
 //! buffer is held and none came back for `--laggard-timeout` seconds, the clients that still
 //! hold the oldest chunk are disconnected (reset), which frees it; the others go on. Dropping
 //! the laggard (rather than waiting) keeps both memory and the other clients' progress bounded.
+//!
+//! `--read-per-client` (hidden; the `fanout` bench's baseline) serves the same rounds with the
+//! same machinery minus the sharing: every client has its own chunk reads
+//! ([`Driver::read_fixed`] into buffers of the same kind, `--in-flight` at most per client),
+//! each followed by a `send_zc` of that buffer to that client alone
+//! ([`Driver::send_zc_returning`], so the buffer comes back). See [`serve_read_per_client`].
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -19,7 +25,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ringpool::{Driver, DriverConfig, Event, Fd, FixedBuf, Member};
+use ringpool::{Driver, DriverConfig, Event, Fd, FixedBuf, Member, SendBuf};
 
 use crate::net::{set_backlog, set_nodelay, set_reset_on_close};
 use crate::signals;
@@ -46,6 +52,10 @@ pub struct Args {
     /// oldest chunk are dropped.
     #[arg(long, default_value_t = 10.0)]
     laggard_timeout: f64,
+    /// Baseline for `bench`: read the file once per client instead of once per round (each
+    /// client its own reads and buffers, `--in-flight` per client; no laggard handling).
+    #[arg(long, hide = true)]
+    read_per_client: bool,
 }
 
 /// What `serve` did.
@@ -112,18 +122,19 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
     println!("listening on {addr}");
     std::io::stdout().flush()?;
-    let summary = serve(
-        &mut driver,
-        Fd::from(std::os::fd::OwnedFd::from(file)),
-        Fd::from(listener),
-        &Options {
-            chunk: args.chunk,
-            in_flight: args.in_flight,
-            clients: args.clients,
-            laggard_timeout: Duration::from_secs_f64(args.laggard_timeout),
-        },
-        signals::stop_requested,
-    )?;
+    let file = Fd::from(std::os::fd::OwnedFd::from(file));
+    let opts = Options {
+        chunk: args.chunk,
+        in_flight: args.in_flight,
+        clients: args.clients,
+        laggard_timeout: Duration::from_secs_f64(args.laggard_timeout),
+    };
+    let listener = Fd::from(listener);
+    let summary = if args.read_per_client {
+        serve_read_per_client(&mut driver, file, listener, &opts, signals::stop_requested)?
+    } else {
+        serve(&mut driver, file, listener, &opts, signals::stop_requested)?
+    };
     let z = driver.zc_stats();
     println!(
         "stopped: {} rounds, {} clients served, {} lost ({} laggards), {} chunks read, {} bytes sent",
@@ -147,6 +158,16 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     json["fixed_sends"] = z.fixed_sends.into();
     json["chunk_bytes"] = (args.chunk as u64).into();
     json["in_flight_limit"] = (args.in_flight as u64).into();
+    let d = driver.stats();
+    json["enters"] = d.enters.into();
+    json["sqes"] = d.sqes.into();
+    json["cqes"] = d.cqes.into();
+    json["mode"] = if args.read_per_client {
+        "read-per-client"
+    } else {
+        "lease"
+    }
+    .into();
     println!("stats {json}");
     Ok(())
 }
@@ -341,4 +362,153 @@ fn drop_laggards(driver: &mut Driver, r: &mut Round, summary: &mut Summary) {
             driver.cancel_fd(&fd);
         }
     }
+}
+
+/// Token bit of a [`serve_read_per_client`] read; the low bits are the client's index.
+const READ_TAG: u64 = 1 << 61;
+/// Token bit of a [`serve_read_per_client`] send.
+const SEND_TAG: u64 = 1 << 60;
+
+/// A client of [`serve_read_per_client`]: its own position in the file and its own buffers.
+struct OwnClient {
+    /// The socket; `None` once the client failed or was served.
+    fd: Option<Fd>,
+    /// The next chunk to read for this client, and whether its reads reached the end.
+    next_chunk: u64,
+    eof: bool,
+    /// A read for this client is in flight (one at a time, so its chunks go out in order).
+    reading: bool,
+    /// Sends whose result has not come.
+    sends: u32,
+    /// Buffers this client holds (its read, its sends until their buffer came back).
+    held: usize,
+}
+
+/// The read-per-client baseline of [`serve`]: the same rounds, the same kind of buffers, the
+/// same one-read-at-a-time pipelining, but nothing shared. Each client gets its own reads of
+/// every chunk ([`Driver::read_fixed`], into a buffer of a pool of `in_flight` per client) and
+/// each read buffer goes to that client alone with [`Driver::send_zc_returning`] (the same
+/// zero-copy policy as the lease members), which hands it back for the next read. A slow
+/// client holds only its own buffers, so there is no laggard rule here.
+pub fn serve_read_per_client(
+    driver: &mut Driver,
+    file: Fd,
+    listener: Fd,
+    opts: &Options,
+    stop: impl Fn() -> bool,
+) -> ringpool::Result<Summary> {
+    let mut summary = Summary::default();
+    let per_client = opts.in_flight.max(1);
+    let mut free: Vec<FixedBuf> = (0..per_client * opts.clients.max(1))
+        .map(|_| driver.fixed_buf_or_plain(opts.chunk))
+        .collect::<ringpool::Result<_>>()?;
+    let total_bufs = free.len();
+    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut waiting: Vec<Fd> = Vec::new();
+    let mut round: Option<Vec<OwnClient>> = None;
+    while !stop() {
+        if round.is_none() && waiting.len() >= opts.clients.max(1) {
+            let clients = waiting.drain(..).map(|fd| OwnClient {
+                fd: Some(fd),
+                next_chunk: 0,
+                eof: false,
+                reading: false,
+                sends: 0,
+                held: 0,
+            });
+            round = Some(clients.collect());
+        }
+        if let Some(clients) = &mut round {
+            for (i, c) in clients.iter_mut().enumerate() {
+                if c.fd.is_none() || c.reading || c.eof || c.held >= per_client {
+                    continue;
+                }
+                let Some(buf) = free.pop() else { break };
+                let offset = c.next_chunk * opts.chunk as u64;
+                driver.read_fixed(&file, buf, 0..opts.chunk, offset, READ_TAG | i as u64)?;
+                c.reading = true;
+                c.held += 1;
+            }
+            summary.peak_in_flight = summary.peak_in_flight.max(total_bufs - free.len());
+            let done = |c: &OwnClient| c.fd.is_none() || (c.eof && c.sends == 0 && !c.reading);
+            if clients.iter().all(done) && free.len() == total_bufs {
+                for fd in clients.iter_mut().filter_map(|c| c.fd.take()) {
+                    // SAFETY: shutdown on a socket the round owns.
+                    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+                    summary.clients_done += 1;
+                }
+                summary.rounds += 1;
+                round = None;
+                continue;
+            }
+        }
+        driver.wait(Some(Duration::from_millis(100)))?;
+        while let Some(c) = driver.pop() {
+            match (c.token, c.event) {
+                (ACCEPT, Event::Accepted(fd)) => {
+                    set_nodelay(&fd);
+                    waiting.push(fd);
+                }
+                (ACCEPT, Event::Error(e)) => eprintln!("accept: {e}"),
+                (ACCEPT, _) => {}
+                (t, Event::FixedIo { buf, result }) if t & READ_TAG != 0 => {
+                    let client = client(&mut round, t);
+                    client.reading = false;
+                    let n = match result {
+                        Ok(n) => n,
+                        Err(e) => {
+                            eprintln!("reading the file: {e}");
+                            0
+                        }
+                    };
+                    if n > 0 {
+                        summary.chunks_read += 1;
+                        summary.bytes_read += n as u64;
+                        client.next_chunk += 1;
+                    }
+                    // A short read is the end of the file (or the file shrank).
+                    client.eof = n < opts.chunk;
+                    match &client.fd {
+                        Some(fd) if n > 0 => {
+                            let send = SendBuf::Fixed { buf, range: 0..n };
+                            driver.send_zc_returning(fd, send, SEND_TAG | (t & !READ_TAG))?;
+                            client.sends += 1;
+                        }
+                        _ => {
+                            free.push(buf);
+                            client.held -= 1;
+                        }
+                    }
+                }
+                (t, Event::Sent { result, .. }) if t & SEND_TAG != 0 => {
+                    let client = client(&mut round, t);
+                    client.sends -= 1;
+                    match result {
+                        Ok(n) => summary.bytes_sent += n as u64,
+                        Err(_) => {
+                            if let Some(fd) = client.fd.take() {
+                                summary.clients_lost += 1;
+                                driver.cancel_fd(&fd);
+                            }
+                        }
+                    }
+                }
+                (t, Event::Returned(SendBuf::Fixed { buf, .. })) if t & SEND_TAG != 0 => {
+                    client(&mut round, t).held -= 1;
+                    free.push(buf);
+                }
+                (_, other) => eprintln!("fanout --read-per-client: unexpected {other:?}"),
+            }
+        }
+    }
+    driver.cancel(accept);
+    summary.buffers_free = free.len();
+    summary.buffers_total = total_bufs;
+    Ok(summary)
+}
+
+/// The client of the round that an op's token names.
+fn client(round: &mut Option<Vec<OwnClient>>, token: u64) -> &mut OwnClient {
+    let i = (token & !(READ_TAG | SEND_TAG)) as usize;
+    &mut round.as_mut().expect("an op belongs to the round")[i]
 }

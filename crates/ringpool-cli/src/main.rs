@@ -12,6 +12,7 @@ mod fanout;
 mod net;
 mod probe;
 mod proxy;
+mod sendfile_server;
 mod signals;
 mod tokio_echo;
 mod tokio_proxy;
@@ -45,6 +46,9 @@ enum Command {
     /// Baseline proxy for `bench`: tokio, `copy_bidirectional` per connection.
     #[command(hide = true)]
     TokioProxy(tokio_proxy::Args),
+    /// Baseline file server for `bench`: `sendfile(2)` per client, one thread, `poll(2)`.
+    #[command(hide = true)]
+    SendfileServer(sendfile_server::Args),
 }
 
 fn main() {
@@ -57,6 +61,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::TokioEcho(args) => tokio_echo::run(args),
         Command::TokioProxy(args) => tokio_proxy::run(args),
+        Command::SendfileServer(args) => sendfile_server::run(args),
     };
     if let Err(e) = result {
         eprintln!("ringpool: {e}");

@@ -4,7 +4,10 @@
 //! the zero-copy statistics are reported. `--workload proxy`: `ringpool proxy` and the tokio
 //! proxy both forward and verify every configuration, and every ratio is reported. `--workload
 //! file`: `O_DIRECT` reads into registered and into plain buffers both verify every block, and
-//! the ratios are reported (or the workload says why it skipped). Timings are printed by the
+//! the ratios are reported (or the workload says why it skipped). `--workload fanout`: the
+//! lease server, the read-per-client server and the sendfile server all deliver verified copies
+//! to 16 clients, each reads the file as often as it claims, and both ratios are reported.
+//! Timings are printed by the
 //! bench but never asserted here (noisy VM).
 
 use std::process::Command;
@@ -194,6 +197,56 @@ fn file_quick_json() {
         }
     }
     for key in ["cpu_us_per_io", "process_cpu_us_per_io", "iops"] {
+        for side in ["ringpool", "baseline", "ratio"] {
+            let v = w["metrics"][key][side].as_f64().unwrap_or(0.0);
+            assert!(v > 0.0 && v.is_finite(), "{key}.{side}: {w:#}");
+        }
+    }
+}
+
+#[test]
+fn fanout_quick_json() {
+    let w = quick_json_workload("fanout");
+    assert_eq!(w["name"], "fanout", "{w:#}");
+    assert_eq!(w["verified"], true, "copies not verified: {w:#}");
+
+    let runs = w["raw_rounds"].as_array().expect("raw_rounds");
+    for server in ["fanout", "read-per-client", "sendfile"] {
+        let server_runs: Vec<_> = runs.iter().filter(|r| r["server"] == server).collect();
+        assert!(!server_runs.is_empty(), "no {server} round: {w:#}");
+        for run in &server_runs {
+            assert_eq!(run["verified"], true, "{run:#}");
+            assert_eq!(run["verified_copies"], 16, "{run:#}");
+            assert_eq!(run["delivered_bytes"], run["expected_bytes"], "{run:#}");
+            assert!(run["cpu_s_per_gb"].as_f64().unwrap_or(0.0) > 0.0, "{run:#}");
+            assert!(run["gb_per_sec"].as_f64().unwrap_or(0.0) > 0.0, "{run:#}");
+        }
+        // The server's whole life: a warm-up round and the measured ones, 16 copies each.
+        let stats = &server_runs[0]["server_stats_whole_life"];
+        let rounds = stats["rounds"]
+            .as_u64()
+            .expect("rounds in the server's stats");
+        assert_eq!(rounds, server_runs.len() as u64 + 1, "{stats:#}");
+        let file = server_runs[0]["expected_bytes"].as_u64().unwrap() / 16;
+        assert_eq!(stats["bytes_sent"], rounds * 16 * file, "{stats:#}");
+        assert_eq!(stats["clients_lost"], 0, "{stats:#}");
+        // 1 MiB chunks: fanout reads each once per round, read-per-client once per client.
+        let chunks = rounds * file.div_ceil(1 << 20);
+        match server {
+            "fanout" => assert_eq!(stats["chunks_read"], chunks, "{stats:#}"),
+            "read-per-client" => assert_eq!(stats["chunks_read"], 16 * chunks, "{stats:#}"),
+            _ => assert!(
+                stats["sendfile_calls"].as_u64().unwrap_or(0) > 0,
+                "{stats:#}"
+            ),
+        }
+    }
+    for key in [
+        "cpu_s_per_gb_vs_read_per_client",
+        "gb_per_sec_vs_read_per_client",
+        "cpu_s_per_gb_vs_sendfile",
+        "gb_per_sec_vs_sendfile",
+    ] {
         for side in ["ringpool", "baseline", "ratio"] {
             let v = w["metrics"][key][side].as_f64().unwrap_or(0.0);
             assert!(v > 0.0 && v.is_finite(), "{key}.{side}: {w:#}");

@@ -1,6 +1,8 @@
 //! `ringpool fanout` as a user runs it: a file served to many clients, each chunk read once and
 //! leased to every client's send; identical, checksum-verified copies, every chunk buffer back
 //! at the end; a client that disconnects, a file that shrinks, and a laggard that is dropped.
+//! The bench's baseline mode, `--read-per-client` (each client its own reads), delivers the
+//! same identical copies.
 
 mod common;
 
@@ -98,6 +100,49 @@ fn a_256_mib_file_to_16_clients_identical_verified_copies() {
     assert_eq!(v["chunks_read"], 256, "each chunk read once: {v}");
     assert_eq!(v["bytes_sent"], 16 * LEN as u64, "{v}");
     assert!(v["peak_in_flight"].as_u64().unwrap() <= 8, "{v}");
+    assert_eq!(
+        v["buffers_free"], v["buffers_total"],
+        "every chunk buffer back: {v}"
+    );
+}
+
+#[test]
+fn read_per_client_mode_delivers_identical_verified_copies() {
+    // Not a multiple of the chunk: every client's last read is short.
+    const LEN: usize = (32 << 20) + 12_345;
+    const CLIENTS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_file(dir.path(), LEN);
+    let expected = sum_of(&std::fs::read(&path).unwrap());
+    let server = fanout(
+        &path,
+        &["--clients", "8", "--in-flight", "4", "--read-per-client"],
+    );
+    let addr = server.addr;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| std::thread::spawn(move || receive(addr, None)))
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        assert_eq!(c.join().unwrap().unwrap(), expected, "client {i}");
+    }
+    let v = server.stop();
+    eprintln!("{v}");
+    assert_eq!(v["mode"], "read-per-client", "{v}");
+    assert_eq!(v["rounds"], 1, "{v}");
+    assert_eq!(v["clients_done"], CLIENTS as u64, "{v}");
+    assert_eq!(v["clients_lost"], 0, "{v}");
+    assert_eq!(
+        v["chunks_read"],
+        (CLIENTS * LEN.div_ceil(1 << 20)) as u64,
+        "every chunk read once per client: {v}"
+    );
+    assert_eq!(v["bytes_read"], (CLIENTS * LEN) as u64, "{v}");
+    assert_eq!(v["bytes_sent"], (CLIENTS * LEN) as u64, "{v}");
+    assert_eq!(v["buffers_total"], (CLIENTS * 4) as u64, "{v}");
+    assert!(
+        v["peak_in_flight"].as_u64().unwrap() <= (CLIENTS * 4) as u64,
+        "{v}"
+    );
     assert_eq!(
         v["buffers_free"], v["buffers_total"],
         "every chunk buffer back: {v}"

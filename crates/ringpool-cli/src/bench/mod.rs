@@ -6,10 +6,12 @@
 //! this executable, drives the load from this process, and verifies every byte it gets back.
 //! `send` runs its four variants in threads of this process instead (sender and receiver per
 //! connection), and compares each with ringpool's plain send. `proxy` runs the proxy under test
-//! as the child, with the load generator and the upstream in this process.
+//! as the child, with the load generator and the upstream in this process. `fanout` runs three
+//! file servers as children (ringpool's and two baselines) and compares ringpool's with each.
 
 use std::time::Duration;
 
+mod fanout;
 mod file;
 mod idle_heavy;
 mod load;
@@ -104,6 +106,7 @@ const WORKLOADS: &[WorkloadDef] = &[
     send::WORKLOAD,
     proxy::WORKLOAD,
     file::WORKLOAD,
+    fanout::WORKLOAD,
 ];
 
 /// Runs `ringpool bench`.
@@ -170,5 +173,6 @@ mod tests {
         assert_eq!(select(Some("idle-heavy")).unwrap().len(), 1);
         assert_eq!(select(Some("send")).unwrap()[0].name, "send");
         assert_eq!(select(Some("proxy")).unwrap()[0].name, "proxy");
+        assert_eq!(select(Some("fanout")).unwrap()[0].name, "fanout");
     }
 }
