@@ -85,8 +85,10 @@ fn direct_file(dir: &std::path::Path) -> Option<(Fd, std::path::PathBuf)> {
 
 #[test]
 fn o_direct_round_trips_with_registered_buffers_single_and_vectored() {
-    if !fixed_supported() {
-        return;
+    // Runs on every kernel: where registered memory is missing, every rung is plain memory
+    // (the fallback), which must work the same.
+    if !Features::get().fixed_buffers {
+        eprintln!("registered memory missing on this kernel: every rung runs on plain memory");
     }
     const MIB: usize = 1 << 20;
     const PART: usize = 64 << 10;
