@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
-use common::{pattern_vec, pump, require, tcp_pair};
+use common::{pattern_vec, pump, require, require_env, tcp_pair};
 use ringpool::{
     BufGroupConfig, Driver, DriverConfig, Error, Event, Fd, Features, FixedBuf, Force, RecvMode,
     Registration, SendBuf, ZcConfig, ZcMode,
@@ -76,7 +76,7 @@ fn direct_file(dir: &std::path::Path) -> Option<(Fd, std::path::PathBuf)> {
     {
         Ok(f) => Some((Fd::from(std::os::fd::OwnedFd::from(f)), path)),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            require(false, "O_DIRECT on the scratch filesystem");
+            require_env(false, "O_DIRECT on the scratch filesystem");
             None
         }
         Err(e) => panic!("open O_DIRECT: {e}"),
@@ -577,10 +577,7 @@ fn memlock_as_an_unprivileged_user_gives_a_typed_error_or_the_fallback() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let setpriv = std::path::Path::new("/usr/bin/setpriv").exists();
-    if !require(
-        root && setpriv,
-        "running as root with setpriv (to drop to uid 65534)",
-    ) {
+    if !require_env(root && setpriv, "root with setpriv (to drop to uid 65534)") {
         return;
     }
     // The child must be able to execute the test binary: copy it somewhere world-readable.

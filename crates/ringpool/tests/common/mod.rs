@@ -22,6 +22,19 @@ pub fn require(supported: bool, feature: &str) -> bool {
     false
 }
 
+/// Like [`require`], for what the test environment (not the kernel) must provide: a disk
+/// filesystem for `O_DIRECT`, root and `setpriv`. The kernel-matrix guests lack some of these.
+pub fn require_env(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var("RINGPOOL_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+        panic!("{what} is not available here but RINGPOOL_REQUIRE_ALL=1");
+    }
+    eprintln!("skipped: {what} is not available here");
+    false
+}
+
 /// A named driver configuration: one rung of the fallback ladder.
 pub struct Rung {
     pub name: &'static str,
