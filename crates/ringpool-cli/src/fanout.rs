@@ -296,6 +296,8 @@ pub fn serve(
                             if let Some(fd) = client.fd.take() {
                                 client.alive = false;
                                 summary.clients_lost += 1;
+                                // Reset, so zero-copy data queued for it is dropped at once.
+                                set_reset_on_close(&fd);
                                 driver.cancel_fd(&fd);
                             }
                         }

@@ -76,8 +76,11 @@ struct Direction {
 }
 
 struct Pair {
-    client: Fd,
-    upstream: Fd,
+    /// The sockets; taken (closed once the last op using them ends) when the pair aborts, so
+    /// a peer that stopped reading cannot keep them, and the zero-copy data queued on them,
+    /// alive forever.
+    client: Option<Fd>,
+    upstream: Option<Fd>,
     /// [0]: client → upstream, [1]: upstream → client.
     dirs: [Direction; 2],
     /// Ops of this pair whose final completion has not come: the pair's key is not reused
@@ -87,11 +90,16 @@ struct Pair {
 }
 
 impl Pair {
+    /// (source, destination) of direction `dir`; only called before the pair aborted.
     fn sockets(&self, dir: usize) -> (&Fd, &Fd) {
+        let (c, u) = (
+            self.client.as_ref().expect("a live pair has its sockets"),
+            self.upstream.as_ref().expect("a live pair has its sockets"),
+        );
         if dir == 0 {
-            (&self.client, &self.upstream)
+            (c, u)
         } else {
-            (&self.upstream, &self.client)
+            (u, c)
         }
     }
 
@@ -189,8 +197,8 @@ pub fn serve(
                         set_nodelay(&client);
                         let up = Fd::tcp_socket(upstream)?;
                         let key = pairs.insert(Pair {
-                            client,
-                            upstream: up.clone(),
+                            client: Some(client),
+                            upstream: Some(up.clone()),
                             dirs: Default::default(),
                             live_ops: 1,
                             aborted: false,
@@ -216,7 +224,7 @@ pub fn serve(
             }
             match (tag, c.event) {
                 (CONNECT, Event::Connected) => {
-                    set_nodelay(&pair.upstream);
+                    set_nodelay(pair.sockets(0).1);
                     let share = fair_share(total, live_pairs);
                     for dir in 0..2 {
                         arm_recv(driver, group, pair, key, dir, share)?;
@@ -226,24 +234,25 @@ pub fn serve(
                 (RECV_CLIENT | RECV_UPSTREAM, Event::Data(chain)) => {
                     let dir = (tag == RECV_UPSTREAM) as usize;
                     pair.dirs[dir].receiving = false;
-                    if pair.aborted {
-                        continue;
+                    // After an abort the data is dropped (its buffers go home), and the pair
+                    // may now be finished: fall through to that check.
+                    if !pair.aborted {
+                        if dir == 0 {
+                            summary.bytes_up += chain.len() as u64;
+                        } else {
+                            summary.bytes_down += chain.len() as u64;
+                        }
+                        let d = &mut pair.dirs[dir];
+                        d.bufs_out += chain.buf_count() as u32;
+                        if d.sends == 0 {
+                            send(driver, pair, key, dir, chain)?;
+                        } else if let Some(p) = &mut d.pending {
+                            p.append(chain);
+                        } else {
+                            d.pending = Some(chain);
+                        }
+                        arm_recv(driver, group, pair, key, dir, fair_share(total, live_pairs))?;
                     }
-                    if dir == 0 {
-                        summary.bytes_up += chain.len() as u64;
-                    } else {
-                        summary.bytes_down += chain.len() as u64;
-                    }
-                    let d = &mut pair.dirs[dir];
-                    d.bufs_out += chain.buf_count() as u32;
-                    if d.sends == 0 {
-                        send(driver, pair, key, dir, chain)?;
-                    } else if let Some(p) = &mut d.pending {
-                        p.append(chain);
-                    } else {
-                        d.pending = Some(chain);
-                    }
-                    arm_recv(driver, group, pair, key, dir, fair_share(total, live_pairs))?;
                 }
                 (RECV_CLIENT | RECV_UPSTREAM, Event::Eof) => {
                     let dir = (tag == RECV_UPSTREAM) as usize;
@@ -351,8 +360,11 @@ fn abort(driver: &mut Driver, pair: &mut Pair, summary: &mut Summary) {
     for d in &mut pair.dirs {
         d.pending = None; // back to the group
     }
-    for fd in [&pair.client, &pair.upstream] {
-        set_reset_on_close(fd);
-        driver.cancel_fd(fd);
+    for fd in [pair.client.take(), pair.upstream.take()]
+        .into_iter()
+        .flatten()
+    {
+        set_reset_on_close(&fd);
+        driver.cancel_fd(&fd);
     }
 }

@@ -53,7 +53,8 @@ use crate::sys;
 use crate::zc::{Lane, LaneMap, LanePolicy, ZcConfig, ZcStats};
 
 /// User data of CQEs nobody waits for (cancel requests, timeout removals). Such SQEs name no
-/// memory.
+/// memory. Its low half equals the fixed table's tag key: `reap` drops these CQEs before
+/// `dispatch` looks for tags.
 const IGNORED: u64 = u64::MAX;
 
 /// Ops whose memory a dropped driver had to leak because the kernel never posted their final
@@ -487,6 +488,8 @@ pub struct Driver {
     fixed_slots: u32,
     /// Buffers of leases whose last holder let go, for [`Event::LeaseReturned`].
     lease_returns: ReturnQueue,
+    /// Set by `Drop`: no new op may start from a completion (lease members).
+    dropping: bool,
 }
 
 impl Driver {
@@ -552,6 +555,7 @@ impl Driver {
             fixed: None,
             fixed_slots: config.fixed_slots,
             lease_returns: ReturnQueue::default(),
+            dropping: false,
         })
     }
 
@@ -823,7 +827,8 @@ impl Driver {
         };
         // SAFETY: `mem` stays mapped until the slot's tag CQE: its owner hands it to the table
         // on release ([`FixedTable::release`]), which unmaps it only after the kernel confirmed
-        // it let go (or after the ring is gone, which unpins it).
+        // it let go. After the ring is gone it is unmapped at once, which is sound because the
+        // registration holds its own references to the pinned pages until teardown.
         let res = unsafe {
             self.ring.submitter().register_buffers_update(
                 slot as u32,
@@ -865,14 +870,23 @@ impl Driver {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         };
-        for slot in table.drain_releases() {
+        let mut pending = table.take_releases().into_iter();
+        while let Some((slot, mem)) = pending.next() {
             // SAFETY: an empty entry points at no memory.
-            unsafe {
+            let res = unsafe {
                 self.ring
                     .submitter()
                     .register_buffers_update(slot as u32, &[empty], None)
+            };
+            match res {
+                // The kernel confirms with the tag CQE; the memory lives until then.
+                Ok(()) => table.mark_releasing(slot, mem),
+                Err(e) => {
+                    // Still registered: keep this one and the rest for the next flush.
+                    table.requeue_releases(std::iter::once((slot, mem)).chain(pending));
+                    return Err(Error::os("releasing a fixed buffer slot")(e));
+                }
             }
-            .map_err(Error::os("releasing a fixed buffer slot"))?;
         }
         Ok(())
     }
@@ -1093,19 +1107,10 @@ impl Driver {
                     more: true,
                 });
                 for m in members {
-                    let event = match m.kind {
-                        MemberKind::Send { .. } => Event::Sent {
-                            result: Err(Error::Cancelled),
-                            buf: None,
-                        },
-                        MemberKind::Write { .. } => Event::Written {
-                            result: Err(Error::Cancelled),
-                        },
-                    };
                     self.ready.push_back(Completion {
                         token: m.token,
                         op: OpId(u64::MAX),
-                        event,
+                        event: m.cancelled_event(),
                         more: false,
                     });
                 }
@@ -1356,6 +1361,27 @@ impl Driver {
 
     /// Cancels every op using `fd` (for closing a connection with receives in flight).
     pub fn cancel_fd(&mut self, fd: &Fd) {
+        // Members of lease groups whose leader is still reading are not ops yet: they end here.
+        let mut dropped = Vec::new();
+        for (_, slot) in self.ops.iter_mut() {
+            if let OpKind::Leader(op) = &mut slot.kind {
+                op.members.retain(|m| {
+                    let same = m.fd().same(fd);
+                    if same {
+                        dropped.push(m.clone());
+                    }
+                    !same
+                });
+            }
+        }
+        for m in dropped {
+            self.ready.push_back(Completion {
+                token: m.token,
+                op: OpId(u64::MAX),
+                event: m.cancelled_event(),
+                more: false,
+            });
+        }
         let ids: Vec<OpId> = self
             .ops
             .iter()
@@ -1572,13 +1598,19 @@ impl Driver {
         let op = &mut **op;
         let buf = op.buf.as_ref().expect("a send in flight owns its buffer");
         buf.iovecs(op.sent, &mut op.iov);
-        let fixed_slot = if ladder.fixed { buf.fixed_slot() } else { None };
+        // An empty send goes plainly: SEND_ZC of nothing from a fixed buffer is EFAULT.
+        let fixed_slot = if ladder.fixed && buf.len() > op.sent {
+            buf.fixed_slot()
+        } else {
+            None
+        };
         let remaining = buf.len() - op.sent;
         let lane = self
             .lanes
             .get_mut(&op.lane)
             .expect("a send's lane lives while it has sends");
         let zc = op.zc
+            && remaining > 0
             && ladder.zc != ZcRung::Plain
             && lane
                 .policy
@@ -2150,7 +2182,13 @@ impl Driver {
                 let mut buf = op.buf.take().expect("a leader in flight owns its buffer");
                 let members = std::mem::take(&mut op.members);
                 self.ops.remove(key);
-                self.leader_done(token, id, buf_result(&mut buf, res), buf, members);
+                let mut result = buf_result(&mut buf, res);
+                if (cancelled || self.dropping) && result.is_ok() {
+                    // A cancelled group (or a driver going away) starts no members, even if
+                    // the read itself finished before the cancel reached it.
+                    result = Err(Error::Cancelled);
+                }
+                self.leader_done(token, id, result, buf, members);
             }
             OpKind::LeaseWrite { .. } => {
                 self.ops.remove(key);
@@ -2404,6 +2442,7 @@ impl Drop for Driver {
     /// Cancels every op and waits (up to 5 s) for their final CQEs. Memory of ops whose CQE never
     /// came is leaked on purpose: the kernel may still write to it.
     fn drop(&mut self) {
+        self.dropping = true;
         let parked: Vec<usize> = std::mem::take(&mut self.parked);
         for key in parked {
             self.ops.remove(key);

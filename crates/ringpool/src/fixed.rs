@@ -114,8 +114,10 @@ impl FixedTable {
     }
 
     /// The owner of `slot` let go of `mem`: the driver empties the slot at its next flush and
-    /// frees `mem` once the kernel confirms. Without a ring the memory is simply freed: closing
-    /// the ring unregistered it, and pinned pages stay valid for the kernel until it lets go.
+    /// frees `mem` once the kernel confirms. Without a ring the memory is simply unmapped: the
+    /// kernel's registration holds its own references to the pinned pages until the ring's
+    /// teardown releases them, so unmapping our view cannot let the kernel write into memory
+    /// that has been handed to anyone else.
     pub(crate) fn release(&self, slot: u16, mem: Mmap) {
         self.registered_bytes
             .set(self.registered_bytes.get() - mem.len() as u64);
@@ -124,16 +126,20 @@ impl FixedTable {
         }
     }
 
-    /// Slots to empty now; each is marked releasing and keeps its memory.
-    pub(crate) fn drain_releases(&self) -> Vec<u16> {
-        let list = std::mem::take(&mut *self.to_release.borrow_mut());
-        let mut slots = self.slots.borrow_mut();
-        list.into_iter()
-            .map(|(slot, mem)| {
-                slots[slot as usize] = Slot::Releasing { _memory: mem };
-                slot
-            })
-            .collect()
+    /// The slots to empty now, with their memory (they stay `Used` until the kernel took the
+    /// update: see [`FixedTable::mark_releasing`]).
+    pub(crate) fn take_releases(&self) -> Vec<(u16, Mmap)> {
+        std::mem::take(&mut *self.to_release.borrow_mut())
+    }
+
+    /// The kernel took the update emptying `slot`: its memory lives until the tag CQE.
+    pub(crate) fn mark_releasing(&self, slot: u16, mem: Mmap) {
+        self.slots.borrow_mut()[slot as usize] = Slot::Releasing { _memory: mem };
+    }
+
+    /// Updates that could not be issued: retried at the next flush.
+    pub(crate) fn requeue_releases(&self, rest: impl Iterator<Item = (u16, Mmap)>) {
+        self.to_release.borrow_mut().extend(rest);
     }
 
     /// Whether releases wait for the driver.
@@ -234,7 +240,9 @@ impl Deref for FixedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: the mapping holds at least `len` initialised (zero-filled) bytes and lives as
-        // long as `self`; while an op uses it, the op owns `self`, so no reference can exist.
+        // long as `self`. While a read or write op uses it, the op owns `self`, so no reference
+        // exists; while it is leased, the kernel only reads it (sends, writes), which shared
+        // references allow, and nobody can get `&mut` (a `Lease` has no way to it).
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
     }
 }
@@ -275,7 +283,11 @@ mod tests {
         assert_eq!(t.take(1), None, "table full");
         t.release(a, Mmap::anonymous(4096).unwrap());
         assert_eq!(t.take(1), None, "released but not yet emptied");
-        assert_eq!(t.drain_releases(), vec![a]);
+        let mut releases = t.take_releases();
+        assert_eq!(releases.len(), 1);
+        let (slot, mem) = releases.pop().unwrap();
+        assert_eq!(slot, a);
+        t.mark_releasing(slot, mem);
         assert_eq!(t.stats().releasing, 1);
         assert_eq!(t.take(1), None, "emptied, the kernel may still use it");
         assert!(!t.tag_done(b), "a used slot ignores a stray tag");

@@ -117,6 +117,25 @@ pub(crate) enum MemberKind {
 }
 
 impl Member {
+    pub(crate) fn fd(&self) -> &crate::Fd {
+        match &self.kind {
+            MemberKind::Send { fd, .. } | MemberKind::Write { fd, .. } => fd,
+        }
+    }
+
+    /// The completion of a member that never started (its leader failed or was cancelled).
+    pub(crate) fn cancelled_event(&self) -> crate::Event {
+        match self.kind {
+            MemberKind::Send { .. } => crate::Event::Sent {
+                result: Err(crate::Error::Cancelled),
+                buf: None,
+            },
+            MemberKind::Write { .. } => crate::Event::Written {
+                result: Err(crate::Error::Cancelled),
+            },
+        }
+    }
+
     /// Sends the leased bytes on `fd` plainly; completes with [`Event::Sent`](crate::Event::Sent).
     pub fn send(fd: &crate::Fd, token: u64) -> Member {
         Member {

@@ -244,14 +244,24 @@ impl Mmap {
     }
 
     /// Maps `len` bytes backed by huge pages where the system has them: reserved huge pages
-    /// (`MAP_HUGETLB`, 2 MiB, `len` rounded up) if a mapping of them succeeds, else normal pages
-    /// marked for transparent huge pages (`MADV_HUGEPAGE`). Returns the backing obtained.
+    /// (`MAP_HUGETLB` of the default huge page size, `len` rounded up to it) if a mapping of them
+    /// succeeds, else normal pages marked for transparent huge pages (`MADV_HUGEPAGE`). Returns
+    /// the backing obtained.
     pub fn anonymous_huge(len: usize) -> io::Result<(Mmap, PageBacking)> {
-        const HUGE: usize = 2 << 20;
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
         }
-        let rounded = len.div_ceil(HUGE) * HUGE;
+        // The default huge page size (`Hugepagesize:` in /proc/meminfo): a mapping's length
+        // must be a multiple of it, or unmapping it later fails.
+        let huge = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("Hugepagesize:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            })
+            .map_or(2 << 20, |kib| kib * 1024);
+        let rounded = len.div_ceil(huge) * huge;
         // SAFETY: an anonymous private mapping with a null hint has no preconditions.
         let ptr = unsafe {
             libc::mmap(

@@ -489,6 +489,25 @@ fn fill_socket(fd: &Fd) -> usize {
 }
 
 #[test]
+fn an_empty_zero_copy_send_from_registered_memory_is_zero_bytes_not_efault() {
+    if !fixed_supported() || !require(Features::get().send_zc, "zero-copy send") {
+        return;
+    }
+    let mut d = driver(&[]);
+    let buf = d.fixed_buf(4096).unwrap();
+    let (s, _peer) = tcp_pair();
+    d.send_zc(&Fd::from(s), SendBuf::Fixed { buf, range: 7..7 }, 1)
+        .unwrap();
+    pump(&mut d, 10, |c| match c.event {
+        Event::Sent { result, .. } => {
+            assert_eq!(result.unwrap(), 0);
+            true
+        }
+        other => panic!("{other:?}"),
+    });
+}
+
+#[test]
 fn a_fixed_buffer_sent_with_zero_copy_comes_back_after_its_notification() {
     if !fixed_supported() || !require(Features::get().send_zc, "zero-copy send") {
         return;
