@@ -122,6 +122,25 @@ fn sixty_four_mib_each_way_on_fallback_rungs() {
     both_directions("off", "");
 }
 
+/// SO_LINGER 0: closing `s` sends a reset.
+fn reset_on_close(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads a valid linger of the given size; the fd is a live socket.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
 /// Reads until EOF or error; returns the error kind, if any.
 fn drain(mut s: TcpStream) -> Option<ErrorKind> {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -143,21 +162,7 @@ fn an_upstream_reset_mid_stream_reaches_the_client_and_no_buffer_is_lost() {
         let (mut s, _) = l.accept().unwrap();
         let mut b = vec![0u8; 1 << 20];
         s.read_exact(&mut b).unwrap();
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        use std::os::fd::AsRawFd;
-        // SAFETY: setsockopt reads a valid linger; the fd is a live socket.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
+        reset_on_close(&s);
     });
     let proxy = start(upstream, "auto", "");
     let addr = proxy.addr;
@@ -223,21 +228,7 @@ fn an_upstream_reset_reaches_a_client_that_stopped_reading() {
                 break;
             }
         }
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        use std::os::fd::AsRawFd;
-        // SAFETY: setsockopt reads a valid linger; the fd is a live socket.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
+        reset_on_close(&s);
     });
     let proxy = start(upstream, "on", "");
     let mut s = TcpStream::connect(proxy.addr).unwrap();

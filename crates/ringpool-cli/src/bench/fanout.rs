@@ -36,16 +36,15 @@
 //! read-per-client and fanout / sendfile, and per round the same ratios of runs that are
 //! adjacent in time (which cancels the VM's slow drift).
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::report::{median, Metric, Unit, WorkloadReport};
 use super::server::Server;
+use super::sys::{fs_kind, fs_magic, ProcessClock};
 use super::{sys, BenchResult, Options, WorkloadDef};
 
 /// The workload's entry in the bench.
@@ -443,34 +442,6 @@ fn scratch_dir() -> BenchResult<(PathBuf, &'static str)> {
     Ok((tmp, name))
 }
 
-/// `statfs(2)`'s filesystem type of `dir`.
-fn fs_magic(dir: &Path) -> BenchResult<u64> {
-    let c = CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: `statfs` is plain old data; all-zero bytes are a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path; statfs writes one `statfs` into the valid,
-    // exclusively borrowed `st`.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!("statfs {}: {e}", dir.display()).into());
-    }
-    // The magic numbers are 32-bit; `f_type`'s width and sign differ by target.
-    Ok(st.f_type as u64 & 0xffff_ffff)
-}
-
-/// A filesystem's name and whether it lives in memory.
-fn fs_kind(magic: u64) -> (&'static str, bool) {
-    match magic {
-        0x0102_1994 => ("tmpfs", true),
-        0x8584_58f6 => ("ramfs", true),
-        0xef53 => ("ext2/3/4", false),
-        0x5846_5342 => ("xfs", false),
-        0x9123_683e => ("btrfs", false),
-        0x794c_7630 => ("overlayfs", false),
-        _ => ("another filesystem", false),
-    }
-}
-
 /// One round against one server: [`CLIENTS`] threads connect, read to EOF and checksum, while
 /// the server's CPU and the wall time are measured.
 fn deliver(child: &Child, round: usize, setup: &Setup) -> BenchResult<Run> {
@@ -537,34 +508,6 @@ fn receive(addr: SocketAddr) -> Result<Sum, (Sum, String)> {
         if n < PIECE {
             return Ok(sum);
         }
-    }
-}
-
-/// Another process's CPU-time clock (`clock_getcpuclockid`), as the `proxy` workload reads
-/// it: user + system time of all its threads, exited ones included, in nanoseconds.
-struct ProcessClock(libc::clockid_t);
-
-impl ProcessClock {
-    /// The CPU-time clock of process `pid`.
-    fn of(pid: u32) -> std::io::Result<ProcessClock> {
-        let mut id: libc::clockid_t = 0;
-        // SAFETY: clock_getcpuclockid writes one clockid_t into the valid, exclusively
-        // borrowed `id`; it returns an error number instead of setting errno.
-        match unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut id) } {
-            0 => Ok(ProcessClock(id)),
-            e => Err(std::io::Error::from_raw_os_error(e)),
-        }
-    }
-
-    /// The CPU time the process has used so far.
-    fn now(&self) -> std::io::Result<Duration> {
-        // SAFETY: `timespec` is plain old data; all-zero bytes are a valid value.
-        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-        // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-        if unsafe { libc::clock_gettime(self.0, &mut ts) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
     }
 }
 

@@ -31,11 +31,9 @@
 //! rounds, and per round the ratio of the two sides run back to back, which cancels the VM's
 //! slow drift.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::fd::{AsRawFd as _, OwnedFd};
-use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -43,6 +41,7 @@ use std::time::{Duration, Instant};
 use ringpool::{Driver, DriverConfig, Error, Event, Fd, FixedBuf, Force};
 
 use super::report::{median, Metric, Unit, WorkloadReport};
+use super::sys::{fs_kind, fs_magic};
 use super::{sys, BenchResult, Options, WorkloadDef};
 
 /// The workload's entry in the bench.
@@ -360,38 +359,6 @@ fn disk_dir() -> BenchResult<Result<(PathBuf, &'static str), String>> {
         tried.push(format!("{} is on {name}", dir.display()));
     }
     Ok(Err(tried.join(", ")))
-}
-
-/// `statfs(2)`'s filesystem type of `dir`.
-fn fs_magic(dir: &Path) -> BenchResult<u64> {
-    let c = CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: `statfs` is plain old data; all-zero bytes are a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path; statfs writes one `statfs` into the valid,
-    // exclusively borrowed `st`.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!("statfs {}: {e}", dir.display()).into());
-    }
-    // The magic numbers are 32-bit; `f_type`'s width and sign differ by target.
-    Ok(st.f_type as u64 & 0xffff_ffff)
-}
-
-/// A filesystem's name and whether it lives in memory (no disk under `O_DIRECT`).
-fn fs_kind(magic: u64) -> (&'static str, bool) {
-    match magic {
-        0x0102_1994 => ("tmpfs", true),
-        0x8584_58f6 => ("ramfs", true),
-        0xef53 => ("ext2/3/4", false),
-        0x5846_5342 => ("xfs", false),
-        0x9123_683e => ("btrfs", false),
-        0x2fc1_2fc1 => ("zfs", false),
-        0x794c_7630 => ("overlayfs", false),
-        0x6573_5546 => ("fuse", false),
-        0x6969 => ("nfs", false),
-        0x0100_1001 => ("9p", false),
-        _ => ("another filesystem", false),
-    }
 }
 
 /// The workload's report when it could not run here: no metrics, a note with the reason. The

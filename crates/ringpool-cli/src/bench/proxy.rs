@@ -40,6 +40,7 @@ use tokio::task::JoinSet;
 
 use super::report::{median, Metric, Unit, WorkloadReport};
 use super::server::Server;
+use super::sys::ProcessClock;
 use super::{sys, BenchResult, Options, Side, WorkloadDef};
 
 /// The workload's entry in the bench.
@@ -632,34 +633,6 @@ async fn read_stream(
         }
     }
     out
-}
-
-/// Another process's CPU-time clock (`clock_getcpuclockid`): user + system time of all its
-/// threads, exited ones included, in nanoseconds, where `/proc/PID/stat` counts clock ticks.
-struct ProcessClock(libc::clockid_t);
-
-impl ProcessClock {
-    /// The CPU-time clock of process `pid`.
-    fn of(pid: u32) -> std::io::Result<ProcessClock> {
-        let mut id: libc::clockid_t = 0;
-        // SAFETY: clock_getcpuclockid writes one clockid_t into the valid, exclusively
-        // borrowed `id`; it returns an error number instead of setting errno.
-        match unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut id) } {
-            0 => Ok(ProcessClock(id)),
-            e => Err(std::io::Error::from_raw_os_error(e)),
-        }
-    }
-
-    /// The CPU time the process has used so far.
-    fn now(&self) -> std::io::Result<Duration> {
-        // SAFETY: `timespec` is plain old data; all-zero bytes are a valid value.
-        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-        // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-        if unsafe { libc::clock_gettime(self.0, &mut ts) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
-    }
 }
 
 /// One line per run on stderr, as the bench goes.

@@ -88,6 +88,70 @@ fn rusage_cpu_time(who: libc::c_int) -> io::Result<Duration> {
     Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
 }
 
+/// `statfs(2)`'s filesystem type of `dir`.
+pub fn fs_magic(dir: &std::path::Path) -> super::BenchResult<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: `statfs` is plain old data; all-zero bytes are a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path; statfs writes one `statfs` into the valid,
+    // exclusively borrowed `st`.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("statfs {}: {e}", dir.display()).into());
+    }
+    // The magic numbers are 32-bit; `f_type`'s width and sign differ by target.
+    Ok(st.f_type as u64 & 0xffff_ffff)
+}
+
+/// A filesystem's name and whether it lives in memory (no disk under `O_DIRECT`).
+pub fn fs_kind(magic: u64) -> (&'static str, bool) {
+    match magic {
+        0x0102_1994 => ("tmpfs", true),
+        0x8584_58f6 => ("ramfs", true),
+        0xef53 => ("ext2/3/4", false),
+        0x5846_5342 => ("xfs", false),
+        0x9123_683e => ("btrfs", false),
+        0x2fc1_2fc1 => ("zfs", false),
+        0x794c_7630 => ("overlayfs", false),
+        0x6573_5546 => ("fuse", false),
+        0x6969 => ("nfs", false),
+        0x0100_1001 => ("9p", false),
+        _ => ("another filesystem", false),
+    }
+}
+
+/// Another process's CPU-time clock (`clock_getcpuclockid`): user + system time of all its
+/// threads, exited ones included, in nanoseconds, where `/proc/PID/stat` counts clock ticks.
+pub struct ProcessClock(libc::clockid_t);
+
+impl ProcessClock {
+    /// The CPU-time clock of process `pid`.
+    pub fn of(pid: u32) -> std::io::Result<ProcessClock> {
+        let mut id: libc::clockid_t = 0;
+        // SAFETY: clock_getcpuclockid writes one clockid_t into the valid, exclusively
+        // borrowed `id`; it returns an error number instead of setting errno.
+        match unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut id) } {
+            0 => Ok(ProcessClock(id)),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// The CPU time the process has used so far.
+    pub fn now(&self) -> std::io::Result<std::time::Duration> {
+        // SAFETY: `timespec` is plain old data; all-zero bytes are a valid value.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+        if unsafe { libc::clock_gettime(self.0, &mut ts) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(std::time::Duration::new(
+            ts.tv_sec as u64,
+            ts.tv_nsec as u32,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
