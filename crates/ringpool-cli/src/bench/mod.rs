@@ -115,8 +115,9 @@ pub fn run(args: Args) -> BenchResult<()> {
     let nofile = sys::raise_nofile_limit()?;
     let opts = Options::new(args.quick);
     eprintln!(
-        "bench: {} round(s) per side, {:?} window, RLIMIT_NOFILE {nofile}",
-        opts.rounds, opts.window
+        "bench: {} workload(s), each alternating ringpool and its baseline (every progress line \
+         names its round); RLIMIT_NOFILE {nofile}",
+        selected.len()
     );
     let mut reports = Vec::new();
     for w in selected {
