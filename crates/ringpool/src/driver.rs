@@ -272,6 +272,11 @@ pub enum Event {
         /// Bytes written, or why not.
         result: Result<usize>,
     },
+    /// A [`Member::read_into`] finished.
+    ReadInto {
+        /// Bytes read into its range, or why not.
+        result: Result<usize>,
+    },
     /// A read or write on registered memory ([`Driver::read_fixed`] and friends) ended: the
     /// buffer comes back with the bytes transferred or the error.
     FixedIo {
@@ -345,6 +350,13 @@ enum OpKind {
         fd: Fd,
         lease: Lease,
         offset: u64,
+    },
+    /// A read-in lease member reading into its range of the buffer.
+    LeaseRead {
+        fd: Fd,
+        lease: Lease,
+        offset: u64,
+        range: std::ops::Range<usize>,
     },
     Provide {
         group: Rc<GroupShared>,
@@ -1035,7 +1047,10 @@ impl Driver {
     /// - After a short read, members see only the bytes read, and the rest of the buffer is
     ///   zeroed before anyone can look at it, so no stale data leaks.
     /// - The leader completes with [`Event::LeaseFilled`], whose [`Lease`] may be lent again
-    ///   (read-only leases share freely); no member can write into the lease or select a buffer.
+    ///   (read-only leases share freely). No member selects a buffer (no member type can).
+    /// - A **read-in lease** has only [`Member::read_into`] members, each writing its own part
+    ///   of the buffer (disjoint ranges, checked); its lease is never handed out, so nobody can
+    ///   read bytes being written, and a short member read zeroes the rest of its range.
     ///
     /// # Examples
     /// ```
@@ -1076,6 +1091,7 @@ impl Driver {
                 what: "a leased buffer holds at most 4 GiB",
             });
         }
+        check_read_in(&members, buf.len())?;
         let kind = OpKind::Leader(Box::new(LeaderOp {
             fd: fd.clone(),
             buf: Some(buf),
@@ -1123,13 +1139,15 @@ impl Driver {
                 return;
             }
         };
+        // A read-in lease's members write into the buffer: nobody may read it meanwhile.
+        let read_in = members.iter().any(Member::is_read_into);
         let lease = Lease::new(buf, n, token, self.lease_returns.clone());
         self.ready.push_back(Completion {
             token,
             op: id,
             event: Event::LeaseFilled {
                 result: Ok(n),
-                lease: Some(lease.clone()),
+                lease: (!read_in).then(|| lease.clone()),
             },
             more: true,
         });
@@ -1159,6 +1177,15 @@ impl Driver {
                         fd,
                         lease: lease.clone(),
                         offset,
+                    };
+                    self.start(kind, m.token);
+                }
+                MemberKind::ReadInto { fd, offset, range } => {
+                    let kind = OpKind::LeaseRead {
+                        fd,
+                        lease: lease.clone(),
+                        offset,
+                        range,
                     };
                     self.start(kind, m.token);
                 }
@@ -1572,6 +1599,23 @@ impl Driver {
                         .offset(*offset)
                         .build(),
                     None => opcode::Write::new(fd, ptr, len).offset(*offset).build(),
+                }
+            }
+            OpKind::LeaseRead {
+                fd,
+                lease,
+                offset,
+                range,
+            } => {
+                let fd = types::Fd(fd.as_raw_fd());
+                // Inside the buffer: `check_read_in` made sure of it.
+                let ptr = lease.base_ptr().wrapping_add(range.start);
+                let len = range.len() as u32;
+                match lease.fixed_slot() {
+                    Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
+                        .offset(*offset)
+                        .build(),
+                    None => opcode::Read::new(fd, ptr, len).offset(*offset).build(),
                 }
             }
             OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
@@ -2190,6 +2234,29 @@ impl Driver {
                 }
                 self.leader_done(token, id, result, buf, members);
             }
+            OpKind::LeaseRead { lease, range, .. } => {
+                if res >= 0 && (res as usize) < range.len() {
+                    // A short read: zero the rest of the range, so no stale byte comes back.
+                    let from = range.start + res as usize;
+                    // SAFETY: `from..range.end` lies inside the buffer (checked at submit); the
+                    // kernel is done with this range (its final CQE is here), other members
+                    // write only their own disjoint ranges, and a read-in lease is never handed
+                    // out, so no reference to these bytes exists.
+                    unsafe { lease.base_ptr().add(from).write_bytes(0, range.end - from) };
+                }
+                self.ops.remove(key);
+                let result = match res {
+                    r if r >= 0 => Ok(r as usize),
+                    r if r == -libc::ECANCELED => Err(Error::Cancelled),
+                    r => Err(errno_error("read", r)),
+                };
+                self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::ReadInto { result },
+                    more: false,
+                });
+            }
             OpKind::LeaseWrite { .. } => {
                 self.ops.remove(key);
                 let result = match res {
@@ -2389,6 +2456,36 @@ fn is_incremental(g: &GroupShared) -> bool {
     matches!(&g.backing, crate::pool::Backing::Ring(r) if r.incremental)
 }
 
+/// A read-in group has only `read_into` members whose ranges lie inside the buffer and do not
+/// overlap; other groups have none.
+fn check_read_in(members: &[Member], len: usize) -> Result<()> {
+    let read_in = members.iter().filter(|m| m.is_read_into()).count();
+    if read_in == 0 {
+        return Ok(());
+    }
+    if read_in != members.len() {
+        return Err(Error::InvalidArgument {
+            what: "a read-in lease has only read_into members: nobody may read bytes being written",
+        });
+    }
+    let mut ranges: Vec<_> = members
+        .iter()
+        .filter_map(|m| match &m.kind {
+            MemberKind::ReadInto { range, .. } => Some(range.clone()),
+            _ => None,
+        })
+        .collect();
+    ranges.sort_by_key(|r| r.start);
+    let inside = ranges.iter().all(|r| r.start <= r.end && r.end <= len);
+    let disjoint = ranges.windows(2).all(|w| w[0].end <= w[1].start);
+    if !inside || !disjoint {
+        return Err(Error::InvalidArgument {
+            what: "read_into ranges must lie inside the buffer and must not overlap",
+        });
+    }
+    Ok(())
+}
+
 /// A leader read's result; after a short read, zeroes the rest of `buf` so no stale bytes can
 /// be seen through the lease.
 fn buf_result(buf: &mut FixedBuf, res: i32) -> Result<usize> {
@@ -2423,7 +2520,7 @@ fn op_fd(kind: &OpKind) -> Option<&Fd> {
         OpKind::Send(op) => op.fd.as_ref(),
         OpKind::Fixed(op) => Some(&op.fd),
         OpKind::Leader(op) => Some(&op.fd),
-        OpKind::LeaseWrite { fd, .. } => Some(fd),
+        OpKind::LeaseWrite { fd, .. } | OpKind::LeaseRead { fd, .. } => Some(fd),
         _ => None,
     }
 }

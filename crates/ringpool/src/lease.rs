@@ -63,6 +63,12 @@ impl Lease {
         Rc::strong_count(&self.0)
     }
 
+    /// Start of the leased buffer, for the kernel to write into (read-in leases, whose `Lease`
+    /// is never handed out, so no reference to the bytes exists meanwhile).
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.buf().as_ptr()
+    }
+
     /// The fixed table slot of the leased memory, if registered.
     pub fn fixed_slot(&self) -> Option<u16> {
         self.buf().slot()
@@ -114,12 +120,20 @@ pub(crate) enum MemberKind {
     Send { fd: crate::Fd, zc: bool },
     /// A write of the leased bytes to `fd` at `offset`.
     Write { fd: crate::Fd, offset: u64 },
+    /// A read from `fd` at `offset` into `range` of the buffer (a read-in lease).
+    ReadInto {
+        fd: crate::Fd,
+        offset: u64,
+        range: std::ops::Range<usize>,
+    },
 }
 
 impl Member {
     pub(crate) fn fd(&self) -> &crate::Fd {
         match &self.kind {
-            MemberKind::Send { fd, .. } | MemberKind::Write { fd, .. } => fd,
+            MemberKind::Send { fd, .. }
+            | MemberKind::Write { fd, .. }
+            | MemberKind::ReadInto { fd, .. } => fd,
         }
     }
 
@@ -133,7 +147,37 @@ impl Member {
             MemberKind::Write { .. } => crate::Event::Written {
                 result: Err(crate::Error::Cancelled),
             },
+            MemberKind::ReadInto { .. } => crate::Event::ReadInto {
+                result: Err(crate::Error::Cancelled),
+            },
         }
+    }
+
+    /// Reads from `fd` at `offset` (`u64::MAX`: the file position) **into** `range` of the
+    /// leased buffer: a member of a **read-in lease**, in which every member writes into its own
+    /// part of the buffer, in parallel, after the leader. Completes with
+    /// [`Event::ReadInto`](crate::Event::ReadInto); a short read zeroes the rest of its range.
+    /// A read-in group has only such members, with ranges inside the buffer that do not overlap
+    /// (else [`Error::InvalidArgument`](crate::Error::InvalidArgument)), and nobody can read the
+    /// buffer until it comes back in [`Event::LeaseReturned`](crate::Event::LeaseReturned).
+    pub fn read_into(
+        fd: &crate::Fd,
+        offset: u64,
+        range: std::ops::Range<usize>,
+        token: u64,
+    ) -> Member {
+        Member {
+            kind: MemberKind::ReadInto {
+                fd: fd.clone(),
+                offset,
+                range,
+            },
+            token,
+        }
+    }
+
+    pub(crate) fn is_read_into(&self) -> bool {
+        matches!(self.kind, MemberKind::ReadInto { .. })
     }
 
     /// Sends the leased bytes on `fd` plainly; completes with [`Event::Sent`](crate::Event::Sent).

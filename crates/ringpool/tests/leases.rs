@@ -436,3 +436,87 @@ fn cancel_fd_reaches_members_still_waiting_for_their_leader() {
     kept_peer.read_exact(&mut got).unwrap();
     assert_eq!(got, [5u8; 16]);
 }
+
+#[test]
+fn a_read_in_lease_gathers_parts_into_one_buffer_and_zeroes_what_was_not_filled() {
+    for (name, force) in LEASE_RUNGS {
+        let mut d = driver(force);
+        let header = file_with(&pattern_vec(10, 0, 100));
+        let part_b = file_with(&pattern_vec(11, 0, 1024));
+        let part_c = file_with(&pattern_vec(12, 0, 500)); // short: its range is 1024
+        let mut buf = d.fixed_buf_or_plain(4096).unwrap();
+        buf.fill(0xEE); // stale bytes that must not come back
+        let members = vec![
+            Member::read_into(&part_b, 0, 1024..2048, 1),
+            Member::read_into(&part_c, 0, 2048..3072, 2),
+        ];
+        d.lease_group(&header, buf, 0, members, 9).unwrap();
+        let mut o = Outcome::default();
+        let mut reads = std::collections::BTreeMap::new();
+        pump(&mut d, 10, |c| {
+            match c.event {
+                Event::LeaseFilled { result, lease } => {
+                    assert!(
+                        lease.is_none(),
+                        "{name}: a read-in lease is never handed out"
+                    );
+                    o.filled = Some(result);
+                }
+                Event::ReadInto { result } => {
+                    reads.insert(c.token, result.unwrap());
+                }
+                Event::LeaseReturned(buf) => o.returned = Some(buf),
+                other => panic!("{name}: {other:?}"),
+            }
+            o.returned.is_some()
+        });
+        assert_eq!(o.filled.unwrap().unwrap(), 100, "{name}");
+        assert_eq!(reads[&1], 1024, "{name}");
+        assert_eq!(reads[&2], 500, "{name}");
+        let buf = o.returned.unwrap();
+        assert_eq!(
+            buf[..100],
+            pattern_vec(10, 0, 100)[..],
+            "{name}: the leader's bytes"
+        );
+        assert!(
+            buf[100..1024].iter().all(|&b| b == 0),
+            "{name}: leader tail zeroed"
+        );
+        assert_eq!(buf[1024..2048], pattern_vec(11, 0, 1024)[..], "{name}");
+        assert_eq!(buf[2048..2548], pattern_vec(12, 0, 500)[..], "{name}");
+        assert!(
+            buf[2548..].iter().all(|&b| b == 0),
+            "{name}: short member zeroed"
+        );
+    }
+}
+
+#[test]
+fn bad_read_in_groups_are_typed_errors() {
+    let mut d = driver(&[]);
+    let src = file_with(b"x");
+    let (s, _peer) = tcp_pair();
+    let s = Fd::from(s);
+    for (what, members) in [
+        (
+            "overlapping",
+            vec![
+                Member::read_into(&src, 0, 0..100, 1),
+                Member::read_into(&src, 0, 50..150, 2),
+            ],
+        ),
+        ("outside", vec![Member::read_into(&src, 0, 4000..5000, 1)]),
+        (
+            "mixed with a reader",
+            vec![Member::read_into(&src, 0, 0..100, 1), Member::send(&s, 2)],
+        ),
+    ] {
+        let buf = d.fixed_buf_or_plain(4096).unwrap();
+        let err = d.lease_group(&src, buf, 0, members, 3).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { .. }),
+            "{what}: {err}"
+        );
+    }
+}
