@@ -50,6 +50,7 @@ mod fixed;
 mod lease;
 mod pool;
 mod probe;
+mod send_ring;
 pub mod sys;
 mod zc;
 
@@ -62,6 +63,7 @@ pub use fixed::{FixedBuf, FixedStats, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
 pub use lease::{Lease, Member};
 pub use pool::{BufGroup, BufGroupConfig, GroupStats, Registration, MAX_BUF_SIZE};
 pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
+pub use send_ring::SendRing;
 pub use sys::PageBacking;
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

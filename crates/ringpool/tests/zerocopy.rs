@@ -639,3 +639,165 @@ fn sends_stay_in_order_when_chains_outgrow_the_submission_queue() {
         }
     }
 }
+
+/// Forwards 8 MiB received into a small group through a send ring (send bundles: many buffers
+/// per op, in order), mixed with owned sends; checks every byte, the order of completions, that
+/// bundles really carried several buffers, and that every buffer went home.
+fn forward_through_a_send_ring(name: &str, force: &[Force]) {
+    let mut cfg = DriverConfig::default().ignore_env();
+    for f in force {
+        cfg = cfg.force(*f);
+    }
+    let mut d = Driver::new(cfg).unwrap();
+    let g = d.buf_group(BufGroupConfig::new(4096, 64)).unwrap();
+    let ring = d.send_ring(64).unwrap();
+    let (a, mut a_peer) = tcp_pair();
+    let (b, b_peer) = tcp_pair();
+    let (a, b) = (Fd::from(a), Fd::from(b));
+    const LEN: usize = 8 << 20;
+    let writer = std::thread::spawn(move || {
+        a_peer.write_all(&pattern_vec(40, 0, LEN)).unwrap();
+    });
+    // Every 10th chain is followed by an owned marker send, so order across kinds is checked.
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let mut r = b_peer;
+        r.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        r.read_to_end(&mut v).unwrap();
+        v
+    });
+    d.recv(&a, &g, RecvMode::MultishotBundle, u64::MAX).unwrap();
+    let (mut expected, mut received, mut next_token, mut acked) = (Vec::new(), 0, 0u64, 0u64);
+    let mut eof = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(eof && acked == next_token) {
+        assert!(std::time::Instant::now() < deadline, "{name}: stalled");
+        d.wait(Some(Duration::from_millis(100))).unwrap();
+        while let Some(c) = d.pop() {
+            match c.event {
+                Event::Data(chain) => {
+                    expected.extend(chain.to_vec());
+                    received += chain.len();
+                    d.send_bundle(&b, &ring, chain, next_token).unwrap();
+                    next_token += 1;
+                    if next_token % 10 == 0 {
+                        let marker = format!("<{next_token}>").into_bytes();
+                        expected.extend(&marker);
+                        d.send_bundle(&b, &ring, marker, next_token).unwrap();
+                        next_token += 1;
+                    }
+                }
+                Event::Eof => eof = true,
+                Event::Sent { result, .. } => {
+                    result.unwrap();
+                    assert_eq!(c.token, acked, "{name}: completions in order");
+                    acked += 1;
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(received, LEN, "{name}");
+    drop(b);
+    drop(ring);
+    d.submit().unwrap();
+    let got = reader.join().unwrap();
+    assert!(
+        got == expected,
+        "{name}: bytes differ ({} vs {})",
+        got.len(),
+        expected.len()
+    );
+    assert_eq!(g.stats().in_user, 0, "{name}: every buffer went home");
+    let s = d.stats();
+    if d.ladder().bundle {
+        assert!(
+            s.bundle_ops > 0 && s.bundle_buffers > s.bundle_ops,
+            "{name}: {s:?}"
+        );
+    } else {
+        assert_eq!(s.bundle_ops, 0, "{name}: the fallback sends plainly");
+    }
+    eprintln!("{name}: {next_token} sends, {s:?}");
+}
+
+#[test]
+fn send_bundles_from_a_send_ring_keep_order_and_return_every_buffer() {
+    if require(Features::get().bundle, "send bundles") {
+        forward_through_a_send_ring("bundles", &[]);
+    }
+    forward_through_a_send_ring("no-bundle fallback", &[Force::NoBundle]);
+}
+
+#[test]
+fn a_send_ring_whose_peer_resets_fails_every_queued_send_and_loses_no_buffer() {
+    if !require(Features::get().bundle, "send bundles") {
+        return;
+    }
+    let mut d = Driver::new(DriverConfig::default().ignore_env()).unwrap();
+    let g = d.buf_group(BufGroupConfig::new(4096, 64)).unwrap();
+    let ring = d.send_ring(16).unwrap();
+    let (a, mut a_peer) = tcp_pair();
+    let (b, b_peer) = tcp_pair();
+    let (a, b) = (Fd::from(a), Fd::from(b));
+    // The destination resets (SO_LINGER 0) without reading.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads a valid linger of the given size on a live socket.
+    unsafe {
+        libc::setsockopt(
+            b_peer.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    drop(b_peer);
+    std::thread::sleep(Duration::from_millis(50));
+    a_peer.write_all(&pattern_vec(41, 0, 256 << 10)).unwrap();
+    d.recv(&a, &g, RecvMode::MultishotBundle, u64::MAX).unwrap();
+    let (mut queued, mut failed, mut ok, mut received) = (0u64, 0u64, 0u64, 0usize);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while received < 256 << 10 || failed + ok < queued {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stalled: {queued} {failed} {ok}"
+        );
+        d.wait(Some(Duration::from_millis(50))).unwrap();
+        while let Some(c) = d.pop() {
+            match c.event {
+                Event::Data(chain) => {
+                    received += chain.len();
+                    d.send_bundle(&b, &ring, chain, queued).unwrap();
+                    queued += 1;
+                }
+                Event::Sent { result: Err(e), .. } => {
+                    let raw = e.raw_os_error();
+                    assert!(
+                        matches!(raw, Some(libc::EPIPE) | Some(libc::ECONNRESET)),
+                        "{e}"
+                    );
+                    failed += 1;
+                }
+                Event::Sent { result: Ok(_), .. } => ok += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert!(failed > 0, "the reset reached the sends");
+    // The failed ring's queued buffers went home, though its handle is still alive.
+    assert_eq!(g.stats().in_user, 0, "no buffer lost");
+    d.send_bundle(&b, &ring, vec![1u8; 10], 99).unwrap();
+    pump(&mut d, 5, |c| {
+        assert!(
+            matches!(c.event, Event::Sent { result: Err(_), .. }),
+            "a failed ring stays failed"
+        );
+        true
+    });
+}
