@@ -430,7 +430,13 @@ fn a_region_whose_handle_is_dropped_mid_send_is_released_after_the_notification(
     let n = chain.len();
     // Fill the path to `b_peer` so that the send cannot finish before the peer reads: until
     // then the send holds the region's buffer, so the slot must stay registered.
-    let filler = fill_socket(&b);
+    // Fixed small socket buffers (no autotuning, which in the 6.12 guest grew them again after
+    // the fill), filled twice with a pause between, so the path stays full.
+    set_buf_sizes(&b, libc::SO_SNDBUF);
+    set_buf_sizes(&b_peer, libc::SO_RCVBUF);
+    let mut filler = fill_socket(&b);
+    std::thread::sleep(Duration::from_millis(50));
+    filler += fill_socket(&b);
     d.send_zc(&b, chain, 2).unwrap();
     drop(g);
     let until = Instant::now() + Duration::from_millis(300);
@@ -463,6 +469,23 @@ fn a_region_whose_handle_is_dropped_mid_send_is_released_after_the_notification(
         "the region's bytes arrived intact"
     );
     wait_table_empty(&mut d, "dropped region");
+}
+
+/// Sets the socket's `which` buffer (SO_SNDBUF or SO_RCVBUF) to its minimum, which also stops
+/// the kernel from growing it.
+fn set_buf_sizes(fd: &impl AsRawFd, which: libc::c_int) {
+    let size: libc::c_int = 4096;
+    // SAFETY: setsockopt reads a valid c_int of the given size on a live socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            which,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
 }
 
 /// Writes zeros to `fd` without blocking until the socket and its peer's receive queue are
