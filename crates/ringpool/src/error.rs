@@ -114,6 +114,9 @@ pub enum Error {
         /// What is wrong.
         what: &'static str,
     },
+    /// An [`rt::timeout`](crate::rt::timeout) elapsed before its future completed.
+    #[error("timed out")]
+    TimedOut,
     /// The operation was cancelled before it completed.
     #[error("operation cancelled")]
     Cancelled,
@@ -174,6 +177,7 @@ impl Error {
             Error::Os { source, .. } => source.raw_os_error(),
             Error::Cancelled => Some(libc::ECANCELED),
             Error::PoolExhausted { .. } => Some(libc::ENOBUFS),
+            Error::TimedOut => Some(libc::ETIMEDOUT),
             _ => None,
         }
     }
@@ -187,6 +191,7 @@ impl From<Error> for io::Error {
             Error::OutOfMemory { .. } => io::Error::new(io::ErrorKind::OutOfMemory, e),
             Error::Unsupported { .. } => io::Error::new(io::ErrorKind::Unsupported, e),
             Error::PoolExhausted { .. } => io::Error::new(io::ErrorKind::WouldBlock, e),
+            Error::TimedOut => io::Error::new(io::ErrorKind::TimedOut, e),
             other => io::Error::new(io::ErrorKind::InvalidInput, other),
         }
     }

@@ -50,6 +50,7 @@ mod fixed;
 mod lease;
 mod pool;
 mod probe;
+pub mod rt;
 mod send_ring;
 pub mod sys;
 mod zc;

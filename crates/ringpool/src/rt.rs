@@ -1,0 +1,588 @@
+//! `ringpool::rt`: a small single-threaded async runtime over one [`Driver`] (one ring per
+//! thread): [`block_on`], [`spawn`], timers ([`sleep`], [`timeout`]), and futures for TCP
+//! ([`TcpListener`], [`TcpStream`]) whose receives hand out pooled buffers and whose sends go
+//! through the zero-copy policy.
+//!
+//! **Dropping a future cancels its op** under the driver's ownership rule: the cancel is asked
+//! for at once, the driver keeps every byte the kernel may touch until the op's final
+//! completion, and whatever that completion carries (received buffers) goes home. Nothing is
+//! ever awaited on another thread: futures and the runtime are `!Send`, one runtime per thread.
+//!
+//! This is the core of the async layer (issue 5); UDP, files, a multi-core launcher and the
+//! `AsyncRead`/`AsyncWrite` adapters are still to come.
+//!
+//! ```
+//! use ringpool::rt::{self, TcpListener, TcpStream};
+//! use ringpool::BufGroupConfig;
+//!
+//! rt::block_on(async {
+//!     let group = rt::buf_group(BufGroupConfig::new(4096, 64))?;
+//!     let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap())?;
+//!     let addr = listener.local_addr()?;
+//!     let server = rt::spawn(async move {
+//!         let stream = listener.accept().await?;
+//!         while let Some(chain) = stream.recv(&group).await? {
+//!             stream.send_zc(chain).await?; // echo the buffers back, no copy
+//!         }
+//!         Ok::<(), ringpool::Error>(())
+//!     });
+//!     let client = TcpStream::connect(addr).await?;
+//!     client.write_all(b"ping".to_vec()).await?;
+//!     let group2 = rt::buf_group(BufGroupConfig::new(4096, 8))?;
+//!     let echoed = client.recv(&group2).await?.unwrap();
+//!     assert_eq!(echoed.to_vec(), b"ping");
+//!     drop(client);
+//!     server.await?;
+//!     Ok::<(), ringpool::Error>(())
+//! })?;
+//! # Ok::<(), ringpool::Error>(())
+//! ```
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use crate::{
+    BufChain, BufGroup, BufGroupConfig, Driver, DriverConfig, Error, Event, Fd, OpId, RecvMode,
+    Result, SendBuf,
+};
+
+type Task = Pin<Box<dyn Future<Output = ()>>>;
+
+/// Completions routed to the future that waits for them.
+#[derive(Default)]
+struct OpState {
+    events: VecDeque<Event>,
+    /// The op delivered its final completion.
+    finished: bool,
+    waker: Option<Waker>,
+}
+
+struct Runtime {
+    driver: RefCell<Driver>,
+    ops: RefCell<HashMap<u64, OpState>>,
+    next_token: Cell<u64>,
+    tasks: RefCell<slab::Slab<Option<Task>>>,
+    /// Task ids woken (wakers may be called from anywhere, hence the mutex).
+    woken: Arc<Mutex<VecDeque<usize>>>,
+    /// Timers: (deadline, id) → waker.
+    timers: RefCell<BTreeMap<(Instant, u64), Waker>>,
+}
+
+thread_local! {
+    static RUNTIME: RefCell<Option<Rc<Runtime>>> = const { RefCell::new(None) };
+}
+
+/// The id of the future passed to [`block_on`].
+const MAIN: usize = usize::MAX;
+
+struct TaskWaker {
+    id: usize,
+    woken: Arc<Mutex<VecDeque<usize>>>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(self.id);
+    }
+}
+
+fn runtime() -> Rc<Runtime> {
+    RUNTIME.with(|r| {
+        r.borrow()
+            .clone()
+            .expect("ringpool::rt used outside rt::block_on")
+    })
+}
+
+/// Runs `fut` to completion on this thread, with a fresh driver (default configuration), and
+/// every task [`spawn`]ed meanwhile. Tasks still running when `fut` completes are dropped
+/// (which cancels their ops).
+///
+/// # Errors
+/// The driver's setup error ([`Driver::new`]).
+pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
+    block_on_with(DriverConfig::default(), fut)
+}
+
+/// [`block_on`] with a driver configuration.
+///
+/// # Examples
+/// ```
+/// let v = ringpool::rt::block_on_with(Default::default(), async { 7 })?;
+/// assert_eq!(v, 7);
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Output> {
+    let rt = Rc::new(Runtime {
+        driver: RefCell::new(Driver::new(config)?),
+        ops: RefCell::default(),
+        next_token: Cell::new(1),
+        tasks: RefCell::new(slab::Slab::new()),
+        woken: Arc::default(),
+        timers: RefCell::default(),
+    });
+    let previous = RUNTIME.with(|r| r.borrow_mut().replace(rt.clone()));
+    assert!(previous.is_none(), "rt::block_on inside rt::block_on");
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            // Drop the tasks (their ops cancel) while the runtime is still reachable, then the
+            // runtime itself (the driver waits for the cancelled ops' final completions).
+            let rt = RUNTIME.with(|r| r.borrow().clone());
+            if let Some(rt) = rt {
+                let tasks: Vec<_> = rt.tasks.borrow_mut().drain().collect();
+                drop(tasks);
+            }
+            RUNTIME.with(|r| r.borrow_mut().take());
+        }
+    }
+    let _reset = Reset;
+    let mut fut = std::pin::pin!(fut);
+    let main_waker = Waker::from(Arc::new(TaskWaker {
+        id: MAIN,
+        woken: rt.woken.clone(),
+    }));
+    let mut main_woken = true;
+    loop {
+        if main_woken {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut Context::from_waker(&main_waker)) {
+                return Ok(v);
+            }
+        }
+        main_woken = false;
+        // Run every woken task (tasks woken while running go round again).
+        loop {
+            let next = rt
+                .woken
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            let Some(id) = next else { break };
+            if id == MAIN {
+                main_woken = true;
+                continue;
+            }
+            let task = rt.tasks.borrow_mut().get_mut(id).and_then(Option::take);
+            let Some(mut task) = task else { continue };
+            let waker = Waker::from(Arc::new(TaskWaker {
+                id,
+                woken: rt.woken.clone(),
+            }));
+            if task
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready()
+            {
+                rt.tasks.borrow_mut().remove(id);
+            } else if let Some(slot) = rt.tasks.borrow_mut().get_mut(id) {
+                *slot = Some(task);
+            }
+        }
+        if main_woken {
+            continue;
+        }
+        // Nothing runnable: wait for the kernel or the next timer.
+        let next_timer = rt.timers.borrow().keys().next().map(|(at, _)| *at);
+        let wait = next_timer.map(|at| at.saturating_duration_since(Instant::now()));
+        rt.driver
+            .borrow_mut()
+            .wait(Some(wait.unwrap_or(Duration::from_millis(100))))?;
+        rt.route();
+        rt.fire_timers();
+    }
+}
+
+impl Runtime {
+    /// Hands every completion to the op state of its token; completions of ops whose future
+    /// was dropped are dropped here (their buffers go home).
+    fn route(&self) {
+        loop {
+            let c = self.driver.borrow_mut().pop();
+            let Some(c) = c else { break };
+            let mut ops = self.ops.borrow_mut();
+            let Some(state) = ops.get_mut(&c.token) else {
+                continue;
+            };
+            state.finished |= !c.more;
+            state.events.push_back(c.event);
+            if let Some(w) = state.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn fire_timers(&self) {
+        let now = Instant::now();
+        let mut timers = self.timers.borrow_mut();
+        while let Some(entry) = timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            entry.remove().wake();
+        }
+    }
+
+    fn token(&self) -> u64 {
+        let t = self.next_token.get();
+        self.next_token.set(t + 1);
+        self.ops.borrow_mut().insert(t, OpState::default());
+        t
+    }
+}
+
+/// One driver op awaited by a future: yields its events; dropping it before the final
+/// completion cancels the op (later completions are dropped by the runtime).
+struct Op {
+    token: u64,
+    id: Option<OpId>,
+}
+
+impl Op {
+    /// Registers a new op started by `start` (which gets the token).
+    fn start(start: impl FnOnce(&mut Driver, u64) -> Result<Option<OpId>>) -> Result<Op> {
+        let rt = runtime();
+        let token = rt.token();
+        let id = start(&mut rt.driver.borrow_mut(), token);
+        match id {
+            Ok(id) => Ok(Op { token, id }),
+            Err(e) => {
+                rt.ops.borrow_mut().remove(&token);
+                Err(e)
+            }
+        }
+    }
+
+    /// The next event of this op.
+    fn next(&self) -> impl Future<Output = Event> + '_ {
+        std::future::poll_fn(move |cx| {
+            let rt = runtime();
+            let mut ops = rt.ops.borrow_mut();
+            let state = ops.get_mut(&self.token).expect("a live op has its state");
+            match state.events.pop_front() {
+                Some(e) => Poll::Ready(e),
+                None => {
+                    state.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        let Some(rt) = RUNTIME.with(|r| r.borrow().clone()) else {
+            return;
+        };
+        let finished = rt
+            .ops
+            .borrow_mut()
+            .remove(&self.token)
+            .map_or(true, |s| s.finished);
+        if !finished {
+            if let Some(id) = self.id {
+                rt.driver.borrow_mut().cancel(id);
+            }
+        }
+    }
+}
+
+/// A task started by [`spawn`]; awaiting it gives the task's output.
+pub struct JoinHandle<T> {
+    result: Rc<RefCell<(Option<T>, Option<Waker>)>>,
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = T;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let mut r = self.result.borrow_mut();
+        match r.0.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                r.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Runs `fut` concurrently on this thread's runtime.
+///
+/// # Examples
+/// ```
+/// ringpool::rt::block_on(async {
+///     let a = ringpool::rt::spawn(async { 1 });
+///     let b = ringpool::rt::spawn(async { 2 });
+///     assert_eq!(a.await + b.await, 3);
+/// })?;
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+pub fn spawn<F>(fut: F) -> JoinHandle<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let rt = runtime();
+    let result = Rc::new(RefCell::new((None, None::<Waker>)));
+    let out = result.clone();
+    let task: Task = Box::pin(async move {
+        let v = fut.await;
+        let mut r = out.borrow_mut();
+        r.0 = Some(v);
+        if let Some(w) = r.1.take() {
+            w.wake();
+        }
+    });
+    let id = rt.tasks.borrow_mut().insert(Some(task));
+    rt.woken
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push_back(id);
+    JoinHandle { result }
+}
+
+/// A buffer group on this thread's driver.
+///
+/// # Errors
+/// As [`Driver::buf_group`].
+pub fn buf_group(cfg: BufGroupConfig) -> Result<BufGroup> {
+    runtime().driver.borrow_mut().buf_group(cfg)
+}
+
+/// Completes after `d`.
+///
+/// # Examples
+/// ```
+/// ringpool::rt::block_on(async {
+///     let t = std::time::Instant::now();
+///     ringpool::rt::sleep(std::time::Duration::from_millis(20)).await;
+///     assert!(t.elapsed() >= std::time::Duration::from_millis(20));
+/// })?;
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+pub async fn sleep(d: Duration) {
+    let at = Instant::now() + d;
+    let id = runtime().next_token.get(); // any unique number
+    runtime().next_token.set(id + 1);
+    std::future::poll_fn(|cx| {
+        if Instant::now() >= at {
+            runtime().timers.borrow_mut().remove(&(at, id));
+            return Poll::Ready(());
+        }
+        runtime()
+            .timers
+            .borrow_mut()
+            .insert((at, id), cx.waker().clone());
+        Poll::Pending
+    })
+    .await
+}
+
+/// `fut`, or [`Error::TimedOut`] if it does not complete within `d` (it is then dropped, which
+/// cancels its op).
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// let r = ringpool::rt::block_on(async {
+///     ringpool::rt::timeout(Duration::from_millis(10), ringpool::rt::sleep(Duration::from_secs(5))).await
+/// })?;
+/// assert!(matches!(r, Err(ringpool::Error::TimedOut)));
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+pub async fn timeout<F: Future>(d: Duration, fut: F) -> Result<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut timer = std::pin::pin!(sleep(d));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Error::TimedOut)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// A listening TCP socket whose connections come from a multishot accept.
+pub struct TcpListener {
+    fd: Fd,
+    accept: RefCell<Option<Op>>,
+}
+
+impl TcpListener {
+    /// Binds `addr` (backlog 4096).
+    ///
+    /// # Errors
+    /// The bind error.
+    pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
+        let l = std::net::TcpListener::bind(addr).map_err(Error::os("bind"))?;
+        // SAFETY: listen on a socket we own; raising its backlog has no other effect.
+        unsafe { libc::listen(l.as_raw_fd(), 4096) };
+        Ok(TcpListener {
+            fd: Fd::from(l),
+            accept: RefCell::new(None),
+        })
+    }
+
+    /// The bound address.
+    ///
+    /// # Errors
+    /// `getsockname`'s error.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        local_addr(&self.fd)
+    }
+
+    /// The next connection.
+    ///
+    /// # Errors
+    /// The accept error.
+    pub async fn accept(&self) -> Result<TcpStream> {
+        loop {
+            if self.accept.borrow().is_none() {
+                let fd = self.fd.clone();
+                let op = Op::start(|d, t| d.accept_multishot(&fd, t).map(Some))?;
+                *self.accept.borrow_mut() = Some(op);
+            }
+            // The op stays in the listener (a dropped `accept` future leaves it armed); only its
+            // token is needed to await its next connection, so no borrow is held across it.
+            let token = self.accept.borrow().as_ref().expect("armed above").token;
+            let event = next_event(token).await;
+            match event {
+                Event::Accepted(fd) => return Ok(TcpStream { fd }),
+                Event::Error(e) => {
+                    self.accept.borrow_mut().take();
+                    return Err(e);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The next event of the op with `token` (the op stays owned by its holder).
+async fn next_event(token: u64) -> Event {
+    std::future::poll_fn(move |cx| {
+        let rt = runtime();
+        let mut ops = rt.ops.borrow_mut();
+        let Some(state) = ops.get_mut(&token) else {
+            return Poll::Ready(Event::Error(Error::Cancelled));
+        };
+        match state.events.pop_front() {
+            Some(e) => Poll::Ready(e),
+            None => {
+                state.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
+/// A connected TCP socket.
+pub struct TcpStream {
+    fd: Fd,
+}
+
+impl TcpStream {
+    /// Connects to `addr`.
+    ///
+    /// # Errors
+    /// The connect error (e.g. `ECONNREFUSED`).
+    pub async fn connect(addr: SocketAddr) -> Result<TcpStream> {
+        let fd = Fd::tcp_socket(addr)?;
+        let op = Op::start(|d, t| d.connect(&fd, addr, t).map(Some))?;
+        match op.next().await {
+            Event::Connected => Ok(TcpStream { fd }),
+            Event::Error(e) => Err(e),
+            other => unreachable!("connect: {other:?}"),
+        }
+    }
+
+    /// A stream over an already connected socket (e.g. from `std::net`).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// let s = std::net::TcpStream::connect("127.0.0.1:7000").unwrap();
+    /// let stream = ringpool::rt::TcpStream::from_fd(ringpool::Fd::from(s));
+    /// ```
+    pub fn from_fd(fd: Fd) -> TcpStream {
+        TcpStream { fd }
+    }
+
+    /// The socket, for the [`Driver`]-level API.
+    pub fn fd(&self) -> &Fd {
+        &self.fd
+    }
+
+    /// Receives what has arrived (a bundle of buffers where the kernel has bundles) into
+    /// buffers the kernel picks from `group`; `None` at end of stream. Dropping the future
+    /// cancels the receive; nothing received is lost to the group.
+    ///
+    /// # Errors
+    /// The receive error (e.g. a reset).
+    pub async fn recv(&self, group: &BufGroup) -> Result<Option<BufChain>> {
+        let fd = self.fd.clone();
+        let op = Op::start(|d, t| d.recv(&fd, group, RecvMode::Bundle, t).map(Some))?;
+        match op.next().await {
+            Event::Data(chain) => Ok(Some(chain)),
+            Event::Eof => Ok(None),
+            Event::Error(e) => Err(e),
+            other => unreachable!("recv: {other:?}"),
+        }
+    }
+
+    /// Sends all of `buf` through the zero-copy policy; completes when the bytes are queued
+    /// (the memory goes home after the kernel's notification by itself).
+    ///
+    /// # Errors
+    /// The send error.
+    pub async fn send_zc(&self, buf: impl Into<SendBuf>) -> Result<usize> {
+        let fd = self.fd.clone();
+        let buf = buf.into();
+        let op = Op::start(|d, t| d.send_zc(&fd, buf, t).map(Some))?;
+        match op.next().await {
+            Event::Sent { result, .. } => result,
+            Event::Error(e) => Err(e),
+            other => unreachable!("send: {other:?}"),
+        }
+    }
+
+    /// Sends all of `buf` (a plain send; short sends are continued).
+    ///
+    /// # Errors
+    /// The send error.
+    pub async fn write_all(&self, buf: impl Into<SendBuf>) -> Result<()> {
+        let fd = self.fd.clone();
+        let buf = buf.into();
+        let op = Op::start(|d, t| d.send(&fd, buf, t).map(Some))?;
+        match op.next().await {
+            Event::Sent { result, .. } => result.map(drop),
+            Event::Error(e) => Err(e),
+            other => unreachable!("send: {other:?}"),
+        }
+    }
+}
+
+fn local_addr(fd: &Fd) -> Result<SocketAddr> {
+    // SAFETY: a borrowed view of a live socket; `ManuallyDrop` keeps it from being closed here.
+    let l = std::mem::ManuallyDrop::new(unsafe {
+        <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd.as_raw_fd())
+    });
+    l.local_addr().map_err(Error::os("getsockname"))
+}
