@@ -136,3 +136,21 @@ fn a_runtime_dropped_with_tasks_waiting_on_the_kernel_leaks_nothing() {
     let mut b = [0u8; 1];
     assert_eq!(peer.read(&mut b).unwrap(), 0);
 }
+
+#[test]
+fn a_file_written_and_read_back_through_registered_memory() {
+    rt::block_on(async {
+        let file = rt::File::from(tempfile::tempfile().unwrap());
+        let mut buf = rt::fixed_buf(1 << 20).unwrap();
+        buf.copy_from_slice(&pattern_vec(50, 0, 1 << 20));
+        let (buf, n) = file.write_fixed(buf, 0..(1 << 20), 0).await;
+        assert_eq!(n.unwrap(), 1 << 20);
+        let back = rt::fixed_buf(1 << 20).unwrap();
+        let (back, n) = file.read_fixed(back, 0..(1 << 20), 0).await;
+        assert_eq!(n.unwrap(), 1 << 20);
+        assert!(back[..] == buf[..]);
+        let (_, err) = file.read_fixed(back, 10..(2 << 20), 0).await;
+        assert!(matches!(err, Err(Error::InvalidArgument { .. })));
+    })
+    .unwrap();
+}
