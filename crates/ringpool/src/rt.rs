@@ -1,5 +1,5 @@
 //! `ringpool::rt`: a small single-threaded async runtime over one [`Driver`] (one ring per
-//! thread): [`block_on`], [`spawn`], timers ([`sleep`], [`timeout`]), and futures for TCP
+//! thread; [`launch`] starts one per core): [`block_on`], [`spawn`], timers ([`sleep`], [`timeout`]), and futures for TCP
 //! ([`TcpListener`], [`TcpStream`]) whose receives hand out pooled buffers and whose sends go
 //! through the zero-copy policy.
 //!
@@ -9,8 +9,7 @@
 //! ever awaited on another thread: futures and the runtime are `!Send`, one runtime per thread.
 //!
 //! Files go through registered memory ([`File`], [`fixed_buf`]). This is the core of the async
-//! layer; UDP, a multi-core launcher and the `AsyncRead`/`AsyncWrite` adapters are still to
-//! come.
+//! layer; UDP and the `AsyncRead`/`AsyncWrite` adapters are still to come.
 //!
 //! ```
 //! use ringpool::rt::{self, TcpListener, TcpStream};
@@ -354,6 +353,72 @@ where
         .unwrap_or_else(|e| e.into_inner())
         .push_back(id);
     JoinHandle { result }
+}
+
+/// Starts one thread per core (`threads`, or the number of CPUs when 0), each pinned to its
+/// CPU where the system allows and running its own runtime (its own ring): `make(i)` builds
+/// thread `i`'s future on that thread, so the future need not be `Send`. Returns every
+/// thread's output, in order.
+///
+/// # Errors
+/// The first driver setup error of any thread.
+///
+/// # Examples
+/// ```
+/// let outs = ringpool::rt::launch(2, |i| async move { i * 10 })?;
+/// assert_eq!(outs, vec![0, 10]);
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+pub fn launch<F, Fut>(threads: usize, make: F) -> Result<Vec<Fut::Output>>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future,
+    Fut::Output: Send + 'static,
+{
+    let n = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
+    let make = Arc::new(make);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let make = make.clone();
+            std::thread::spawn(move || {
+                pin_to_cpu(i);
+                block_on(make(i))
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        .collect()
+}
+
+/// Pins the calling thread to CPU `i` modulo the CPUs it may run on (best effort).
+fn pin_to_cpu(i: usize) {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes a cpu_set_t of the given size for this thread (pid 0).
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) }
+        != 0
+    {
+        return;
+    }
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads the set we own, for indices below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &allowed) })
+        .collect();
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: as above, an all-zero set is empty.
+    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit of the set we own; the index is below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpus[i % cpus.len()], &mut one) };
+    // SAFETY: sched_setaffinity reads a valid cpu_set_t of the given size; failing is harmless.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) };
 }
 
 /// A buffer group on this thread's driver.

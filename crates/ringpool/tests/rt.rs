@@ -154,3 +154,32 @@ fn a_file_written_and_read_back_through_registered_memory() {
     })
     .unwrap();
 }
+
+#[test]
+fn launch_runs_one_ring_per_thread_each_serving_its_own_echo() {
+    let outs = rt::launch(2, |i| async move {
+        let group = rt::buf_group(BufGroupConfig::new(4096, 16)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt::spawn(async move {
+            let s = listener.accept().await.unwrap();
+            while let Some(chain) = s.recv(&group).await.unwrap() {
+                s.send_zc(chain).await.unwrap();
+            }
+        });
+        let c = TcpStream::connect(addr).await.unwrap();
+        let data = pattern_vec(60 + i as u64, 0, 100_000);
+        c.write_all(data.clone()).await.unwrap();
+        let mine = rt::buf_group(BufGroupConfig::new(4096, 64)).unwrap();
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            got.extend(c.recv(&mine).await.unwrap().unwrap().to_vec());
+        }
+        assert!(got == data, "thread {i}");
+        (i, std::thread::current().id())
+    })
+    .unwrap();
+    assert_eq!(outs.len(), 2);
+    assert_eq!((outs[0].0, outs[1].0), (0, 1));
+    assert_ne!(outs[0].1, outs[1].1, "one thread each");
+}
