@@ -9,7 +9,8 @@
 //! ever awaited on another thread: futures and the runtime are `!Send`, one runtime per thread.
 //!
 //! Files go through registered memory ([`File`], [`fixed_buf`]). This is the core of the async
-//! layer; UDP and the `AsyncRead`/`AsyncWrite` adapters are still to come.
+//! layer; [`TcpStream::reader`]/[`TcpStream::writer`] give `futures-io`'s `AsyncRead`/`AsyncWrite`
+//! (the copying path). UDP and tokio's traits are still to come.
 //!
 //! ```
 //! use ringpool::rt::{self, TcpListener, TcpStream};
@@ -268,18 +269,20 @@ impl Op {
 
     /// The next event of this op.
     fn next(&self) -> impl Future<Output = Event> + '_ {
-        std::future::poll_fn(move |cx| {
-            let rt = runtime();
-            let mut ops = rt.ops.borrow_mut();
-            let state = ops.get_mut(&self.token).expect("a live op has its state");
-            match state.events.pop_front() {
-                Some(e) => Poll::Ready(e),
-                None => {
-                    state.waker = Some(cx.waker().clone());
-                    Poll::Pending
-                }
+        std::future::poll_fn(move |cx| self.poll_next(cx))
+    }
+
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Event> {
+        let rt = runtime();
+        let mut ops = rt.ops.borrow_mut();
+        let state = ops.get_mut(&self.token).expect("a live op has its state");
+        match state.events.pop_front() {
+            Some(e) => Poll::Ready(e),
+            None => {
+                state.waker = Some(cx.waker().clone());
+                Poll::Pending
             }
-        })
+        }
     }
 }
 
@@ -591,6 +594,33 @@ impl TcpStream {
         TcpStream { fd }
     }
 
+    /// An [`futures_io::AsyncRead`] view receiving into `group` (the copying path).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn f(s: &ringpool::rt::TcpStream, g: ringpool::BufGroup) -> std::io::Result<()> {
+    /// use futures::AsyncReadExt;
+    /// let mut all = Vec::new();
+    /// s.reader(g).read_to_end(&mut all).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn reader(&self, group: BufGroup) -> Reader<'_> {
+        Reader {
+            stream: self,
+            group,
+            pending: None,
+            op: None,
+        }
+    }
+
+    /// An [`futures_io::AsyncWrite`] view (the copying path).
+    pub fn writer(&self) -> Writer<'_> {
+        Writer {
+            stream: self,
+            op: None,
+        }
+    }
+
     /// The socket, for the [`Driver`]-level API.
     pub fn fd(&self) -> &Fd {
         &self.fd
@@ -642,6 +672,108 @@ impl TcpStream {
             Event::Error(e) => Err(e),
             other => unreachable!("send: {other:?}"),
         }
+    }
+}
+
+/// [`futures_io::AsyncRead`] over a [`TcpStream`]: receives into pooled buffers of `group` and
+/// copies out of them (the copying path, for code that needs the trait; [`TcpStream::recv`]
+/// hands out the buffers themselves). Made by [`TcpStream::reader`].
+pub struct Reader<'a> {
+    stream: &'a TcpStream,
+    group: BufGroup,
+    /// Received bytes not yet read: the chain's bytes, and how far into them.
+    pending: Option<(Vec<u8>, usize)>,
+    op: Option<Op>,
+}
+
+impl futures_io::AsyncRead for Reader<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            if let Some((bytes, at)) = &mut self.pending {
+                let n = out.len().min(bytes.len() - *at);
+                out[..n].copy_from_slice(&bytes[*at..*at + n]);
+                *at += n;
+                if *at == bytes.len() {
+                    self.pending = None;
+                }
+                return Poll::Ready(Ok(n));
+            }
+            if self.op.is_none() {
+                let (fd, group) = (self.stream.fd.clone(), self.group.clone());
+                let op = Op::start(|d, t| d.recv(&fd, &group, RecvMode::Bundle, t).map(Some))?;
+                self.op = Some(op);
+            }
+            let event = match self.op.as_ref().expect("started above").poll_next(cx) {
+                Poll::Ready(e) => e,
+                Poll::Pending => return Poll::Pending,
+            };
+            self.op = None;
+            match event {
+                // Copied out at once, so the buffers go home now.
+                Event::Data(chain) => self.pending = Some((chain.to_vec(), 0)),
+                Event::Eof => return Poll::Ready(Ok(0)),
+                Event::Error(e) => return Poll::Ready(Err(e.into())),
+                other => unreachable!("recv: {other:?}"),
+            }
+        }
+    }
+}
+
+/// [`futures_io::AsyncWrite`] over a [`TcpStream`]: each write copies the caller's bytes and
+/// sends them whole (the copying path; [`TcpStream::send_zc`] sends owned buffers without a
+/// copy). Made by [`TcpStream::writer`].
+pub struct Writer<'a> {
+    stream: &'a TcpStream,
+    /// The send in flight and its length.
+    op: Option<(Op, usize)>,
+}
+
+impl futures_io::AsyncWrite for Writer<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.op.is_none() {
+            let fd = self.stream.fd.clone();
+            let owned = buf.to_vec();
+            let op = Op::start(|d, t| d.send(&fd, owned, t).map(Some))?;
+            self.op = Some((op, buf.len()));
+        }
+        let (op, len) = self.op.as_ref().expect("started above");
+        let len = *len;
+        match op.poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(event) => {
+                self.op = None;
+                match event {
+                    Event::Sent { result, .. } => {
+                        Poll::Ready(result.map(|_| len).map_err(Into::into))
+                    }
+                    Event::Error(e) => Poll::Ready(Err(e.into())),
+                    other => unreachable!("send: {other:?}"),
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // Each write completed only once its bytes were handed to the kernel.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // SAFETY: shutdown on a live socket the stream owns.
+        let rc = unsafe { libc::shutdown(self.stream.fd.as_raw_fd(), libc::SHUT_WR) };
+        Poll::Ready(if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        })
     }
 }
 

@@ -183,3 +183,30 @@ fn launch_runs_one_ring_per_thread_each_serving_its_own_echo() {
     assert_eq!((outs[0].0, outs[1].0), (0, 1));
     assert_ne!(outs[0].1, outs[1].1, "one thread each");
 }
+
+#[test]
+fn async_read_and_write_adapters_carry_every_byte() {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    rt::block_on(async {
+        let group = rt::buf_group(BufGroupConfig::new(4096, 16)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let g = group.clone();
+        let server = rt::spawn(async move {
+            let s = listener.accept().await.unwrap();
+            let mut all = Vec::new();
+            s.reader(g).read_to_end(&mut all).await.unwrap();
+            all
+        });
+        let c = TcpStream::connect(addr).await.unwrap();
+        let data = pattern_vec(70, 0, 1 << 20);
+        let mut w = c.writer();
+        for chunk in data.chunks(10_000) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.close().await.unwrap();
+        assert!(server.await == data);
+        assert_eq!(group.stats().in_user, 0);
+    })
+    .unwrap();
+}
