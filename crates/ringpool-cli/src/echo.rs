@@ -28,6 +28,10 @@ pub struct Args {
     /// Number of buffers in the shared group (a power of two, at most 32768).
     #[arg(long, default_value_t = 512)]
     bufs: u32,
+    /// Serve on the async layer (`ringpool::rt`: a task per connection) instead of the
+    /// driver's event loop.
+    #[arg(long)]
+    rt: bool,
 }
 
 /// Upper bound of iovecs in one send (the kernel's `UIO_MAXIOV` is 1024).
@@ -50,6 +54,9 @@ pub struct Summary {
 }
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if args.rt {
+        return run_rt(args);
+    }
     signals::install();
     let listener = TcpListener::bind(args.listen)?;
     set_backlog(&listener, 4096)?;
@@ -178,4 +185,80 @@ pub fn serve(
     }
     driver.cancel(accept);
     Ok(summary)
+}
+
+/// `ringpool echo --rt`: the same server on the async layer, a task per connection: one
+/// multishot receive stream each, and one send in flight carrying everything received
+/// meanwhile.
+fn run_rt(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    use ringpool::rt;
+    use std::cell::Cell;
+    use std::rc::Rc;
+    signals::install();
+    let config = DriverConfig::default().entries(1024);
+    rt::block_on_with(config, async move {
+        let group = rt::buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
+        let listener = rt::TcpListener::bind(args.listen)?;
+        println!("listening on {}", listener.local_addr()?);
+        println!(
+            "buffer group {}: {} x {} B = {} B, shared by all connections (async layer)",
+            group.id(),
+            args.bufs,
+            args.buf_size,
+            group.buffer_bytes()
+        );
+        let _ = std::io::stdout().flush();
+        let connections = Rc::new(Cell::new(0u64));
+        let echoed = Rc::new(Cell::new(0u64));
+        let (c, e, g) = (connections.clone(), echoed.clone(), group.clone());
+        rt::spawn(async move {
+            loop {
+                let Ok(stream) = listener.accept().await else {
+                    continue;
+                };
+                set_nodelay(stream.fd());
+                c.set(c.get() + 1);
+                let (e, g) = (e.clone(), g.clone());
+                rt::spawn(async move {
+                    let Ok(mut rx) = stream.recv_stream(&g) else {
+                        return;
+                    };
+                    while let Ok(Some(mut out)) = rx.next().await {
+                        // Everything received meanwhile leaves in the same send.
+                        while out.buf_count() < MAX_IOV {
+                            match rx.try_next() {
+                                Ok(Some(more)) => out.append(more),
+                                _ => break,
+                            }
+                        }
+                        e.set(e.get() + out.len() as u64);
+                        if stream.send_zc(SendBuf::from(out)).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        while !signals::stop_requested() {
+            rt::sleep(Duration::from_millis(100)).await;
+        }
+        let (s, ds) = (group.stats(), rt::with_driver(|d| d.stats()));
+        println!(
+            "stopped: {} connections served, {} bytes echoed",
+            connections.get(),
+            echoed.get()
+        );
+        let json = serde_json::json!({
+            "enters": ds.enters, "sqes": ds.sqes, "cqes": ds.cqes,
+            "connections": connections.get(),
+            "bytes_echoed": echoed.get(),
+            "buffer_bytes": group.buffer_bytes(),
+            "total": s.total, "in_kernel": s.in_kernel, "in_user": s.in_user,
+            "enobufs": s.enobufs, "rearms": s.rearms, "bytes_received": s.bytes_received,
+            "runtime": "rt",
+        });
+        println!("stats {json}");
+        Ok::<(), ringpool::Error>(())
+    })??;
+    Ok(())
 }

@@ -24,7 +24,7 @@ fn raise_fd_limit() {
     }
 }
 
-fn start(force: &str) -> (Child, SocketAddr, BufReader<std::process::ChildStdout>) {
+fn start(force: &str, extra: &[&str]) -> (Child, SocketAddr, BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringpool"))
         .args([
             "echo",
@@ -35,6 +35,7 @@ fn start(force: &str) -> (Child, SocketAddr, BufReader<std::process::ChildStdout
             "--buf-size",
             "4096",
         ])
+        .args(extra)
         .env("RINGPOOL_FORCE", force)
         .stdout(Stdio::piped())
         .spawn()
@@ -57,9 +58,9 @@ fn pattern(seed: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn run_echo(force: &str) {
+fn run_echo(force: &str, extra: &[&str]) {
     raise_fd_limit();
-    let (mut child, addr, mut out) = start(force);
+    let (mut child, addr, mut out) = start(force, extra);
     let mut conns: Vec<TcpStream> = (0..CONNECTIONS)
         .map(|_| {
             let c = TcpStream::connect(addr).unwrap();
@@ -128,10 +129,16 @@ fn run_echo(force: &str) {
 
 #[test]
 fn echo_serves_thousands_of_connections_from_one_group() {
-    run_echo("");
+    run_echo("", &[]);
 }
 
 #[test]
 fn echo_on_legacy_groups_and_rearmed_single_shots() {
-    run_echo("legacy-provide,no-multishot");
+    run_echo("legacy-provide,no-multishot", &[]);
+}
+
+#[test]
+fn echo_on_the_async_layer() {
+    run_echo("", &["--rt"]);
+    run_echo("legacy-provide,no-multishot", &["--rt"]);
 }

@@ -424,6 +424,21 @@ fn pin_to_cpu(i: usize) {
     unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) };
 }
 
+/// Runs `f` with this thread's driver (for its statistics, or the [`Driver`]-level API). Do
+/// not await inside: the driver is borrowed for the call.
+///
+/// # Examples
+/// ```
+/// ringpool::rt::block_on(async {
+///     let enters = ringpool::rt::with_driver(|d| d.stats().enters);
+///     println!("{enters} io_uring_enter calls so far");
+/// })?;
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+pub fn with_driver<T>(f: impl FnOnce(&mut Driver) -> T) -> T {
+    f(&mut runtime().driver.borrow_mut())
+}
+
 /// A buffer group on this thread's driver.
 ///
 /// # Errors
@@ -643,6 +658,28 @@ impl TcpStream {
         }
     }
 
+    /// A multishot receive into `group` (bundles where the kernel has them): one op for the
+    /// whole stream, re-armed by the driver when the group ran dry. Dropping the stream cancels
+    /// it; chains it had received and not handed out go home.
+    ///
+    /// # Errors
+    /// The op could not start.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn f(s: &ringpool::rt::TcpStream, g: &ringpool::BufGroup) -> ringpool::Result<()> {
+    /// let mut rx = s.recv_stream(g)?;
+    /// while let Some(chain) = rx.next().await? {
+    ///     s.send_zc(chain).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn recv_stream(&self, group: &BufGroup) -> Result<RecvStream> {
+        let fd = self.fd.clone();
+        let op = Op::start(|d, t| d.recv(&fd, group, RecvMode::MultishotBundle, t).map(Some))?;
+        Ok(RecvStream { op, ended: false })
+    }
+
     /// Sends all of `buf` through the zero-copy policy; completes when the bytes are queued
     /// (the memory goes home after the kernel's notification by itself).
     ///
@@ -774,6 +811,61 @@ impl futures_io::AsyncWrite for Writer<'_> {
         } else {
             Err(std::io::Error::last_os_error())
         })
+    }
+}
+
+/// The chains of a multishot receive ([`TcpStream::recv_stream`]).
+pub struct RecvStream {
+    op: Op,
+    ended: bool,
+}
+
+impl RecvStream {
+    /// The next chain received; `None` at end of stream.
+    ///
+    /// # Errors
+    /// The receive error (e.g. a reset); the stream has ended then.
+    pub async fn next(&mut self) -> Result<Option<BufChain>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let event = self.op.next().await;
+        self.chain(event)
+    }
+
+    /// A chain already received, without waiting (`None` if there is none now): for
+    /// coalescing what arrived meanwhile into one send.
+    ///
+    /// # Errors
+    /// As [`RecvStream::next`].
+    pub fn try_next(&mut self) -> Result<Option<BufChain>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let event = runtime()
+            .ops
+            .borrow_mut()
+            .get_mut(&self.op.token)
+            .and_then(|s| s.events.pop_front());
+        match event {
+            Some(e) => self.chain(e),
+            None => Ok(None),
+        }
+    }
+
+    fn chain(&mut self, event: Event) -> Result<Option<BufChain>> {
+        match event {
+            Event::Data(chain) => Ok(Some(chain)),
+            Event::Eof => {
+                self.ended = true;
+                Ok(None)
+            }
+            Event::Error(e) => {
+                self.ended = true;
+                Err(e)
+            }
+            other => unreachable!("recv: {other:?}"),
+        }
     }
 }
 
