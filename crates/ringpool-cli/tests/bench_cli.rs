@@ -7,17 +7,24 @@
 //! the ratios are reported (or the workload says why it skipped). `--workload fanout`: the
 //! lease server, the read-per-client server and the sendfile server all deliver verified copies
 //! to 16 clients, each reads the file as often as it claims, and both ratios are reported.
-//! Timings are printed by the
-//! bench but never asserted here (noisy VM).
+//! `--html PATH`: the run writes a self-contained HTML report there (inline SVG charts, nothing
+//! fetched) naming every workload it ran, and says where on its last stderr line. Timings are
+//! printed by the bench but never asserted here (noisy VM).
 
 use std::process::Command;
 
+/// `ringpool bench ARGS`; without `--html` in `args`, the HTML report goes to a temporary
+/// directory (not into the source tree, the tests' working directory).
 fn run_bench(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ringpool"))
-        .arg("bench")
-        .args(args)
-        .output()
-        .expect("run the ringpool binary")
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ringpool"));
+    command.arg("bench").args(args);
+    if !args.contains(&"--html") {
+        command
+            .arg("--html")
+            .arg(dir.path().join("ringpool-bench.html"));
+    }
+    command.output().expect("run the ringpool binary")
 }
 
 #[test]
@@ -252,6 +259,69 @@ fn fanout_quick_json() {
             assert!(v > 0.0 && v.is_finite(), "{key}.{side}: {w:#}");
         }
     }
+}
+
+/// Every value of `attr="..."` in `html`.
+fn attribute_values<'a>(html: &'a str, attr: &str) -> Vec<&'a str> {
+    let pattern = format!("{attr}=\"");
+    html.match_indices(&pattern)
+        .map(|(i, _)| {
+            let rest = &html[i + pattern.len()..];
+            &rest[..rest.find('"').expect("a closing quote")]
+        })
+        .collect()
+}
+
+#[test]
+fn html_report_is_written_and_self_contained() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("report.html");
+    let out = run_bench(&[
+        "--quick",
+        "--workload",
+        "send",
+        "--html",
+        path.to_str().expect("a UTF-8 path"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    // Not a terminal: the per-run progress lines are there, as before.
+    assert!(stderr.contains("send round 1/1"), "stderr: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        last.strip_prefix("report: ").map(std::path::Path::new),
+        Some(std::path::absolute(&path).unwrap().as_path()),
+        "stderr: {stderr}"
+    );
+
+    let html = std::fs::read_to_string(&path).expect("the report was written");
+    assert!(html.starts_with("<!DOCTYPE html>"), "{html}");
+    assert!(html.contains("<svg"), "no chart: {html}");
+    assert!(html.contains("<section id=\"send\">"), "{html}");
+    assert!(html.contains("<h2>send</h2>"), "{html}");
+    assert!(html.contains("ringpool plain send"), "the baseline: {html}");
+    // Self-contained: no script, stylesheet or font fetched, every link inside the page.
+    for tag in ["<script", "<link", "<iframe", "<img", "@import", "url("] {
+        assert!(!html.contains(tag), "{tag} in the report: {html}");
+    }
+    for attr in ["src", "href"] {
+        for value in attribute_values(&html, attr) {
+            assert!(
+                !value.starts_with("http://") && !value.starts_with("https://"),
+                "{attr}=\"{value}\" fetches from outside"
+            );
+            assert!(value.starts_with('#'), "{attr}=\"{value}\" leaves the page");
+        }
+    }
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "{html}"
+    );
 }
 
 #[test]

@@ -42,6 +42,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::progress::Progress;
 use super::report::{median, Metric, Unit, WorkloadReport};
 use super::server::Server;
 use super::sys::{fs_kind, fs_magic, ProcessClock};
@@ -302,15 +303,17 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
         }
     }
     let mut runs = Vec::new();
+    let mut progress = Progress::new(WORKLOAD.name, rounds * Kind::ALL.len());
     for round in 1..=rounds {
         for k in 0..Kind::ALL.len() {
             let c = &children[(k + round - 1) % Kind::ALL.len()];
             let r = deliver(c, round, &setup)
                 .map_err(|e| format!("round {round}, {}: {e}", c.kind.label()))?;
-            print_progress(&r, rounds, hz);
+            print_progress(&mut progress, &r, rounds, hz);
             runs.push(r);
         }
     }
+    drop(progress);
     let mut servers = Vec::new();
     for c in children {
         let stopped = c.server.stop()?;
@@ -512,14 +515,14 @@ fn receive(addr: SocketAddr) -> Result<Sum, (Sum, String)> {
 }
 
 /// One line per run on stderr, as the bench goes.
-fn print_progress(r: &Run, rounds: usize, hz: u64) {
+fn print_progress(progress: &mut Progress, r: &Run, rounds: usize, hz: u64) {
     let error = r
         .copies
         .iter()
         .find_map(|c| c.error.as_deref())
         .map(|e| format!(", first error: {e}"))
         .unwrap_or_default();
-    eprintln!(
+    progress.step(format_args!(
         "fanout round {}/{rounds} {:<15}: {:.0} MiB in {:.3} s, {:.3} GB/s, server CPU {:.3} s \
          ({:.2} s by ticks) = {:.4} s/GB, clients CPU {:.2} s, verified {}/{CLIENTS}{error}",
         r.round,
@@ -532,7 +535,7 @@ fn print_progress(r: &Run, rounds: usize, hz: u64) {
         r.cpu_s_per_gb(),
         r.loadgen_cpu.as_secs_f64(),
         r.verified_copies,
-    );
+    ));
 }
 
 /// The median over the rounds of `f` for one server.

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use ringpool::{Driver, DriverConfig, Error, Event, Fd, FixedBuf, Force};
 
+use super::progress::Progress;
 use super::report::{median, Metric, Unit, WorkloadReport};
 use super::sys::{fs_kind, fs_magic};
 use super::{sys, BenchResult, Options, WorkloadDef};
@@ -218,6 +219,7 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
     }
 
     let mut runs = Vec::new();
+    let mut progress = Progress::new(WORKLOAD.name, rounds * readers.len());
     for round in 1..=rounds {
         for k in 0..2 {
             let r = &mut readers[(k + round - 1) % 2];
@@ -225,10 +227,11 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
             let run = r
                 .run_round(&setup.fd, round, blocks, seed, window, &pattern)
                 .map_err(|e| format!("round {round}, {}: {e}", r.mem.label()))?;
-            print_progress(&run, rounds);
+            print_progress(&mut progress, &run, rounds);
             runs.push(run);
         }
     }
+    drop(progress);
     drop(readers);
     let check_ns = check_cost_ns(&pattern);
     Ok(summarize(&runs, rounds, &setup, check_ns))
@@ -603,8 +606,8 @@ fn check_cost_ns(pattern: &Pattern) -> f64 {
     (after - before).as_secs_f64() * 1e9 / CHECK_SAMPLES as f64
 }
 
-fn print_progress(r: &SideRun, rounds: usize) {
-    eprintln!(
+fn print_progress(progress: &mut Progress, r: &SideRun, rounds: usize) {
+    progress.step(format_args!(
         "file round {}/{rounds} {:<12}: {} reads, {:.0} IOPS, CPU {:.2} µs/read (process {:.2}), \
          {:.2} enters/read, verified {}",
         r.round,
@@ -615,7 +618,7 @@ fn print_progress(r: &SideRun, rounds: usize) {
         r.process_cpu_us_per_io(),
         r.enters as f64 / r.reads.max(1) as f64,
         if r.verified() { "yes" } else { "no" },
-    );
+    ));
 }
 
 /// The median over the rounds of `f` on side `mem`.

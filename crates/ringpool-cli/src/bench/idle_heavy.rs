@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+use super::progress::Progress;
 use super::report::{median, Metric, Unit, WorkloadReport};
 use super::server::Server;
 use super::{load, sys, BenchResult, Options, Side, WorkloadDef};
@@ -126,11 +127,12 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
         .build()?;
     let hz = sys::clock_ticks_per_sec();
     let mut rounds = Vec::new();
+    let mut progress = Progress::new(WORKLOAD.name, opts.rounds * Side::BOTH.len());
     for i in 1..=opts.rounds {
         for side in Side::BOTH {
             let r = run_round(&rt, side, opts.window)
                 .map_err(|e| format!("round {i} ({}): {e}", side.label()))?;
-            print_progress(&r, i, opts.rounds, hz);
+            print_progress(&mut progress, &r, i, opts.rounds, hz);
             rounds.push(r);
         }
     }
@@ -316,8 +318,8 @@ fn collect_probe(done: ProbeResult, kept: &mut Vec<TcpStream>, check: &mut IdleC
     }
 }
 
-fn print_progress(r: &Round, i: usize, rounds: usize, hz: u64) {
-    eprintln!(
+fn print_progress(progress: &mut Progress, r: &Round, i: usize, rounds: usize, hz: u64) {
+    progress.step(format_args!(
         "idle-heavy round {i}/{rounds} {:<8}: {} conns in {:.2} s ({} slow), {} req in {:.2} s \
          ({:.0} req/s), server CPU {:.2} µs/req, RSS {:.1} MiB, idle {}/{} ok, verified {}{}",
         r.side.label(),
@@ -333,7 +335,7 @@ fn print_progress(r: &Round, i: usize, rounds: usize, hz: u64) {
         TOTAL_CONNS - BUSY_CONNS,
         if r.verified() { "yes" } else { "no" },
         if r.killed { " (server killed)" } else { "" },
-    );
+    ));
 }
 
 /// Medians per side of every metric.

@@ -8,13 +8,20 @@
 //! connection), and compares each with ringpool's plain send. `proxy` runs the proxy under test
 //! as the child, with the load generator and the upstream in this process. `fanout` runs three
 //! file servers as children (ringpool's and two baselines) and compares ringpool's with each.
+//!
+//! While a workload runs, [`progress`] shows a bar on a terminal (its per-run lines elsewhere).
+//! After the run, the results go to stdout (tables, or JSON with `--json`) and to a
+//! self-contained HTML page ([`html`]) whose path is the last line on stderr.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 mod fanout;
 mod file;
+mod html;
 mod idle_heavy;
 mod load;
+mod progress;
 mod proxy;
 mod report;
 mod send;
@@ -40,6 +47,10 @@ pub struct Args {
     /// Print machine-readable JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Write the HTML report here (default: `target/ringpool-bench.html` when the current
+    /// directory has a `target/`, else `ringpool-bench.html`).
+    #[arg(long, value_name = "PATH")]
+    html: Option<PathBuf>,
 }
 
 /// How long and how often each side is measured.
@@ -128,6 +139,9 @@ pub fn run(args: Args) -> BenchResult<()> {
     } else {
         report::print_table(&reports);
     }
+    let html_path = args.html.unwrap_or_else(html::default_path);
+    let written = html::write(&html_path, &reports)?;
+    eprintln!("report: {}", written.display());
     let unverified: Vec<&str> = reports
         .iter()
         .filter(|r| !r.verified)

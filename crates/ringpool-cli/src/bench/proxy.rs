@@ -38,6 +38,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+use super::progress::Progress;
 use super::report::{median, Metric, Unit, WorkloadReport};
 use super::server::Server;
 use super::sys::ProcessClock;
@@ -285,6 +286,7 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
     let hz = sys::clock_ticks_per_sec();
     let pattern: Arc<[u8]> = pattern().into();
     let mut runs = Vec::new();
+    let mut progress = Progress::new(WORKLOAD.name, rounds * CONFIGS.len() * Side::BOTH.len());
     for round in 1..=rounds {
         for (i, config) in CONFIGS.iter().enumerate() {
             for k in 0..2 {
@@ -292,7 +294,7 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
                 let r = run_one(&rt, round, i, side, warmup, window, &pattern).map_err(|e| {
                     format!("round {round}, {} {}: {e}", config.label, proxy_name(side))
                 })?;
-                print_progress(&r, rounds, hz);
+                print_progress(&mut progress, &r, rounds, hz);
                 runs.push(r);
             }
         }
@@ -636,14 +638,14 @@ async fn read_stream(
 }
 
 /// One line per run on stderr, as the bench goes.
-fn print_progress(r: &Run, rounds: usize, hz: u64) {
+fn print_progress(progress: &mut Progress, r: &Run, rounds: usize, hz: u64) {
     let t = &r.totals;
     let error = t
         .errors
         .first()
         .map(|e| format!(", {} error(s), first: {e}", t.errors.len()))
         .unwrap_or_default();
-    eprintln!(
+    progress.step(format_args!(
         "proxy round {}/{rounds} {:<11} {:<8}: {:.0} MiB in {:.2} s, {:.3} GB/s, proxy CPU \
          {:.3} s ({:.2} s by ticks) = {:.4} s/GB, load generator CPU {:.2} s, verified {}{}{error}",
         r.round,
@@ -658,7 +660,7 @@ fn print_progress(r: &Run, rounds: usize, hz: u64) {
         r.loadgen_cpu.as_secs_f64(),
         if r.verified() { "yes" } else { "no" },
         if r.killed { " (proxy killed)" } else { "" },
-    );
+    ));
 }
 
 /// The median over the rounds of `f` for one configuration and side.

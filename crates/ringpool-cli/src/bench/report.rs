@@ -129,7 +129,8 @@ fn print_rows(rows: &[[String; 5]]) {
     }
 }
 
-fn format_value(v: f64, unit: Unit) -> String {
+/// `v` printed in `unit` (e.g. `1.234 GB/s`), as in the table.
+pub fn format_value(v: f64, unit: Unit) -> String {
     match unit {
         Unit::Bytes if v >= 1024.0 * 1024.0 => format!("{:.1} MiB", v / (1024.0 * 1024.0)),
         Unit::Bytes => format!("{:.1} KiB", v / 1024.0),

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use ringpool::{Driver, DriverConfig, Event, Fd, SendBuf, ZcConfig, ZcMode, ZcStats};
 
+use super::progress::Progress;
 use super::report::{median, Metric, Unit, WorkloadReport};
 use super::{sys, BenchResult, Options, WorkloadDef};
 
@@ -250,6 +251,8 @@ fn zc_json(z: ZcStats) -> serde_json::Value {
 fn run(opts: &Options) -> BenchResult<WorkloadReport> {
     let volume = if opts.quick { QUICK_VOLUME } else { VOLUME };
     let mut runs = Vec::new();
+    let total = opts.rounds * SIZES.len() * Variant::ALL.len();
+    let mut progress = Progress::new(WORKLOAD.name, total);
     for round in 1..=opts.rounds {
         for size in &SIZES {
             for k in 0..Variant::ALL.len() {
@@ -257,7 +260,7 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
                 let r = run_one(round, size.bytes, variant, volume).map_err(|e| {
                     format!("round {round}, {} {}: {e}", size.label, variant.label())
                 })?;
-                print_progress(&r, opts.rounds, size.label);
+                print_progress(&mut progress, &r, opts.rounds, size.label);
                 runs.push(r);
             }
         }
@@ -578,7 +581,7 @@ impl<'a> Checker<'a> {
     }
 }
 
-fn print_progress(r: &Run, rounds: usize, size: &str) {
+fn print_progress(progress: &mut Progress, r: &Run, rounds: usize, size: &str) {
     let zc = r
         .zc()
         .map(|z| {
@@ -593,7 +596,7 @@ fn print_progress(r: &Run, rounds: usize, size: &str) {
         (_, Some(e)) => format!(", receiver error: {e}"),
         _ => String::new(),
     };
-    eprintln!(
+    progress.step(format_args!(
         "send round {}/{rounds} {size:>6} {:<6}: {:.0} MiB, {:.3} GB/s, sender CPU {:.4} s/GB, \
          other CPU {:.3} s{zc}, verified {}{error}",
         r.round,
@@ -603,7 +606,7 @@ fn print_progress(r: &Run, rounds: usize, size: &str) {
         r.cpu_s_per_gb(),
         r.other_cpu.as_secs_f64(),
         if r.verified() { "yes" } else { "no" },
-    );
+    ));
 }
 
 /// The median over the rounds of `f` for one size and variant.

@@ -124,6 +124,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        super::progress::end_bar_line();
         eprintln!(
             "bench: {} server ignored SIGTERM for {:?}; killing it (SIGKILL)",
             self.label, STOP_TIMEOUT
