@@ -139,16 +139,21 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
     Ok(summarize(&rounds, opts.rounds, hz))
 }
 
+/// Extra arguments for ringpool's echo server (e.g. `--rt` to measure the async layer's echo
+/// against the event-loop one), for experiments; the report notes when it was set.
+const EXTRA_ARGS_VAR: &str = "RINGPOOL_BENCH_ECHO_ARGS";
+
 fn server_args(side: Side) -> Vec<String> {
+    let extra = std::env::var(EXTRA_ARGS_VAR).unwrap_or_default();
     let args = match side {
         Side::Ringpool => format!(
-            "echo --listen 127.0.0.1:0 --buf-size {RINGPOOL_BUF_SIZE} --bufs {RINGPOOL_BUFS}"
+            "echo --listen 127.0.0.1:0 --buf-size {RINGPOOL_BUF_SIZE} --bufs {RINGPOOL_BUFS} {extra}"
         ),
         Side::Baseline => {
             format!("tokio-echo --listen 127.0.0.1:0 --buf-size {BASELINE_BUF_SIZE}")
         }
     };
-    args.split(' ').map(str::to_owned).collect()
+    args.split_whitespace().map(str::to_owned).collect()
 }
 
 /// One round: start the server, connect everything, measure the busy window, check the
@@ -388,6 +393,11 @@ fn summarize(rounds: &[Round], per_side: usize, hz: u64) -> WorkloadReport {
 /// Anything abnormal in the rounds, in words.
 fn notes(rounds: &[Round]) -> Vec<String> {
     let mut notes = Vec::new();
+    if let Ok(extra) = std::env::var(EXTRA_ARGS_VAR) {
+        notes.push(format!(
+            "ringpool echo ran with extra arguments ({EXTRA_ARGS_VAR}): {extra}"
+        ));
+    }
     for r in rounds {
         let side = r.side.label();
         if r.killed {
