@@ -1,8 +1,13 @@
 //! `ringpool`: the command-line tool of the ringpool library.
 //!
 //! - `ringpool probe [--json]`: what this kernel supports and the fallback rung in use.
-//! - `ringpool echo --listen ADDR`: an echo server whose connections share one buffer group.
-//! - `ringpool bench [--quick] [--workload NAME] [--json]`: ringpool against a baseline.
+//! - `ringpool echo --listen ADDR [--rt]`: an echo server whose connections share one buffer
+//!   group (on the driver's event loop, or on the async layer with `--rt`).
+//! - `ringpool proxy --listen ADDR --upstream ADDR`: a TCP proxy over a registered region.
+//! - `ringpool fanout --file PATH --listen ADDR`: a file served to many clients, each chunk read
+//!   once and leased to all their sends.
+//! - `ringpool bench [--quick] [--workload NAME] [--json] [--html PATH]`: every workload against its
+//!   baseline, a table on stdout and a self-contained HTML report.
 
 use clap::{Parser, Subcommand};
 
