@@ -4,8 +4,9 @@
 //! through the zero-copy policy.
 //!
 //! **Dropping a future cancels its op** under the driver's ownership rule: the cancel is asked
-//! for at once, the driver keeps every byte the kernel may touch until the op's final
-//! completion, and whatever that completion carries (received buffers) goes home. Nothing is
+//! for at once and the driver keeps every byte the kernel may touch until the op's final
+//! completion. A receive the kernel completed before the cancel landed did take data off the
+//! socket: that data is kept for the stream's next receive, so cancelling never loses bytes. Nothing is
 //! ever awaited on another thread: futures and the runtime are `!Send`, one runtime per thread.
 //!
 //! Files go through registered memory ([`File`], [`fixed_buf`]). This is the core of the async
@@ -64,6 +65,35 @@ struct OpState {
     /// The op delivered its final completion.
     finished: bool,
     waker: Option<Waker>,
+    /// Set when the op's future was dropped before the final completion and what it still
+    /// receives must not be lost (a receive: the data is the stream's next bytes).
+    orphan_sink: Option<Leftovers>,
+}
+
+/// Events of a stream's receives whose futures were dropped: the next receive returns them
+/// first, so cancelling a receive never loses data that had already been taken from the socket.
+type Leftovers = Rc<LeftoverQueue>;
+
+#[derive(Default)]
+struct LeftoverQueue {
+    events: RefCell<VecDeque<Event>>,
+    /// The receive waiting on the stream, woken when leftovers arrive.
+    waker: RefCell<Option<Waker>>,
+}
+
+impl LeftoverQueue {
+    fn pop(&self) -> Option<Event> {
+        self.events.borrow_mut().pop_front()
+    }
+
+    fn push(&self, events: impl IntoIterator<Item = Event>) {
+        self.events.borrow_mut().extend(events);
+        if !self.events.borrow().is_empty() {
+            if let Some(w) = self.waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
 }
 
 struct Runtime {
@@ -218,6 +248,17 @@ impl Runtime {
             let Some(state) = ops.get_mut(&c.token) else {
                 continue;
             };
+            if let Some(sink) = &state.orphan_sink {
+                // The cancel's own outcome is nobody's news; data (or EOF, or a real error)
+                // taken off the socket before the cancel landed is the stream's.
+                if !matches!(c.event, Event::Error(Error::Cancelled)) {
+                    sink.push([c.event]);
+                }
+                if !c.more {
+                    ops.remove(&c.token);
+                }
+                continue;
+            }
             state.finished |= !c.more;
             state.events.push_back(c.event);
             if let Some(w) = state.waker.take() {
@@ -250,6 +291,8 @@ impl Runtime {
 struct Op {
     token: u64,
     id: Option<OpId>,
+    /// Where late events go if this op is dropped unfinished (receives of a stream).
+    sink: Option<Leftovers>,
 }
 
 impl Op {
@@ -259,7 +302,11 @@ impl Op {
         let token = rt.token();
         let id = start(&mut rt.driver.borrow_mut(), token);
         match id {
-            Ok(id) => Ok(Op { token, id }),
+            Ok(id) => Ok(Op {
+                token,
+                id,
+                sink: None,
+            }),
             Err(e) => {
                 rt.ops.borrow_mut().remove(&token);
                 Err(e)
@@ -270,6 +317,18 @@ impl Op {
     /// The next event of this op.
     fn next(&self) -> impl Future<Output = Event> + '_ {
         std::future::poll_fn(move |cx| self.poll_next(cx))
+    }
+
+    /// The stream's leftovers first, then this op's next event.
+    fn poll_with(&self, cx: &mut Context<'_>, leftovers: &Leftovers) -> Poll<Event> {
+        if let Some(e) = leftovers.pop() {
+            return Poll::Ready(e);
+        }
+        let p = self.poll_next(cx);
+        if p.is_pending() {
+            *leftovers.waker.borrow_mut() = Some(cx.waker().clone());
+        }
+        p
     }
 
     fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Event> {
@@ -291,11 +350,23 @@ impl Drop for Op {
         let Some(rt) = RUNTIME.with(|r| r.borrow().clone()) else {
             return;
         };
-        let finished = rt
-            .ops
-            .borrow_mut()
-            .remove(&self.token)
-            .map_or(true, |s| s.finished);
+        let mut ops = rt.ops.borrow_mut();
+        let finished = match (ops.get_mut(&self.token), &self.sink) {
+            (Some(state), Some(sink)) => {
+                // What it received and nobody took, and whatever it still receives, is the
+                // stream's next data.
+                sink.push(state.events.drain(..));
+                if state.finished {
+                    ops.remove(&self.token);
+                    true
+                } else {
+                    state.orphan_sink = Some(sink.clone());
+                    false
+                }
+            }
+            _ => ops.remove(&self.token).map_or(true, |s| s.finished),
+        };
+        drop(ops);
         if !finished {
             if let Some(id) = self.id {
                 rt.driver.borrow_mut().cancel(id);
@@ -548,7 +619,7 @@ impl TcpListener {
             let token = self.accept.borrow().as_ref().expect("armed above").token;
             let event = next_event(token).await;
             match event {
-                Event::Accepted(fd) => return Ok(TcpStream { fd }),
+                Event::Accepted(fd) => return Ok(TcpStream::from_fd(fd)),
                 Event::Error(e) => {
                     self.accept.borrow_mut().take();
                     return Err(e);
@@ -581,6 +652,25 @@ async fn next_event(token: u64) -> Event {
 /// A connected TCP socket.
 pub struct TcpStream {
     fd: Fd,
+    /// Received by receives whose futures were dropped: handed out first.
+    leftovers: Leftovers,
+}
+
+/// Starts a receive on `fd` whose late events go to `leftovers` if its future is dropped.
+fn start_recv(fd: &Fd, group: &BufGroup, mode: RecvMode, leftovers: &Leftovers) -> Result<Op> {
+    let mut op = Op::start(|d, t| d.recv(fd, group, mode, t).map(Some))?;
+    op.sink = Some(leftovers.clone());
+    Ok(op)
+}
+
+/// What a receive event means to the reader.
+fn recv_result(event: Event) -> Result<Option<BufChain>> {
+    match event {
+        Event::Data(chain) => Ok(Some(chain)),
+        Event::Eof => Ok(None),
+        Event::Error(e) => Err(e),
+        other => unreachable!("recv: {other:?}"),
+    }
 }
 
 impl TcpStream {
@@ -592,7 +682,7 @@ impl TcpStream {
         let fd = Fd::tcp_socket(addr)?;
         let op = Op::start(|d, t| d.connect(&fd, addr, t).map(Some))?;
         match op.next().await {
-            Event::Connected => Ok(TcpStream { fd }),
+            Event::Connected => Ok(TcpStream::from_fd(fd)),
             Event::Error(e) => Err(e),
             other => unreachable!("connect: {other:?}"),
         }
@@ -606,7 +696,10 @@ impl TcpStream {
     /// let stream = ringpool::rt::TcpStream::from_fd(ringpool::Fd::from(s));
     /// ```
     pub fn from_fd(fd: Fd) -> TcpStream {
-        TcpStream { fd }
+        TcpStream {
+            fd,
+            leftovers: Leftovers::default(),
+        }
     }
 
     /// An [`futures_io::AsyncRead`] view receiving into `group` (the copying path).
@@ -648,14 +741,12 @@ impl TcpStream {
     /// # Errors
     /// The receive error (e.g. a reset).
     pub async fn recv(&self, group: &BufGroup) -> Result<Option<BufChain>> {
-        let fd = self.fd.clone();
-        let op = Op::start(|d, t| d.recv(&fd, group, RecvMode::Bundle, t).map(Some))?;
-        match op.next().await {
-            Event::Data(chain) => Ok(Some(chain)),
-            Event::Eof => Ok(None),
-            Event::Error(e) => Err(e),
-            other => unreachable!("recv: {other:?}"),
+        if let Some(event) = self.leftovers.pop() {
+            return recv_result(event);
         }
+        let op = start_recv(&self.fd, group, RecvMode::Bundle, &self.leftovers)?;
+        let event = std::future::poll_fn(|cx| op.poll_with(cx, &self.leftovers)).await;
+        recv_result(event)
     }
 
     /// A multishot receive into `group` (bundles where the kernel has them): one op for the
@@ -675,9 +766,12 @@ impl TcpStream {
     /// # Ok(()) }
     /// ```
     pub fn recv_stream(&self, group: &BufGroup) -> Result<RecvStream> {
-        let fd = self.fd.clone();
-        let op = Op::start(|d, t| d.recv(&fd, group, RecvMode::MultishotBundle, t).map(Some))?;
-        Ok(RecvStream { op, ended: false })
+        let op = start_recv(&self.fd, group, RecvMode::MultishotBundle, &self.leftovers)?;
+        Ok(RecvStream {
+            op,
+            ended: false,
+            leftovers: self.leftovers.clone(),
+        })
     }
 
     /// Sends all of `buf` through the zero-copy policy; completes when the bytes are queued
@@ -739,16 +833,29 @@ impl futures_io::AsyncRead for Reader<'_> {
                 }
                 return Poll::Ready(Ok(n));
             }
-            if self.op.is_none() {
-                let (fd, group) = (self.stream.fd.clone(), self.group.clone());
-                let op = Op::start(|d, t| d.recv(&fd, &group, RecvMode::Bundle, t).map(Some))?;
-                self.op = Some(op);
-            }
-            let event = match self.op.as_ref().expect("started above").poll_next(cx) {
-                Poll::Ready(e) => e,
-                Poll::Pending => return Poll::Pending,
+            let leftover = self.stream.leftovers.pop();
+            let event = match leftover {
+                Some(e) => e,
+                None => {
+                    if self.op.is_none() {
+                        let op = start_recv(
+                            &self.stream.fd,
+                            &self.group,
+                            RecvMode::Bundle,
+                            &self.stream.leftovers,
+                        )?;
+                        self.op = Some(op);
+                    }
+                    let op = self.op.as_ref().expect("started above");
+                    match op.poll_with(cx, &self.stream.leftovers) {
+                        Poll::Ready(e) => {
+                            self.op = None;
+                            e
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
             };
-            self.op = None;
             match event {
                 // Copied out at once, so the buffers go home now.
                 Event::Data(chain) => self.pending = Some((chain.to_vec(), 0)),
@@ -818,6 +925,8 @@ impl futures_io::AsyncWrite for Writer<'_> {
 pub struct RecvStream {
     op: Op,
     ended: bool,
+    /// The stream's leftovers come before this op's chains.
+    leftovers: Leftovers,
 }
 
 impl RecvStream {
@@ -829,7 +938,7 @@ impl RecvStream {
         if self.ended {
             return Ok(None);
         }
-        let event = self.op.next().await;
+        let event = std::future::poll_fn(|cx| self.op.poll_with(cx, &self.leftovers)).await;
         self.chain(event)
     }
 
@@ -841,6 +950,10 @@ impl RecvStream {
     pub fn try_next(&mut self) -> Result<Option<BufChain>> {
         if self.ended {
             return Ok(None);
+        }
+        let leftover = self.leftovers.pop();
+        if let Some(event) = leftover {
+            return self.chain(event);
         }
         let event = runtime()
             .ops

@@ -5,6 +5,7 @@
 mod common;
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::rc::Rc;
 use std::time::Duration;
@@ -207,6 +208,35 @@ fn async_read_and_write_adapters_carry_every_byte() {
         w.close().await.unwrap();
         assert!(server.await == data);
         assert_eq!(group.stats().in_user, 0);
+    })
+    .unwrap();
+}
+
+/// Regression (found on 5.10 in the kernel matrix): a receive whose future was dropped after
+/// the kernel had already taken data off the socket lost that data; the next receive then
+/// waited forever.
+#[test]
+fn a_receive_dropped_after_its_data_arrived_hands_the_data_to_the_next_receive() {
+    let (ours, mut peer) = tcp_pair();
+    rt::block_on(async move {
+        let g = rt::buf_group(BufGroupConfig::new(4096, 8)).unwrap();
+        let stream = TcpStream::from_fd(Fd::from(ours));
+        peer.write_all(b"taken before the cancel").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        {
+            let mut fut = std::pin::pin!(stream.recv(&g));
+            // Poll once (the receive is queued), let the kernel complete it (the data is
+            // there), and drop the future before the runtime routes the completion.
+            std::future::poll_fn(|cx| {
+                let _ = fut.as_mut().poll(cx);
+                std::task::Poll::Ready(())
+            })
+            .await;
+            rt::with_driver(|d| d.submit()).unwrap();
+        }
+        let next = rt::timeout(Duration::from_secs(5), stream.recv(&g)).await;
+        let chain = next.expect("the data was lost").unwrap().unwrap();
+        assert_eq!(chain.to_vec(), b"taken before the cancel");
     })
     .unwrap();
 }
