@@ -5,32 +5,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{pattern_vec, pump, tcp_pair, RUNGS};
+use common::{pattern_vec, pump, reset, tcp_pair, RUNGS};
 use ringpool::{BufGroupConfig, Driver, Error, Event, Fd, RecvMode};
-
-fn reset(c: TcpStream) {
-    // SO_LINGER with a zero timeout: close() sends RST instead of FIN.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    use std::os::fd::AsRawFd;
-    // SAFETY: setsockopt reads a valid `linger` of the given size; the fd is a live socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            c.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
-    drop(c);
-}
 
 #[test]
 fn peer_reset_during_multishot_recv_ends_the_stream_with_the_error() {

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use common::{pattern_vec, pump, tcp_pair};
+use common::{pattern_vec, pump, reset, tcp_pair};
 use ringpool::{Driver, DriverConfig, Error, Event, Fd, FixedBuf, Force, Member};
 
 fn driver(force: &[Force]) -> Driver {
@@ -220,22 +220,7 @@ fn one_member_failing_does_not_cancel_the_others() {
     let (good, mut good_peer) = tcp_pair();
     let (bad, bad_peer) = tcp_pair();
     // The bad socket's peer resets: its member fails with ECONNRESET or EPIPE.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    use std::os::fd::AsRawFd;
-    // SAFETY: setsockopt reads a valid linger of the given size on a live socket.
-    unsafe {
-        libc::setsockopt(
-            bad_peer.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    drop(bad_peer);
+    reset(bad_peer);
     std::thread::sleep(Duration::from_millis(50));
     let read_only = tempfile::NamedTempFile::new().unwrap();
     let ro = Fd::from(OwnedFd::from(

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::{pattern, pattern_vec, pump, require, tcp_pair};
+use common::{pattern, pattern_vec, pump, require, reset, tcp_pair};
 use ringpool::{
     BufGroupConfig, Driver, DriverConfig, Event, Fd, Features, Force, RecvMode, ZcConfig, ZcMode,
 };
@@ -742,22 +742,7 @@ fn a_send_ring_whose_peer_resets_fails_every_queued_send_and_loses_no_buffer() {
     let (b, b_peer) = tcp_pair();
     let (a, b) = (Fd::from(a), Fd::from(b));
     // The destination resets (SO_LINGER 0) without reading.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    use std::os::fd::AsRawFd;
-    // SAFETY: setsockopt reads a valid linger of the given size on a live socket.
-    unsafe {
-        libc::setsockopt(
-            b_peer.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    drop(b_peer);
+    reset(b_peer);
     std::thread::sleep(Duration::from_millis(50));
     a_peer.write_all(&pattern_vec(41, 0, 256 << 10)).unwrap();
     d.recv(&a, &g, RecvMode::MultishotBundle, u64::MAX).unwrap();

@@ -99,6 +99,28 @@ pub fn tcp_pair() -> (TcpStream, TcpStream) {
     (s, c)
 }
 
+/// Closes `c` with a reset (SO_LINGER 0: close() sends RST instead of FIN).
+pub fn reset(c: TcpStream) {
+    // SO_LINGER with a zero timeout: close() sends RST instead of FIN.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads a valid `linger` of the given size; the fd is a live socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(c);
+}
+
 /// Waits for completions until `f` returns true for one of them, or panics after `secs`.
 pub fn pump(driver: &mut Driver, secs: u64, mut f: impl FnMut(Completion) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
