@@ -55,7 +55,25 @@ impl PooledBuf {
         }
     }
 
-    /// The buffer id the kernel reported.
+    /// No bytes and no buffer: an empty datagram that a single-shot receive (kernels without
+    /// multishot `RECVMSG`) delivered without consuming a buffer. Its [`bid`](PooledBuf::bid)
+    /// is [`PooledBuf::NO_BUFFER`] and dropping it returns nothing.
+    pub(crate) fn empty(group: Rc<GroupShared>) -> PooledBuf {
+        let ptr = NonNull::new(group.buf_ptr(0)).expect("buffer address is never null");
+        PooledBuf {
+            group,
+            ptr,
+            len: 0,
+            bid: PooledBuf::NO_BUFFER,
+        }
+    }
+
+    /// The [`bid`](PooledBuf::bid) of an empty payload that came without a buffer (an empty
+    /// datagram on a kernel without multishot `RECVMSG`). Real buffer ids are below 32768.
+    pub const NO_BUFFER: u16 = u16::MAX;
+
+    /// The buffer id the kernel reported ([`PooledBuf::NO_BUFFER`] for an empty datagram that
+    /// came without a buffer).
     pub fn bid(&self) -> u16 {
         self.bid
     }
@@ -85,7 +103,9 @@ impl DerefMut for PooledBuf {
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        self.group.release(self.bid);
+        if self.bid != PooledBuf::NO_BUFFER {
+            self.group.release(self.bid);
+        }
     }
 }
 
@@ -184,6 +204,30 @@ impl<'a> IntoIterator for &'a BufChain {
     fn into_iter(self) -> Self::IntoIter {
         self.bufs.iter()
     }
+}
+
+/// One datagram received into a buffer the kernel picked ([`Driver::recv_from`]): its payload,
+/// who sent it, and whether it was cut short.
+///
+/// [`Driver::recv_from`]: crate::Driver::recv_from
+///
+/// # Examples
+/// ```no_run
+/// # fn use_it(d: ringpool::Datagram) {
+/// println!("{} bytes from {:?}{}", d.data.len(), d.from, if d.truncated { " (cut)" } else { "" });
+/// drop(d); // the buffer goes back to its group
+/// # }
+/// ```
+#[derive(Debug)]
+#[must_use = "dropping a Datagram returns its buffer to its group at once"]
+pub struct Datagram {
+    /// The payload (derefs to exactly the bytes received; the buffer goes home on drop).
+    pub data: PooledBuf,
+    /// The sender's address (`None` when the kernel reported none, or one of another family).
+    pub from: Option<std::net::SocketAddr>,
+    /// The datagram was longer than the buffer's payload room; the rest is lost (as with
+    /// `recvmsg` and `MSG_TRUNC`).
+    pub truncated: bool,
 }
 
 /// Memory handed to the kernel for sending. The driver owns it until the op's last completion

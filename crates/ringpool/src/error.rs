@@ -108,6 +108,17 @@ pub enum Error {
         /// Slots in the table.
         slots: u32,
     },
+    /// A group's buffers are too small for the op (a datagram receive needs room for the
+    /// kernel's header and the sender's address in front of the payload).
+    #[error("buffers of {size} bytes are too small for {what}: at least {min} bytes are needed")]
+    BufferTooSmall {
+        /// The group's buffer size.
+        size: usize,
+        /// The smallest size that works.
+        min: usize,
+        /// The op that needs more room.
+        what: &'static str,
+    },
     /// An argument that cannot be used this way.
     #[error("invalid argument: {what}")]
     InvalidArgument {

@@ -55,7 +55,7 @@ mod send_ring;
 pub mod sys;
 mod zc;
 
-pub use buf::{BufChain, PooledBuf, SendBuf};
+pub use buf::{BufChain, Datagram, PooledBuf, SendBuf};
 pub use driver::{
     leaked_ops, Completion, Driver, DriverConfig, DriverStats, Event, Fd, OpId, RecvMode,
 };

@@ -26,6 +26,10 @@ pub(crate) use syscall;
 /// `IORING_CQE_F_BUF_MORE` (6.12): an incremental ring kept the buffer; later completions
 /// append to it.
 pub const IORING_CQE_F_BUF_MORE: u32 = 1 << 4;
+/// Size of `struct io_uring_recvmsg_out` (6.0): the header a multishot `RECVMSG` writes in front
+/// of the sender's address and the payload (`namelen`, `controllen`, `payloadlen`, `flags`, each
+/// a `u32`).
+pub const RECVMSG_OUT_LEN: usize = 16;
 /// `IOU_PBUF_RING_INC` (6.12): register an incrementally consumed buffer ring.
 pub const IOU_PBUF_RING_INC: u16 = 2;
 /// `IORING_RECVSEND_BUNDLE` (6.10), an `ioprio` flag of send/recv.
