@@ -27,6 +27,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ("fixed_buffers", f.fixed_buffers, "5.19"),
         ("zc_report_usage", f.zc_report_usage, "6.2"),
         ("vectored_fixed", f.vectored_fixed, "6.15"),
+        ("clone_buffers", f.clone_buffers, "6.13"),
         ("defer_taskrun", f.defer_taskrun, "6.1"),
         ("ext_arg", f.ext_arg, "5.11"),
     ];

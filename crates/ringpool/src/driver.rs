@@ -45,7 +45,9 @@ use smallvec::SmallVec;
 
 use crate::buf::{BufChain, Datagram, PooledBuf, SendBuf};
 use crate::error::{Error, Result};
-use crate::fixed::{self, FixedBuf, FixedStats, FixedTable, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
+use crate::fixed::{
+    self, FixedBuf, FixedStats, FixedTable, RingRef, MAX_FIXED_LEN, MAX_FIXED_SLOTS,
+};
 use crate::lease::{Lease, Member, MemberKind, ReturnQueue};
 use crate::pool::{BufGroup, BufGroupConfig, GroupShared, HandleGuard, Registration};
 use crate::probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
@@ -562,9 +564,12 @@ pub struct Driver {
     zc_backing_off: bool,
     take_buf: Vec<(u16, u32, u32)>,
     stats: DriverStats,
-    /// The fixed buffer table, once registered memory was asked for.
+    /// The fixed buffer table, once registered memory was asked for (shared with other rings of
+    /// this thread after [`Driver::share_fixed_table`]).
     fixed: Option<Rc<FixedTable>>,
     fixed_slots: u32,
+    /// Names this ring in shared tables.
+    ring_id: u64,
     /// Buffers of leases whose last holder let go, for [`Event::LeaseReturned`].
     lease_returns: ReturnQueue,
     /// Set by `Drop`: no new op may start from a completion (lease members).
@@ -572,6 +577,9 @@ pub struct Driver {
     /// Send rings, until their handle is gone and nothing of theirs is in flight.
     send_rings: Vec<Rc<SendRingShared>>,
 }
+
+/// Ids of rings in shared fixed buffer tables.
+static NEXT_RING_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Driver {
     /// Sets up an io_uring with `SINGLE_ISSUER|DEFER_TASKRUN` where the kernel has it.
@@ -635,6 +643,7 @@ impl Driver {
             stats: DriverStats::default(),
             fixed: None,
             fixed_slots: config.fixed_slots,
+            ring_id: NEXT_RING_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             lease_returns: ReturnQueue::default(),
             dropping: false,
             send_rings: Vec::new(),
@@ -937,27 +946,110 @@ impl Driver {
         if let Some(t) = &self.fixed {
             return Ok(t.clone());
         }
-        if !self.ladder.fixed {
-            let feature = "registered memory (a sparse fixed buffer table, 5.19)";
-            return Err(if Features::get().fixed_buffers {
-                Error::RungForced {
-                    feature,
-                    rung: Force::NoFixed.name(),
-                }
-            } else {
-                Error::Unsupported {
-                    feature,
-                    kernel: Features::get().kernel,
-                }
-            });
-        }
+        self.fixed_available()?;
         self.ring
             .submitter()
             .register_buffers_sparse(self.fixed_slots)
             .map_err(Error::os("registering a sparse fixed buffer table"))?;
-        let table = Rc::new(FixedTable::new(self.fixed_slots));
+        let table = Rc::new(FixedTable::new(self.fixed_slots, self.ring_ref()));
         self.fixed = Some(table.clone());
         Ok(table)
+    }
+
+    /// Whether this ring may have a fixed buffer table: the kernel's, or the forced rung's, error.
+    fn fixed_available(&self) -> Result<()> {
+        if self.ladder.fixed {
+            return Ok(());
+        }
+        let feature = "registered memory (a sparse fixed buffer table, 5.19)";
+        Err(if Features::get().fixed_buffers {
+            Error::RungForced {
+                feature,
+                rung: Force::NoFixed.name(),
+            }
+        } else {
+            Error::Unsupported {
+                feature,
+                kernel: Features::get().kernel,
+            }
+        })
+    }
+
+    fn ring_ref(&self) -> RingRef {
+        RingRef {
+            id: self.ring_id,
+            fd: self.ring.as_raw_fd(),
+        }
+    }
+
+    /// Makes this ring share `other`'s fixed buffer table: everything registered through either
+    /// ring (by [`Driver::fixed_buf`], registered regions, ...) is registered in both, so a
+    /// [`FixedBuf`] of one can be used by ops of the other, without pinning its pages again.
+    /// Registrations are mirrored by cloning the slot (`IORING_REGISTER_CLONE_BUFFERS`, 6.13:
+    /// the same pinned pages, not accounted against memlock twice) or, where cloning is missing
+    /// or the `no-clone` rung is forced, by registering the same memory in this ring too (pinned
+    /// again). Both drivers live on this thread (a `Driver` is not `Send`), which is what lets
+    /// either one update the other's ring. More rings can join the same table.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if this ring already has a fixed buffer table (share before
+    /// registering memory here); the errors of [`Driver::fixed_buf`] when either ring cannot
+    /// have a table or mirroring the existing registrations is refused (memlock).
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{Driver, Event, Fd};
+    /// let mut files = Driver::new(Default::default())?;
+    /// let mut net = Driver::new(Default::default())?;
+    /// net.share_fixed_table(&mut files)?;
+    /// let mut buf = files.fixed_buf(4096)?; // registered once, usable by both rings
+    /// buf[..4].copy_from_slice(b"data");
+    /// let file = tempfile::tempfile().unwrap();
+    /// let fd = Fd::from(std::os::fd::OwnedFd::from(file));
+    /// net.write_fixed(&fd, buf, 0..4, 0, 1)?; // through the other ring
+    /// net.wait(None)?;
+    /// let Event::FixedIo { result, .. } = net.pop().unwrap().event else { panic!() };
+    /// assert_eq!(result?, 4);
+    /// assert_eq!(net.fixed_stats().rings, 2);
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn share_fixed_table(&mut self, other: &mut Driver) -> Result<()> {
+        if self.fixed.is_some() {
+            return Err(Error::InvalidArgument {
+                what: "this ring has a fixed buffer table of its own already: share before registering memory in it",
+            });
+        }
+        self.fixed_available()?;
+        let table = other.fixed_table()?;
+        let slots = table.len();
+        self.ring
+            .submitter()
+            .register_buffers_sparse(slots)
+            .map_err(Error::os("registering a sparse fixed buffer table"))?;
+        let mirrored = if self.ladder.clone_buffers {
+            // SAFETY: both descriptors are live rings of this thread; the slots cloned hold
+            // registrations the shared table keeps (and frees only after emptying them here).
+            unsafe {
+                sys::clone_buffers(self.ring.as_raw_fd(), other.ring.as_raw_fd(), 0, 0, slots)
+            }
+            .map_err(|e| fixed::registration_error(e, 0, table.stats().registered_bytes))
+        } else {
+            table.used_slots().into_iter().try_for_each(|(slot, iov)| {
+                // SAFETY: the iovec is memory registered in the shared table, which keeps it
+                // mapped until the slot was emptied in every ring of the table (this one
+                // included once it joins below).
+                unsafe { sys::update_buffer(self.ring.as_raw_fd(), slot as u32, &iov) }.map_err(
+                    |e| fixed::registration_error(e, iov.iov_len, table.stats().registered_bytes),
+                )
+            })
+        };
+        if let Err(e) = mirrored {
+            let _ = self.ring.submitter().unregister_buffers();
+            return Err(e);
+        }
+        table.add_ring(self.ring_ref());
+        self.fixed = Some(table);
+        Ok(())
     }
 
     /// Registers `mem` in a free slot, tagged so that its release is confirmed.
@@ -968,9 +1060,9 @@ impl Driver {
             self.release_fixed()?;
         }
         let registered = table.stats().registered_bytes;
-        let slot = match table.take(mem.len()) {
+        let slot = match table.take(self.ring_id, mem.as_ptr(), mem.len()) {
             Some(slot) => slot,
-            None => self.take_released_slot(&table, mem.len())?,
+            None => self.take_released_slot(&table, mem)?,
         };
         let iov = libc::iovec {
             iov_base: mem.as_ptr().cast(),
@@ -991,12 +1083,58 @@ impl Driver {
             table.untake(slot, mem.len());
             return Err(fixed::registration_error(e, mem.len(), registered));
         }
+        // The table's other rings get the same registration.
+        for ring in table.rings() {
+            if ring.id == self.ring_id {
+                continue;
+            }
+            let mirrored = if self.ladder.clone_buffers {
+                // SAFETY: both are live rings of this thread (listed in the table); the slot
+                // holds `mem`, which the table keeps until the slot is emptied in every ring.
+                unsafe {
+                    sys::clone_buffers(ring.fd, self.ring.as_raw_fd(), slot as u32, slot as u32, 1)
+                }
+            } else {
+                // SAFETY: as above; the other ring registers the same memory.
+                unsafe { sys::update_buffer(ring.fd, slot as u32, &iov) }
+            };
+            if let Err(e) = mirrored {
+                // Take the registration back out of every ring; the slot is free again at our
+                // tag (no op ever used it, and the kernel holds its own page references).
+                let _ = self.empty_slot_everywhere(&table, slot);
+                table.mark_releasing(slot, None);
+                return Err(fixed::registration_error(e, mem.len(), registered));
+            }
+        }
         Ok(slot)
+    }
+
+    /// Empties `slot` in every ring of the table (best effort for the other rings: a failure
+    /// there leaves a registration the kernel frees with that ring).
+    fn empty_slot_everywhere(&mut self, table: &FixedTable, slot: u16) -> std::io::Result<()> {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty entry points at no memory.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(slot as u32, &[empty], None)
+        }?;
+        for ring in table.rings() {
+            if ring.id != self.ring_id {
+                // SAFETY: a live ring of this thread (listed in the table); an empty entry
+                // points at no memory.
+                let _ = unsafe { sys::update_buffer(ring.fd, slot as u32, &empty) };
+            }
+        }
+        Ok(())
     }
 
     /// The table is full: if slots are being released, give the kernel a moment (50 ms at
     /// most) to confirm one whose last op is done.
-    fn take_released_slot(&mut self, table: &Rc<FixedTable>, len: usize) -> Result<u16> {
+    fn take_released_slot(&mut self, table: &Rc<FixedTable>, mem: &sys::Mmap) -> Result<u16> {
         let deadline = Instant::now() + Duration::from_millis(50);
         loop {
             if table.stats().releasing == 0 || Instant::now() >= deadline {
@@ -1006,7 +1144,7 @@ impl Driver {
             }
             self.enter(1, Some(Duration::from_millis(5)))?;
             self.reap();
-            if let Some(slot) = table.take(len) {
+            if let Some(slot) = table.take(self.ring_id, mem.as_ptr(), mem.len()) {
                 return Ok(slot);
             }
         }
@@ -1017,21 +1155,11 @@ impl Driver {
         let Some(table) = self.fixed.clone() else {
             return Ok(());
         };
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
         let mut pending = table.take_releases().into_iter();
         while let Some((slot, mem)) = pending.next() {
-            // SAFETY: an empty entry points at no memory.
-            let res = unsafe {
-                self.ring
-                    .submitter()
-                    .register_buffers_update(slot as u32, &[empty], None)
-            };
-            match res {
+            match self.empty_slot_everywhere(&table, slot) {
                 // The kernel confirms with the tag CQE; the memory lives until then.
-                Ok(()) => table.mark_releasing(slot, mem),
+                Ok(()) => table.mark_releasing(slot, Some(mem)),
                 Err(e) => {
                     // Still registered: keep this one and the rest for the next flush.
                     table.requeue_releases(std::iter::once((slot, mem)).chain(pending));
@@ -3097,8 +3225,9 @@ impl Drop for Driver {
             self.reap();
         }
         if let Some(table) = &self.fixed {
-            // From now on released memory is freed at once: the ring's close unregisters it.
-            table.ring_alive.set(false);
+            // This ring's registrations go with its close; in a shared table they stay in the
+            // other rings (once no ring is left, released memory is freed at once).
+            table.remove_ring(self.ring_id);
         }
         if !self.ops.is_empty() {
             // The kernel still holds these ops: leak their memory rather than free it under it.

@@ -12,6 +12,16 @@
 //!
 //! Tag CQEs carry [`TAG_KEY`] in the low 32 bits of their `user_data` (no op ever has that key)
 //! and the slot in the high 32 bits.
+//!
+//! **Sharing.** Several rings of one thread can share one table
+//! ([`Driver::share_fixed_table`](crate::Driver::share_fixed_table)): every registration is
+//! made in the ring that asked for it (tagged) and mirrored into the others, by cloning the slot
+//! (`IORING_REGISTER_CLONE_BUFFERS` with offsets, 6.13: the same pinned pages, nothing pinned or
+//! accounted twice) or, where cloning is missing, by registering the same memory there too
+//! (untagged). A release empties the slot in every ring; the registering ring's tag then says the
+//! kernel let go (clones carry no tag, but no op of ours can still use a released buffer: ops own
+//! the buffers they use, and the kernel holds its own page references for the rest). So a
+//! [`FixedBuf`] registered through one ring is registered in all of them.
 
 use std::cell::{Cell, RefCell};
 use std::ops::{Deref, DerefMut};
@@ -34,12 +44,26 @@ pub(crate) fn tag(slot: u16) -> u64 {
     TAG_KEY | (slot as u64) << 32
 }
 
+/// A ring the table is registered in. Its descriptor is valid while it is listed: a driver
+/// delists its ring before the ring is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RingRef {
+    pub(crate) id: u64,
+    pub(crate) fd: std::os::fd::RawFd,
+}
+
 enum Slot {
     Free,
-    Used,
+    /// Registered (with a tag) by ring `origin` (`None` once that ring is gone), mirrored in
+    /// the table's other rings; `iov` is the memory, for mirroring into a ring that joins later.
+    Used {
+        origin: Option<u64>,
+        iov: (usize, usize),
+    },
     /// Emptied in the kernel; the memory lives until the tag CQE says the kernel let go.
     Releasing {
-        _memory: Mmap,
+        origin: u64,
+        _memory: Option<Mmap>,
     },
 }
 
@@ -54,6 +78,8 @@ pub struct FixedStats {
     pub releasing: u32,
     /// Bytes registered now.
     pub registered_bytes: u64,
+    /// Rings sharing the table ([`Driver::share_fixed_table`](crate::Driver::share_fixed_table)).
+    pub rings: u32,
 }
 
 /// The table's state, shared by the driver and every [`FixedBuf`] (and registered group) so that
@@ -61,22 +87,74 @@ pub struct FixedStats {
 pub(crate) struct FixedTable {
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u16>>,
-    /// Released by their owners, waiting for the driver to empty the slot.
+    /// Released by their owners, waiting for a driver to empty the slot.
     to_release: RefCell<Vec<(u16, Mmap)>>,
-    /// False once the driver (and its ring) is gone.
-    pub(crate) ring_alive: Cell<bool>,
+    /// The rings the table is registered in (empty once every driver sharing it is gone).
+    rings: RefCell<Vec<RingRef>>,
     registered_bytes: Cell<u64>,
 }
 
 impl FixedTable {
-    pub(crate) fn new(slots: u32) -> FixedTable {
+    pub(crate) fn new(slots: u32, ring: RingRef) -> FixedTable {
         FixedTable {
             slots: RefCell::new((0..slots).map(|_| Slot::Free).collect()),
             free: RefCell::new((0..slots as u16).rev().collect()),
             to_release: RefCell::new(Vec::new()),
-            ring_alive: Cell::new(true),
+            rings: RefCell::new(vec![ring]),
             registered_bytes: Cell::new(0),
         }
+    }
+
+    /// Slots in the table.
+    pub(crate) fn len(&self) -> u32 {
+        self.slots.borrow().len() as u32
+    }
+
+    /// The rings the table is registered in.
+    pub(crate) fn rings(&self) -> Vec<RingRef> {
+        self.rings.borrow().clone()
+    }
+
+    /// A ring that now shares the table (its registrations were mirrored into it).
+    pub(crate) fn add_ring(&self, ring: RingRef) {
+        self.rings.borrow_mut().push(ring);
+    }
+
+    /// Ring `id` is going away. Slots it registered keep their mirrors in the other rings but
+    /// no tag will confirm their release any more; slots waiting for its tag are free now (the
+    /// ring's close lets go of them).
+    pub(crate) fn remove_ring(&self, id: u64) {
+        self.rings.borrow_mut().retain(|r| r.id != id);
+        let mut slots = self.slots.borrow_mut();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            match slot {
+                Slot::Used { origin, .. } if *origin == Some(id) => *origin = None,
+                Slot::Releasing { origin, .. } if *origin == id => {
+                    *slot = Slot::Free;
+                    self.free.borrow_mut().push(i as u16);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Registered slots and their memory, for mirroring into a ring that joins.
+    pub(crate) fn used_slots(&self) -> Vec<(u16, libc::iovec)> {
+        let slots = self.slots.borrow();
+        slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Used { iov, .. } => Some((
+                    i as u16,
+                    libc::iovec {
+                        iov_base: iov.0 as *mut libc::c_void,
+                        iov_len: iov.1,
+                    },
+                )),
+                _ => None,
+            })
+            .collect()
     }
 
     pub(crate) fn stats(&self) -> FixedStats {
@@ -84,22 +162,26 @@ impl FixedTable {
         let mut s = FixedStats {
             slots: slots.len() as u32,
             registered_bytes: self.registered_bytes.get(),
+            rings: self.rings.borrow().len() as u32,
             ..FixedStats::default()
         };
         for slot in slots.iter() {
             match slot {
                 Slot::Free => {}
-                Slot::Used => s.used += 1,
+                Slot::Used { .. } => s.used += 1,
                 Slot::Releasing { .. } => s.releasing += 1,
             }
         }
         s
     }
 
-    /// Takes a free slot for a registration of `len` bytes.
-    pub(crate) fn take(&self, len: usize) -> Option<u16> {
+    /// Takes a free slot for ring `origin`'s registration of `len` bytes at `addr`.
+    pub(crate) fn take(&self, origin: u64, addr: *mut u8, len: usize) -> Option<u16> {
         let slot = self.free.borrow_mut().pop()?;
-        self.slots.borrow_mut()[slot as usize] = Slot::Used;
+        self.slots.borrow_mut()[slot as usize] = Slot::Used {
+            origin: Some(origin),
+            iov: (addr as usize, len),
+        };
         self.registered_bytes
             .set(self.registered_bytes.get() + len as u64);
         Some(slot)
@@ -113,7 +195,7 @@ impl FixedTable {
             .set(self.registered_bytes.get() - len as u64);
     }
 
-    /// The owner of `slot` let go of `mem`: the driver empties the slot at its next flush and
+    /// The owner of `slot` let go of `mem`: a driver empties the slot at its next flush and
     /// frees `mem` once the kernel confirms. Without a ring the memory is simply unmapped: the
     /// kernel's registration holds its own references to the pinned pages until the ring's
     /// teardown releases them, so unmapping our view cannot let the kernel write into memory
@@ -121,7 +203,7 @@ impl FixedTable {
     pub(crate) fn release(&self, slot: u16, mem: Mmap) {
         self.registered_bytes
             .set(self.registered_bytes.get() - mem.len() as u64);
-        if self.ring_alive.get() {
+        if !self.rings.borrow().is_empty() {
             self.to_release.borrow_mut().push((slot, mem));
         }
     }
@@ -132,9 +214,26 @@ impl FixedTable {
         std::mem::take(&mut *self.to_release.borrow_mut())
     }
 
-    /// The kernel took the update emptying `slot`: its memory lives until the tag CQE.
-    pub(crate) fn mark_releasing(&self, slot: u16, mem: Mmap) {
-        self.slots.borrow_mut()[slot as usize] = Slot::Releasing { _memory: mem };
+    /// Every ring took the update emptying `slot`: its memory lives until the registering
+    /// ring's tag CQE (or is freed now if that ring is gone: no op can use it any more).
+    pub(crate) fn mark_releasing(&self, slot: u16, mem: Option<Mmap>) {
+        let mut slots = self.slots.borrow_mut();
+        let s = &mut slots[slot as usize];
+        match s {
+            Slot::Used {
+                origin: Some(origin),
+                ..
+            } => {
+                *s = Slot::Releasing {
+                    origin: *origin,
+                    _memory: mem,
+                }
+            }
+            _ => {
+                *s = Slot::Free;
+                self.free.borrow_mut().push(slot);
+            }
+        }
     }
 
     /// Updates that could not be issued: retried at the next flush.
@@ -275,24 +374,56 @@ impl Drop for FixedBuf {
 mod tests {
     use super::*;
 
+    const RING: RingRef = RingRef { id: 1, fd: -1 };
+
+    fn take(t: &FixedTable, len: usize) -> Option<u16> {
+        t.take(RING.id, std::ptr::null_mut(), len)
+    }
+
     #[test]
     fn a_released_slot_is_reused_only_after_its_tag() {
-        let t = FixedTable::new(2);
-        let a = t.take(4096).unwrap();
-        let b = t.take(4096).unwrap();
-        assert_eq!(t.take(1), None, "table full");
+        let t = FixedTable::new(2, RING);
+        let a = take(&t, 4096).unwrap();
+        let b = take(&t, 4096).unwrap();
+        assert_eq!(take(&t, 1), None, "table full");
         t.release(a, Mmap::anonymous(4096).unwrap());
-        assert_eq!(t.take(1), None, "released but not yet emptied");
+        assert_eq!(take(&t, 1), None, "released but not yet emptied");
         let mut releases = t.take_releases();
         assert_eq!(releases.len(), 1);
         let (slot, mem) = releases.pop().unwrap();
         assert_eq!(slot, a);
-        t.mark_releasing(slot, mem);
+        t.mark_releasing(slot, Some(mem));
         assert_eq!(t.stats().releasing, 1);
-        assert_eq!(t.take(1), None, "emptied, the kernel may still use it");
+        assert_eq!(take(&t, 1), None, "emptied, the kernel may still use it");
         assert!(!t.tag_done(b), "a used slot ignores a stray tag");
         assert!(t.tag_done(a));
-        assert_eq!(t.take(1), Some(a));
+        assert_eq!(take(&t, 1), Some(a));
+    }
+
+    #[test]
+    fn a_slot_whose_registering_ring_is_gone_is_free_once_emptied() {
+        let other = RingRef { id: 2, fd: -1 };
+        let t = FixedTable::new(2, RING);
+        t.add_ring(other);
+        let a = take(&t, 4096).unwrap();
+        let b = take(&t, 4096).unwrap();
+        t.release(b, Mmap::anonymous(4096).unwrap());
+        let (slot, mem) = t.take_releases().pop().unwrap();
+        t.mark_releasing(slot, Some(mem));
+        assert_eq!(t.stats().releasing, 1);
+        // The registering ring closes: its pending tag will never come, nor any op of it.
+        t.remove_ring(RING.id);
+        assert_eq!((t.stats().releasing, t.stats().rings), (0, 1));
+        assert_eq!(take(&t, 1), Some(b), "free without a tag");
+        // A slot it registered is still mirrored in the other ring; emptied there, it is free.
+        t.release(a, Mmap::anonymous(4096).unwrap());
+        let (slot, mem) = t.take_releases().pop().unwrap();
+        t.mark_releasing(slot, Some(mem));
+        assert_eq!(take(&t, 1), Some(a));
+        // With no ring left, released memory is simply freed.
+        t.remove_ring(other.id);
+        t.release(a, Mmap::anonymous(4096).unwrap());
+        assert!(!t.has_releases());
     }
 
     #[test]

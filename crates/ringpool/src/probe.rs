@@ -58,6 +58,9 @@ pub struct Features {
     pub fixed_buffers: bool,
     /// `IORING_OP_READV_FIXED`/`WRITEV_FIXED` (6.15).
     pub vectored_fixed: bool,
+    /// Registered buffers cloned slot by slot into another ring's table
+    /// (`IORING_REGISTER_CLONE_BUFFERS` with offsets and `DST_REPLACE`, 6.13).
+    pub clone_buffers: bool,
     /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (6.1).
     pub defer_taskrun: bool,
     /// `io_uring_enter` with a timeout argument (5.11).
@@ -110,6 +113,7 @@ fn detect() -> Features {
         zc_report_usage: false,
         fixed_buffers: false,
         vectored_fixed: false,
+        clone_buffers: false,
         defer_taskrun: false,
         ext_arg: false,
         memlock,
@@ -132,6 +136,7 @@ fn detect() -> Features {
     f.sendmsg_zc = f.opcode(opcode::SendMsgZc::CODE);
     f.vectored_fixed = f.opcode(opcode::ReadvFixed::CODE) && f.opcode(opcode::WritevFixed::CODE);
     f.fixed_buffers = try_sparse_buffers(&ring);
+    f.clone_buffers = f.fixed_buffers && try_clone_buffers();
     f.buf_ring = try_buf_ring(&ring, 0);
     f.buf_ring_incremental = f.buf_ring && try_buf_ring(&ring, sys::IOU_PBUF_RING_INC);
     f.defer_taskrun = IoUring::<squeue::Entry, cqueue::Entry>::builder()
@@ -222,6 +227,21 @@ fn try_sparse_buffers(ring: &IoUring) -> bool {
         let _ = ring.submitter().unregister_buffers();
     }
     ok
+}
+
+/// Clones one (empty) slot of a sparse table into another ring's table with offsets and
+/// `DST_REPLACE`; 6.12's clone (whole tables only) refuses those fields.
+fn try_clone_buffers() -> bool {
+    let (Ok(src), Ok(dst)) = (IoUring::new(2), IoUring::new(2)) else {
+        return false;
+    };
+    if src.submitter().register_buffers_sparse(2).is_err()
+        || dst.submitter().register_buffers_sparse(2).is_err()
+    {
+        return false;
+    }
+    // SAFETY: two live rings; the slot cloned is empty, so no memory is involved.
+    unsafe { sys::clone_buffers(dst.as_raw_fd(), src.as_raw_fd(), 1, 0, 1) }.is_ok()
 }
 
 /// Pushes one SQE, submits it and returns the first CQE for `user_data` (waiting at most for the
@@ -343,6 +363,8 @@ pub enum Force {
     NoFixed,
     /// `no-vectored-fixed`: `READV`/`WRITEV` on registered memory instead of the fixed forms.
     NoVectoredFixed,
+    /// `no-clone`: a shared fixed buffer table registers memory in each ring instead of cloning.
+    NoClone,
 }
 
 const FORCE_NAMES: &[(&str, Force)] = &[
@@ -356,9 +378,10 @@ const FORCE_NAMES: &[(&str, Force)] = &[
     ("no-send-zc", Force::NoSendZc),
     ("no-fixed", Force::NoFixed),
     ("no-vectored-fixed", Force::NoVectoredFixed),
+    ("no-clone", Force::NoClone),
 ];
 const FORCE_KNOWN: &str = "legacy-provide, no-incremental, no-bundle, no-multishot, \
-     no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc, no-fixed, no-vectored-fixed";
+     no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc, no-fixed, no-vectored-fixed, no-clone";
 
 impl Force {
     /// The rung's name as `RINGPOOL_FORCE` spells it.
@@ -466,6 +489,9 @@ pub struct Ladder {
     /// `READV_FIXED`/`WRITEV_FIXED` and registered iovecs in `SENDMSG_ZC` (both 6.15); else
     /// `READV`/`WRITEV` on the same memory, and zero-copy bundles that pin their pages per send.
     pub vectored_fixed: bool,
+    /// A shared fixed buffer table clones each registration into the other rings (6.13); else
+    /// it registers the same memory in each ring (pinned once per ring).
+    pub clone_buffers: bool,
 }
 
 impl Ladder {
@@ -507,6 +533,10 @@ impl Ladder {
                 && f.vectored_fixed
                 && !has(Force::NoFixed)
                 && !has(Force::NoVectoredFixed),
+            clone_buffers: f.fixed_buffers
+                && f.clone_buffers
+                && !has(Force::NoFixed)
+                && !has(Force::NoClone),
         }
     }
 
@@ -581,6 +611,14 @@ impl Ladder {
                     "readv/writev_fixed"
                 } else {
                     "readv/writev on the same memory"
+                },
+            ),
+            (
+                "shared fixed table",
+                if self.clone_buffers {
+                    "slots cloned between rings"
+                } else {
+                    "memory registered in each ring"
                 },
             ),
             (

@@ -65,6 +65,115 @@ pub fn sqe_set_buf_index(sqe: &mut io_uring::squeue::Entry, buf_index: u16) {
 }
 const _: () = assert!(std::mem::size_of::<io_uring::squeue::Entry>() == 64);
 
+/// `IORING_REGISTER_BUFFERS_UPDATE` (5.13): replace fixed buffer table entries, with tags.
+pub const IORING_REGISTER_BUFFERS_UPDATE: u32 = 16;
+/// `IORING_REGISTER_CLONE_BUFFERS` (6.12): copy registered buffers from another ring.
+pub const IORING_REGISTER_CLONE_BUFFERS: u32 = 30;
+/// `IORING_REGISTER_DST_REPLACE` (6.13), a flag of `IORING_REGISTER_CLONE_BUFFERS`: clone a
+/// range of slots into a table the destination already has, replacing what is there.
+pub const IORING_REGISTER_DST_REPLACE: u32 = 1 << 1;
+
+/// `struct io_uring_clone_buffers` (6.12; the offsets and count are 6.13's).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct CloneBuffers {
+    src_fd: u32,
+    flags: u32,
+    src_off: u32,
+    dst_off: u32,
+    nr: u32,
+    pad: [u32; 3],
+}
+
+/// `struct io_uring_rsrc_update2` (5.13).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct RsrcUpdate2 {
+    offset: u32,
+    resv: u32,
+    data: u64,
+    tags: u64,
+    nr: u32,
+    resv2: u32,
+}
+
+/// Clones `nr` fixed buffer slots of the ring `src` (from `src_off`) into the ring `dst` (at
+/// `dst_off`), replacing what `dst` holds there. Both rings keep the same pinned pages: no page
+/// is pinned (or accounted against memlock) again. The clones carry no tags.
+///
+/// # Safety
+/// Both descriptors must be live io_uring descriptors; the slots cloned must hold registrations
+/// whose memory outlives every op `dst` starts on them (the caller's table bookkeeping).
+pub unsafe fn clone_buffers(
+    dst: std::os::fd::RawFd,
+    src: std::os::fd::RawFd,
+    src_off: u32,
+    dst_off: u32,
+    nr: u32,
+) -> io::Result<()> {
+    let arg = CloneBuffers {
+        src_fd: src as u32,
+        flags: IORING_REGISTER_DST_REPLACE,
+        src_off,
+        dst_off,
+        nr,
+        ..CloneBuffers::default()
+    };
+    // SAFETY: io_uring_register reads one `struct io_uring_clone_buffers` from `arg`, which
+    // lives across the call; the caller vouches for the descriptors and the memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            dst,
+            IORING_REGISTER_CLONE_BUFFERS,
+            &arg as *const CloneBuffers,
+            1,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sets fixed buffer slot `slot` of the ring `ring` to `iov` (an empty iovec empties it), untagged:
+/// the call the `io-uring` crate makes for its own ring, for another ring of this thread.
+///
+/// # Safety
+/// `ring` must be a live io_uring descriptor; `iov`'s memory must outlive every op started on the
+/// slot (the caller's table bookkeeping).
+pub unsafe fn update_buffer(
+    ring: std::os::fd::RawFd,
+    slot: u32,
+    iov: &libc::iovec,
+) -> io::Result<()> {
+    let tag: u64 = 0;
+    let arg = RsrcUpdate2 {
+        offset: slot,
+        data: iov as *const libc::iovec as u64,
+        tags: &tag as *const u64 as u64,
+        nr: 1,
+        ..RsrcUpdate2::default()
+    };
+    // SAFETY: io_uring_register reads one `io_uring_rsrc_update2` from `arg`, and through it
+    // one iovec and one tag, all of which live across the call; the caller vouches for the rest.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring,
+            IORING_REGISTER_BUFFERS_UPDATE,
+            &arg as *const RsrcUpdate2,
+            std::mem::size_of::<RsrcUpdate2>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// One entry of a provided buffer ring, `struct io_uring_buf` (5.19). The ring's tail lives in
 /// the `resv` field of entry 0, so entry 0's `resv` must never be written as data.
 #[repr(C)]

@@ -36,6 +36,8 @@ struct Row {
     fixed_buffers: bool,
     /// `READV_FIXED`/`WRITEV_FIXED` (6.15).
     vectored_fixed: bool,
+    /// Slot-wise `IORING_REGISTER_CLONE_BUFFERS` (offsets, `DST_REPLACE`: 6.13).
+    clone_buffers: bool,
     /// `SINGLE_ISSUER|DEFER_TASKRUN` (6.1).
     defer_taskrun: bool,
     /// `IORING_FEAT_EXT_ARG` (5.11).
@@ -58,6 +60,7 @@ struct Rungs {
     zc_report_usage: bool,
     fixed: bool,
     vectored_fixed: bool,
+    clone_buffers: bool,
 }
 
 impl From<Ladder> for Rungs {
@@ -73,6 +76,7 @@ impl From<Ladder> for Rungs {
             zc_report_usage: l.zc_report_usage,
             fixed: l.fixed,
             vectored_fixed: l.vectored_fixed,
+            clone_buffers: l.clone_buffers,
         }
     }
 }
@@ -95,6 +99,7 @@ const K5_10: Row = Row {
     zc_report_usage: false,
     fixed_buffers: false,
     vectored_fixed: false,
+    clone_buffers: false,
     defer_taskrun: false,
     ext_arg: true,
     ladder: Rungs {
@@ -108,6 +113,7 @@ const K5_10: Row = Row {
         zc_report_usage: false,
         fixed: false,
         vectored_fixed: false,
+        clone_buffers: false,
     },
 };
 
@@ -127,6 +133,7 @@ const K6_1: Row = Row {
     zc_report_usage: true,
     fixed_buffers: true,
     vectored_fixed: false,
+    clone_buffers: false,
     defer_taskrun: true,
     ext_arg: true,
     ladder: Rungs {
@@ -140,10 +147,12 @@ const K6_1: Row = Row {
         zc_report_usage: true,
         fixed: true,
         vectored_fixed: false,
+        clone_buffers: false,
     },
 };
 
-/// Debian trixie's 6.12: everything but vectored fixed I/O (6.15).
+/// Debian trixie's 6.12: everything but vectored fixed I/O (6.15) and slot-wise buffer cloning
+/// (6.13; 6.12 clones whole tables only, into a ring without one).
 const K6_12: Row = Row {
     provide_buffers: true,
     buf_ring: true,
@@ -156,6 +165,7 @@ const K6_12: Row = Row {
     zc_report_usage: true,
     fixed_buffers: true,
     vectored_fixed: false,
+    clone_buffers: false,
     defer_taskrun: true,
     ext_arg: true,
     ladder: Rungs {
@@ -169,14 +179,17 @@ const K6_12: Row = Row {
         zc_report_usage: true,
         fixed: true,
         vectored_fixed: false,
+        clone_buffers: false,
     },
 };
 
 /// The development host's 6.18: everything.
 const HOST: Row = Row {
     vectored_fixed: true,
+    clone_buffers: true,
     ladder: Rungs {
         vectored_fixed: true,
+        clone_buffers: true,
         ..K6_12.ladder
     },
     ..K6_12
@@ -230,6 +243,7 @@ fn observed(f: &Features) -> Row {
         zc_report_usage: f.zc_report_usage,
         fixed_buffers: f.fixed_buffers,
         vectored_fixed: f.vectored_fixed,
+        clone_buffers: f.clone_buffers,
         defer_taskrun: f.defer_taskrun,
         ext_arg: f.ext_arg,
         ladder: Ladder::choose(f, &[]).into(),
@@ -264,6 +278,7 @@ fn differences(want: &Row, got: &Row) -> Vec<String> {
     field!(zc_report_usage);
     field!(fixed_buffers);
     field!(vectored_fixed);
+    field!(clone_buffers);
     field!(defer_taskrun);
     field!(ext_arg);
     field!(ladder.groups);
@@ -276,6 +291,7 @@ fn differences(want: &Row, got: &Row) -> Vec<String> {
     field!(ladder.zc_report_usage);
     field!(ladder.fixed);
     field!(ladder.vectored_fixed);
+    field!(ladder.clone_buffers);
     out
 }
 
@@ -342,6 +358,7 @@ fn rows_follow_the_ladder_rules() {
         f.zc_report_usage = row.zc_report_usage;
         f.fixed_buffers = row.fixed_buffers;
         f.vectored_fixed = row.vectored_fixed;
+        f.clone_buffers = row.clone_buffers;
         f.defer_taskrun = row.defer_taskrun;
         f.ext_arg = row.ext_arg;
         let diff = differences(row, &observed(&f));

@@ -1,0 +1,254 @@
+//! A fixed buffer table shared by two rings of one thread, against the real kernel: buffers
+//! registered through either ring work in ops of the other; cloning (6.13) pins nothing twice,
+//! the `no-clone` fallback registers the memory again; releases empty every ring; a ring that
+//! leaves the table leaves the other working; sharing too late is refused.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom};
+
+use common::{pattern_vec, pump, require};
+use ringpool::{Driver, DriverConfig, Error, Event, Fd, Features, FixedBuf, Force};
+
+/// The cloning rung and its fallback.
+const SHARE_RUNGS: &[(&str, &[Force])] = &[("best", &[]), ("no-clone", &[Force::NoClone])];
+
+fn driver(force: &[Force]) -> Driver {
+    let mut cfg = DriverConfig::default().ignore_env();
+    for f in force {
+        cfg = cfg.force(*f);
+    }
+    Driver::new(cfg).unwrap()
+}
+
+/// Skips (visibly) where the kernel has no sparse table, or, on the best rung, no cloning.
+fn supported(force: &[Force]) -> bool {
+    let f = Features::get();
+    require(f.fixed_buffers, "a sparse fixed buffer table")
+        && (!force.is_empty() || require(f.clone_buffers, "cloning registered buffers (6.13)"))
+}
+
+fn fixed_io(d: &mut Driver) -> (FixedBuf, ringpool::Result<usize>) {
+    let mut out = None;
+    pump(d, 10, |c| match c.event {
+        Event::FixedIo { buf, result } => {
+            out = Some((buf, result));
+            true
+        }
+        other => panic!("{other:?}"),
+    });
+    out.unwrap()
+}
+
+fn file() -> (std::fs::File, Fd) {
+    let f = tempfile::tempfile().unwrap();
+    let fd = Fd::from(std::os::fd::OwnedFd::from(f.try_clone().unwrap()));
+    (f, fd)
+}
+
+/// `VmPin` is the whole process's: the tests of this file (which all register memory) take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Pages this process has pinned (`VmPin`, where io_uring accounts registered buffers), in KiB.
+fn pinned_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPin:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmPin in /proc/self/status")
+}
+
+/// `VmPin` once closed rings are torn down: zero, or whatever it holds after 5 s.
+fn settled_pins() -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pinned_kib() != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    pinned_kib()
+}
+
+#[test]
+fn buffers_registered_through_either_ring_work_in_ops_of_the_other() {
+    let _serial = serial();
+    for (rung, force) in SHARE_RUNGS {
+        if !supported(force) {
+            continue;
+        }
+        let mut a = driver(force);
+        let mut b = driver(force);
+        assert_eq!(b.ladder().clone_buffers, force.is_empty(), "rung {rung}");
+        let mut before = a.fixed_buf(1 << 16).unwrap(); // registered before sharing
+        b.share_fixed_table(&mut a).unwrap();
+        let mut after = b.fixed_buf(1 << 16).unwrap(); // registered after, through the other
+        assert!(before.is_registered() && after.is_registered());
+        assert_eq!((a.fixed_stats().rings, b.fixed_stats().used), (2, 2));
+        before.copy_from_slice(&pattern_vec(1, 0, 1 << 16));
+        after.copy_from_slice(&pattern_vec(2, 0, 1 << 16));
+        let (mut f, fd) = file();
+        // A's buffer written by B's ring, B's buffer by A's ring.
+        b.write_fixed(&fd, before, 0..(1 << 16), 0, 1).unwrap();
+        let (before, n) = fixed_io(&mut b);
+        assert_eq!(n.unwrap(), 1 << 16, "rung {rung}");
+        a.write_fixed(&fd, after, 0..(1 << 16), 1 << 16, 2).unwrap();
+        let (after, n) = fixed_io(&mut a);
+        assert_eq!(n.unwrap(), 1 << 16, "rung {rung}");
+        let mut on_disk = Vec::new();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut on_disk).unwrap();
+        assert!(
+            on_disk[..1 << 16] == before[..],
+            "rung {rung}: A's buffer via B"
+        );
+        assert!(
+            on_disk[1 << 16..] == after[..],
+            "rung {rung}: B's buffer via A"
+        );
+        // And reads land in them through the other ring too.
+        let mut into = a.fixed_buf(1 << 17).unwrap();
+        into.fill(0);
+        b.read_fixed(&fd, into, 0..(1 << 17), 0, 3).unwrap();
+        let (into, n) = fixed_io(&mut b);
+        assert_eq!(n.unwrap(), 1 << 17);
+        assert!(
+            into[..] == on_disk[..],
+            "rung {rung}: read through the other ring"
+        );
+    }
+}
+
+#[test]
+fn cloning_pins_nothing_twice_and_the_fallback_registers_again() {
+    const LEN: usize = 8 << 20;
+    let _serial = serial();
+    for (rung, force) in SHARE_RUNGS {
+        if !supported(force) {
+            continue;
+        }
+        let mut a = driver(force);
+        // Rings of the tests before this one are torn down by the kernel a moment after they
+        // close (its workqueue): start from a quiet count.
+        let base = settled_pins();
+        let buf = a.fixed_buf(LEN).unwrap();
+        let one = pinned_kib() - base;
+        assert!(
+            one >= (LEN / 1024) as u64,
+            "rung {rung}: registering pins ({one} KiB)"
+        );
+        let mut b = driver(force);
+        b.share_fixed_table(&mut a).unwrap();
+        let shared = pinned_kib() - base;
+        if force.is_empty() {
+            assert_eq!(shared, one, "rung {rung}: a clone pins nothing again");
+        } else {
+            assert_eq!(
+                shared,
+                2 * one,
+                "rung {rung}: registered again in the second ring"
+            );
+        }
+        drop(buf);
+        drop(b);
+        drop(a);
+        assert!(settled_pins() <= base, "rung {rung}: everything unpinned");
+    }
+}
+
+#[test]
+fn a_released_slot_is_emptied_in_every_ring_before_it_is_reused() {
+    let _serial = serial();
+    for (rung, force) in SHARE_RUNGS {
+        if !supported(force) {
+            continue;
+        }
+        // A table of one slot: the second registration must reuse the first one's.
+        let mut a_cfg = DriverConfig::default().ignore_env().fixed_slots(1);
+        for f in *force {
+            a_cfg = a_cfg.force(*f);
+        }
+        let mut a = Driver::new(a_cfg).unwrap();
+        let mut b = driver(force);
+        b.share_fixed_table(&mut a).unwrap();
+        let first = a.fixed_buf(4096).unwrap();
+        let slot = first.slot();
+        drop(first);
+        // Released through A; reusing the slot waits for A's tag, and B sees the new memory.
+        let mut second = loop {
+            match a.fixed_buf(4096) {
+                Ok(buf) => break buf,
+                Err(Error::FixedTableFull { .. }) => {
+                    let _ = a.wait(Some(std::time::Duration::from_millis(10)));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(second.slot(), slot, "rung {rung}: the one slot, reused");
+        second.copy_from_slice(&pattern_vec(3, 0, 4096));
+        let (mut f, fd) = file();
+        b.write_fixed(&fd, second, 0..4096, 0, 1).unwrap();
+        let (second, n) = fixed_io(&mut b);
+        assert_eq!(
+            n.unwrap(),
+            4096,
+            "rung {rung}: B names the slot's new memory"
+        );
+        let mut on_disk = Vec::new();
+        f.read_to_end(&mut on_disk).unwrap();
+        assert!(on_disk[..] == second[..], "rung {rung}");
+    }
+}
+
+#[test]
+fn a_ring_that_leaves_the_table_leaves_the_other_working() {
+    let _serial = serial();
+    for (rung, force) in SHARE_RUNGS {
+        if !supported(force) {
+            continue;
+        }
+        let mut a = driver(force);
+        let mut b = driver(force);
+        b.share_fixed_table(&mut a).unwrap();
+        let mut buf = a.fixed_buf(4096).unwrap();
+        buf.copy_from_slice(&pattern_vec(4, 0, 4096));
+        drop(a); // the registering ring goes; B's copy of the registration stays
+        assert_eq!(b.fixed_stats().rings, 1);
+        let (mut f, fd) = file();
+        b.write_fixed(&fd, buf, 0..4096, 0, 1).unwrap();
+        let (buf, n) = fixed_io(&mut b);
+        assert_eq!(n.unwrap(), 4096, "rung {rung}");
+        let mut on_disk = Vec::new();
+        f.read_to_end(&mut on_disk).unwrap();
+        assert!(on_disk[..] == buf[..]);
+        drop(buf);
+        // Emptied in B; no tag will come from the ring that registered it, so the slot is
+        // free at once and B can register memory of its own.
+        let again = b.fixed_buf(4096).unwrap();
+        assert!(again.is_registered());
+        drop(again);
+        b.wait(Some(std::time::Duration::from_millis(10))).unwrap();
+        let s = b.fixed_stats();
+        assert_eq!((s.used, s.registered_bytes), (0, 0), "rung {rung}");
+    }
+}
+
+#[test]
+fn sharing_a_ring_that_has_its_own_table_is_refused() {
+    let _serial = serial();
+    if !supported(&[]) {
+        return;
+    }
+    let mut a = driver(&[]);
+    let mut b = driver(&[]);
+    let own = b.fixed_buf(4096).unwrap();
+    let err = b.share_fixed_table(&mut a).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    assert!(own.is_registered(), "b's table is untouched");
+    let mut c = driver(&[Force::NoFixed]);
+    let err = c.share_fixed_table(&mut a).unwrap_err();
+    assert!(matches!(err, Error::RungForced { .. }), "{err}");
+    drop(own);
+}
