@@ -11,7 +11,10 @@
 //!
 //! Files go through registered memory ([`File`], [`fixed_buf`]). This is the core of the async
 //! layer; [`TcpStream::reader`]/[`TcpStream::writer`] give `futures-io`'s `AsyncRead`/`AsyncWrite`
-//! (the copying path). [`UdpSocket`] receives datagrams into pooled buffers (multishot `RECVMSG`).
+//! and, with the crate's `tokio` feature, tokio's `AsyncRead`/`AsyncWrite` too: the copying path
+//! (pooled buffers → the caller's buffer), for code written against those traits. They run on
+//! this runtime, not on tokio's. [`UdpSocket`] receives datagrams into pooled buffers (multishot
+//! `RECVMSG`).
 //!
 //! ```
 //! use ringpool::rt::{self, TcpListener, TcpStream};
@@ -55,6 +58,9 @@ use crate::{
     BufChain, BufGroup, BufGroupConfig, Datagram, Driver, DriverConfig, Error, Event, Fd, OpId,
     RecvMode, Result, SendBuf,
 };
+
+#[cfg(feature = "tokio")]
+mod tokio_io;
 
 type Task = Pin<Box<dyn Future<Output = ()>>>;
 
@@ -702,7 +708,8 @@ impl TcpStream {
         }
     }
 
-    /// An [`futures_io::AsyncRead`] view receiving into `group` (the copying path).
+    /// An [`futures_io::AsyncRead`] view receiving into `group` (the copying path); also
+    /// `tokio::io::AsyncRead` with the `tokio` feature.
     ///
     /// # Examples
     /// ```no_run
@@ -721,7 +728,18 @@ impl TcpStream {
         }
     }
 
-    /// An [`futures_io::AsyncWrite`] view (the copying path).
+    /// An [`futures_io::AsyncWrite`] view (the copying path); also `tokio::io::AsyncWrite`
+    /// with the `tokio` feature.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn f(s: &ringpool::rt::TcpStream) -> std::io::Result<()> {
+    /// use futures::AsyncWriteExt;
+    /// let mut w = s.writer();
+    /// w.write_all(b"hello").await?;
+    /// w.close().await?; // the peer reads end of stream
+    /// # Ok(()) }
+    /// ```
     pub fn writer(&self) -> Writer<'_> {
         Writer {
             stream: self,
@@ -808,7 +826,8 @@ impl TcpStream {
 
 /// [`futures_io::AsyncRead`] over a [`TcpStream`]: receives into pooled buffers of `group` and
 /// copies out of them (the copying path, for code that needs the trait; [`TcpStream::recv`]
-/// hands out the buffers themselves). Made by [`TcpStream::reader`].
+/// hands out the buffers themselves). Made by [`TcpStream::reader`]; with the `tokio` feature
+/// it is `tokio::io::AsyncRead` as well.
 pub struct Reader<'a> {
     stream: &'a TcpStream,
     group: BufGroup,
@@ -817,16 +836,20 @@ pub struct Reader<'a> {
     op: Option<Op>,
 }
 
-impl futures_io::AsyncRead for Reader<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+impl Reader<'_> {
+    /// The read shared by the `futures-io` and tokio impls: waits for received bytes (unless
+    /// some are left from the last receive), hands at most `room` of them to `put` (which
+    /// copies them into the caller's buffer) and returns how many; 0 at end of stream.
+    fn poll_copy_out(
+        &mut self,
         cx: &mut Context<'_>,
-        out: &mut [u8],
+        room: usize,
+        put: impl FnOnce(&[u8]),
     ) -> Poll<std::io::Result<usize>> {
         loop {
             if let Some((bytes, at)) = &mut self.pending {
-                let n = out.len().min(bytes.len() - *at);
-                out[..n].copy_from_slice(&bytes[*at..*at + n]);
+                let n = room.min(bytes.len() - *at);
+                put(&bytes[*at..*at + n]);
                 *at += n;
                 if *at == bytes.len() {
                     self.pending = None;
@@ -867,21 +890,32 @@ impl futures_io::AsyncRead for Reader<'_> {
     }
 }
 
+impl futures_io::AsyncRead for Reader<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_copy_out(cx, out.len(), |bytes| {
+            out[..bytes.len()].copy_from_slice(bytes)
+        })
+    }
+}
+
 /// [`futures_io::AsyncWrite`] over a [`TcpStream`]: each write copies the caller's bytes and
 /// sends them whole (the copying path; [`TcpStream::send_zc`] sends owned buffers without a
-/// copy). Made by [`TcpStream::writer`].
+/// copy). Made by [`TcpStream::writer`]; with the `tokio` feature it is `tokio::io::AsyncWrite`
+/// as well.
 pub struct Writer<'a> {
     stream: &'a TcpStream,
     /// The send in flight and its length.
     op: Option<(Op, usize)>,
 }
 
-impl futures_io::AsyncWrite for Writer<'_> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+impl Writer<'_> {
+    /// The write shared by the `futures-io` and tokio impls: copies `buf` and sends it whole,
+    /// or, while a send is in flight (an earlier call returned `Pending`), waits for that one.
+    fn poll_send(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         if self.op.is_none() {
             let fd = self.stream.fd.clone();
             let owned = buf.to_vec();
@@ -905,19 +939,35 @@ impl futures_io::AsyncWrite for Writer<'_> {
         }
     }
 
+    /// Shuts the socket down for writing (the peer reads end of stream); shared by
+    /// `poll_close` and tokio's `poll_shutdown`.
+    fn shutdown(&self) -> std::io::Result<()> {
+        // SAFETY: shutdown on a live socket the stream owns.
+        let rc = unsafe { libc::shutdown(self.stream.fd.as_raw_fd(), libc::SHUT_WR) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+impl futures_io::AsyncWrite for Writer<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_send(cx, buf)
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         // Each write completed only once its bytes were handed to the kernel.
         Poll::Ready(Ok(()))
     }
 
     fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // SAFETY: shutdown on a live socket the stream owns.
-        let rc = unsafe { libc::shutdown(self.stream.fd.as_raw_fd(), libc::SHUT_WR) };
-        Poll::Ready(if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        })
+        Poll::Ready(self.shutdown())
     }
 }
 
