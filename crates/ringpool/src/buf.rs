@@ -5,9 +5,11 @@
 //! kernel wrote, and goes back to its group when dropped. If the group is gone by then, its memory
 //! is freed when the last buffer taken from it is dropped: a buffer never dangles.
 
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use smallvec::SmallVec;
 
@@ -81,6 +83,82 @@ impl PooledBuf {
     /// The id of the group the buffer belongs to.
     pub fn group_id(&self) -> u16 {
         self.group.bgid
+    }
+
+    /// The same bytes as [`bytes::Bytes`], without a copy: the `Bytes` (and every clone or slice
+    /// of it) keeps the buffer out of the kernel's reach and its memory mapped, on any thread;
+    /// the buffer goes back to its group when the last of them is dropped (from another thread,
+    /// through the driver's queue: the driver's next wait or submit puts it back, and a driver
+    /// waiting for buffers is woken).
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{BufGroupConfig, Driver, Event, Fd, RecvMode};
+    /// use std::io::Write;
+    /// let mut driver = Driver::new(Default::default())?;
+    /// let group = driver.buf_group(BufGroupConfig::new(4096, 4))?;
+    /// let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// driver.recv(&Fd::from(std::os::fd::OwnedFd::from(a)), &group, RecvMode::Once, 1)?;
+    /// b.write_all(b"hello world").unwrap();
+    /// driver.wait(None)?;
+    /// let Event::Data(chain) = driver.pop().unwrap().event else { panic!() };
+    /// let bytes = chain.into_iter().next().unwrap().into_bytes();
+    /// let world = bytes.slice(6..); // still the same buffer
+    /// std::thread::spawn(move || assert_eq!(&world[..], b"world")).join().unwrap();
+    /// drop(bytes);
+    /// driver.submit()?; // the buffer is back
+    /// assert_eq!(group.stats().in_user, 0);
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn into_bytes(self) -> bytes::Bytes {
+        if self.bid == PooledBuf::NO_BUFFER {
+            return bytes::Bytes::new();
+        }
+        let this = ManuallyDrop::new(self);
+        let group = &this.group;
+        group.cross.lend();
+        let owner = HomeBound {
+            _chunk: group.chunk_of(this.bid),
+            ptr: this.ptr,
+            len: this.len,
+            bid: this.bid,
+            serial: group.serial,
+            home: group.cross.clone(),
+        };
+        // SAFETY: `this` is never used again nor dropped (`ManuallyDrop`), so its group handle
+        // is read out exactly once and released here; the buffer itself now belongs to `owner`.
+        drop(unsafe { std::ptr::read(&this.group) });
+        bytes::Bytes::from_owner(owner)
+    }
+}
+
+/// The owner behind a [`PooledBuf::into_bytes`]: the buffer's bytes, its chunk of memory (kept
+/// mapped), and the queue it goes home through when dropped on any thread.
+struct HomeBound {
+    _chunk: Arc<crate::sys::Mmap>,
+    ptr: NonNull<u8>,
+    len: u32,
+    bid: u16,
+    serial: u64,
+    home: Arc<crate::pool::CrossReturns>,
+}
+
+// SAFETY: the bytes `ptr..ptr+len` lie in `_chunk`, which this value keeps mapped; the kernel
+// finished writing them before the completion that handed them out and cannot get the buffer
+// again until `drop` sends its bid home. Nothing writes them meanwhile (only `&[u8]` is given
+// out), so reading them from any thread is sound; the home queue is thread-safe.
+unsafe impl Send for HomeBound {}
+
+impl AsRef<[u8]> for HomeBound {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: see the `Send` impl: mapped, written once by the kernel, read-only since.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len as usize) }
+    }
+}
+
+impl Drop for HomeBound {
+    fn drop(&mut self) {
+        self.home.push(self.serial, self.bid);
     }
 }
 
@@ -181,6 +259,24 @@ impl BufChain {
             .iter()
             .all(|b| b.group.fixed_slot() == Some(slot))
             .then_some(slot)
+    }
+
+    /// The bytes as one [`bytes::Bytes`]: without a copy when the chain is one buffer (see
+    /// [`PooledBuf::into_bytes`]), copied when it is several (a `Bytes` is contiguous; take the
+    /// buffers one by one with `into_iter` and [`PooledBuf::into_bytes`] to avoid the copy).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # fn f(chain: ringpool::BufChain) {
+    /// let bytes: bytes::Bytes = chain.into_bytes();
+    /// # }
+    /// ```
+    pub fn into_bytes(self) -> bytes::Bytes {
+        match self.bufs.len() {
+            0 => bytes::Bytes::new(),
+            1 => self.into_iter().next().expect("one buffer").into_bytes(),
+            _ => bytes::Bytes::from(self.to_vec()),
+        }
     }
 
     /// Appends another chain's buffers (keeps the order: `self` first).

@@ -37,6 +37,7 @@ use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -49,7 +50,7 @@ use crate::fixed::{
     self, FixedBuf, FixedStats, FixedTable, RingRef, MAX_FIXED_LEN, MAX_FIXED_SLOTS,
 };
 use crate::lease::{Lease, Member, MemberKind, ReturnQueue};
-use crate::pool::{BufGroup, BufGroupConfig, GroupShared, HandleGuard, Registration};
+use crate::pool::{BufGroup, BufGroupConfig, CrossReturns, GroupShared, HandleGuard, Registration};
 use crate::probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
 use crate::send_ring::{SendRing, SendRingShared};
 use crate::sys;
@@ -386,6 +387,10 @@ enum OpKind {
     Timeout {
         _ts: Box<types::Timespec>,
     },
+    /// The read of the eventfd that says buffers came back on another thread.
+    Wake {
+        _counter: Box<u64>,
+    },
 }
 
 /// What a datagram receive hands the kernel: the `msghdr` (and the iovec and address storage it
@@ -570,6 +575,16 @@ pub struct Driver {
     fixed_slots: u32,
     /// Names this ring in shared tables.
     ring_id: u64,
+    /// Buffers given back on other threads (dropped `Bytes`), and whether the read of its
+    /// eventfd is armed.
+    cross: Arc<CrossReturns>,
+    cross_armed: bool,
+    /// The timeout op bounding the current `wait` (kernels without `EXT_ARG`): armed once per
+    /// `wait`, removed when it returns.
+    wait_timeout: Option<u64>,
+    /// CQEs of the driver's own bookkeeping (timeout ops and their removal, cancels), which
+    /// must not end a wait on their own.
+    cleanup_cqes: u64,
     /// Buffers of leases whose last holder let go, for [`Event::LeaseReturned`].
     lease_returns: ReturnQueue,
     /// Set by `Drop`: no new op may start from a completion (lease members).
@@ -644,6 +659,10 @@ impl Driver {
             fixed: None,
             fixed_slots: config.fixed_slots,
             ring_id: NEXT_RING_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            cross: Arc::new(CrossReturns::new()?),
+            cross_armed: false,
+            wait_timeout: None,
+            cleanup_cqes: 0,
             lease_returns: ReturnQueue::default(),
             dropping: false,
             send_rings: Vec::new(),
@@ -689,7 +708,14 @@ impl Driver {
             GroupRung::Ring { incremental } => (true, cfg.incremental && incremental),
             GroupRung::Legacy => (false, false),
         };
-        let shared = Rc::new(GroupShared::new(&cfg, bgid, max_count, ring, incremental)?);
+        let shared = Rc::new(GroupShared::new(
+            &cfg,
+            bgid,
+            max_count,
+            ring,
+            incremental,
+            self.cross.clone(),
+        )?);
         if let Some((addr, entries)) = shared.ring_registration() {
             let flags = if incremental {
                 sys::IOU_PBUF_RING_INC
@@ -1871,18 +1897,39 @@ impl Driver {
     /// It never blocks when the kernel holds nothing of ours (every op finished or parked on a
     /// dry group): then it returns at once, so a loop that holds every buffer cannot hang here.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
-        self.flush()?;
-        self.collect_lease_returns();
-        let in_kernel = self.ops.len() - self.parked.len();
-        let want = if self.ready.is_empty() && in_kernel > 0 {
-            1
-        } else {
-            0
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let result = loop {
+            self.flush()?;
+            self.collect_lease_returns();
+            // The eventfd read counts only while buffers are out as `Bytes`: else nothing can
+            // complete it, and a driver whose ops are all parked must not sleep on it.
+            let idle_wake = usize::from(self.cross_armed && !self.cross.outstanding());
+            let in_kernel = self.ops.len() - self.parked.len() - idle_wake;
+            let want = if self.ready.is_empty() && in_kernel > 0 {
+                1
+            } else {
+                0
+            };
+            let meaningful = self.stats.cqes - self.cleanup_cqes;
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.enter(want, left) {
+                break Err(e);
+            }
+            self.reap();
+            self.collect_lease_returns();
+            // Woken only by our own bookkeeping (a timeout op's removal, a cancel's result):
+            // nothing happened for the caller, so wait on for the time left.
+            let only_cleanup = self.stats.cqes - self.cleanup_cqes == meaningful;
+            let time_left = deadline.is_none_or(|d| Instant::now() < d);
+            if want == 0 || !self.ready.is_empty() || !only_cleanup || !time_left {
+                break Ok(self.ready.len());
+            }
         };
-        self.enter(want, timeout)?;
-        self.reap();
-        self.collect_lease_returns();
-        Ok(self.ready.len())
+        if let Some(ud) = self.wait_timeout.take() {
+            // The wait's timeout op has not fired: remove it (its CQE is bookkeeping).
+            self.push(opcode::TimeoutRemove::new(ud).build().user_data(IGNORED));
+        }
+        result
     }
 
     /// Submits queued work and dispatches CQEs that are already there, without waiting.
@@ -2069,7 +2116,10 @@ impl Driver {
                 }
             }
             OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
-            OpKind::Provide { .. } | OpKind::Remove { .. } | OpKind::Timeout { .. } => {
+            OpKind::Provide { .. }
+            | OpKind::Remove { .. }
+            | OpKind::Timeout { .. }
+            | OpKind::Wake { .. } => {
                 unreachable!("internal ops are pushed where they are built")
             }
         };
@@ -2414,14 +2464,16 @@ impl Driver {
                 self.ring.submitter().submit_with_args(want, &args)
             }
             Some(t) if want > 0 => {
-                // No timeout argument (before 5.11, or forced): a timeout op bounds the wait,
-                // and is removed afterwards if something else woke us first.
-                let ts = Box::new(types::Timespec::from(t));
-                let sqe = opcode::Timeout::new(&*ts).build();
-                let ud = self.start_internal(OpKind::Timeout { _ts: ts }, sqe);
-                let res = self.ring.submit_and_wait(want);
-                self.push(opcode::TimeoutRemove::new(ud).build().user_data(IGNORED));
-                res
+                // No timeout argument (before 5.11, or forced): a timeout op bounds the wait
+                // (one per `wait`, however often it enters), removed when `wait` returns if
+                // something else woke it first.
+                if self.wait_timeout.is_none() {
+                    let ts = Box::new(types::Timespec::from(t));
+                    let sqe = opcode::Timeout::new(&*ts).build();
+                    let ud = self.start_internal(OpKind::Timeout { _ts: ts }, sqe);
+                    self.wait_timeout = Some(ud);
+                }
+                self.ring.submit_and_wait(want)
             }
             _ if want == 0 && self.ladder.defer_taskrun => {
                 // Deferred task work runs only on an enter with GETEVENTS, even without waiting.
@@ -2451,6 +2503,9 @@ impl Driver {
     /// Before entering the kernel: provide returned legacy buffers, re-arm parked receives whose
     /// group has buffers again, unregister abandoned groups.
     fn flush(&mut self) -> Result<()> {
+        if self.cross.in_use() {
+            self.take_cross_returns();
+        }
         self.flush_provides()?;
         if self.fixed.as_ref().is_some_and(|t| t.has_releases()) {
             self.release_fixed()?;
@@ -2488,6 +2543,28 @@ impl Driver {
             self.reap_send_rings();
         }
         Ok(())
+    }
+
+    /// Gives buffers dropped on other threads back to their groups, and keeps the eventfd read
+    /// armed so that the next such return wakes a waiting driver.
+    fn take_cross_returns(&mut self) {
+        for (serial, bid) in self.cross.take() {
+            // A group the driver has forgotten is not selected from any more: nothing to do.
+            if let Some(g) = self.groups.iter().find(|g| g.serial == serial) {
+                g.release(bid);
+            }
+        }
+        if !self.cross_armed && !self.dropping {
+            let mut counter = Box::new(0u64);
+            let sqe = opcode::Read::new(
+                types::Fd(self.cross.wake_fd()),
+                (&raw mut *counter).cast::<u8>(),
+                8,
+            )
+            .build();
+            self.start_internal(OpKind::Wake { _counter: counter }, sqe);
+            self.cross_armed = true;
+        }
     }
 
     fn flush_provides(&mut self) -> Result<()> {
@@ -2566,7 +2643,9 @@ impl Driver {
         cqes.extend(self.ring.completion());
         self.stats.cqes += cqes.len() as u64;
         for cqe in &cqes {
-            if cqe.user_data() != IGNORED {
+            if cqe.user_data() == IGNORED {
+                self.cleanup_cqes += 1;
+            } else {
                 self.dispatch(cqe);
             }
         }
@@ -2865,7 +2944,18 @@ impl Driver {
                 self.finish_internal(key);
                 self.bgid_used[bgid as usize] = false;
             }
-            OpKind::Timeout { .. } => self.finish_internal(key),
+            OpKind::Timeout { .. } => {
+                self.cleanup_cqes += 1;
+                if self.wait_timeout == Some(id.0) {
+                    self.wait_timeout = None; // it fired: nothing to remove
+                }
+                self.finish_internal(key);
+            }
+            OpKind::Wake { .. } => {
+                // Re-armed at the next flush (which also takes what came back).
+                self.finish_internal(key);
+                self.cross_armed = false;
+            }
         }
     }
 

@@ -26,6 +26,7 @@
 use std::cell::{Cell, RefCell};
 use std::ops::{Deref, DerefMut};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::error::Error;
 use crate::sys::{Memlock, Mmap};
@@ -63,7 +64,7 @@ enum Slot {
     /// Emptied in the kernel; the memory lives until the tag CQE says the kernel let go.
     Releasing {
         origin: u64,
-        _memory: Option<Mmap>,
+        _memory: Option<Arc<Mmap>>,
     },
 }
 
@@ -88,7 +89,7 @@ pub(crate) struct FixedTable {
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u16>>,
     /// Released by their owners, waiting for a driver to empty the slot.
-    to_release: RefCell<Vec<(u16, Mmap)>>,
+    to_release: RefCell<Vec<(u16, Arc<Mmap>)>>,
     /// The rings the table is registered in (empty once every driver sharing it is gone).
     rings: RefCell<Vec<RingRef>>,
     registered_bytes: Cell<u64>,
@@ -200,7 +201,7 @@ impl FixedTable {
     /// kernel's registration holds its own references to the pinned pages until the ring's
     /// teardown releases them, so unmapping our view cannot let the kernel write into memory
     /// that has been handed to anyone else.
-    pub(crate) fn release(&self, slot: u16, mem: Mmap) {
+    pub(crate) fn release(&self, slot: u16, mem: Arc<Mmap>) {
         self.registered_bytes
             .set(self.registered_bytes.get() - mem.len() as u64);
         if !self.rings.borrow().is_empty() {
@@ -210,13 +211,13 @@ impl FixedTable {
 
     /// The slots to empty now, with their memory (they stay `Used` until the kernel took the
     /// update: see [`FixedTable::mark_releasing`]).
-    pub(crate) fn take_releases(&self) -> Vec<(u16, Mmap)> {
+    pub(crate) fn take_releases(&self) -> Vec<(u16, Arc<Mmap>)> {
         std::mem::take(&mut *self.to_release.borrow_mut())
     }
 
     /// Every ring took the update emptying `slot`: its memory lives until the registering
     /// ring's tag CQE (or is freed now if that ring is gone: no op can use it any more).
-    pub(crate) fn mark_releasing(&self, slot: u16, mem: Option<Mmap>) {
+    pub(crate) fn mark_releasing(&self, slot: u16, mem: Option<Arc<Mmap>>) {
         let mut slots = self.slots.borrow_mut();
         let s = &mut slots[slot as usize];
         match s {
@@ -237,7 +238,7 @@ impl FixedTable {
     }
 
     /// Updates that could not be issued: retried at the next flush.
-    pub(crate) fn requeue_releases(&self, rest: impl Iterator<Item = (u16, Mmap)>) {
+    pub(crate) fn requeue_releases(&self, rest: impl Iterator<Item = (u16, Arc<Mmap>)>) {
         self.to_release.borrow_mut().extend(rest);
     }
 
@@ -365,7 +366,7 @@ impl std::fmt::Debug for FixedBuf {
 impl Drop for FixedBuf {
     fn drop(&mut self) {
         if let (Some((slot, table)), Some(mem)) = (self.reg.take(), self.mem.take()) {
-            table.release(slot, mem);
+            table.release(slot, Arc::new(mem));
         }
     }
 }
@@ -386,7 +387,7 @@ mod tests {
         let a = take(&t, 4096).unwrap();
         let b = take(&t, 4096).unwrap();
         assert_eq!(take(&t, 1), None, "table full");
-        t.release(a, Mmap::anonymous(4096).unwrap());
+        t.release(a, Arc::new(Mmap::anonymous(4096).unwrap()));
         assert_eq!(take(&t, 1), None, "released but not yet emptied");
         let mut releases = t.take_releases();
         assert_eq!(releases.len(), 1);
@@ -407,7 +408,7 @@ mod tests {
         t.add_ring(other);
         let a = take(&t, 4096).unwrap();
         let b = take(&t, 4096).unwrap();
-        t.release(b, Mmap::anonymous(4096).unwrap());
+        t.release(b, Arc::new(Mmap::anonymous(4096).unwrap()));
         let (slot, mem) = t.take_releases().pop().unwrap();
         t.mark_releasing(slot, Some(mem));
         assert_eq!(t.stats().releasing, 1);
@@ -416,13 +417,13 @@ mod tests {
         assert_eq!((t.stats().releasing, t.stats().rings), (0, 1));
         assert_eq!(take(&t, 1), Some(b), "free without a tag");
         // A slot it registered is still mirrored in the other ring; emptied there, it is free.
-        t.release(a, Mmap::anonymous(4096).unwrap());
+        t.release(a, Arc::new(Mmap::anonymous(4096).unwrap()));
         let (slot, mem) = t.take_releases().pop().unwrap();
         t.mark_releasing(slot, Some(mem));
         assert_eq!(take(&t, 1), Some(a));
         // With no ring left, released memory is simply freed.
         t.remove_ring(other.id);
-        t.release(a, Mmap::anonymous(4096).unwrap());
+        t.release(a, Arc::new(Mmap::anonymous(4096).unwrap()));
         assert!(!t.has_releases());
     }
 

@@ -18,8 +18,10 @@
 //! consecutive ring entries after the first one the completion names.
 
 use std::cell::{Cell, RefCell};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::fixed::FixedTable;
@@ -234,14 +236,97 @@ struct IncState {
     kernel_done: bool,
 }
 
+static NEXT_GROUP_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+/// Buffers that went home from other threads (a [`PooledBuf`](crate::PooledBuf) turned into
+/// `bytes::Bytes` was dropped there), per driver. The driver's thread gives them back to their
+/// groups at its next flush; the first return after a flush writes an eventfd that the driver
+/// reads with an op of its own, so a driver waiting for buffers wakes up.
+pub(crate) struct CrossReturns {
+    /// (group serial, bid) of each buffer back.
+    queue: Mutex<Vec<(u64, u16)>>,
+    /// The queue holds something the driver has not taken yet.
+    pending: AtomicBool,
+    /// A buffer was turned into `Bytes`: the driver keeps a read armed on `wake`.
+    in_use: AtomicBool,
+    /// Buffers out as `Bytes` now (a driver with nothing else in flight waits for them only).
+    outstanding: AtomicUsize,
+    wake: OwnedFd,
+}
+
+impl CrossReturns {
+    pub(crate) fn new() -> Result<CrossReturns> {
+        let fd = sys::syscall!(eventfd(0, libc::EFD_CLOEXEC))
+            .map_err(Error::os("creating an eventfd"))?;
+        Ok(CrossReturns {
+            queue: Mutex::new(Vec::new()),
+            pending: AtomicBool::new(false),
+            in_use: AtomicBool::new(false),
+            outstanding: AtomicUsize::new(0),
+            // SAFETY: eventfd returned a new descriptor that nothing else owns.
+            wake: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Buffer `bid` of group `serial` is back (any thread).
+    pub(crate) fn push(&self, serial: u64, bid: u16) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((serial, bid));
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes we own to the eventfd we own. A full counter (EAGAIN)
+            // means the driver has a wake-up coming anyway.
+            unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+
+    /// What came back since the last call (the driver's thread).
+    pub(crate) fn take(&self) -> Vec<(u64, u16)> {
+        if !self.pending.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending.store(false, Ordering::Release);
+        std::mem::take(&mut *q)
+    }
+
+    /// A buffer goes out as `Bytes`.
+    pub(crate) fn lend(&self) {
+        self.in_use.store(true, Ordering::Relaxed);
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether buffers are out as `Bytes` (one may come home and wake the driver).
+    pub(crate) fn outstanding(&self) -> bool {
+        self.outstanding.load(Ordering::Acquire) > 0
+    }
+
+    pub(crate) fn in_use(&self) -> bool {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn wake_fd(&self) -> std::os::fd::RawFd {
+        self.wake.as_raw_fd()
+    }
+}
+
 /// The state shared by a group's handle, its buffers and the ops selecting from it. It lives
 /// until the last of them is gone, so a buffer never outlives its memory.
 pub(crate) struct GroupShared {
     pub(crate) bgid: u16,
     pub(crate) buf_size: u32,
     pub(crate) backing: Backing,
-    chunks: RefCell<Vec<Mmap>>,
+    /// Shared (`Arc`) so that a buffer turned into `bytes::Bytes` keeps its memory mapped
+    /// wherever it goes, even after the group is gone.
+    chunks: RefCell<Vec<Arc<Mmap>>>,
     chunk_len: u32,
+    /// Names the group in the driver's [`CrossReturns`] (bgids are reused, this never is).
+    pub(crate) serial: u64,
+    /// Where buffers dropped on other threads come home.
+    pub(crate) cross: Arc<CrossReturns>,
     count: Cell<u32>,
     pub(crate) max_count: u32,
     pub(crate) report_exhaustion: bool,
@@ -282,6 +367,7 @@ impl GroupShared {
         max_count: u32,
         ring: bool,
         incremental: bool,
+        cross: Arc<CrossReturns>,
     ) -> Result<GroupShared> {
         let (chunk, page_backing) = alloc_chunk(cfg.buf_size, cfg.count, cfg.huge_pages)?;
         let backing = if ring {
@@ -310,8 +396,10 @@ impl GroupShared {
             bgid,
             buf_size: cfg.buf_size as u32,
             backing,
-            chunks: RefCell::new(vec![chunk]),
+            chunks: RefCell::new(vec![Arc::new(chunk)]),
             chunk_len: cfg.count,
+            serial: NEXT_GROUP_SERIAL.fetch_add(1, Ordering::Relaxed),
+            cross,
             count: Cell::new(cfg.count),
             max_count,
             report_exhaustion: cfg.report_exhaustion,
@@ -339,7 +427,7 @@ impl GroupShared {
 
     /// The memory of a group that cannot grow (one chunk), for registering it.
     pub(crate) fn region(&self) -> std::cell::Ref<'_, sys::Mmap> {
-        std::cell::Ref::map(self.chunks.borrow(), |c| &c[0])
+        std::cell::Ref::map(self.chunks.borrow(), |c| &*c[0])
     }
 
     /// Records the fixed table slot the group's memory is registered in.
@@ -362,6 +450,11 @@ impl GroupShared {
 
     pub(crate) fn count(&self) -> u32 {
         self.count.get()
+    }
+
+    /// The memory chunk holding buffer `bid` (kept alive by a buffer sent to another thread).
+    pub(crate) fn chunk_of(&self, bid: u16) -> Arc<Mmap> {
+        self.chunks.borrow()[(bid as u32 / self.chunk_len) as usize].clone()
     }
 
     /// Address of buffer `bid`.
@@ -390,7 +483,7 @@ impl GroupShared {
             return Ok(None);
         }
         let (chunk, _) = alloc_chunk(self.buf_size as usize, self.chunk_len, self.huge_pages)?;
-        self.chunks.borrow_mut().push(chunk);
+        self.chunks.borrow_mut().push(Arc::new(chunk));
         self.count.set(count + self.chunk_len);
         self.grows.set(self.grows.get() + 1);
         Ok(Some((count as u16, self.chunk_len)))
@@ -728,6 +821,10 @@ impl std::fmt::Debug for BufGroup {
 mod tests {
     use super::*;
 
+    fn cross() -> Arc<CrossReturns> {
+        Arc::new(CrossReturns::new().unwrap())
+    }
+
     #[test]
     fn validation_rejects_bad_shapes() {
         assert!(matches!(
@@ -771,7 +868,7 @@ mod tests {
     #[test]
     fn legacy_runs_coalesce_within_chunks() {
         let cfg = BufGroupConfig::new(64, 4).max_count(8);
-        let g = GroupShared::new(&cfg, 1, 8, false, false).unwrap();
+        let g = GroupShared::new(&cfg, 1, 8, false, false, cross()).unwrap();
         g.set_registered(true);
         g.grow().unwrap();
         g.fill(0, 8);
@@ -784,7 +881,7 @@ mod tests {
     #[test]
     fn ring_bundle_follows_ring_order() {
         let cfg = BufGroupConfig::new(64, 4);
-        let g = GroupShared::new(&cfg, 1, 4, true, false).unwrap();
+        let g = GroupShared::new(&cfg, 1, 4, true, false, cross()).unwrap();
         g.set_registered(true);
         // Put the buffers in the ring in the order 2, 0, 3, 1.
         for bid in [2, 0, 3, 1] {

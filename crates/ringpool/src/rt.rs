@@ -370,7 +370,7 @@ impl Drop for Op {
                     false
                 }
             }
-            _ => ops.remove(&self.token).map_or(true, |s| s.finished),
+            _ => ops.remove(&self.token).is_none_or(|s| s.finished),
         };
         drop(ops);
         if !finished {

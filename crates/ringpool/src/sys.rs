@@ -330,6 +330,13 @@ pub struct Mmap {
     len: usize,
 }
 
+// SAFETY: an `Mmap` owns its mapping and hands out only a raw pointer to it; whoever reads or
+// writes through that pointer synchronises (the buffer types give each byte range one owner at
+// a time), so moving or sharing the owner between threads is sound.
+unsafe impl Send for Mmap {}
+// SAFETY: as above: `&Mmap` gives nothing but the pointer and the length.
+unsafe impl Sync for Mmap {}
+
 impl Mmap {
     /// Maps `len` bytes of zeroed memory. `len` must be non-zero.
     pub fn anonymous(len: usize) -> io::Result<Mmap> {

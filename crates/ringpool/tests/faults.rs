@@ -326,3 +326,32 @@ fn wait_returns_at_once_when_the_kernel_holds_nothing() {
         .expect("wait(None) blocked with nothing in the kernel");
     assert_eq!(ready, 0);
 }
+
+/// Regression: without `EXT_ARG` (forced here; kernels before 5.11), each timed wait removed
+/// its timeout op afterwards, and the removal's completions ended the next wait at once: a
+/// caller waiting in a loop spun through `io_uring_enter` instead of sleeping.
+#[test]
+fn a_timed_wait_without_ext_arg_sleeps_instead_of_spinning() {
+    let mut d = Driver::new(
+        ringpool::DriverConfig::default()
+            .ignore_env()
+            .force(ringpool::Force::NoExtArg),
+    )
+    .unwrap();
+    let g = d.buf_group(BufGroupConfig::new(64, 4)).unwrap();
+    let (s, _c) = tcp_pair();
+    d.recv(&Fd::from(s), &g, RecvMode::Multishot, 0).unwrap();
+    let start = std::time::Instant::now();
+    let before = d.stats().enters;
+    let mut waits = 0;
+    while start.elapsed() < Duration::from_millis(300) {
+        assert_eq!(d.wait(Some(Duration::from_millis(30))).unwrap(), 0);
+        waits += 1;
+    }
+    let enters = d.stats().enters - before;
+    assert!(
+        waits <= 12,
+        "{waits} waits of 30 ms in 300 ms: they did not sleep"
+    );
+    assert!(enters <= 4 * waits, "{enters} enters for {waits} waits");
+}
