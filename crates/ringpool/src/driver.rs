@@ -2724,17 +2724,7 @@ impl Driver {
                         from: sockaddr_to_std(name),
                         truncated: false,
                     };
-                    self.ready.push_back(Completion {
-                        token,
-                        op: id,
-                        event: Event::Datagram(datagram),
-                        more: rearm,
-                    });
-                    if rearm {
-                        self.arm(key);
-                    } else {
-                        self.ops.remove(key);
-                    }
+                    self.deliver(key, id, token, Event::Datagram(datagram), false, rearm);
                     return;
                 }
                 match cqueue::buffer_select(flags) {
@@ -2751,21 +2741,8 @@ impl Driver {
                                 &mut self.take_buf,
                             )
                         };
-                        let more = cqueue::more(flags);
-                        let keep = more || rearm;
-                        self.ready.push_back(Completion {
-                            token,
-                            op: id,
-                            event: Event::Datagram(datagram),
-                            more: keep,
-                        });
-                        if !more {
-                            if keep {
-                                self.arm(key);
-                            } else {
-                                self.ops.remove(key);
-                            }
-                        }
+                        let event = Event::Datagram(datagram);
+                        self.deliver(key, id, token, event, cqueue::more(flags), rearm);
                     }
                     _ => self.buffer_completion(key, id, token, &group, res, flags, rearm),
                 }
@@ -2990,20 +2967,8 @@ impl Driver {
                 .map(|&(b, off, len)| unsafe { PooledBuf::new(group.clone(), b, off, len) })
                 .collect();
             self.take_buf = parts;
-            let keep = more || rearm;
-            self.ready.push_back(Completion {
-                token,
-                op: id,
-                event: Event::Data(BufChain::from_bufs(bufs)),
-                more: keep,
-            });
-            if !more {
-                if keep {
-                    self.arm(key);
-                } else {
-                    self.ops.remove(key);
-                }
-            }
+            let event = Event::Data(BufChain::from_bufs(bufs));
+            self.deliver(key, id, token, event, more, rearm);
             return;
         }
         if let Some(bid) = cqueue::buffer_select(flags) {
@@ -3048,6 +3013,26 @@ impl Driver {
             event,
             more: false,
         });
+    }
+
+    /// Delivers an event that carries received buffers. After the op's last CQE (`!more`), a
+    /// receive that must go on (`rearm`: multishot mode on a single-shot rung) is armed again,
+    /// any other is forgotten.
+    fn deliver(&mut self, key: usize, id: OpId, token: u64, event: Event, more: bool, rearm: bool) {
+        let keep = more || rearm;
+        self.ready.push_back(Completion {
+            token,
+            op: id,
+            event,
+            more: keep,
+        });
+        if !more {
+            if keep {
+                self.arm(key);
+            } else {
+                self.ops.remove(key);
+            }
+        }
     }
 
     /// The op's group ran dry: grow it if allowed, else wait for buffers to come back.

@@ -785,11 +785,11 @@ impl TcpStream {
     /// ```
     pub fn recv_stream(&self, group: &BufGroup) -> Result<RecvStream> {
         let op = start_recv(&self.fd, group, RecvMode::MultishotBundle, &self.leftovers)?;
-        Ok(RecvStream {
+        Ok(RecvStream(MultishotEvents {
             op,
             ended: false,
             leftovers: self.leftovers.clone(),
-        })
+        }))
     }
 
     /// Sends all of `buf` through the zero-copy policy; completes when the bytes are queued
@@ -972,12 +972,7 @@ impl futures_io::AsyncWrite for Writer<'_> {
 }
 
 /// The chains of a multishot receive ([`TcpStream::recv_stream`]).
-pub struct RecvStream {
-    op: Op,
-    ended: bool,
-    /// The stream's leftovers come before this op's chains.
-    leftovers: Leftovers,
-}
+pub struct RecvStream(MultishotEvents);
 
 impl RecvStream {
     /// The next chain received; `None` at end of stream.
@@ -985,11 +980,7 @@ impl RecvStream {
     /// # Errors
     /// The receive error (e.g. a reset); the stream has ended then.
     pub async fn next(&mut self) -> Result<Option<BufChain>> {
-        if self.ended {
-            return Ok(None);
-        }
-        let event = std::future::poll_fn(|cx| self.op.poll_with(cx, &self.leftovers)).await;
-        self.chain(event)
+        self.0.next(chain_of).await
     }
 
     /// A chain already received, without waiting (`None` if there is none now): for
@@ -998,27 +989,60 @@ impl RecvStream {
     /// # Errors
     /// As [`RecvStream::next`].
     pub fn try_next(&mut self) -> Result<Option<BufChain>> {
+        self.0.try_next(chain_of)
+    }
+}
+
+fn chain_of(event: Event) -> Option<BufChain> {
+    match event {
+        Event::Data(chain) => Some(chain),
+        _ => None,
+    }
+}
+
+fn datagram_of(event: Event) -> Option<Datagram> {
+    match event {
+        Event::Datagram(d) => Some(d),
+        _ => None,
+    }
+}
+
+/// The events of a multishot receive, for its stream type: the socket's leftovers first, then
+/// the op's own; end of stream and errors end it.
+struct MultishotEvents {
+    op: Op,
+    ended: bool,
+    leftovers: Leftovers,
+}
+
+impl MultishotEvents {
+    async fn next<T>(&mut self, item: fn(Event) -> Option<T>) -> Result<Option<T>> {
         if self.ended {
             return Ok(None);
         }
-        let leftover = self.leftovers.pop();
-        if let Some(event) = leftover {
-            return self.chain(event);
+        let event = std::future::poll_fn(|cx| self.op.poll_with(cx, &self.leftovers)).await;
+        self.item(event, item)
+    }
+
+    fn try_next<T>(&mut self, item: fn(Event) -> Option<T>) -> Result<Option<T>> {
+        if self.ended {
+            return Ok(None);
         }
-        let event = runtime()
-            .ops
-            .borrow_mut()
-            .get_mut(&self.op.token)
-            .and_then(|s| s.events.pop_front());
+        let event = self.leftovers.pop().or_else(|| {
+            runtime()
+                .ops
+                .borrow_mut()
+                .get_mut(&self.op.token)
+                .and_then(|s| s.events.pop_front())
+        });
         match event {
-            Some(e) => self.chain(e),
+            Some(e) => self.item(e, item),
             None => Ok(None),
         }
     }
 
-    fn chain(&mut self, event: Event) -> Result<Option<BufChain>> {
+    fn item<T>(&mut self, event: Event, item: fn(Event) -> Option<T>) -> Result<Option<T>> {
         match event {
-            Event::Data(chain) => Ok(Some(chain)),
             Event::Eof => {
                 self.ended = true;
                 Ok(None)
@@ -1027,7 +1051,10 @@ impl RecvStream {
                 self.ended = true;
                 Err(e)
             }
-            other => unreachable!("recv: {other:?}"),
+            other => match item(other) {
+                Some(t) => Ok(Some(t)),
+                None => unreachable!("a receive stream got another op's event"),
+            },
         }
     }
 }
@@ -1160,11 +1187,11 @@ impl UdpSocket {
                 .map(Some)
         })?;
         op.sink = Some(self.leftovers.clone());
-        Ok(DatagramStream {
+        Ok(DatagramStream(MultishotEvents {
             op,
             ended: false,
             leftovers: self.leftovers.clone(),
-        })
+        }))
     }
 
     /// Sends `buf` as one datagram to `addr` through the zero-copy policy (pooled buffers,
@@ -1211,12 +1238,7 @@ fn sent_result(event: Event) -> Result<usize> {
 }
 
 /// The datagrams of a multishot receive ([`UdpSocket::recv_stream`]).
-pub struct DatagramStream {
-    op: Op,
-    ended: bool,
-    /// The socket's leftovers come before this op's datagrams.
-    leftovers: Leftovers,
-}
+pub struct DatagramStream(MultishotEvents);
 
 impl DatagramStream {
     /// The next datagram; `None` once the stream has ended (after its error was returned, or
@@ -1225,11 +1247,7 @@ impl DatagramStream {
     /// # Errors
     /// The receive error; the stream has ended then.
     pub async fn next(&mut self) -> Result<Option<Datagram>> {
-        if self.ended {
-            return Ok(None);
-        }
-        let event = std::future::poll_fn(|cx| self.op.poll_with(cx, &self.leftovers)).await;
-        self.datagram(event)
+        self.0.next(datagram_of).await
     }
 
     /// A datagram already received, without waiting (`None` if there is none now).
@@ -1237,35 +1255,7 @@ impl DatagramStream {
     /// # Errors
     /// As [`DatagramStream::next`].
     pub fn try_next(&mut self) -> Result<Option<Datagram>> {
-        if self.ended {
-            return Ok(None);
-        }
-        let event = self.leftovers.pop().or_else(|| {
-            runtime()
-                .ops
-                .borrow_mut()
-                .get_mut(&self.op.token)
-                .and_then(|s| s.events.pop_front())
-        });
-        match event {
-            Some(e) => self.datagram(e),
-            None => Ok(None),
-        }
-    }
-
-    fn datagram(&mut self, event: Event) -> Result<Option<Datagram>> {
-        match event {
-            Event::Datagram(d) => Ok(Some(d)),
-            Event::Eof => {
-                self.ended = true;
-                Ok(None)
-            }
-            Event::Error(e) => {
-                self.ended = true;
-                Err(e)
-            }
-            other => unreachable!("recvmsg: {other:?}"),
-        }
+        self.0.try_next(datagram_of)
     }
 }
 
