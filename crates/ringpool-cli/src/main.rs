@@ -19,6 +19,7 @@ mod probe;
 mod proxy;
 mod sendfile_server;
 mod signals;
+mod std_proxy;
 mod tokio_echo;
 mod tokio_proxy;
 
@@ -51,6 +52,9 @@ enum Command {
     /// Baseline proxy for `bench`: tokio, `copy_bidirectional` per connection.
     #[command(hide = true)]
     TokioProxy(tokio_proxy::Args),
+    /// Baseline proxy for `bench`: blocking std sockets, two threads per connection.
+    #[command(hide = true)]
+    StdProxy(std_proxy::Args),
     /// Baseline file server for `bench`: `sendfile(2)` per client, one thread, `poll(2)`.
     #[command(hide = true)]
     SendfileServer(sendfile_server::Args),
@@ -66,6 +70,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::TokioEcho(args) => tokio_echo::run(args),
         Command::TokioProxy(args) => tokio_proxy::run(args),
+        Command::StdProxy(args) => std_proxy::run(args),
         Command::SendfileServer(args) => sendfile_server::run(args),
     };
     if let Err(e) = result {

@@ -16,11 +16,24 @@
 //! the group never runs dry. A multishot or bundle receive cannot be bounded this way: it takes
 //! whatever the socket holds before a cancel lands, and the kernel (6.18, measured) ignores a
 //! bundle receive's length as a cap (128 bytes asked, 2,880 taken).
+//!
+//! **Receive coalescing.** A proxy that is faster than its peers wakes for every few KiB that
+//! arrive: at 4 KiB client writes on loopback, one receive and one send per ~10 KiB, most of
+//! the CPU in per-wake-up and per-packet costs rather than in moving bytes. So while data
+//! streams in (the last wake-up received from 4 KiB to less than one buffer, and came less
+//! than 4 delays after the one before), the loop submits what it has, sleeps `--coalesce-us`
+//! (100 µs) and only then collects completions: with `DEFER_TASKRUN` the receives that
+//! became ready meanwhile run when it collects, each taking everything its socket holds by
+//! then, so every receive and send carries more bytes. A wake-up that received a buffer's worth
+//! or more, or little, or came after a pause, does not hold: bulk 64 KiB transfers and
+//! request/response traffic see no delay. Measured (2 cores, proxy CPU per GB at 4 KiB
+//! writes): ≈ 0.55–0.65× the CPU without coalescing; neutral at 64 KiB writes. The cost is
+//! latency: up to one delay per hop while a stream is busy; `--coalesce-us 0` turns it off.
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ringpool::{
     BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, Registration, ZcConfig, ZcMode,
@@ -47,6 +60,10 @@ pub struct Args {
     /// Number of buffers in the shared group (a power of two, at most 32768).
     #[arg(long, default_value_t = 256)]
     bufs: u32,
+    /// Receive coalescing: while data streams in, wait this long (microseconds) before
+    /// collecting completions, so each receive takes more bytes; 0 turns it off.
+    #[arg(long, default_value_t = 100)]
+    coalesce_us: u64,
 }
 
 const ACCEPT: u64 = u64::MAX;
@@ -56,6 +73,11 @@ const RECV_UPSTREAM: u64 = 1;
 const SEND_UPSTREAM: u64 = 2;
 const SEND_CLIENT: u64 = 3;
 const CONNECT: u64 = 4;
+/// Receive coalescing holds only after a wake-up that received at least this much (and less
+/// than one buffer) ...
+const COALESCE_MIN_BYTES: usize = 4096;
+/// ... and came less than this many coalescing delays after the previous one.
+const COALESCE_BUSY_FACTOR: u32 = 4;
 
 /// One direction of a pair: bytes from `src` to `dst`.
 #[derive(Default)]
@@ -157,6 +179,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Fd::from(listener),
         args.upstream,
         signals::stop_requested,
+        Duration::from_micros(args.coalesce_us),
     )?;
     let (s, z, d) = (group.stats(), driver.zc_stats(), driver.stats());
     println!(
@@ -176,20 +199,32 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Proxies connections accepted on `listener` to `upstream` until `stop()` says so.
+/// Proxies connections accepted on `listener` to `upstream` until `stop()` says so, with
+/// receive coalescing of `coalesce` while data streams in (zero: none).
 pub fn serve(
     driver: &mut Driver,
     group: &ringpool::BufGroup,
     listener: Fd,
     upstream: SocketAddr,
     stop: impl Fn() -> bool,
+    coalesce: Duration,
 ) -> ringpool::Result<Summary> {
     let mut pairs: slab::Slab<Pair> = slab::Slab::new();
     let total = group.stats().total;
+    let buf_size = group.buf_size();
     let mut summary = Summary::default();
     let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut last_wake = Instant::now();
+    let mut hold = false;
     while !stop() {
+        if hold {
+            // Sends and re-armed receives go now; their completions wait.
+            driver.submit()?;
+            std::thread::sleep(coalesce);
+        }
         driver.wait(Some(Duration::from_millis(200)))?;
+        let woke = Instant::now();
+        let mut received = 0;
         while let Some(c) = driver.pop() {
             if c.token == ACCEPT {
                 match c.event {
@@ -237,6 +272,7 @@ pub fn serve(
                     // After an abort the data is dropped (its buffers go home), and the pair
                     // may now be finished: fall through to that check.
                     if !pair.aborted {
+                        received += chain.len();
                         if dir == 0 {
                             summary.bytes_up += chain.len() as u64;
                         } else {
@@ -289,6 +325,10 @@ pub fn serve(
                 pairs.remove(key);
             }
         }
+        hold = !coalesce.is_zero()
+            && (COALESCE_MIN_BYTES..buf_size).contains(&received)
+            && woke - last_wake < coalesce * COALESCE_BUSY_FACTOR;
+        last_wake = woke;
     }
     driver.cancel(accept);
     Ok(summary)

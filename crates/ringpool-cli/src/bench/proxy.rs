@@ -1,18 +1,21 @@
 //! Workload `proxy`: the CPU a proxy process spends per GB it forwards, and its GB/s, for
-//! `ringpool proxy` against a tokio proxy built on `copy_bidirectional`.
+//! `ringpool proxy` against two baselines in the same run: a tokio proxy built on
+//! `copy_bidirectional`, and a naive blocking std proxy (two threads per connection, 64 KiB
+//! buffers), the floor any event-loop proxy should beat.
 //!
 //! Topology, all on loopback:
 //!
 //! ```text
 //!  bench process                  proxy process (child)               bench process
-//!  client streams  ── up ──►  ringpool proxy | tokio-proxy  ── up ──►  upstream streams
-//!                 ◄── down ──                               ◄── down ──
+//!  client streams  ── up ──►  ringpool proxy | tokio-proxy | std-proxy  ── up ──►  upstream
+//!                 ◄── down ──                                           ◄── down ──
 //! ```
 //!
 //! The proxy under test is a child process of this executable: `ringpool proxy --zerocopy
-//! auto` (one thread, one shared buffer group) or the hidden `ringpool tokio-proxy` (one
-//! thread, `copy_bidirectional` per connection). The load generator and the upstream both live
-//! in the bench process, on one current-thread tokio runtime.
+//! auto` (one thread, one shared buffer group), the hidden `ringpool tokio-proxy` (one thread,
+//! `copy_bidirectional` per connection) or the hidden `ringpool std-proxy` (blocking `read` /
+//! `write_all`, a thread per direction of each connection). The load generator and the
+//! upstream both live in the bench process, on one current-thread tokio runtime.
 //!
 //! Each stream carries data both ways at once: the client writes a pattern up and the upstream
 //! writes another one down, in writes of 4 KiB or 64 KiB, and each end reads and checks every
@@ -24,9 +27,16 @@
 //! all its threads, io_uring workers included: its process CPU-time clock) and the bytes that
 //! reached the far ends (both directions) are taken at both edges; then the writers stop and
 //! the rest drains and is verified outside the window. CPU s/GB = proxy CPU / GB forwarded
-//! (both directions), GB/s = GB forwarded / window. Per round and configuration the two proxies
-//! run one after the other, the order alternating by round; medians over the rounds. The
-//! issue's target: ringpool ≤ 0.55× tokio's CPU per GB at 4 KiB writes and ≤ 0.8× at 64 KiB.
+//! (both directions), GB/s = GB forwarded / window. On loopback the kernel's receive path
+//! for what a process sends runs in the sender's context, so a proxy pays for its sends
+//! including their delivery into the far end's socket, and for copying out what it receives
+//! (the load generator pays for delivering into the proxy's sockets). Per round and
+//! configuration the proxies run one after the other, the order rotating by round; medians
+//! over the rounds. The issue's target: ringpool ≤ 0.55× tokio's CPU per GB at 4 KiB writes
+//! and ≤ 0.8× at 64 KiB.
+//!
+//! For A/B experiments, [`VARIANT_ARGS_VAR`] adds a fourth proxy to every round: `ringpool
+//! proxy` with other arguments, reported against the first ringpool proxy.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,7 +52,7 @@ use super::progress::Progress;
 use super::report::{median, Metric, Unit, WorkloadReport};
 use super::server::Server;
 use super::sys::ProcessClock;
-use super::{sys, BenchResult, Options, Side, WorkloadDef};
+use super::{sys, BenchResult, Options, WorkloadDef};
 
 /// The workload's entry in the bench.
 pub const WORKLOAD: WorkloadDef = WorkloadDef { name: "proxy", run };
@@ -81,6 +91,54 @@ const RINGPOOL_ARGS: &[&str] = &["--zerocopy", "auto"];
 /// Environment variable with more arguments for the ringpool proxy, separated by spaces (e.g.
 /// `--buf-size 65536 --bufs 512`), to measure other settings without a rebuild.
 const EXTRA_ARGS_VAR: &str = "RINGPOOL_BENCH_PROXY_ARGS";
+/// Environment variable that adds a ringpool proxy variant to every round: `ringpool proxy`
+/// with these arguments (separated by spaces) instead of [`EXTRA_ARGS_VAR`]'s, compared with
+/// the first ringpool proxy run for run.
+const VARIANT_ARGS_VAR: &str = "RINGPOOL_BENCH_PROXY_VARIANT_ARGS";
+
+/// The proxies under test.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// `ringpool proxy`.
+    Ringpool,
+    /// `ringpool tokio-proxy`: `copy_bidirectional` on a current-thread runtime.
+    Tokio,
+    /// `ringpool std-proxy`: blocking sockets, a thread per direction.
+    Std,
+    /// `ringpool proxy` with [`VARIANT_ARGS_VAR`]'s arguments (only when it is set).
+    Variant,
+}
+
+impl Kind {
+    /// The proxies of a round, in the order of the first round.
+    fn all() -> Vec<Kind> {
+        let mut kinds = vec![Kind::Ringpool, Kind::Tokio, Kind::Std];
+        if std::env::var_os(VARIANT_ARGS_VAR).is_some() {
+            kinds.push(Kind::Variant);
+        }
+        kinds
+    }
+
+    /// Short name in progress lines and JSON.
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Ringpool => "ringpool",
+            Kind::Tokio => "tokio",
+            Kind::Std => "std",
+            Kind::Variant => "variant",
+        }
+    }
+
+    /// What the proxy is, in notes and JSON.
+    fn proxy_name(self) -> &'static str {
+        match self {
+            Kind::Ringpool => "ringpool proxy",
+            Kind::Tokio => "tokio copy_bidirectional",
+            Kind::Std => "std blocking, a thread per direction",
+            Kind::Variant => "ringpool proxy variant",
+        }
+    }
+}
 
 /// One configuration: write size and stream count, with the static keys and labels of its
 /// metrics.
@@ -92,6 +150,11 @@ struct Config {
     cpu_label: &'static str,
     rate_key: &'static str,
     rate_label: &'static str,
+    /// The same metrics against the std proxy.
+    std_cpu_key: &'static str,
+    std_cpu_label: &'static str,
+    std_rate_key: &'static str,
+    std_rate_label: &'static str,
     /// The issue's bound on ringpool / tokio CPU per GB.
     target: f64,
 }
@@ -106,6 +169,10 @@ macro_rules! config {
             cpu_label: concat!($label, " proxy CPU/GB"),
             rate_key: concat!("gb_per_sec_", $tag),
             rate_label: concat!($label, " GB/s"),
+            std_cpu_key: concat!("cpu_s_per_gb_", $tag, "_vs_std"),
+            std_cpu_label: concat!($label, " proxy CPU/GB, vs std"),
+            std_rate_key: concat!("gb_per_sec_", $tag, "_vs_std"),
+            std_rate_label: concat!($label, " GB/s, vs std"),
             target: $target,
         }
     };
@@ -140,7 +207,7 @@ struct Totals {
 struct Run {
     round: usize,
     config: usize,
-    side: Side,
+    kind: Kind,
     /// The proxy's command line (arguments of this executable).
     command: Vec<String>,
     /// The measurement window as it really was.
@@ -226,8 +293,8 @@ impl Run {
             "round": self.round,
             "write": c.write,
             "streams": c.streams,
-            "side": self.side.label(),
-            "proxy": proxy_name(self.side),
+            "side": self.kind.label(),
+            "proxy": self.kind.proxy_name(),
             "command": self.command.join(" "),
             "window_secs": self.window.as_secs_f64(),
             "window_bytes": self.window_bytes,
@@ -264,15 +331,8 @@ fn dir_name(dir: usize) -> &'static str {
     }
 }
 
-/// What the proxy of a side is, in progress lines, notes and JSON.
-fn proxy_name(side: Side) -> &'static str {
-    match side {
-        Side::Ringpool => "ringpool proxy",
-        Side::Baseline => "tokio copy_bidirectional",
-    }
-}
-
-/// Runs every round: per round, per configuration, both proxies (the first alternating).
+/// Runs every round: per round, per configuration, every proxy (round `r` starts with proxy
+/// `r - 1` of [`Kind::all`], the rest following in turn).
 fn run(opts: &Options) -> BenchResult<WorkloadReport> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -286,13 +346,14 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
     let hz = sys::clock_ticks_per_sec();
     let pattern: Arc<[u8]> = pattern().into();
     let mut runs = Vec::new();
-    let mut progress = Progress::new(WORKLOAD.name, rounds * CONFIGS.len() * Side::BOTH.len());
+    let kinds = Kind::all();
+    let mut progress = Progress::new(WORKLOAD.name, rounds * CONFIGS.len() * kinds.len());
     for round in 1..=rounds {
         for (i, config) in CONFIGS.iter().enumerate() {
-            for k in 0..2 {
-                let side = Side::BOTH[(k + round - 1) % 2];
-                let r = run_one(&rt, round, i, side, warmup, window, &pattern).map_err(|e| {
-                    format!("round {round}, {} {}: {e}", config.label, proxy_name(side))
+            for k in 0..kinds.len() {
+                let kind = kinds[(k + round - 1) % kinds.len()];
+                let r = run_one(&rt, round, i, kind, warmup, window, &pattern).map_err(|e| {
+                    format!("round {round}, {} {}: {e}", config.label, kind.proxy_name())
                 })?;
                 print_progress(&mut progress, &r, rounds, hz);
                 runs.push(r);
@@ -303,21 +364,25 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
 }
 
 /// The proxy's command line.
-fn proxy_args(side: Side, upstream: SocketAddr) -> Vec<String> {
-    let name = match side {
-        Side::Ringpool => "proxy",
-        Side::Baseline => "tokio-proxy",
+fn proxy_args(kind: Kind, upstream: SocketAddr) -> Vec<String> {
+    let name = match kind {
+        Kind::Ringpool | Kind::Variant => "proxy",
+        Kind::Tokio => "tokio-proxy",
+        Kind::Std => "std-proxy",
     };
     let mut args: Vec<String> = [name, "--listen", "127.0.0.1:0", "--upstream"]
         .iter()
         .map(|s| s.to_string())
         .collect();
     args.push(upstream.to_string());
-    if side == Side::Ringpool {
-        args.extend(RINGPOOL_ARGS.iter().map(|s| s.to_string()));
-        if let Ok(extra) = std::env::var(EXTRA_ARGS_VAR) {
-            args.extend(extra.split_whitespace().map(str::to_owned));
-        }
+    let extra = match kind {
+        Kind::Ringpool => EXTRA_ARGS_VAR,
+        Kind::Variant => VARIANT_ARGS_VAR,
+        Kind::Tokio | Kind::Std => return args,
+    };
+    args.extend(RINGPOOL_ARGS.iter().map(|s| s.to_string()));
+    if let Ok(extra) = std::env::var(extra) {
+        args.extend(extra.split_whitespace().map(str::to_owned));
     }
     args
 }
@@ -327,15 +392,15 @@ fn run_one(
     rt: &tokio::runtime::Runtime,
     round: usize,
     config: usize,
-    side: Side,
+    kind: Kind,
     warmup: Duration,
     window: Duration,
     pattern: &Arc<[u8]>,
 ) -> BenchResult<Run> {
     let upstream = TcpListener::bind("127.0.0.1:0")?;
     upstream.set_nonblocking(true)?;
-    let command = proxy_args(side, upstream.local_addr()?);
-    let server = Server::spawn(side.label(), &command)?;
+    let command = proxy_args(kind, upstream.local_addr()?);
+    let server = Server::spawn(kind.label(), &command)?;
     let clock = ProcessClock::of(server.pid())?;
     let c = &CONFIGS[config];
     let params = Params {
@@ -356,7 +421,7 @@ fn run_one(
     Ok(Run {
         round,
         config,
-        side,
+        kind,
         command,
         window: m.window,
         window_bytes: m.window_bytes,
@@ -650,7 +715,7 @@ fn print_progress(progress: &mut Progress, r: &Run, rounds: usize, hz: u64) {
          {:.3} s ({:.2} s by ticks) = {:.4} s/GB, load generator CPU {:.2} s, verified {}{}{error}",
         r.round,
         r.config().label,
-        r.side.label(),
+        r.kind.label(),
         r.window_bytes as f64 / (1 << 20) as f64,
         r.window.as_secs_f64(),
         r.gb_per_sec(),
@@ -663,51 +728,83 @@ fn print_progress(progress: &mut Progress, r: &Run, rounds: usize, hz: u64) {
     ));
 }
 
-/// The median over the rounds of `f` for one configuration and side.
-fn median_of(runs: &[Run], config: usize, side: Side, f: impl Fn(&Run) -> f64) -> f64 {
+/// The median over the rounds of `f` for one configuration and proxy.
+fn median_of(runs: &[Run], config: usize, kind: Kind, f: impl Fn(&Run) -> f64) -> f64 {
     let values: Vec<f64> = runs
         .iter()
-        .filter(|r| r.config == config && r.side == side)
+        .filter(|r| r.config == config && r.kind == kind)
         .map(f)
         .collect();
     median(&values)
 }
 
-/// Per round, ringpool / tokio of `f` for one configuration. The two runs of a round are
-/// adjacent in time, so this pairing cancels the VM's slow drift.
-fn paired_ratios(runs: &[Run], config: usize, f: impl Fn(&Run) -> f64) -> Vec<f64> {
-    let of = |round, side| {
+/// Per round, `kind` / `other` of `f` for one configuration. The runs of a round are adjacent
+/// in time, so this pairing cancels the VM's slow drift.
+fn paired_ratios(
+    runs: &[Run],
+    config: usize,
+    kind: Kind,
+    other: Kind,
+    f: impl Fn(&Run) -> f64,
+) -> Vec<f64> {
+    let of = |round, kind| {
         runs.iter()
-            .find(|r| r.round == round && r.config == config && r.side == side)
+            .find(|r| r.round == round && r.config == config && r.kind == kind)
     };
     runs.iter()
-        .filter(|r| r.config == config && r.side == Side::Ringpool)
-        .filter_map(|r| Some(f(r) / f(of(r.round, Side::Baseline)?)))
+        .filter(|r| r.config == config && r.kind == kind)
+        .filter_map(|r| Some(f(r) / f(of(r.round, other)?)))
         .collect()
 }
 
-/// Medians per configuration, ringpool against tokio.
+/// `median (lo..hi)` of per-round ratios.
+fn spread(ratios: &[f64]) -> String {
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::NAN, f64::NAN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    format!("{:.3}x ({lo:.3}..{hi:.3})", median(ratios))
+}
+
+/// Medians per configuration, ringpool against tokio, then against std.
 fn summarize(runs: &[Run], rounds: usize, hz: u64) -> WorkloadReport {
     let mut metrics = Vec::new();
     for (i, c) in CONFIGS.iter().enumerate() {
-        metrics.push(Metric {
-            key: c.cpu_key,
-            label: c.cpu_label,
-            unit: Unit::SecsPerGb,
-            ringpool: median_of(runs, i, Side::Ringpool, Run::cpu_s_per_gb),
-            baseline: median_of(runs, i, Side::Baseline, Run::cpu_s_per_gb),
-        });
-        metrics.push(Metric {
-            key: c.rate_key,
-            label: c.rate_label,
-            unit: Unit::GbPerSec,
-            ringpool: median_of(runs, i, Side::Ringpool, Run::gb_per_sec),
-            baseline: median_of(runs, i, Side::Baseline, Run::gb_per_sec),
-        });
+        for (other, cpu_key, cpu_label, rate_key, rate_label) in [
+            (
+                Kind::Tokio,
+                c.cpu_key,
+                c.cpu_label,
+                c.rate_key,
+                c.rate_label,
+            ),
+            (
+                Kind::Std,
+                c.std_cpu_key,
+                c.std_cpu_label,
+                c.std_rate_key,
+                c.std_rate_label,
+            ),
+        ] {
+            metrics.push(Metric {
+                key: cpu_key,
+                label: cpu_label,
+                unit: Unit::SecsPerGb,
+                ringpool: median_of(runs, i, Kind::Ringpool, Run::cpu_s_per_gb),
+                baseline: median_of(runs, i, other, Run::cpu_s_per_gb),
+            });
+            metrics.push(Metric {
+                key: rate_key,
+                label: rate_label,
+                unit: Unit::GbPerSec,
+                ringpool: median_of(runs, i, Kind::Ringpool, Run::gb_per_sec),
+                baseline: median_of(runs, i, other, Run::gb_per_sec),
+            });
+        }
     }
     WorkloadReport {
         name: WORKLOAD.name,
         baseline: "tokio current_thread proxy, copy_bidirectional per connection (8 KiB \
+                   buffers); rows `vs std`: blocking std proxy, a thread per direction (64 KiB \
                    buffers); ringpool = `ringpool proxy --zerocopy auto`; CPU = the proxy \
                    process's user + system time per GB forwarded (both directions)",
         verified: !runs.is_empty() && runs.iter().all(Run::verified),
@@ -721,63 +818,78 @@ fn summarize(runs: &[Run], rounds: usize, hz: u64) -> WorkloadReport {
 /// The target, where ringpool's proxy spends its CPU, and anything abnormal, in words.
 fn notes(runs: &[Run]) -> Vec<String> {
     let mut notes = Vec::new();
-    if let Ok(extra) = std::env::var(EXTRA_ARGS_VAR) {
-        notes.push(format!(
-            "the ringpool proxy ran with extra arguments from {EXTRA_ARGS_VAR}: {extra}"
-        ));
+    for var in [EXTRA_ARGS_VAR, VARIANT_ARGS_VAR] {
+        if let Ok(extra) = std::env::var(var) {
+            notes.push(format!("{var}: {extra}"));
+        }
     }
+    let kinds = Kind::all();
     for (i, c) in CONFIGS.iter().enumerate() {
-        let cpu = |side| median_of(runs, i, side, Run::cpu_s_per_gb);
-        let ratio = cpu(Side::Ringpool) / cpu(Side::Baseline);
-        let paired = paired_ratios(runs, i, Run::cpu_s_per_gb);
-        let (lo, hi) = paired
-            .iter()
-            .fold((f64::NAN, f64::NAN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let cpu = |kind| median_of(runs, i, kind, Run::cpu_s_per_gb);
+        let ratio = cpu(Kind::Ringpool) / cpu(Kind::Tokio);
+        let paired = |kind, other| paired_ratios(runs, i, kind, other, Run::cpu_s_per_gb);
         notes.push(format!(
-            "{}: CPU/GB ringpool/tokio {ratio:.3}x (target <= {}x: {}); per round {:.3}x \
-             ({lo:.3}..{hi:.3})",
+            "{}: CPU/GB ringpool/tokio {ratio:.3}x (target <= {}x: {}); per round {}; \
+             ringpool/std {:.3}x, per round {}",
             c.label,
             c.target,
             if ratio <= c.target { "met" } else { "NOT met" },
-            median(&paired),
+            spread(&paired(Kind::Ringpool, Kind::Tokio)),
+            cpu(Kind::Ringpool) / cpu(Kind::Std),
+            spread(&paired(Kind::Ringpool, Kind::Std)),
         ));
-        let per_gb: Vec<String> = [
-            ("enters", "io_uring_enter"),
-            ("sqes", "SQEs"),
-            ("cqes", "CQEs"),
-            ("zc_sends", "zero-copy sends"),
-            ("fixed_sends", "of them from registered memory"),
-            ("plain_sends", "plain sends"),
-        ]
-        .iter()
-        .map(|&(key, what)| {
-            (
-                median_of(runs, i, Side::Ringpool, |r| r.stat_per_gb(key)),
-                what,
-            )
-        })
-        .filter(|(v, _)| !v.is_nan())
-        .map(|(v, what)| format!("{v:.0} {what}"))
-        .collect();
-        notes.push(format!(
-            "{}: ringpool proxy per GB forwarded (median, whole life): {}",
-            c.label,
-            per_gb.join(", ")
-        ));
-        let busy = |side| {
-            median_of(runs, i, side, |r| {
-                r.loadgen_cpu.as_secs_f64() / r.window.as_secs_f64()
-            })
-        };
-        let (rp, tk) = (busy(Side::Ringpool), busy(Side::Baseline));
-        if rp.max(tk) > 0.9 {
+        if kinds.contains(&Kind::Variant) {
+            let rate = paired_ratios(runs, i, Kind::Variant, Kind::Ringpool, Run::gb_per_sec);
             notes.push(format!(
-                "{}: the load generator used {:.0}% (ringpool runs) / {:.0}% (tokio runs) of a \
-                 core: where near 100%, that side's GB/s is bounded by the load generator, not \
-                 by the proxy",
+                "{}: variant/ringpool per round: CPU/GB {}, GB/s {}",
                 c.label,
-                rp * 100.0,
-                tk * 100.0
+                spread(&paired(Kind::Variant, Kind::Ringpool)),
+                spread(&rate),
+            ));
+        }
+        for kind in [Kind::Ringpool, Kind::Variant] {
+            if !kinds.contains(&kind) {
+                continue;
+            }
+            let per_gb: Vec<String> = [
+                ("enters", "io_uring_enter"),
+                ("sqes", "SQEs"),
+                ("cqes", "CQEs"),
+                ("zc_sends", "zero-copy sends"),
+                ("fixed_sends", "of them from registered memory"),
+                ("plain_sends", "plain sends"),
+            ]
+            .iter()
+            .map(|&(key, what)| (median_of(runs, i, kind, |r| r.stat_per_gb(key)), what))
+            .filter(|(v, _)| !v.is_nan())
+            .map(|(v, what)| format!("{v:.0} {what}"))
+            .collect();
+            notes.push(format!(
+                "{}: {} per GB forwarded (median, whole life): {}",
+                c.label,
+                kind.proxy_name(),
+                per_gb.join(", ")
+            ));
+        }
+        let busy: Vec<(Kind, f64)> = kinds
+            .iter()
+            .map(|&kind| {
+                let share = median_of(runs, i, kind, |r| {
+                    r.loadgen_cpu.as_secs_f64() / r.window.as_secs_f64()
+                });
+                (kind, share)
+            })
+            .collect();
+        if busy.iter().any(|&(_, share)| share > 0.9) {
+            let shares: Vec<String> = busy
+                .iter()
+                .map(|(kind, share)| format!("{:.0}% ({} runs)", share * 100.0, kind.label()))
+                .collect();
+            notes.push(format!(
+                "{}: the load generator used {} of a core: where near 100%, that proxy's GB/s \
+                 is bounded by the load generator, not by the proxy",
+                c.label,
+                shares.join(", ")
             ));
         }
     }
@@ -786,7 +898,7 @@ fn notes(runs: &[Run]) -> Vec<String> {
             "round {} {} {}",
             r.round,
             r.config().label,
-            proxy_name(r.side)
+            r.kind.proxy_name()
         );
         let t = &r.totals;
         if r.killed {
@@ -855,18 +967,20 @@ mod tests {
     }
 
     #[test]
-    fn ringpool_and_tokio_command_lines() {
+    fn every_proxy_command_line() {
         let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let rp = proxy_args(Side::Ringpool, up).join(" ");
+        let rp = proxy_args(Kind::Ringpool, up).join(" ");
         // RINGPOOL_BENCH_PROXY_ARGS may add more after these.
         assert!(
             rp.starts_with("proxy --listen 127.0.0.1:0 --upstream 127.0.0.1:9 --zerocopy auto"),
             "{rp}"
         );
-        let tk = proxy_args(Side::Baseline, up).join(" ");
+        let tk = proxy_args(Kind::Tokio, up).join(" ");
         assert_eq!(
             tk,
             "tokio-proxy --listen 127.0.0.1:0 --upstream 127.0.0.1:9"
         );
+        let st = proxy_args(Kind::Std, up).join(" ");
+        assert_eq!(st, "std-proxy --listen 127.0.0.1:0 --upstream 127.0.0.1:9");
     }
 }
