@@ -17,6 +17,7 @@ mod fanout;
 mod net;
 mod probe;
 mod proxy;
+mod proxy_rt;
 mod sendfile_server;
 mod signals;
 mod std_proxy;

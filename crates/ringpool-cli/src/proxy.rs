@@ -47,23 +47,27 @@ use crate::signals;
 pub struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long)]
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Where to forward connections.
     #[arg(long)]
-    upstream: SocketAddr,
+    pub(crate) upstream: SocketAddr,
     /// Zero-copy send: auto (the adaptive policy), on, or off.
     #[arg(long, default_value = "auto")]
-    zerocopy: ZcMode,
+    pub(crate) zerocopy: ZcMode,
     /// Size of each buffer in the shared group.
     #[arg(long, default_value_t = 65536)]
-    buf_size: usize,
+    pub(crate) buf_size: usize,
     /// Number of buffers in the shared group (a power of two, at most 32768).
     #[arg(long, default_value_t = 256)]
-    bufs: u32,
+    pub(crate) bufs: u32,
     /// Receive coalescing: while data streams in, wait this long (microseconds) before
     /// collecting completions, so each receive takes more bytes; 0 turns it off.
     #[arg(long, default_value_t = 100)]
-    coalesce_us: u64,
+    pub(crate) coalesce_us: u64,
+    /// Run on the async layer (`ringpool::rt`): a task per direction, one buffer per receive,
+    /// no receive coalescing (see `proxy_rt`).
+    #[arg(long)]
+    pub(crate) rt: bool,
 }
 
 const ACCEPT: u64 = u64::MAX;
@@ -140,6 +144,9 @@ pub struct Summary {
 }
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if args.rt {
+        return crate::proxy_rt::run(args);
+    }
     signals::install();
     let listener = TcpListener::bind(args.listen)?;
     set_backlog(&listener, 4096)?;

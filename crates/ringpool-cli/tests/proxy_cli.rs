@@ -35,22 +35,24 @@ fn echo_upstream() -> SocketAddr {
     addr
 }
 
-fn start(upstream: SocketAddr, zerocopy: &str, force: &str) -> Server {
+/// The two proxies: the event loop (default) and the async layer's (`--rt`).
+const KINDS: &[&[&str]] = &[&[], &["--rt"]];
+
+fn start(upstream: SocketAddr, zerocopy: &str, force: &str, extra: &[&str]) -> Server {
     let upstream = upstream.to_string();
-    Server::start(
-        &[
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &upstream,
-            "--zerocopy",
-            zerocopy,
-            "--bufs",
-            "256",
-        ],
-        force,
-    )
+    let mut args = vec![
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--zerocopy",
+        zerocopy,
+        "--bufs",
+        "256",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args, force)
 }
 
 fn stop(proxy: Server) -> serde_json::Value {
@@ -58,8 +60,12 @@ fn stop(proxy: Server) -> serde_json::Value {
 }
 
 fn both_directions(zerocopy: &str, force: &str) -> serde_json::Value {
+    both_directions_with(zerocopy, force, &[])
+}
+
+fn both_directions_with(zerocopy: &str, force: &str, extra: &[&str]) -> serde_json::Value {
     let upstream = echo_upstream();
-    let proxy = start(upstream, zerocopy, force);
+    let proxy = start(upstream, zerocopy, force, extra);
     let addr = proxy.addr;
     let clients: Vec<_> = (0..CONNS)
         .map(|c| {
@@ -93,8 +99,20 @@ fn both_directions(zerocopy: &str, force: &str) -> serde_json::Value {
     assert_eq!(v["in_user"], 0, "{force}: group full again: {v}");
     assert_eq!(v["in_kernel"], v["total"], "{v}");
     assert_eq!(v["resets"], 0, "{v}");
-    eprintln!("zerocopy {zerocopy} force {force:?}: {v}");
+    eprintln!("zerocopy {zerocopy} force {force:?} {extra:?}: {v}");
     v
+}
+
+#[test]
+fn sixty_four_mib_each_way_through_the_async_layer_proxy() {
+    let v = both_directions_with("auto", "", &["--rt"]);
+    assert_eq!(v["runtime"], "rt", "{v}");
+    let v = both_directions_with("on", "", &["--rt"]);
+    assert_eq!(
+        v["fixed_sends"], v["zc_sends"],
+        "from the registered region: {v}"
+    );
+    both_directions_with("on", "legacy-provide,no-multishot,no-sendmsg-zc", &["--rt"]);
 }
 
 #[test]
@@ -156,6 +174,12 @@ fn drain(mut s: TcpStream) -> Option<ErrorKind> {
 
 #[test]
 fn an_upstream_reset_mid_stream_reaches_the_client_and_no_buffer_is_lost() {
+    for extra in KINDS {
+        upstream_reset_mid_stream(extra);
+    }
+}
+
+fn upstream_reset_mid_stream(extra: &[&str]) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = l.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -164,7 +188,7 @@ fn an_upstream_reset_mid_stream_reaches_the_client_and_no_buffer_is_lost() {
         s.read_exact(&mut b).unwrap();
         reset_on_close(&s);
     });
-    let proxy = start(upstream, "auto", "");
+    let proxy = start(upstream, "auto", "", extra);
     let addr = proxy.addr;
     let s = TcpStream::connect(addr).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -191,11 +215,17 @@ fn an_upstream_reset_mid_stream_reaches_the_client_and_no_buffer_is_lost() {
 
 #[test]
 fn a_refusing_upstream_resets_the_client() {
+    for extra in KINDS {
+        refusing_upstream(extra);
+    }
+}
+
+fn refusing_upstream(extra: &[&str]) {
     let dead = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let proxy = start(dead, "auto", "");
+    let proxy = start(dead, "auto", "", extra);
     let addr = proxy.addr;
     let s = TcpStream::connect(addr).unwrap();
     assert_eq!(
@@ -214,6 +244,12 @@ fn a_refusing_upstream_resets_the_client() {
 /// copy releases that data anyway, so this checks the behaviour, not that path.
 #[test]
 fn an_upstream_reset_reaches_a_client_that_stopped_reading() {
+    for extra in KINDS {
+        reset_reaches_a_stalled_client(extra);
+    }
+}
+
+fn reset_reaches_a_stalled_client(extra: &[&str]) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = l.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -230,7 +266,7 @@ fn an_upstream_reset_reaches_a_client_that_stopped_reading() {
         }
         reset_on_close(&s);
     });
-    let proxy = start(upstream, "on", "");
+    let proxy = start(upstream, "on", "", extra);
     let mut s = TcpStream::connect(proxy.addr).unwrap();
     s.write_all(&vec![2u8; 1 << 16]).unwrap();
     std::thread::sleep(Duration::from_secs(3));

@@ -759,12 +759,58 @@ impl TcpStream {
     /// # Errors
     /// The receive error (e.g. a reset).
     pub async fn recv(&self, group: &BufGroup) -> Result<Option<BufChain>> {
+        self.recv_as(group, RecvMode::Bundle).await
+    }
+
+    /// Like [`TcpStream::recv`], but into exactly one buffer: the receive never holds more than
+    /// one buffer of `group`, which bounds what a connection can take from a shared group (a
+    /// bundle takes what the socket holds, up to the whole group).
+    ///
+    /// # Errors
+    /// The receive error (e.g. a reset).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn f(s: &ringpool::rt::TcpStream, g: &ringpool::BufGroup) -> ringpool::Result<()> {
+    /// while let Some(chain) = s.recv_one(g).await? {
+    ///     assert_eq!(chain.buf_count(), 1);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn recv_one(&self, group: &BufGroup) -> Result<Option<BufChain>> {
+        self.recv_as(group, RecvMode::Once).await
+    }
+
+    async fn recv_as(&self, group: &BufGroup, mode: RecvMode) -> Result<Option<BufChain>> {
         if let Some(event) = self.leftovers.pop() {
             return recv_result(event);
         }
-        let op = start_recv(&self.fd, group, RecvMode::Bundle, &self.leftovers)?;
+        let op = start_recv(&self.fd, group, mode, &self.leftovers)?;
         let event = std::future::poll_fn(|cx| op.poll_with(cx, &self.leftovers)).await;
         recv_result(event)
+    }
+
+    /// Shuts down the sending side: the peer reads end of stream once everything sent before
+    /// has arrived; receiving goes on.
+    ///
+    /// # Errors
+    /// `shutdown`'s error (e.g. `ENOTCONN`).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn f(s: &ringpool::rt::TcpStream) -> ringpool::Result<()> {
+    /// s.write_all(b"last words".to_vec()).await?;
+    /// s.shutdown_write()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn shutdown_write(&self) -> Result<()> {
+        // SAFETY: shutdown on a live socket the stream owns.
+        let rc = unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(Error::os("shutdown")(std::io::Error::last_os_error()))
+        }
     }
 
     /// A multishot receive into `group` (bundles where the kernel has them): one op for the
@@ -942,13 +988,7 @@ impl Writer<'_> {
     /// Shuts the socket down for writing (the peer reads end of stream); shared by
     /// `poll_close` and tokio's `poll_shutdown`.
     fn shutdown(&self) -> std::io::Result<()> {
-        // SAFETY: shutdown on a live socket the stream owns.
-        let rc = unsafe { libc::shutdown(self.stream.fd.as_raw_fd(), libc::SHUT_WR) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        self.stream.shutdown_write().map_err(Into::into)
     }
 }
 
