@@ -106,7 +106,8 @@ struct Runtime {
     driver: RefCell<Driver>,
     ops: RefCell<HashMap<u64, OpState>>,
     next_token: Cell<u64>,
-    tasks: RefCell<slab::Slab<Option<Task>>>,
+    /// Spawned tasks (taken out while polled) and their wakers, made once per task.
+    tasks: RefCell<slab::Slab<(Option<Task>, Waker)>>,
     /// Task ids woken (wakers may be called from anywhere, hence the mutex).
     woken: Arc<Mutex<VecDeque<usize>>>,
     /// Timers: (deadline, id) → waker.
@@ -213,12 +214,16 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
                 main_woken = true;
                 continue;
             }
-            let task = rt.tasks.borrow_mut().get_mut(id).and_then(Option::take);
-            let Some(mut task) = task else { continue };
-            let waker = Waker::from(Arc::new(TaskWaker {
-                id,
-                woken: rt.woken.clone(),
-            }));
+            // (A stale wake-up of a finished task whose id was reused only polls the new one
+            // once more, which futures allow.)
+            let taken = rt
+                .tasks
+                .borrow_mut()
+                .get_mut(id)
+                .and_then(|(t, w)| Some((t.take()?, w.clone())));
+            let Some((mut task, waker)) = taken else {
+                continue;
+            };
             if task
                 .as_mut()
                 .poll(&mut Context::from_waker(&waker))
@@ -226,7 +231,7 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
             {
                 rt.tasks.borrow_mut().remove(id);
             } else if let Some(slot) = rt.tasks.borrow_mut().get_mut(id) {
-                *slot = Some(task);
+                slot.0 = Some(task);
             }
         }
         if main_woken {
@@ -427,7 +432,17 @@ where
             w.wake();
         }
     });
-    let id = rt.tasks.borrow_mut().insert(Some(task));
+    let id = {
+        let mut tasks = rt.tasks.borrow_mut();
+        let entry = tasks.vacant_entry();
+        let waker = Waker::from(Arc::new(TaskWaker {
+            id: entry.key(),
+            woken: rt.woken.clone(),
+        }));
+        let id = entry.key();
+        entry.insert((Some(task), waker));
+        id
+    };
     rt.woken
         .lock()
         .unwrap_or_else(|e| e.into_inner())
