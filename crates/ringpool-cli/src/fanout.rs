@@ -13,6 +13,9 @@
 //! hold the oldest chunk are disconnected (reset), which frees it; the others go on. Dropping
 //! the laggard (rather than waiting) keeps both memory and the other clients' progress bounded.
 //!
+//! `--rt` runs the same server on the async layer ([`crate::fanout_rt`]: tasks awaiting
+//! `ringpool::rt::lease_group`s instead of this completion loop), with the same summary.
+//!
 //! `--read-per-client` (hidden; the `fanout` bench's baseline) serves the same rounds with the
 //! same machinery minus the sharing: every client has its own chunk reads
 //! ([`Driver::read_fixed`] into buffers of the same kind, `--in-flight` at most per client),
@@ -56,6 +59,10 @@ pub struct Args {
     /// client its own reads and buffers, `--in-flight` per client; no laggard handling).
     #[arg(long, hide = true)]
     read_per_client: bool,
+    /// Run on the async layer (`ringpool::rt`: tasks and futures over the same lease groups)
+    /// instead of the hand-written completion loop; same rounds, bound and laggard rule.
+    #[arg(long, conflicts_with = "read_per_client")]
+    rt: bool,
 }
 
 /// What `serve` did.
@@ -115,27 +122,38 @@ struct Round {
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
-    let listener = TcpListener::bind(args.listen)?;
-    set_backlog(&listener, 4096)?;
-    let addr = listener.local_addr()?;
     let file = std::fs::File::open(&args.file)?;
-    let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
-    println!("listening on {addr}");
-    std::io::stdout().flush()?;
-    let file = Fd::from(std::os::fd::OwnedFd::from(file));
     let opts = Options {
         chunk: args.chunk,
         in_flight: args.in_flight,
         clients: args.clients,
         laggard_timeout: Duration::from_secs_f64(args.laggard_timeout),
     };
-    let listener = Fd::from(listener);
-    let summary = if args.read_per_client {
-        serve_read_per_client(&mut driver, file, listener, &opts, signals::stop_requested)?
-    } else {
-        serve(&mut driver, file, listener, &opts, signals::stop_requested)?
+    let announce = |addr: SocketAddr| {
+        println!("listening on {addr}");
+        std::io::stdout().flush()
     };
-    let z = driver.zc_stats();
+    let (summary, z, d) = if args.rt {
+        let listener = ringpool::rt::TcpListener::bind(args.listen)?;
+        let addr = listener.local_addr()?;
+        let announce = move || announce(addr);
+        crate::fanout_rt::run(file, listener, opts, announce, signals::stop_requested)?
+    } else {
+        let listener = TcpListener::bind(args.listen)?;
+        set_backlog(&listener, 4096)?;
+        let addr = listener.local_addr()?;
+        let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
+        announce(addr)?;
+        let file = Fd::from(std::os::fd::OwnedFd::from(file));
+        let listener = Fd::from(listener);
+        let stop = signals::stop_requested;
+        let summary = if args.read_per_client {
+            serve_read_per_client(&mut driver, file, listener, &opts, stop)?
+        } else {
+            serve(&mut driver, file, listener, &opts, stop)?
+        };
+        (summary, driver.zc_stats(), driver.stats())
+    };
     println!(
         "stopped: {} rounds, {} clients served, {} lost ({} laggards), {} chunks read, {} bytes sent",
         summary.rounds,
@@ -158,12 +176,13 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     json["fixed_sends"] = z.fixed_sends.into();
     json["chunk_bytes"] = (args.chunk as u64).into();
     json["in_flight_limit"] = (args.in_flight as u64).into();
-    let d = driver.stats();
     json["enters"] = d.enters.into();
     json["sqes"] = d.sqes.into();
     json["cqes"] = d.cqes.into();
     json["mode"] = if args.read_per_client {
         "read-per-client"
+    } else if args.rt {
+        "lease-rt"
     } else {
         "lease"
     }

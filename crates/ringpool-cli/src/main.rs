@@ -4,8 +4,9 @@
 //! - `ringpool echo --listen ADDR [--rt]`: an echo server whose connections share one buffer
 //!   group (on the driver's event loop, or on the async layer with `--rt`).
 //! - `ringpool proxy --listen ADDR --upstream ADDR`: a TCP proxy over a registered region.
-//! - `ringpool fanout --file PATH --listen ADDR`: a file served to many clients, each chunk read
-//!   once and leased to all their sends.
+//! - `ringpool fanout --file PATH --listen ADDR [--rt]`: a file served to many clients, each
+//!   chunk read once and leased to all their sends (on the driver's event loop, or on the async
+//!   layer with `--rt`).
 //! - `ringpool bench [--quick] [--workload NAME] [--json] [--html PATH]`: every workload against its
 //!   baseline, a table on stdout and a self-contained HTML report.
 
@@ -14,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod echo;
 mod fanout;
+mod fanout_rt;
 mod net;
 mod probe;
 mod proxy;

@@ -2,7 +2,7 @@
 //! leased to every client's send; identical, checksum-verified copies, every chunk buffer back
 //! at the end; a client that disconnects, a file that shrinks, and a laggard that is dropped.
 //! The bench's baseline mode, `--read-per-client` (each client its own reads), delivers the
-//! same identical copies.
+//! same identical copies. The server on the async layer (`--rt`) passes the same tests.
 
 mod common;
 
@@ -81,11 +81,22 @@ fn fanout(file: &std::path::Path, extra: &[&str]) -> Server {
 
 #[test]
 fn a_256_mib_file_to_16_clients_identical_verified_copies() {
+    sixteen_clients_identical_verified_copies(&[], "lease");
+}
+
+#[test]
+fn on_the_async_layer_a_256_mib_file_to_16_clients_identical_verified_copies() {
+    sixteen_clients_identical_verified_copies(&["--rt"], "lease-rt");
+}
+
+fn sixteen_clients_identical_verified_copies(extra: &[&str], mode: &str) {
     const LEN: usize = 256 << 20;
     let dir = tempfile::tempdir().unwrap();
     let path = make_file(dir.path(), LEN);
     let expected = sum_of(&std::fs::read(&path).unwrap());
-    let server = fanout(&path, &["--clients", "16", "--in-flight", "8"]);
+    let mut args = vec!["--clients", "16", "--in-flight", "8"];
+    args.extend_from_slice(extra);
+    let server = fanout(&path, &args);
     let addr = server.addr;
     let clients: Vec<_> = (0..16)
         .map(|_| std::thread::spawn(move || receive(addr, None)))
@@ -95,6 +106,7 @@ fn a_256_mib_file_to_16_clients_identical_verified_copies() {
     }
     let v = server.stop();
     eprintln!("{v}");
+    assert_eq!(v["mode"], mode, "{v}");
     assert_eq!(v["rounds"], 1, "{v}");
     assert_eq!(v["clients_done"], 16, "{v}");
     assert_eq!(v["chunks_read"], 256, "each chunk read once: {v}");
@@ -151,11 +163,22 @@ fn read_per_client_mode_delivers_identical_verified_copies() {
 
 #[test]
 fn a_client_that_disconnects_mid_file_does_not_disturb_the_others() {
+    a_client_disconnects(&[]);
+}
+
+#[test]
+fn on_the_async_layer_a_client_that_disconnects_mid_file_does_not_disturb_the_others() {
+    a_client_disconnects(&["--rt"]);
+}
+
+fn a_client_disconnects(extra: &[&str]) {
     const LEN: usize = 32 << 20;
     let dir = tempfile::tempdir().unwrap();
     let path = make_file(dir.path(), LEN);
     let expected = sum_of(&std::fs::read(&path).unwrap());
-    let server = fanout(&path, &["--clients", "3", "--in-flight", "4"]);
+    let mut args = vec!["--clients", "3", "--in-flight", "4"];
+    args.extend_from_slice(extra);
+    let server = fanout(&path, &args);
     let addr = server.addr;
     let quitter = std::thread::spawn(move || receive(addr, Some(1 << 20)));
     let others: Vec<_> = (0..2)
@@ -173,14 +196,22 @@ fn a_client_that_disconnects_mid_file_does_not_disturb_the_others() {
 
 #[test]
 fn a_file_that_shrinks_while_served_ends_the_round_with_identical_copies() {
+    a_file_shrinks(&[]);
+}
+
+#[test]
+fn on_the_async_layer_a_file_that_shrinks_while_served_ends_the_round_with_identical_copies() {
+    a_file_shrinks(&["--rt"]);
+}
+
+fn a_file_shrinks(extra: &[&str]) {
     const LEN: usize = 64 << 20;
     let dir = tempfile::tempdir().unwrap();
     let path = make_file(dir.path(), LEN);
     let original = std::fs::read(&path).unwrap();
-    let server = fanout(
-        &path,
-        &["--clients", "2", "--in-flight", "2", "--chunk", "65536"],
-    );
+    let mut args = vec!["--clients", "2", "--in-flight", "2", "--chunk", "65536"];
+    args.extend_from_slice(extra);
+    let server = fanout(&path, &args);
     let addr = server.addr;
     let mut a = TcpStream::connect(addr).unwrap();
     let b = std::thread::spawn(move || {
@@ -213,21 +244,29 @@ fn a_file_that_shrinks_while_served_ends_the_round_with_identical_copies() {
 
 #[test]
 fn a_laggard_is_dropped_and_memory_stays_bounded() {
+    a_laggard_is_dropped(&[]);
+}
+
+#[test]
+fn on_the_async_layer_a_laggard_is_dropped_and_memory_stays_bounded() {
+    a_laggard_is_dropped(&["--rt"]);
+}
+
+fn a_laggard_is_dropped(extra: &[&str]) {
     const LEN: usize = 64 << 20;
     let dir = tempfile::tempdir().unwrap();
     let path = make_file(dir.path(), LEN);
     let expected = sum_of(&std::fs::read(&path).unwrap());
-    let server = fanout(
-        &path,
-        &[
-            "--clients",
-            "3",
-            "--in-flight",
-            "2",
-            "--laggard-timeout",
-            "1",
-        ],
-    );
+    let mut args = vec![
+        "--clients",
+        "3",
+        "--in-flight",
+        "2",
+        "--laggard-timeout",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let server = fanout(&path, &args);
     let addr = server.addr;
     // The laggard connects and never reads.
     let laggard = TcpStream::connect(addr).unwrap();

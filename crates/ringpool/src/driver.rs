@@ -1831,16 +1831,58 @@ impl Driver {
 
     /// Cancels every op using `fd` (for closing a connection with receives in flight).
     pub fn cancel_fd(&mut self, fd: &Fd) {
-        // Members of lease groups whose leader is still reading are not ops yet: they end here.
+        self.drop_waiting_members(|m| m.fd().same(fd));
+        let ids: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, s)| op_fd(&s.kind).is_some_and(|f| f.same(fd)))
+            .map(|(k, s)| OpId::new(k, s.gen))
+            .collect();
+        for id in ids {
+            self.cancel(id);
+        }
+    }
+
+    /// Cancels every op started with `token`, as [`Driver::cancel`] does, including lease
+    /// members with that token whose leader is still reading (they complete at once with
+    /// [`Error::Cancelled`], and will not start). For ops whose [`OpId`] is not known yet, such
+    /// as the members of a [`Driver::lease_group`]. Looks at every op in flight: meant for
+    /// teardown, not for every op.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # fn f(driver: &mut ringpool::Driver, file: ringpool::Fd, sock: ringpool::Fd, buf: ringpool::FixedBuf) -> ringpool::Result<()> {
+    /// use ringpool::Member;
+    /// driver.lease_group(&file, buf, 0, vec![Member::send_zc(&sock, 7)], 1)?;
+    /// driver.cancel_token(7); // the member ends with `Error::Cancelled`, wherever it is
+    /// # Ok(()) }
+    /// ```
+    pub fn cancel_token(&mut self, token: u64) {
+        self.drop_waiting_members(|m| m.token == token);
+        // Driver-internal ops have no descriptor (and token 0): never the user's.
+        let ids: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, s)| s.token == token && op_fd(&s.kind).is_some())
+            .map(|(k, s)| OpId::new(k, s.gen))
+            .collect();
+        for id in ids {
+            self.cancel(id);
+        }
+    }
+
+    /// Members of lease groups whose leader is still reading are not ops yet: those `which`
+    /// picks end here, with their cancelled completion.
+    fn drop_waiting_members(&mut self, which: impl Fn(&Member) -> bool) {
         let mut dropped = Vec::new();
         for (_, slot) in self.ops.iter_mut() {
             if let OpKind::Leader(op) = &mut slot.kind {
                 op.members.retain(|m| {
-                    let same = m.fd().same(fd);
-                    if same {
+                    let drop = which(m);
+                    if drop {
                         dropped.push(m.clone());
                     }
-                    !same
+                    !drop
                 });
             }
         }
@@ -1851,15 +1893,6 @@ impl Driver {
                 event: m.cancelled_event(),
                 more: false,
             });
-        }
-        let ids: Vec<OpId> = self
-            .ops
-            .iter()
-            .filter(|(_, s)| op_fd(&s.kind).is_some_and(|f| f.same(fd)))
-            .map(|(k, s)| OpId::new(k, s.gen))
-            .collect();
-        for id in ids {
-            self.cancel(id);
         }
     }
 

@@ -11,6 +11,11 @@
 //! The issue's target: the fanout server's CPU per GB ≤ 0.67× the read-per-client server's;
 //! the ratio to `sendfile` is reported as it is.
 //!
+//! With `RINGPOOL_BENCH_FANOUT_RT=1`, a fourth server joins the rotation: **fanout-rt**, the
+//! same fanout server on the async layer (`ringpool fanout --rt`), with two more pairs of rows,
+//! fanout-rt against read-per-client and against the event-loop fanout (per-round ratios of
+//! adjacent runs in the notes). The default rows do not change.
+//!
 //! Setup, once per run: a test file of 64 MiB (16 MiB with `--quick`) in a scratch directory on
 //! a disk filesystem (`./target`, else the system temp dir, as the `file` workload picks it),
 //! every 8-byte word a function of its position; then read back whole, which puts it in the page
@@ -79,6 +84,8 @@ const PIECE: usize = 1 << 20;
 const WRITE_CHUNK: usize = 1 << 20;
 /// The issue's bound on fanout / read-per-client CPU per GB.
 const TARGET: f64 = 0.67;
+/// Environment variable that adds the `--rt` fanout server to the rotation when set to `1`.
+const RT_VAR: &str = "RINGPOOL_BENCH_FANOUT_RT";
 
 const _: () = assert!(PIECE % 32 == 0 && WRITE_CHUNK % 8 == 0);
 
@@ -91,11 +98,22 @@ enum Kind {
     ReadPerClient,
     /// `ringpool sendfile-server`: `sendfile(2)` per client.
     Sendfile,
+    /// `ringpool fanout --rt`: the fanout server on the async layer (with [`RT_VAR`]).
+    FanoutRt,
 }
 
 impl Kind {
-    /// Every server, in the order of the first round.
+    /// Every server of the default run, in the order of the first round.
     const ALL: [Kind; 3] = [Kind::Fanout, Kind::ReadPerClient, Kind::Sendfile];
+
+    /// The servers of this run: [`Kind::ALL`], and [`Kind::FanoutRt`] when [`RT_VAR`] is `1`.
+    fn this_run() -> Vec<Kind> {
+        let mut kinds = Kind::ALL.to_vec();
+        if std::env::var(RT_VAR).is_ok_and(|v| v == "1") {
+            kinds.push(Kind::FanoutRt);
+        }
+        kinds
+    }
 
     /// Name in progress lines, notes and JSON.
     fn label(self) -> &'static str {
@@ -103,6 +121,7 @@ impl Kind {
             Kind::Fanout => "fanout",
             Kind::ReadPerClient => "read-per-client",
             Kind::Sendfile => "sendfile",
+            Kind::FanoutRt => "fanout-rt",
         }
     }
 
@@ -111,7 +130,7 @@ impl Kind {
         let file = file.display().to_string();
         let clients = CLIENTS.to_string();
         let mut args: Vec<String> = match self {
-            Kind::Fanout | Kind::ReadPerClient => vec!["fanout".into()],
+            Kind::Fanout | Kind::ReadPerClient | Kind::FanoutRt => vec!["fanout".into()],
             Kind::Sendfile => vec!["sendfile-server".into()],
         };
         args.extend(
@@ -129,8 +148,10 @@ impl Kind {
             let (chunk, in_flight) = (CHUNK.to_string(), IN_FLIGHT.to_string());
             args.extend(["--chunk", &chunk, "--in-flight", &in_flight].map(String::from));
         }
-        if self == Kind::ReadPerClient {
-            args.push("--read-per-client".into());
+        match self {
+            Kind::ReadPerClient => args.push("--read-per-client".into()),
+            Kind::FanoutRt => args.push("--rt".into()),
+            Kind::Fanout | Kind::Sendfile => {}
         }
         args
     }
@@ -283,8 +304,9 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
     };
     let setup = setup(file_bytes)?;
     let hz = sys::clock_ticks_per_sec();
+    let kinds = Kind::this_run();
     let mut children = Vec::new();
-    for kind in Kind::ALL {
+    for &kind in &kinds {
         let command = kind.args(&setup.path);
         let server = Server::spawn(kind.label(), &command)?;
         let clock = ProcessClock::of(server.pid())?;
@@ -303,10 +325,10 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
         }
     }
     let mut runs = Vec::new();
-    let mut progress = Progress::new(WORKLOAD.name, rounds * Kind::ALL.len());
+    let mut progress = Progress::new(WORKLOAD.name, rounds * kinds.len());
     for round in 1..=rounds {
-        for k in 0..Kind::ALL.len() {
-            let c = &children[(k + round - 1) % Kind::ALL.len()];
+        for k in 0..kinds.len() {
+            let c = &children[(k + round - 1) % kinds.len()];
             let r = deliver(c, round, &setup)
                 .map_err(|e| format!("round {round}, {}: {e}", c.kind.label()))?;
             print_progress(&mut progress, &r, rounds, hz);
@@ -544,17 +566,18 @@ fn median_of(runs: &[Run], kind: Kind, f: impl Fn(&Run) -> f64) -> f64 {
     median(&values)
 }
 
-/// Per round, fanout / `other` of `f`: the runs of a round are adjacent in time.
-fn paired_ratios(runs: &[Run], other: Kind, f: impl Fn(&Run) -> f64) -> Vec<f64> {
+/// Per round, `kind` / `other` of `f`: the runs of a round are adjacent in time.
+fn paired_ratios(runs: &[Run], kind: Kind, other: Kind, f: impl Fn(&Run) -> f64) -> Vec<f64> {
     let of = |round, kind| runs.iter().find(|r| r.round == round && r.kind == kind);
     runs.iter()
-        .filter(|r| r.kind == Kind::Fanout)
+        .filter(|r| r.kind == kind)
         .filter_map(|r| Some(f(r) / f(of(r.round, other)?)))
         .collect()
 }
 
 /// The metric keys and labels of one comparison.
 struct Versus {
+    kind: Kind,
     other: Kind,
     cpu_key: &'static str,
     cpu_label: &'static str,
@@ -565,6 +588,7 @@ struct Versus {
 /// The two comparisons, fanout against each baseline.
 const VERSUS: [Versus; 2] = [
     Versus {
+        kind: Kind::Fanout,
         other: Kind::ReadPerClient,
         cpu_key: "cpu_s_per_gb_vs_read_per_client",
         cpu_label: "server CPU/GB, vs read-per-client",
@@ -572,6 +596,7 @@ const VERSUS: [Versus; 2] = [
         rate_label: "GB/s, vs read-per-client",
     },
     Versus {
+        kind: Kind::Fanout,
         other: Kind::Sendfile,
         cpu_key: "cpu_s_per_gb_vs_sendfile",
         cpu_label: "server CPU/GB, vs sendfile",
@@ -579,6 +604,35 @@ const VERSUS: [Versus; 2] = [
         rate_label: "GB/s, vs sendfile",
     },
 ];
+
+/// The comparisons of the server on the async layer (with [`RT_VAR`]).
+const VERSUS_RT: [Versus; 2] = [
+    Versus {
+        kind: Kind::FanoutRt,
+        other: Kind::ReadPerClient,
+        cpu_key: "cpu_s_per_gb_rt_vs_read_per_client",
+        cpu_label: "fanout --rt: server CPU/GB, vs read-per-client",
+        rate_key: "gb_per_sec_rt_vs_read_per_client",
+        rate_label: "fanout --rt: GB/s, vs read-per-client",
+    },
+    Versus {
+        kind: Kind::FanoutRt,
+        other: Kind::Fanout,
+        cpu_key: "cpu_s_per_gb_rt_vs_event_loop",
+        cpu_label: "fanout --rt: server CPU/GB, vs the event loop",
+        rate_key: "gb_per_sec_rt_vs_event_loop",
+        rate_label: "fanout --rt: GB/s, vs the event loop",
+    },
+];
+
+/// The comparisons this run makes.
+fn comparisons(runs: &[Run]) -> Vec<&'static Versus> {
+    let rt = runs.iter().any(|r| r.kind == Kind::FanoutRt);
+    VERSUS
+        .iter()
+        .chain(VERSUS_RT.iter().filter(|_| rt))
+        .collect()
+}
 
 const BASELINE: &str = "`ringpool` column = `ringpool fanout` (each chunk read once, leased to \
                         all 16 sends); `baseline` column = the same server reading the file once \
@@ -595,19 +649,19 @@ fn summarize(
     servers: &[(Kind, Vec<String>, super::server::Stopped)],
 ) -> WorkloadReport {
     let mut metrics = Vec::new();
-    for v in &VERSUS {
+    for v in comparisons(runs) {
         metrics.push(Metric {
             key: v.cpu_key,
             label: v.cpu_label,
             unit: Unit::SecsPerGb,
-            ringpool: median_of(runs, Kind::Fanout, Run::cpu_s_per_gb),
+            ringpool: median_of(runs, v.kind, Run::cpu_s_per_gb),
             baseline: median_of(runs, v.other, Run::cpu_s_per_gb),
         });
         metrics.push(Metric {
             key: v.rate_key,
             label: v.rate_label,
             unit: Unit::GbPerSec,
-            ringpool: median_of(runs, Kind::Fanout, Run::gb_per_sec),
+            ringpool: median_of(runs, v.kind, Run::gb_per_sec),
             baseline: median_of(runs, v.other, Run::gb_per_sec),
         });
     }
@@ -649,10 +703,16 @@ fn notes(
         (setup.bytes * CLIENTS as u64) >> 20,
         CHUNK >> 10,
     )];
-    for v in &VERSUS {
+    if runs.iter().any(|r| r.kind == Kind::FanoutRt) {
+        notes.push(format!(
+            "{RT_VAR}=1: fanout-rt is `ringpool fanout --rt`, the fanout server on the async \
+             layer, in the same rotation"
+        ));
+    }
+    for v in comparisons(runs) {
         let cpu = |kind| median_of(runs, kind, Run::cpu_s_per_gb);
-        let ratio = cpu(Kind::Fanout) / cpu(v.other);
-        let paired = paired_ratios(runs, v.other, Run::cpu_s_per_gb);
+        let ratio = cpu(v.kind) / cpu(v.other);
+        let paired = paired_ratios(runs, v.kind, v.other, Run::cpu_s_per_gb);
         let (lo, hi) = paired
             .iter()
             .fold((f64::NAN, f64::NAN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
@@ -665,10 +725,22 @@ fn notes(
             String::new()
         };
         notes.push(format!(
-            "CPU/GB fanout/{} {ratio:.3}x{target}; per round {:.3}x ({lo:.3}..{hi:.3})",
+            "CPU/GB {}/{} {ratio:.3}x{target}; per round {:.3}x ({lo:.3}..{hi:.3})",
+            v.kind.label(),
             v.other.label(),
             median(&paired),
         ));
+        if v.other == Kind::Fanout {
+            let rate = |kind| median_of(runs, kind, Run::gb_per_sec);
+            let paired = paired_ratios(runs, v.kind, v.other, Run::gb_per_sec);
+            notes.push(format!(
+                "GB/s {}/{} {:.3}x; per round {:.3}x",
+                v.kind.label(),
+                v.other.label(),
+                rate(v.kind) / rate(v.other),
+                median(&paired),
+            ));
+        }
     }
     for (kind, _, stopped) in servers {
         let Some(stats) = &stopped.stats else {
@@ -714,7 +786,7 @@ fn notes(
         }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for kind in Kind::ALL {
+    for kind in Kind::this_run() {
         let busy = median_of(runs, kind, |r| {
             (r.cpu + r.loadgen_cpu).as_secs_f64() / r.wall.as_secs_f64()
         });
@@ -779,6 +851,10 @@ mod tests {
             .args(p)
             .join(" ")
             .ends_with(" --read-per-client"));
+        assert_eq!(
+            Kind::FanoutRt.args(p).join(" "),
+            "fanout --file /f --listen 127.0.0.1:0 --clients 16 --chunk 1048576 --in-flight 8 --rt"
+        );
         assert_eq!(
             Kind::Sendfile.args(p).join(" "),
             "sendfile-server --file /f --listen 127.0.0.1:0 --clients 16"
