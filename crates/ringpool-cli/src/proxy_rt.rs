@@ -2,22 +2,24 @@
 //! direction of each connection, `recv_one` into the shared (registered where memlock allows)
 //! group, `send_zc` of the received buffer as it is.
 //!
-//! **Flow control.** Each direction holds at most one received buffer of the shared group at a
-//! time (it receives the next one only after the send of the last one completed), plus what a
-//! zero-copy send keeps until its notification; so one stalled direction cannot take the group
-//! from the others, and the group stays large enough for every direction when it holds two
-//! buffers per connection. Half-close (EOF → `shutdown(SHUT_WR)` of the other side) and resets
+//! **Flow control.** Each direction holds at most two received buffers of the shared group at a
+//! time (the one being sent, and the next one, received while that send is in flight so that a
+//! reset is seen even when the other side stopped reading), plus what a zero-copy send keeps
+//! until its notification; so one stalled direction cannot take the group from the others, and
+//! the group is large enough for every direction when it holds four buffers per connection. Half-close (EOF → `shutdown(SHUT_WR)` of the other side) and resets
 //! (an error on one side resets both) propagate as in the event-loop proxy, which stays the
 //! default: it coalesces small receives into one send, which this one does not.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::Duration;
 
 use ringpool::rt::{self, TcpListener, TcpStream};
-use ringpool::{BufGroup, BufGroupConfig, DriverConfig, Error, Registration, ZcConfig};
+use ringpool::{BufChain, BufGroup, BufGroupConfig, DriverConfig, Error, Registration, ZcConfig};
 
 use crate::net::{set_nodelay, set_reset_on_close};
 use crate::proxy::{Args, Summary};
@@ -140,11 +142,21 @@ async fn forward(pair: Rc<Pair>, group: BufGroup, counters: Rc<Counters>, up: bo
     } else {
         (&pair.upstream, &pair.client, &counters.bytes_down)
     };
+    // The next receive runs while a send is in flight (one buffer ahead): that is how a reset
+    // of `src` is seen even when `dst` stopped reading and the send never completes.
+    let mut ahead = None;
     loop {
-        match src.recv_one(&group).await {
-            Ok(Some(chain)) => match dst.send_zc(chain).await {
-                Ok(n) => bytes.set(bytes.get() + n as u64),
-                Err(_) => break,
+        let received = match ahead.take() {
+            Some(r) => r,
+            None => src.recv_one(&group).await,
+        };
+        match received {
+            Ok(Some(chain)) => match send_watching(src, dst, chain, &group).await {
+                (Ok(n), next) => {
+                    bytes.set(bytes.get() + n as u64);
+                    ahead = next;
+                }
+                (Err(_), _) => break,
             },
             Ok(None) => {
                 let _ = dst.shutdown_write();
@@ -163,4 +175,36 @@ async fn forward(pair: Rc<Pair>, group: BufGroup, counters: Rc<Counters>, up: bo
         // SAFETY: shutdown on a live socket this pair owns.
         unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(s.fd()), libc::SHUT_RDWR) };
     }
+}
+
+/// Sends `chain` to `dst` while receiving the next buffer from `src`. Returns the send's result
+/// and what the receive got if it finished. An error on `src` ends the send at once (dropping it
+/// cancels it): the pair is being reset, and `dst` may never read again.
+async fn send_watching(
+    src: &TcpStream,
+    dst: &TcpStream,
+    chain: BufChain,
+    group: &BufGroup,
+) -> (
+    ringpool::Result<usize>,
+    Option<ringpool::Result<Option<BufChain>>>,
+) {
+    let mut send = std::pin::pin!(dst.send_zc(chain));
+    let mut recv = std::pin::pin!(src.recv_one(group));
+    let mut received = None;
+    std::future::poll_fn(|cx| {
+        if received.is_none() {
+            if let Poll::Ready(r) = recv.as_mut().poll(cx) {
+                if let Err(e) = r {
+                    return Poll::Ready((Err(e), None));
+                }
+                received = Some(r);
+            }
+        }
+        match send.as_mut().poll(cx) {
+            Poll::Ready(sent) => Poll::Ready((sent, received.take())),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }

@@ -142,7 +142,7 @@ fn proxy_quick_json() {
     let runs = w["raw_rounds"].as_array().expect("raw_rounds");
     for write in [4096u64, 65536] {
         for streams in [1u64, 32] {
-            for side in ["ringpool", "baseline"] {
+            for side in ["ringpool", "tokio", "std"] {
                 let run = runs
                     .iter()
                     .find(|r| r["write"] == write && r["streams"] == streams && r["side"] == side)
@@ -165,11 +165,12 @@ fn proxy_quick_json() {
     }
     for tag in ["4k_x1", "4k_x32", "64k_x1", "64k_x32"] {
         for metric in ["cpu_s_per_gb", "gb_per_sec"] {
-            let key = format!("{metric}_{tag}");
-            let m = &w["metrics"][&key];
-            for side in ["ringpool", "baseline", "ratio"] {
-                let v = m[side].as_f64().unwrap_or(0.0);
-                assert!(v > 0.0 && v.is_finite(), "{key}.{side}: {w:#}");
+            for key in [format!("{metric}_{tag}"), format!("{metric}_{tag}_vs_std")] {
+                let m = &w["metrics"][&key];
+                for side in ["ringpool", "baseline", "ratio"] {
+                    let v = m[side].as_f64().unwrap_or(0.0);
+                    assert!(v > 0.0 && v.is_finite(), "{key}.{side}: {w:#}");
+                }
             }
         }
     }

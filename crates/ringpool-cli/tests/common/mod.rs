@@ -59,3 +59,11 @@ impl Server {
         serde_json::from_str(stats).unwrap()
     }
 }
+
+impl Drop for Server {
+    /// A test that panicked before `stop` leaves no server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
