@@ -1927,8 +1927,10 @@ impl Driver {
     /// completions are already ready), and dispatches every CQE. Returns the number of
     /// completions ready.
     ///
-    /// It never blocks when the kernel holds nothing of ours (every op finished or parked on a
-    /// dry group): then it returns at once, so a loop that holds every buffer cannot hang here.
+    /// When the kernel holds nothing of ours (every op finished or parked on a dry group), a
+    /// `wait(None)` returns at once, so a loop that holds every buffer cannot hang here; a
+    /// `wait(Some(t))` sleeps for `t` (nothing can complete sooner), so such a loop does not
+    /// spin either.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let result = loop {
@@ -1938,7 +1940,7 @@ impl Driver {
             // complete it, and a driver whose ops are all parked must not sleep on it.
             let idle_wake = usize::from(self.cross_armed && !self.cross.outstanding());
             let in_kernel = self.ops.len() - self.parked.len() - idle_wake;
-            let want = if self.ready.is_empty() && in_kernel > 0 {
+            let want = if self.ready.is_empty() && (in_kernel > 0 || deadline.is_some()) {
                 1
             } else {
                 0

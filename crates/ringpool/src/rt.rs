@@ -589,6 +589,17 @@ pub async fn sleep(d: Duration) {
     let at = Instant::now() + d;
     let id = runtime().next_token.get(); // any unique number
     runtime().next_token.set(id + 1);
+    /// Takes the timer out when the sleep ends or is dropped early (e.g. by `timeout`), so a
+    /// dropped sleep leaves no entry to fire for nothing later.
+    struct Unregister(Instant, u64);
+    impl Drop for Unregister {
+        fn drop(&mut self) {
+            if let Ok(Some(rt)) = RUNTIME.try_with(|r| r.borrow().clone()) {
+                rt.timers.borrow_mut().remove(&(self.0, self.1));
+            }
+        }
+    }
+    let _unregister = Unregister(at, id);
     std::future::poll_fn(|cx| {
         if Instant::now() >= at {
             runtime().timers.borrow_mut().remove(&(at, id));

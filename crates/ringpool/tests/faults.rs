@@ -355,3 +355,25 @@ fn a_timed_wait_without_ext_arg_sleeps_instead_of_spinning() {
     );
     assert!(enters <= 4 * waits, "{enters} enters for {waits} waits");
 }
+
+/// Regression (found through `rt::sleep`): with nothing in the kernel, `wait(Some(t))` returned
+/// at once, so a runtime with only timers pending spun through `io_uring_enter` (157,613 enters
+/// in one 100 ms sleep) instead of sleeping.
+#[test]
+fn a_timed_wait_with_nothing_in_flight_sleeps() {
+    let mut d = Driver::new(Default::default()).unwrap();
+    let start = std::time::Instant::now();
+    let mut waits = 0;
+    while start.elapsed() < Duration::from_millis(200) {
+        assert_eq!(d.wait(Some(Duration::from_millis(20))).unwrap(), 0);
+        waits += 1;
+    }
+    assert!(
+        waits <= 12,
+        "{waits} waits of 20 ms in 200 ms: they did not sleep"
+    );
+    // `wait(None)` still returns at once (nothing could ever complete).
+    let t = std::time::Instant::now();
+    d.wait(None).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+}

@@ -240,3 +240,35 @@ fn a_receive_dropped_after_its_data_arrived_hands_the_data_to_the_next_receive()
     })
     .unwrap();
 }
+
+/// Regression (found by the `fanout --rt` work): a sleep dropped before its deadline (as
+/// `timeout` drops it when its future wins) left its timer behind, which later woke the runtime
+/// for nothing at that deadline.
+#[test]
+fn a_sleep_dropped_early_leaves_no_timer_behind() {
+    rt::block_on(async {
+        // 50 timeouts whose futures win after one pending poll (so each timeout's sleep was
+        // polled, and registered its timer): the sleeps (1..=50 ms) are dropped early.
+        for ms in 1..=50 {
+            let mut yielded = false;
+            let once = std::future::poll_fn(move |cx| {
+                if std::mem::replace(&mut yielded, true) {
+                    std::task::Poll::Ready(7)
+                } else {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                }
+            });
+            let r = rt::timeout(Duration::from_millis(ms), once).await;
+            assert_eq!(r.unwrap(), 7);
+        }
+        let enters = rt::with_driver(|d| d.stats().enters);
+        rt::sleep(Duration::from_millis(100)).await;
+        let woke = rt::with_driver(|d| d.stats().enters) - enters;
+        assert!(
+            woke < 20,
+            "{woke} wake-ups in one sleep: stale timers fired"
+        );
+    })
+    .unwrap();
+}
