@@ -2,18 +2,21 @@
 //! direction of each connection, `recv_one` into the shared (registered where memlock allows)
 //! group, `send_zc` of the received buffer as it is.
 //!
-//! **Flow control.** Each direction holds at most two received buffers of the shared group at a
-//! time (the one being sent, and the next one, received while that send is in flight so that a
-//! reset is seen even when the other side stopped reading), plus what a zero-copy send keeps
-//! until its notification; so one stalled direction cannot take the group from the others, and
-//! the group is large enough for every direction when it holds four buffers per connection. Half-close (EOF → `shutdown(SHUT_WR)` of the other side) and resets
-//! (an error on one side resets both) propagate as in the event-loop proxy, which stays the
-//! default: it coalesces small receives into one send, which this one does not.
+//! **Flow control and coalescing.** While a direction's send is in flight it keeps receiving,
+//! one buffer at a time, up to its fair share of the shared group (`buffers / (2 ×
+//! connections)`, as the event loop), and what it gathered leaves as one send when that send
+//! completes; so small receives coalesce, one stalled direction cannot take the group from the
+//! others, and a reset of the source is seen even when the destination stopped reading.
+//!
+//! Half-close (EOF → `shutdown(SHUT_WR)` of the other side) and resets (an error on one side
+//! resets both) propagate as in the event-loop proxy, which stays the default: it also holds
+//! receives for a moment while data streams in (`--coalesce-us`), which this one does not.
 
 use std::cell::Cell;
 use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
@@ -29,6 +32,8 @@ use crate::signals;
 #[derive(Default)]
 struct Counters {
     connections: Cell<u64>,
+    /// Pairs forwarding now (for each direction's fair share of the group).
+    live: Cell<u64>,
     bytes_up: Cell<u64>,
     bytes_down: Cell<u64>,
     resets: Cell<u64>,
@@ -122,9 +127,11 @@ async fn pair(client: TcpStream, upstream: SocketAddr, group: BufGroup, counters
         upstream,
         reset: Cell::new(false),
     });
+    counters.live.set(counters.live.get() + 1);
     let up = rt::spawn(forward(pair.clone(), group.clone(), counters.clone(), true));
-    forward(pair, group, counters, false).await;
+    forward(pair, group, counters.clone(), false).await;
     up.await;
+    counters.live.set(counters.live.get() - 1);
 }
 
 /// The two sockets of a connection, and whether it was reset (counted once per pair).
@@ -134,6 +141,9 @@ struct Pair {
     reset: Cell<bool>,
 }
 
+/// A receive in flight on a direction's source (boxed, so it can outlive one send).
+type Recv<'a> = Pin<Box<dyn Future<Output = ringpool::Result<Option<BufChain>>> + 'a>>;
+
 /// Forwards `src` to `dst` until end of stream (then half-closes `dst`) or an error (then
 /// resets both, which ends the other direction too).
 async fn forward(pair: Rc<Pair>, group: BufGroup, counters: Rc<Counters>, up: bool) {
@@ -142,67 +152,150 @@ async fn forward(pair: Rc<Pair>, group: BufGroup, counters: Rc<Counters>, up: bo
     } else {
         (&pair.upstream, &pair.client, &counters.bytes_down)
     };
-    // The next receive runs while a send is in flight (one buffer ahead): that is how a reset
-    // of `src` is seen even when `dst` stopped reading and the send never completes.
-    let mut ahead = None;
+    // At most one receive is in flight on `src`, and it is never abandoned while the pair
+    // lives: it carries over from one send to the next, so bytes cannot overtake each other.
+    let mut recv: Option<Recv<'_>> = None;
+    // What arrived while the last send was in flight: it leaves as one send.
+    let mut gathered = Gathered::default();
     loop {
-        let received = match ahead.take() {
-            Some(r) => r,
-            None => src.recv_one(&group).await,
-        };
-        match received {
-            Ok(Some(chain)) => match send_watching(src, dst, chain, &group).await {
-                (Ok(n), next) => {
-                    bytes.set(bytes.get() + n as u64);
-                    ahead = next;
-                }
-                (Err(_), _) => break,
-            },
-            Ok(None) => {
+        let chain = match gathered.chain.take() {
+            Some(chain) => chain,
+            None if gathered.eof => {
                 let _ = dst.shutdown_write();
                 return;
             }
-            Err(_) => break,
+            None => {
+                let next = recv
+                    .take()
+                    .unwrap_or_else(|| Box::pin(src.recv_one(&group)));
+                match next.await {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => {
+                        let _ = dst.shutdown_write();
+                        return;
+                    }
+                    Err(_) => break,
+                }
+            }
+        };
+        let share = fair_share(&group, &counters);
+        match send_gathering(src, dst, chain, &group, share, &mut recv).await {
+            (Ok(n), Ok(next)) => {
+                bytes.set(bytes.get() + n as u64);
+                gathered = next;
+            }
+            _ => break,
         }
     }
     // A reset on either side: reset both (closed with linger 0 once both tasks let go), and
-    // shut them down now, so the other direction's receive ends.
+    // cancel the other direction's ops now so that it ends too. (Not `shutdown`: its FIN could
+    // reach the peer before the reset and read as a clean end.)
+    drop(recv);
     if !pair.reset.replace(true) {
         counters.resets.set(counters.resets.get() + 1);
     }
     for s in [src, dst] {
         set_reset_on_close(s.fd());
-        // SAFETY: shutdown on a live socket this pair owns.
-        unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(s.fd()), libc::SHUT_RDWR) };
+        rt::with_driver(|d| d.cancel_fd(s.fd()));
     }
 }
 
-/// Sends `chain` to `dst` while receiving the next buffer from `src`. Returns the send's result
-/// and what the receive got if it finished. An error on `src` ends the send at once (dropping it
-/// cancels it): the pair is being reset, and `dst` may never read again.
-async fn send_watching(
-    src: &TcpStream,
+/// Buffers a direction may hold: its share of the group, `buffers / (2 × connections)`, less
+/// one for the receive that may carry over from one send to the next (at least 2). The chain
+/// being sent counts against it: all directions' shares fit in the group, so every direction
+/// can always receive, and a shared group cannot deadlock the proxy.
+fn fair_share(group: &BufGroup, counters: &Counters) -> usize {
+    let live = counters.live.get().max(1);
+    let share = group.stats().total as u64 / (2 * live);
+    share.saturating_sub(1).max(2) as usize
+}
+
+/// How often a direction whose share is full looks for an error on its source.
+const WATCH: Duration = Duration::from_millis(50);
+
+/// The error pending on `s` (a reset), if any, without taking data (`SO_ERROR`; a reset
+/// sets it even while unread data waits in the socket).
+fn pending_error(s: &TcpStream) -> Option<ringpool::Error> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one c_int and its length into variables we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s.fd()),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && err != 0).then(|| Error::Os {
+        op: "recv",
+        source: std::io::Error::from_raw_os_error(err),
+    })
+}
+
+/// What a direction received while its send was in flight.
+#[derive(Default)]
+struct Gathered {
+    chain: Option<BufChain>,
+    /// `src` reached end of stream.
+    eof: bool,
+}
+
+/// Sends `chain` to `dst` while receiving from `src` (through `recv`, the direction's one
+/// receive in flight), one buffer at a time while the direction holds less than `share`
+/// (counting `chain`), gathered into one chain for the next send (so small receives leave together). Returns the send's result and what was
+/// gathered; a receive still in flight stays in `recv`. An error on `src` ends the send at once
+/// (dropping it cancels it): the pair is being reset, and `dst` may never read again — which is
+/// also why a receive runs even when nothing else would wake this direction.
+async fn send_gathering<'a>(
+    src: &'a TcpStream,
     dst: &TcpStream,
     chain: BufChain,
-    group: &BufGroup,
-) -> (
-    ringpool::Result<usize>,
-    Option<ringpool::Result<Option<BufChain>>>,
-) {
+    group: &'a BufGroup,
+    share: usize,
+    recv: &mut Option<Recv<'a>>,
+) -> (ringpool::Result<usize>, ringpool::Result<Gathered>) {
+    // Room left in the share besides the chain being sent.
+    let room = share.saturating_sub(chain.buf_count());
     let mut send = std::pin::pin!(dst.send_zc(chain));
-    let mut recv = std::pin::pin!(src.recv_one(group));
-    let mut received = None;
+    let mut gathered = Gathered::default();
+    let mut held = 0;
+    // While the share is full no receive watches `src`: look at it now and then instead.
+    let mut watch: Pin<Box<dyn Future<Output = ()>>> = Box::pin(rt::sleep(WATCH));
     std::future::poll_fn(|cx| {
-        if received.is_none() {
-            if let Poll::Ready(r) = recv.as_mut().poll(cx) {
-                if let Err(e) = r {
-                    return Poll::Ready((Err(e), None));
+        loop {
+            if recv.is_none() {
+                if gathered.eof || held >= room {
+                    while watch.as_mut().poll(cx).is_ready() {
+                        if let Some(e) = pending_error(src) {
+                            return Poll::Ready((Err(Error::Cancelled), Err(e)));
+                        }
+                        watch = Box::pin(rt::sleep(WATCH));
+                    }
+                    break;
                 }
-                received = Some(r);
+                *recv = Some(Box::pin(src.recv_one(group)));
+            }
+            let r = match recv.as_mut().expect("set above").as_mut().poll(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => break,
+            };
+            *recv = None;
+            match r {
+                Err(e) => return Poll::Ready((Err(Error::Cancelled), Err(e))),
+                Ok(None) => gathered.eof = true,
+                Ok(Some(more)) => {
+                    held += more.buf_count();
+                    match &mut gathered.chain {
+                        Some(c) => c.append(more),
+                        None => gathered.chain = Some(more),
+                    }
+                }
             }
         }
         match send.as_mut().poll(cx) {
-            Poll::Ready(sent) => Poll::Ready((sent, received.take())),
+            Poll::Ready(sent) => Poll::Ready((sent, Ok(std::mem::take(&mut gathered)))),
             Poll::Pending => Poll::Pending,
         }
     })

@@ -272,7 +272,7 @@ fn reset_reaches_a_stalled_client(extra: &[&str]) {
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         drain(s).is_some_and(|e| e != ErrorKind::WouldBlock && e != ErrorKind::TimedOut),
-        "the client must see the reset, not wait"
+        "the client must see the reset, not wait ({extra:?})"
     );
     let v = stop(proxy);
     assert_eq!(v["resets"], 1, "{v}");

@@ -85,11 +85,33 @@ struct LeftoverQueue {
     events: RefCell<VecDeque<Event>>,
     /// The receive waiting on the stream, woken when leftovers arrive.
     waker: RefCell<Option<Waker>>,
+    /// Dropped receives of the stream still in the kernel. A new receive waits for them: two
+    /// receives in flight on one socket could hand out its bytes out of order (seen in the
+    /// proxy bench: a receive started while a dropped one was still armed overtook it).
+    orphans: Cell<usize>,
 }
 
 impl LeftoverQueue {
     fn pop(&self) -> Option<Event> {
         self.events.borrow_mut().pop_front()
+    }
+
+    /// Ready when a new receive may start: leftovers wait to be handed out, or no dropped
+    /// receive of the stream is still in the kernel.
+    fn poll_quiet(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.events.borrow().is_empty() || self.orphans.get() == 0 {
+            return Poll::Ready(());
+        }
+        *self.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// A dropped receive's final completion came.
+    fn orphan_done(&self) {
+        self.orphans.set(self.orphans.get() - 1);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
     }
 
     fn push(&self, events: impl IntoIterator<Item = Event>) {
@@ -262,11 +284,16 @@ impl Runtime {
             if let Some(sink) = &state.orphan_sink {
                 // The cancel's own outcome is nobody's news; data (or EOF, or a real error)
                 // taken off the socket before the cancel landed is the stream's.
+                let sink = sink.clone();
+                if !c.more {
+                    ops.remove(&c.token);
+                }
+                drop(ops);
                 if !matches!(c.event, Event::Error(Error::Cancelled)) {
                     sink.push([c.event]);
                 }
                 if !c.more {
-                    ops.remove(&c.token);
+                    sink.orphan_done();
                 }
                 continue;
             }
@@ -407,6 +434,7 @@ impl Drop for Op {
                     true
                 } else {
                     state.orphan_sink = Some(sink.clone());
+                    sink.orphans.set(sink.orphans.get() + 1);
                     false
                 }
             }
@@ -843,6 +871,7 @@ impl TcpStream {
     }
 
     async fn recv_as(&self, group: &BufGroup, mode: RecvMode) -> Result<Option<BufChain>> {
+        std::future::poll_fn(|cx| self.leftovers.poll_quiet(cx)).await;
         if let Some(event) = self.leftovers.pop() {
             return recv_result(event);
         }
@@ -1255,6 +1284,7 @@ impl UdpSocket {
     /// The receive error; [`Error::BufferTooSmall`] for a group whose buffers cannot hold a
     /// payload (see [`Driver::recv_from`]).
     pub async fn recv_from(&self, group: &BufGroup) -> Result<Datagram> {
+        std::future::poll_fn(|cx| self.leftovers.poll_quiet(cx)).await;
         if let Some(event) = self.leftovers.pop() {
             return datagram_result(event);
         }
