@@ -62,7 +62,7 @@ const WARMUP: Duration = Duration::from_millis(200);
 /// The warm-up with `--quick`.
 const QUICK_WARMUP: Duration = Duration::from_millis(100);
 /// The measurement window (rounds: [`Options::rounds`]).
-const WINDOW: Duration = Duration::from_millis(1000);
+const WINDOW: Duration = Duration::from_millis(700);
 /// The measurement window with `--quick`.
 const QUICK_WINDOW: Duration = Duration::from_millis(250);
 /// Longest a run may take to drain after its window (a stalled proxy).
