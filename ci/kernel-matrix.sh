@@ -131,13 +131,14 @@ fi
 say "$("$QEMU" --version | head -n 1)" || die "$QEMU does not run"
 say "setup took $((SECONDS - t_start)) s"
 
-# 3. Static test binaries of the ringpool crate (crates/ringpool/tests/*.rs). An explicit --target
-# keeps crt-static away from build scripts and proc macros; a target dir of our own keeps the
-# static build from invalidating (or waiting on) the normal one.
+# 3. Static test binaries of the ringpool crate (crates/ringpool/tests/*.rs), with its `tokio`
+# feature (as the workspace builds it), so that `rt_tokio` has tests. An explicit --target keeps
+# crt-static away from build scripts and proc macros; a target dir of our own keeps the static
+# build from invalidating (or waiting on) the normal one.
 cd "$PROJ"
 t_build=$SECONDS
 json=$(RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$OUT/cargo" \
-  cargo test -p ringpool --tests --release --no-run --target x86_64-unknown-linux-gnu \
+  cargo test -p ringpool --features tokio --tests --release --no-run --target x86_64-unknown-linux-gnu \
   --message-format=json-render-diagnostics) || { echo "kernel-matrix: building the static test binaries failed" >&2; exit 1; }
 mapfile -t BINS < <(jq -r 'select(.reason=="compiler-artifact" and .profile.test and .executable!=null
     and (.target.kind|index("test"))) | "\(.target.name) \(.executable)"' <<<"$json")

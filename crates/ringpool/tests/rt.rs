@@ -284,7 +284,8 @@ fn a_sleep_dropped_early_leaves_no_timer_behind() {
 /// rather than replaying the exact interleaving.
 #[test]
 fn receives_dropped_mid_stream_keep_the_bytes_in_order() {
-    const LEN: usize = 32 << 20;
+    // Small enough for the kernel-matrix guests (emulated, several times slower).
+    const LEN: usize = 4 << 20;
     let (ours, mut peer) = tcp_pair();
     let writer = std::thread::spawn(move || {
         for chunk in pattern_vec(70, 0, LEN).chunks(4096) {
@@ -297,7 +298,7 @@ fn receives_dropped_mid_stream_keep_the_bytes_in_order() {
         let mut got = Vec::with_capacity(LEN);
         let mut dropped = 0u32;
         while got.len() < LEN {
-            match rt::timeout(Duration::from_micros(50), stream.recv_one(&g)).await {
+            match rt::timeout(Duration::from_micros(200), stream.recv_one(&g)).await {
                 Ok(r) => got.extend(r.unwrap().expect("the stream ended early").to_vec()),
                 Err(_) => dropped += 1,
             }
