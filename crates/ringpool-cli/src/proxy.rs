@@ -188,6 +188,18 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         signals::stop_requested,
         Duration::from_micros(args.coalesce_us),
     )?;
+    report(&summary, &group, &driver, "event-loop");
+    Ok(())
+}
+
+/// Prints the final summary line and the `stats {json}` line (read by the bench and the tests)
+/// of a proxy that ran on `driver` with `group`.
+pub(crate) fn report(
+    summary: &Summary,
+    group: &ringpool::BufGroup,
+    driver: &Driver,
+    runtime: &str,
+) {
     let (s, z, d) = (group.stats(), driver.zc_stats(), driver.stats());
     println!(
         "stopped: {} connections, {} bytes up, {} bytes down, {} resets",
@@ -200,10 +212,9 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "in_user": s.in_user, "enobufs": s.enobufs, "rearms": s.rearms,
         "zc_sends": z.zc_sends, "zc_copied": z.zc_copied, "plain_sends": z.plain_sends,
         "fixed_sends": z.fixed_sends, "registered": group.is_registered(),
-        "enters": d.enters, "sqes": d.sqes, "cqes": d.cqes,
+        "enters": d.enters, "sqes": d.sqes, "cqes": d.cqes, "runtime": runtime,
     });
     println!("stats {json}");
-    Ok(())
 }
 
 /// Proxies connections accepted on `listener` to `upstream` until `stop()` says so, with

@@ -91,21 +91,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             bytes_down: counters.bytes_down.get(),
             resets: counters.resets.get(),
         };
-        let (s, z, d) = rt::with_driver(|d| (group.stats(), d.zc_stats(), d.stats()));
-        println!(
-            "stopped: {} connections, {} bytes up, {} bytes down, {} resets",
-            summary.connections, summary.bytes_up, summary.bytes_down, summary.resets
-        );
-        let json = serde_json::json!({
-            "connections": summary.connections, "bytes_up": summary.bytes_up,
-            "bytes_down": summary.bytes_down, "resets": summary.resets,
-            "buffer_bytes": group.buffer_bytes(), "total": s.total, "in_kernel": s.in_kernel,
-            "in_user": s.in_user, "enobufs": s.enobufs, "rearms": s.rearms,
-            "zc_sends": z.zc_sends, "zc_copied": z.zc_copied, "plain_sends": z.plain_sends,
-            "fixed_sends": z.fixed_sends, "registered": group.is_registered(),
-            "enters": d.enters, "sqes": d.sqes, "cqes": d.cqes, "runtime": "rt",
-        });
-        println!("stats {json}");
+        rt::with_driver(|d| crate::proxy::report(&summary, &group, d, "rt"));
         Ok::<(), Box<dyn std::error::Error>>(())
     })?
 }
