@@ -2,11 +2,11 @@
 //! direction of each connection, `recv_one` into the shared (registered where memlock allows)
 //! group, `send_zc` of the received buffer as it is.
 //!
-//! **Flow control and coalescing.** While a direction's send is in flight it keeps receiving,
-//! one buffer at a time, up to its fair share of the shared group (`buffers / (2 ×
-//! connections)`, as the event loop), and what it gathered leaves as one send when that send
-//! completes; so small receives coalesce, one stalled direction cannot take the group from the
-//! others, and a reset of the source is seen even when the destination stopped reading.
+//! **Flow control.** While a direction's send is in flight it receives one buffer ahead (within
+//! its fair share of the group, `buffers / (2 × connections)`), which leaves with the next send;
+//! so one stalled direction cannot take the group from the others, and a reset of the source is
+//! seen even when the destination stopped reading (and, once the share is full, by a periodic
+//! `SO_ERROR` check).
 //!
 //! Half-close (EOF → `shutdown(SHUT_WR)` of the other side) and resets (an error on one side
 //! resets both) propagate as in the event-loop proxy, which stays the default: it also holds
@@ -228,12 +228,11 @@ struct Gathered {
     eof: bool,
 }
 
-/// Sends `chain` to `dst` while receiving from `src` (through `recv`, the direction's one
-/// receive in flight), one buffer at a time while the direction holds less than `share`
-/// (counting `chain`), gathered into one chain for the next send (so small receives leave together). Returns the send's result and what was
-/// gathered; a receive still in flight stays in `recv`. An error on `src` ends the send at once
-/// (dropping it cancels it): the pair is being reset, and `dst` may never read again — which is
-/// also why a receive runs even when nothing else would wake this direction.
+/// Sends `chain` to `dst` while receiving from `src` through `recv`, the direction's one
+/// receive in flight (at most one buffer ahead, within `share` counting `chain`). Returns the
+/// send's result and what was received meanwhile, for the next send; a receive still in flight
+/// stays in `recv`. An error on `src` ends the send at once (dropping it cancels it): the pair is
+/// being reset, and `dst` may never read again.
 async fn send_gathering<'a>(
     src: &'a TcpStream,
     dst: &TcpStream,
@@ -242,8 +241,10 @@ async fn send_gathering<'a>(
     share: usize,
     recv: &mut Option<Recv<'a>>,
 ) -> (ringpool::Result<usize>, ringpool::Result<Gathered>) {
-    // Room left in the share besides the chain being sent.
-    let room = share.saturating_sub(chain.buf_count());
+    // Room left in the share besides the chain being sent, and at most one buffer ahead: with
+    // more, zero-copy sends that hold their buffers until the notification let the directions
+    // together overrun the group under load (a 64 MiB test hung in CI).
+    let room = share.saturating_sub(chain.buf_count()).min(1);
     let mut send = std::pin::pin!(dst.send_zc(chain));
     let mut gathered = Gathered::default();
     let mut held = 0;
