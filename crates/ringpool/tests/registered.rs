@@ -11,9 +11,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
-use common::{pattern_vec, pump, require, require_env, tcp_pair};
+use common::{fixed_result, pattern_vec, pump, require, require_env, tcp_pair};
 use ringpool::{
-    BufGroupConfig, Driver, DriverConfig, Error, Event, Fd, Features, FixedBuf, Force, RecvMode,
+    BufGroupConfig, Driver, DriverConfig, Error, Event, Fd, Features, Force, RecvMode,
     Registration, SendBuf, ZcConfig, ZcMode,
 };
 
@@ -37,19 +37,6 @@ fn driver(force: &[Force]) -> Driver {
 
 fn fixed_supported() -> bool {
     require(Features::get().fixed_buffers, "a sparse fixed buffer table")
-}
-
-/// Waits for the one completion of a fixed op and returns its buffer and result.
-fn fixed_result(d: &mut Driver) -> (FixedBuf, ringpool::Result<usize>) {
-    let mut out = None;
-    pump(d, 10, |c| match c.event {
-        Event::FixedIo { buf, result } => {
-            out = Some((buf, result));
-            true
-        }
-        other => panic!("{other:?}"),
-    });
-    out.unwrap()
 }
 
 /// Cargo's scratch dir on the build machine's disk; the system temp dir where the test binary

@@ -7,8 +7,8 @@ mod common;
 
 use std::io::{Read, Seek, SeekFrom};
 
-use common::{pattern_vec, pump, require};
-use ringpool::{Driver, DriverConfig, Error, Event, Fd, Features, FixedBuf, Force};
+use common::{fixed_result, pattern_vec, require};
+use ringpool::{Driver, DriverConfig, Error, Fd, Features, Force};
 
 /// The cloning rung and its fallback.
 const SHARE_RUNGS: &[(&str, &[Force])] = &[("best", &[]), ("no-clone", &[Force::NoClone])];
@@ -26,18 +26,6 @@ fn supported(force: &[Force]) -> bool {
     let f = Features::get();
     require(f.fixed_buffers, "a sparse fixed buffer table")
         && (!force.is_empty() || require(f.clone_buffers, "cloning registered buffers (6.13)"))
-}
-
-fn fixed_io(d: &mut Driver) -> (FixedBuf, ringpool::Result<usize>) {
-    let mut out = None;
-    pump(d, 10, |c| match c.event {
-        Event::FixedIo { buf, result } => {
-            out = Some((buf, result));
-            true
-        }
-        other => panic!("{other:?}"),
-    });
-    out.unwrap()
 }
 
 fn file() -> (std::fs::File, Fd) {
@@ -92,10 +80,10 @@ fn buffers_registered_through_either_ring_work_in_ops_of_the_other() {
         let (mut f, fd) = file();
         // A's buffer written by B's ring, B's buffer by A's ring.
         b.write_fixed(&fd, before, 0..(1 << 16), 0, 1).unwrap();
-        let (before, n) = fixed_io(&mut b);
+        let (before, n) = fixed_result(&mut b);
         assert_eq!(n.unwrap(), 1 << 16, "rung {rung}");
         a.write_fixed(&fd, after, 0..(1 << 16), 1 << 16, 2).unwrap();
-        let (after, n) = fixed_io(&mut a);
+        let (after, n) = fixed_result(&mut a);
         assert_eq!(n.unwrap(), 1 << 16, "rung {rung}");
         let mut on_disk = Vec::new();
         f.seek(SeekFrom::Start(0)).unwrap();
@@ -112,7 +100,7 @@ fn buffers_registered_through_either_ring_work_in_ops_of_the_other() {
         let mut into = a.fixed_buf(1 << 17).unwrap();
         into.fill(0);
         b.read_fixed(&fd, into, 0..(1 << 17), 0, 3).unwrap();
-        let (into, n) = fixed_io(&mut b);
+        let (into, n) = fixed_result(&mut b);
         assert_eq!(n.unwrap(), 1 << 17);
         assert!(
             into[..] == on_disk[..],
@@ -190,7 +178,7 @@ fn a_released_slot_is_emptied_in_every_ring_before_it_is_reused() {
         second.copy_from_slice(&pattern_vec(3, 0, 4096));
         let (mut f, fd) = file();
         b.write_fixed(&fd, second, 0..4096, 0, 1).unwrap();
-        let (second, n) = fixed_io(&mut b);
+        let (second, n) = fixed_result(&mut b);
         assert_eq!(
             n.unwrap(),
             4096,
@@ -218,7 +206,7 @@ fn a_ring_that_leaves_the_table_leaves_the_other_working() {
         assert_eq!(b.fixed_stats().rings, 1);
         let (mut f, fd) = file();
         b.write_fixed(&fd, buf, 0..4096, 0, 1).unwrap();
-        let (buf, n) = fixed_io(&mut b);
+        let (buf, n) = fixed_result(&mut b);
         assert_eq!(n.unwrap(), 4096, "rung {rung}");
         let mut on_disk = Vec::new();
         f.read_to_end(&mut on_disk).unwrap();

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use ringpool::{Completion, Driver, DriverConfig, Features, Force};
+use ringpool::{Completion, Driver, DriverConfig, Event, Features, FixedBuf, Force};
 
 /// Skips the test (returns false) when `supported` is false, printing why; with
 /// `RINGPOOL_REQUIRE_ALL=1` a missing feature fails the test instead.
@@ -144,4 +144,17 @@ pub fn read_to_end(mut s: TcpStream) -> Vec<u8> {
     let mut v = Vec::new();
     s.read_to_end(&mut v).unwrap();
     v
+}
+
+/// Waits for the one completion of a fixed op and returns its buffer and result.
+pub fn fixed_result(d: &mut Driver) -> (FixedBuf, ringpool::Result<usize>) {
+    let mut out = None;
+    pump(d, 10, |c| match c.event {
+        Event::FixedIo { buf, result } => {
+            out = Some((buf, result));
+            true
+        }
+        other => panic!("{other:?}"),
+    });
+    out.unwrap()
 }
