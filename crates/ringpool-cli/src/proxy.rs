@@ -19,13 +19,10 @@
 //!
 //! **Receive coalescing.** A proxy that is faster than its peers wakes for every few KiB that
 //! arrive: at 4 KiB client writes on loopback, one receive and one send per ~10 KiB, most of
-//! the CPU in per-wake-up and per-packet costs rather than in moving bytes. So while data
-//! streams in (the last wake-up received from 4 KiB to less than one buffer, and came less
-//! than 4 delays after the one before), the loop submits what it has, sleeps `--coalesce-us`
-//! (100 µs) and only then collects completions: with `DEFER_TASKRUN` the receives that
-//! became ready meanwhile run when it collects, each taking everything its socket holds by
-//! then, so every receive and send carries more bytes. A wake-up that received a buffer's worth
-//! or more, or little, or came after a pause, does not hold: bulk 64 KiB transfers and
+//! the CPU in per-wake-up and per-packet costs rather than in moving bytes. So the driver runs
+//! with [`DriverConfig::receive_coalescing`] (`--coalesce-us`, 100 µs): while data streams in
+//! in small pieces, each wait submits what is queued, sleeps, and only then collects
+//! completions, so every receive and send carries more bytes; bulk 64 KiB transfers and
 //! request/response traffic see no delay. Measured (2 cores, proxy CPU per GB at 4 KiB
 //! writes): ≈ 0.55–0.65× the CPU without coalescing; neutral at 64 KiB writes. The cost is
 //! latency: up to one delay per hop while a stream is busy; `--coalesce-us 0` turns it off.
@@ -33,7 +30,7 @@
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ringpool::{
     BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, Registration, ZcConfig, ZcMode,
@@ -64,8 +61,8 @@ pub struct Args {
     /// collecting completions, so each receive takes more bytes; 0 turns it off.
     #[arg(long, default_value_t = 100)]
     pub(crate) coalesce_us: u64,
-    /// Run on the async layer (`ringpool::rt`): a task per direction, one buffer per receive,
-    /// no receive coalescing (see `proxy_rt`).
+    /// Run on the async layer (`ringpool::rt`): a task per direction, one buffer per receive
+    /// (see `proxy_rt`).
     #[arg(long)]
     pub(crate) rt: bool,
 }
@@ -77,11 +74,6 @@ const RECV_UPSTREAM: u64 = 1;
 const SEND_UPSTREAM: u64 = 2;
 const SEND_CLIENT: u64 = 3;
 const CONNECT: u64 = 4;
-/// Receive coalescing holds only after a wake-up that received at least this much (and less
-/// than one buffer) ...
-const COALESCE_MIN_BYTES: usize = 4096;
-/// ... and came less than this many coalescing delays after the previous one.
-const COALESCE_BUSY_FACTOR: u32 = 4;
 
 /// One direction of a pair: bytes from `src` to `dst`.
 #[derive(Default)]
@@ -153,7 +145,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let cfg = DriverConfig::default()
         .entries(1024)
-        .zerocopy(ZcConfig::default().mode(args.zerocopy));
+        .zerocopy(ZcConfig::default().mode(args.zerocopy))
+        .receive_coalescing(Duration::from_micros(args.coalesce_us));
     let mut driver = Driver::new(cfg)?;
     // A registered region where memlock allows: zero-copy sends then name the memory the
     // kernel received into, with no per-send page pinning.
@@ -186,7 +179,6 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Fd::from(listener),
         args.upstream,
         signals::stop_requested,
-        Duration::from_micros(args.coalesce_us),
     )?;
     report(&summary, &group, &driver, "event-loop");
     Ok(())
@@ -212,37 +204,27 @@ pub(crate) fn report(
         "in_user": s.in_user, "enobufs": s.enobufs, "rearms": s.rearms,
         "zc_sends": z.zc_sends, "zc_copied": z.zc_copied, "plain_sends": z.plain_sends,
         "fixed_sends": z.fixed_sends, "registered": group.is_registered(),
-        "enters": d.enters, "sqes": d.sqes, "cqes": d.cqes, "runtime": runtime,
+        "enters": d.enters, "sqes": d.sqes, "cqes": d.cqes, "held_waits": d.held_waits,
+        "runtime": runtime,
     });
     println!("stats {json}");
 }
 
-/// Proxies connections accepted on `listener` to `upstream` until `stop()` says so, with
-/// receive coalescing of `coalesce` while data streams in (zero: none).
+/// Proxies connections accepted on `listener` to `upstream` until `stop()` says so (with the
+/// receive coalescing of `driver`'s configuration).
 pub fn serve(
     driver: &mut Driver,
     group: &ringpool::BufGroup,
     listener: Fd,
     upstream: SocketAddr,
     stop: impl Fn() -> bool,
-    coalesce: Duration,
 ) -> ringpool::Result<Summary> {
     let mut pairs: slab::Slab<Pair> = slab::Slab::new();
     let total = group.stats().total;
-    let buf_size = group.buf_size();
     let mut summary = Summary::default();
     let accept = driver.accept_multishot(&listener, ACCEPT)?;
-    let mut last_wake = Instant::now();
-    let mut hold = false;
     while !stop() {
-        if hold {
-            // Sends and re-armed receives go now; their completions wait.
-            driver.submit()?;
-            std::thread::sleep(coalesce);
-        }
         driver.wait(Some(Duration::from_millis(200)))?;
-        let woke = Instant::now();
-        let mut received = 0;
         while let Some(c) = driver.pop() {
             if c.token == ACCEPT {
                 match c.event {
@@ -290,7 +272,6 @@ pub fn serve(
                     // After an abort the data is dropped (its buffers go home), and the pair
                     // may now be finished: fall through to that check.
                     if !pair.aborted {
-                        received += chain.len();
                         if dir == 0 {
                             summary.bytes_up += chain.len() as u64;
                         } else {
@@ -343,10 +324,6 @@ pub fn serve(
                 pairs.remove(key);
             }
         }
-        hold = !coalesce.is_zero()
-            && (COALESCE_MIN_BYTES..buf_size).contains(&received)
-            && woke - last_wake < coalesce * COALESCE_BUSY_FACTOR;
-        last_wake = woke;
     }
     driver.cancel(accept);
     Ok(summary)

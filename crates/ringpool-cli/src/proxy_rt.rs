@@ -9,8 +9,8 @@
 //! `SO_ERROR` check).
 //!
 //! Half-close (EOF → `shutdown(SHUT_WR)` of the other side) and resets (an error on one side
-//! resets both) propagate as in the event-loop proxy, which stays the default: it also holds
-//! receives for a moment while data streams in (`--coalesce-us`), which this one does not.
+//! resets both) propagate as in the event-loop proxy, and so does receive coalescing
+//! (`--coalesce-us`: the runtime's driver holds its waits while data streams in).
 
 use std::cell::Cell;
 use std::future::Future;
@@ -43,7 +43,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
     let cfg = DriverConfig::default()
         .entries(1024)
-        .zerocopy(ZcConfig::default().mode(args.zerocopy));
+        .zerocopy(ZcConfig::default().mode(args.zerocopy))
+        .receive_coalescing(Duration::from_micros(args.coalesce_us));
     rt::block_on_with(cfg, async move {
         let group = rt::buf_group(
             BufGroupConfig::new(args.buf_size, args.bufs).registration(Registration::Preferred),

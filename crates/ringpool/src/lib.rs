@@ -44,6 +44,7 @@
 #![warn(missing_docs)]
 
 mod buf;
+mod coalesce;
 mod driver;
 mod error;
 mod fixed;

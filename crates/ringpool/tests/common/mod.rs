@@ -42,11 +42,21 @@ pub struct Rung {
 }
 
 impl Rung {
-    pub fn driver(&self) -> Driver {
+    /// The configuration of this rung (ignoring `RINGPOOL_FORCE`).
+    pub fn config(&self) -> DriverConfig {
         let mut cfg = DriverConfig::default().ignore_env();
         for f in self.force {
             cfg = cfg.force(*f);
         }
+        cfg
+    }
+
+    pub fn driver(&self) -> Driver {
+        self.driver_with(self.config())
+    }
+
+    /// A driver of `cfg`, which should come from [`Rung::config`].
+    pub fn driver_with(&self, cfg: DriverConfig) -> Driver {
         let d = Driver::new(cfg).expect("driver");
         eprintln!("rung {}: {:?}", self.name, d.ladder());
         d
