@@ -249,17 +249,19 @@ async fn send_gathering<'a>(
     let mut send = std::pin::pin!(dst.send_zc(chain));
     let mut gathered = Gathered::default();
     let mut held = 0;
-    // While the share is full no receive watches `src`: look at it now and then instead.
-    let mut watch: Pin<Box<dyn Future<Output = ()>>> = Box::pin(rt::sleep(WATCH));
+    // While the share is full no receive watches `src`: look at it now and then instead (the
+    // timer is made only then).
+    let mut watch: Option<Pin<Box<dyn Future<Output = ()>>>> = None;
     std::future::poll_fn(|cx| {
         loop {
             if recv.is_none() {
                 if gathered.eof || held >= room {
-                    while watch.as_mut().poll(cx).is_ready() {
+                    let timer = watch.get_or_insert_with(|| Box::pin(rt::sleep(WATCH)));
+                    while timer.as_mut().poll(cx).is_ready() {
                         if let Some(e) = pending_error(src) {
                             return Poll::Ready((Err(Error::Cancelled), Err(e)));
                         }
-                        watch = Box::pin(rt::sleep(WATCH));
+                        *timer = Box::pin(rt::sleep(WATCH));
                     }
                     break;
                 }

@@ -48,6 +48,7 @@ mod coalesce;
 mod driver;
 mod error;
 mod fixed;
+mod hash;
 mod lease;
 mod pool;
 mod probe;

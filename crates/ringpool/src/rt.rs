@@ -44,7 +44,7 @@
 //! ```
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -126,7 +126,7 @@ impl LeftoverQueue {
 
 struct Runtime {
     driver: RefCell<Driver>,
-    ops: RefCell<HashMap<u64, OpState>>,
+    ops: RefCell<crate::hash::IntMap<u64, OpState>>,
     next_token: Cell<u64>,
     /// Spawned tasks (taken out while polled) and their wakers, made once per task.
     tasks: RefCell<slab::Slab<(Option<Task>, Waker)>>,
@@ -217,6 +217,8 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
         woken: rt.woken.clone(),
     }));
     let mut main_woken = true;
+    // Woken task ids taken from `rt.woken` (swapped with it, so both keep their capacity).
+    let mut batch = VecDeque::new();
     loop {
         if main_woken {
             if let Poll::Ready(v) = fut.as_mut().poll(&mut Context::from_waker(&main_waker)) {
@@ -224,14 +226,16 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
             }
         }
         main_woken = false;
-        // Run every woken task (tasks woken while running go round again).
+        // Run every woken task (tasks woken while running go round again), taking the woken
+        // ids a batch at a time (one lock per batch, not per task).
         loop {
-            let next = rt
-                .woken
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front();
-            let Some(id) = next else { break };
+            if batch.is_empty() {
+                std::mem::swap(
+                    &mut batch,
+                    &mut *rt.woken.lock().unwrap_or_else(|e| e.into_inner()),
+                );
+            }
+            let Some(id) = batch.pop_front() else { break };
             if id == MAIN {
                 main_woken = true;
                 continue;

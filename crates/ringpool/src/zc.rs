@@ -239,6 +239,9 @@ impl Lane {
     }
 }
 
+/// Map from a socket's `Rc` address to its lane.
+pub(crate) type LaneMap = crate::hash::IntMap<usize, Lane>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,28 +311,3 @@ mod tests {
         assert_eq!(lane.queue, [3, 4, 5, 7, 8]);
     }
 }
-
-/// A hasher for keys that are addresses (lane keys): one multiply, no SipHash.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct AddrHasher(u64);
-
-impl std::hash::Hasher for AddrHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    fn write_usize(&mut self, n: usize) {
-        // Fibonacci hashing; the high bits mix the address's low (aligned, constant) bits away.
-        self.0 = (n as u64)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(26);
-    }
-}
-
-/// Map from a socket's `Rc` address to its lane.
-pub(crate) type LaneMap =
-    std::collections::HashMap<usize, Lane, std::hash::BuildHasherDefault<AddrHasher>>;

@@ -95,6 +95,41 @@ const EXTRA_ARGS_VAR: &str = "RINGPOOL_BENCH_PROXY_ARGS";
 /// with these arguments (separated by spaces) instead of [`EXTRA_ARGS_VAR`]'s, compared with
 /// the first ringpool proxy run for run.
 const VARIANT_ARGS_VAR: &str = "RINGPOOL_BENCH_PROXY_VARIANT_ARGS";
+/// Environment variable that, set to `0`, leaves the proxies and the load generator unpinned.
+const PIN_VAR: &str = "RINGPOOL_BENCH_PROXY_PIN";
+
+/// Where the processes run: the load generator (and the upstream sink, on the same thread) on
+/// one CPU, every proxy on another, so a proxy never shares a core with the traffic it serves
+/// and the scheduler never moves either (on a machine with two CPUs or more, unless
+/// [`PIN_VAR`] is `0`).
+#[derive(Clone, Copy)]
+struct Placement {
+    loadgen: usize,
+    proxy: usize,
+}
+
+impl Placement {
+    /// Two allowed CPUs (the last two), or `None` to leave the scheduler free.
+    fn choose() -> Option<Placement> {
+        if std::env::var(PIN_VAR).is_ok_and(|v| v == "0") {
+            return None;
+        }
+        let cpus = sys::allowed_cpus().ok()?;
+        match cpus[..] {
+            [.., loadgen, proxy] => Some(Placement { loadgen, proxy }),
+            _ => None,
+        }
+    }
+}
+
+/// Restores the calling thread's CPU affinity when dropped.
+struct AffinityGuard(libc::cpu_set_t);
+
+impl Drop for AffinityGuard {
+    fn drop(&mut self) {
+        let _ = sys::set_affinity(0, &self.0);
+    }
+}
 
 /// The proxies under test.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -338,6 +373,15 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
         .enable_all()
         .build()?;
     let rounds = opts.rounds;
+    let placement = Placement::choose();
+    let _restore = match placement {
+        Some(p) => {
+            let guard = AffinityGuard(sys::current_affinity()?);
+            sys::set_affinity(0, &sys::one_cpu(p.loadgen))?;
+            Some(guard)
+        }
+        None => None,
+    };
     let (warmup, window) = if opts.quick {
         (QUICK_WARMUP, QUICK_WINDOW)
     } else {
@@ -352,7 +396,12 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
         for (i, config) in CONFIGS.iter().enumerate() {
             for k in 0..kinds.len() {
                 let kind = kinds[(k + round - 1) % kinds.len()];
-                let r = run_one(&rt, round, i, kind, warmup, window, &pattern).map_err(|e| {
+                let run = Setup {
+                    warmup,
+                    window,
+                    placement,
+                };
+                let r = run_one(&rt, round, i, kind, &run, &pattern).map_err(|e| {
                     format!("round {round}, {} {}: {e}", config.label, kind.proxy_name())
                 })?;
                 print_progress(&mut progress, &r, rounds, hz);
@@ -360,7 +409,14 @@ fn run(opts: &Options) -> BenchResult<WorkloadReport> {
             }
         }
     }
-    Ok(summarize(&runs, rounds, hz))
+    Ok(summarize(&runs, rounds, hz, placement))
+}
+
+/// How every run goes.
+struct Setup {
+    warmup: Duration,
+    window: Duration,
+    placement: Option<Placement>,
 }
 
 /// The proxy's command line.
@@ -393,21 +449,23 @@ fn run_one(
     round: usize,
     config: usize,
     kind: Kind,
-    warmup: Duration,
-    window: Duration,
+    setup: &Setup,
     pattern: &Arc<[u8]>,
 ) -> BenchResult<Run> {
     let upstream = TcpListener::bind("127.0.0.1:0")?;
     upstream.set_nonblocking(true)?;
     let command = proxy_args(kind, upstream.local_addr()?);
     let server = Server::spawn(kind.label(), &command)?;
+    if let Some(p) = setup.placement {
+        sys::pin_process(server.pid(), p.proxy)?;
+    }
     let clock = ProcessClock::of(server.pid())?;
     let c = &CONFIGS[config];
     let params = Params {
         write: c.write,
         streams: c.streams,
-        warmup,
-        window,
+        warmup: setup.warmup,
+        window: setup.window,
         pattern: Arc::clone(pattern),
     };
     let m = rt.block_on(drive(
@@ -766,7 +824,7 @@ fn spread(ratios: &[f64]) -> String {
 }
 
 /// Medians per configuration, ringpool against tokio, then against std.
-fn summarize(runs: &[Run], rounds: usize, hz: u64) -> WorkloadReport {
+fn summarize(runs: &[Run], rounds: usize, hz: u64, placement: Option<Placement>) -> WorkloadReport {
     let mut metrics = Vec::new();
     for (i, c) in CONFIGS.iter().enumerate() {
         for (other, cpu_key, cpu_label, rate_key, rate_label) in [
@@ -811,13 +869,22 @@ fn summarize(runs: &[Run], rounds: usize, hz: u64) -> WorkloadReport {
         rounds,
         metrics,
         raw_rounds: runs.iter().map(|r| r.to_json(hz)).collect(),
-        notes: notes(runs),
+        notes: notes(runs, placement),
     }
 }
 
 /// The target, where ringpool's proxy spends its CPU, and anything abnormal, in words.
-fn notes(runs: &[Run]) -> Vec<String> {
-    let mut notes = Vec::new();
+fn notes(runs: &[Run], placement: Option<Placement>) -> Vec<String> {
+    let mut notes = vec![match placement {
+        Some(p) => format!(
+            "placement: load generator and upstream sink pinned to CPU {}, every proxy to CPU {} \
+             ({PIN_VAR}=0 leaves them unpinned)",
+            p.loadgen, p.proxy
+        ),
+        None => {
+            "placement: unpinned (the scheduler places the proxy and the load generator)".to_owned()
+        }
+    }];
     for var in [EXTRA_ARGS_VAR, VARIANT_ARGS_VAR] {
         if let Ok(extra) = std::env::var(var) {
             notes.push(format!("{var}: {extra}"));

@@ -121,6 +121,62 @@ pub fn fs_kind(magic: u64) -> (&'static str, bool) {
     }
 }
 
+/// The CPUs the calling thread may run on.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    let mask = current_affinity()?;
+    // SAFETY: CPU_ISSET only reads the valid `mask`, within its CPU_SETSIZE bits.
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &mask) })
+        .collect())
+}
+
+/// The calling thread's CPU affinity mask.
+pub fn current_affinity() -> io::Result<libc::cpu_set_t> {
+    // SAFETY: `cpu_set_t` is plain old data; all-zero bytes are a valid (empty) set.
+    let mut mask: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most the given size into the valid `mask`.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&mask), &mut mask) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mask)
+}
+
+/// Sets the affinity of thread `tid` (0: the calling thread) to `mask`.
+pub fn set_affinity(tid: libc::pid_t, mask: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: sched_setaffinity only reads the valid `mask` of the given size.
+    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(mask), mask) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A mask of the one CPU `cpu`.
+pub fn one_cpu(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: `cpu_set_t` is plain old data; all-zero bytes are a valid (empty) set.
+    let mut mask: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit of the valid, exclusively borrowed `mask`; `cpu` comes
+    // from `allowed_cpus`, below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut mask) };
+    mask
+}
+
+/// Pins every thread of process `pid` to `cpu` (threads it starts later inherit the mask).
+pub fn pin_process(pid: u32, cpu: usize) -> io::Result<()> {
+    let mask = one_cpu(cpu);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid = task?.file_name().to_string_lossy().parse::<libc::pid_t>();
+        if let Ok(tid) = tid {
+            match set_affinity(tid, &mask) {
+                // A thread that ended meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                r => r?,
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Another process's CPU-time clock (`clock_getcpuclockid`): user + system time of all its
 /// threads, exited ones included, in nanoseconds, where `/proc/PID/stat` counts clock ticks.
 pub struct ProcessClock(libc::clockid_t);
@@ -173,6 +229,24 @@ mod tests {
         let pid = std::process::id();
         assert!(rss_bytes(pid).unwrap() > 0);
         cpu_ticks(pid).unwrap();
+    }
+
+    #[test]
+    fn a_child_pinned_to_one_cpu_runs_only_there() {
+        let cpu = *allowed_cpus().unwrap().last().expect("some CPU");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        pin_process(child.id(), cpu).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list");
+        assert_eq!(allowed.trim(), cpu.to_string());
     }
 
     #[test]
