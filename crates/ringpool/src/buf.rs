@@ -379,6 +379,21 @@ impl SendBuf {
         self.len() == 0
     }
 
+    /// Every fixed table the bytes are registered in (several for a chain of groups of
+    /// different rings).
+    pub(crate) fn fixed_tables(&self) -> impl Iterator<Item = usize> + '_ {
+        let (chain, single) = match self {
+            SendBuf::Owned(_) => (&[][..], None),
+            SendBuf::Chain(c) => (&c.bufs[..], None),
+            SendBuf::Fixed { buf, .. } => (&[][..], buf.table()),
+            SendBuf::Leased(l) => (&[][..], l.fixed_table()),
+        };
+        chain
+            .iter()
+            .filter_map(|b| b.group.fixed_table())
+            .chain(single)
+    }
+
     /// The byte ranges, in order, as `iovec`s starting `skip` bytes in.
     pub(crate) fn iovecs(&self, mut skip: usize, out: &mut Vec<libc::iovec>) {
         out.clear();

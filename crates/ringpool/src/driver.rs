@@ -1336,6 +1336,9 @@ impl Driver {
                 what: "a range outside the registered buffer",
             });
         }
+        if let Some(table) = buf.table() {
+            self.check_table(table)?;
+        }
         let base = buf.as_ptr();
         let iov = ranges
             .iter()
@@ -1418,6 +1421,9 @@ impl Driver {
             });
         }
         check_read_in(&members, buf.len())?;
+        if let Some(table) = buf.table() {
+            self.check_table(table)?;
+        }
         let kind = OpKind::Leader(Box::new(LeaderOp {
             fd: fd.clone(),
             buf: Some(buf),
@@ -1425,6 +1431,19 @@ impl Driver {
             members,
         }));
         Ok(self.start(kind, token))
+    }
+
+    /// Refuses memory registered in `table` unless this ring uses that table (its own, or one
+    /// shared with [`Driver::share_fixed_table`]): its slot number would name other memory here,
+    /// or none, and the kernel would fail the op with `EFAULT`.
+    fn check_table(&self, table: usize) -> Result<()> {
+        if self.fixed.as_ref().map(FixedTable::id) == Some(table) {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument {
+            what: "memory registered in another ring's fixed buffer table (share the table with \
+                   Driver::share_fixed_table to use it here)",
+        })
     }
 
     /// The leader of a lease group completed: lend its bytes to the members, or cancel them.
@@ -1733,6 +1752,9 @@ impl Driver {
                     what: "send range outside the registered buffer",
                 });
             }
+        }
+        for table in buf.fixed_tables() {
+            self.check_table(table)?;
         }
         let lane_key = Rc::as_ptr(&fd.0) as usize;
         let backing_off = self.zc_backing_off;

@@ -107,6 +107,11 @@ impl FixedTable {
     }
 
     /// Slots in the table.
+    /// Names a table (shared between rings or not) for identity checks: its address.
+    pub(crate) fn id(table: &Rc<FixedTable>) -> usize {
+        Rc::as_ptr(table) as usize
+    }
+
     pub(crate) fn len(&self) -> u32 {
         self.slots.borrow().len() as u32
     }
@@ -324,6 +329,11 @@ impl FixedBuf {
     /// Whether the memory is registered (else ops on it use the unregistered opcodes).
     pub fn is_registered(&self) -> bool {
         self.reg.is_some()
+    }
+
+    /// Which fixed table the memory is registered in, if any ([`FixedTable::id`]).
+    pub(crate) fn table(&self) -> Option<usize> {
+        self.reg.as_ref().map(|(_, table)| FixedTable::id(table))
     }
 
     /// The fixed table slot, if registered.

@@ -74,6 +74,11 @@ impl Lease {
         self.buf().slot()
     }
 
+    /// Which fixed table the leased memory is registered in, if any.
+    pub(crate) fn fixed_table(&self) -> Option<usize> {
+        self.buf().table()
+    }
+
     fn buf(&self) -> &FixedBuf {
         self.0.buf.as_ref().expect("a live lease holds its buffer")
     }

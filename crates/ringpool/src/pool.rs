@@ -435,6 +435,15 @@ impl GroupShared {
         *self.fixed.borrow_mut() = Some((slot, table));
     }
 
+    /// Which fixed table a registered region is in (the table's address; see
+    /// [`FixedTable::id`]).
+    pub(crate) fn fixed_table(&self) -> Option<usize> {
+        self.fixed
+            .borrow()
+            .as_ref()
+            .map(|(_, table)| FixedTable::id(table))
+    }
+
     /// The fixed table slot of a registered region.
     pub(crate) fn fixed_slot(&self) -> Option<u16> {
         self.fixed.borrow().as_ref().map(|(slot, _)| *slot)

@@ -8,7 +8,10 @@ mod common;
 use std::io::{Read, Seek, SeekFrom};
 
 use common::{fixed_result, pattern_vec, require};
-use ringpool::{Driver, DriverConfig, Error, Fd, Features, Force};
+use ringpool::{
+    BufGroupConfig, Driver, DriverConfig, Error, Event, Fd, Features, Force, RecvMode,
+    Registration, SendBuf,
+};
 
 /// The cloning rung and its fallback.
 const SHARE_RUNGS: &[(&str, &[Force])] = &[("best", &[]), ("no-clone", &[Force::NoClone])];
@@ -239,4 +242,60 @@ fn sharing_a_ring_that_has_its_own_table_is_refused() {
     let err = c.share_fixed_table(&mut a).unwrap_err();
     assert!(matches!(err, Error::RungForced { .. }), "{err}");
     drop(own);
+}
+
+/// Registered memory used through a ring that does not share its table (one with a table of
+/// its own, one with none yet): a typed error before anything starts, not the kernel's
+/// `EFAULT` (the slot number would name other memory there, or none), and nothing is lost:
+/// received buffers go home, and the owner's ring still works with its registered memory.
+#[test]
+fn registered_memory_of_an_unshared_ring_is_refused_with_a_typed_error() {
+    let _serial = serial();
+    if !supported(&[Force::NoClone]) {
+        return;
+    }
+    let mut owner = driver(&[]);
+    let mut with_table = driver(&[]);
+    let _own = with_table.fixed_buf(4096).unwrap();
+    let mut without_table = driver(&[]);
+    let (_f, fd) = file();
+    let (sock, mut peer) = common::tcp_pair();
+    let sock = Fd::from(sock);
+    let refused = |r: ringpool::Result<ringpool::OpId>| {
+        let err = r.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    };
+    for other in [&mut with_table, &mut without_table] {
+        refused(other.write_fixed(&fd, owner.fixed_buf(4096).unwrap(), 0..16, 0, 1));
+        let buf = owner.fixed_buf(4096).unwrap();
+        refused(other.send_zc(&sock, SendBuf::Fixed { buf, range: 0..16 }, 2));
+        refused(other.lease_group(&fd, owner.fixed_buf(4096).unwrap(), 0, Vec::new(), 3));
+    }
+    // A chain received into the owner's registered region.
+    let group = owner
+        .buf_group(BufGroupConfig::new(4096, 4).registration(Registration::Required))
+        .unwrap();
+    owner.recv(&sock, &group, RecvMode::Once, 4).unwrap();
+    std::io::Write::write_all(&mut peer, b"region bytes").unwrap();
+    let chain = loop {
+        owner.wait(Some(std::time::Duration::from_secs(5))).unwrap();
+        if let Some(c) = owner.pop() {
+            let Event::Data(chain) = c.event else {
+                panic!("{:?}", c.event)
+            };
+            break chain;
+        }
+    };
+    assert!(
+        chain.fixed_slot().is_some(),
+        "received into the registered region"
+    );
+    refused(with_table.send(&sock, chain, 5));
+    assert_eq!(group.stats().in_user, 0, "the refused chain went home");
+    // The owner's ring still works with its registered memory.
+    let mut mine = owner.fixed_buf(4096).unwrap();
+    mine[..4].copy_from_slice(b"mine");
+    owner.write_fixed(&fd, mine, 0..4, 0, 6).unwrap();
+    let (_, result) = fixed_result(&mut owner);
+    assert_eq!(result.unwrap(), 4);
 }
