@@ -17,6 +17,14 @@
 //! `write_all`, a thread per direction of each connection). The load generator and the
 //! upstream both live in the bench process, on one current-thread tokio runtime.
 //!
+//! Placement: on a machine with two CPUs or more, that runtime's thread is pinned to one CPU and
+//! every proxy (all its threads) to another, the same for every side, so that no proxy shares a
+//! core with the traffic it serves and the scheduler moves neither mid-window. It applies to
+//! every side alike; on this 2-core VM the 4 KiB ratios came out lower and steadier pinned
+//! (ringpool/tokio CPU per GB at 4 KiB × 1: pinned 0.36–0.56 over seven runs, median 0.47;
+//! unpinned 0.51–0.63 over five, median 0.56).
+//! `RINGPOOL_BENCH_PROXY_PIN=0` leaves placement to the scheduler.
+//!
 //! Each stream carries data both ways at once: the client writes a pattern up and the upstream
 //! writes another one down, in writes of 4 KiB or 64 KiB, and each end reads and checks every
 //! byte the other end wrote, then the end of stream (EOF passes through the proxy as a
