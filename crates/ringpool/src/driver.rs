@@ -147,15 +147,17 @@ impl DriverConfig {
 
     /// Receive coalescing (default: off). A server that is faster than its peers wakes for
     /// every few KiB that arrive, and pays per wake-up and per op rather than per byte. With a
-    /// `delay`, a [`wait`](Driver::wait) that follows a wake-up at which stream receives
-    /// ([`Driver::recv`]) took a few KiB (from 4 KiB to less than one buffer of their group),
-    /// less than 4 delays after the wake-up before it, first submits what is queued, then sleeps
-    /// `delay` in user space, and only then collects completions: receives whose data arrived
-    /// meanwhile take everything their socket holds by then (with `DEFER_TASKRUN` they run when
-    /// the driver collects), so every receive, and every send of what it received, carries more
-    /// bytes. Bulk transfers (full buffers) and request/response traffic (pauses) never hold.
-    /// The cost is latency: up to `delay` per wake-up while a stream is busy. `ringpool proxy`
-    /// uses 100 µs.
+    /// `delay`, a [`wait`](Driver::wait) holds when, since the previous `wait` returned, stream
+    /// receives ([`Driver::recv`], all sockets together) took from 4 KiB to less than one buffer
+    /// (of the largest group they used), and that return came less than 4 delays after the one
+    /// before: it submits what is queued, sleeps `delay` in user space, and only then collects
+    /// completions. Receives whose data arrives during the sleep then take everything their
+    /// socket holds by then (with `DEFER_TASKRUN` the kernel runs them only when the driver
+    /// collects), so every receive, and every send of what it received, carries more bytes.
+    /// Bulk transfers (full buffers) and request/response traffic (pauses) never hold. A wait
+    /// never holds past its timeout, nor at all when completions are ready, nothing is in the
+    /// kernel, or the timeout is zero. The cost is latency: up to `delay` per wake-up while a
+    /// stream is busy. `ringpool proxy` uses 100 µs.
     ///
     /// # Examples
     /// ```
@@ -748,6 +750,7 @@ impl Driver {
             ring,
             incremental,
             self.cross.clone(),
+            self.ring_id,
         )?);
         if let Some((addr, entries)) = shared.ring_registration() {
             let flags = if incremental {
@@ -820,6 +823,7 @@ impl Driver {
     /// The op holds its own clone of `fd`: dropping the user's clones does not stop it (data
     /// that arrives is still delivered); [`Driver::cancel`] or [`Driver::cancel_fd`] does.
     pub fn recv(&mut self, fd: &Fd, group: &BufGroup, mode: RecvMode, token: u64) -> Result<OpId> {
+        self.check_owner(group.shared.owner, "a buffer group")?;
         let kind = OpKind::Recv {
             fd: fd.clone(),
             group: group.shared.clone(),
@@ -831,6 +835,7 @@ impl Driver {
     /// Reads from `fd` at `offset` (`u64::MAX`: the file position) into a buffer the kernel
     /// selects from `group`. One completion: [`Event::Data`], [`Event::Eof`] or [`Event::Error`].
     pub fn read(&mut self, fd: &Fd, group: &BufGroup, offset: u64, token: u64) -> Result<OpId> {
+        self.check_owner(group.shared.owner, "a buffer group")?;
         let kind = OpKind::Read {
             fd: fd.clone(),
             group: group.shared.clone(),
@@ -882,6 +887,7 @@ impl Driver {
         mode: RecvMode,
         token: u64,
     ) -> Result<OpId> {
+        self.check_owner(group.shared.owner, "a buffer group")?;
         if mode.bundle() {
             return Err(Error::InvalidArgument {
                 what: "a datagram receive takes one buffer per datagram: bundle modes do not apply",
@@ -1433,6 +1439,16 @@ impl Driver {
         Ok(self.start(kind, token))
     }
 
+    /// Refuses a buffer group or send ring made by another driver (`owner`): its bgid names
+    /// another group here, or none, and the buffer ids this ring's completions carry would be
+    /// taken from the wrong group, memory the other ring's kernel may be writing.
+    fn check_owner(&self, owner: u64, what: &'static str) -> Result<()> {
+        if owner == self.ring_id {
+            return Ok(());
+        }
+        Err(Error::NotOurs { what })
+    }
+
     /// Refuses memory registered in `table` unless this ring uses that table (its own, or one
     /// shared with [`Driver::share_fixed_table`]): its slot number would name other memory here,
     /// or none, and the kernel would fail the op with `EFAULT`.
@@ -1562,7 +1578,7 @@ impl Driver {
             0
         };
         let shared = Rc::new(
-            SendRingShared::new(bgid, entries as u16, kernel)
+            SendRingShared::new(bgid, entries as u16, kernel, self.ring_id)
                 .map_err(Error::os("allocating a send ring"))?,
         );
         if kernel {
@@ -1623,6 +1639,7 @@ impl Driver {
         token: u64,
     ) -> Result<()> {
         let shared = &ring.shared;
+        self.check_owner(shared.owner, "a send ring")?;
         if !shared.kernel {
             self.start_send(fd, buf.into(), None, false, GiveBack::Never, token)?;
             return Ok(());
@@ -1988,7 +2005,7 @@ impl Driver {
     /// spin either.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        if let Some(delay) = self.coalescing.as_ref().and_then(Coalescing::hold) {
+        if let Some(delay) = self.hold_for(timeout) {
             // Data streams in: queued sends and re-armed receives go now, their completions
             // (and the receives that become ready meanwhile) wait.
             self.stats.held_waits += 1;
@@ -2030,6 +2047,16 @@ impl Driver {
             c.woke(Instant::now());
         }
         result
+    }
+
+    /// How long this `wait` holds for receive coalescing: the delay, within the timeout, if
+    /// the last wake-up asked for it and the wait would block at all (nothing ready, something
+    /// in the kernel, a timeout that is not zero).
+    fn hold_for(&self, timeout: Option<Duration>) -> Option<Duration> {
+        let delay = self.coalescing.as_ref()?.hold()?;
+        let blocks = self.ready.is_empty() && self.ops.len() > self.parked.len();
+        let delay = delay.min(timeout.unwrap_or(Duration::MAX));
+        (blocks && !delay.is_zero()).then_some(delay)
     }
 
     /// Submits queued work and dispatches CQEs that are already there, without waiting.

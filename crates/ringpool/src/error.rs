@@ -125,6 +125,13 @@ pub enum Error {
         /// What is wrong.
         what: &'static str,
     },
+    /// A buffer group or send ring passed to a driver that did not make it: each belongs to
+    /// its driver's ring, where its group id means it (and only there).
+    #[error("{what} of another driver: use it with the driver that made it")]
+    NotOurs {
+        /// What was passed.
+        what: &'static str,
+    },
     /// An [`rt::timeout`](crate::rt::timeout) elapsed before its future completed.
     #[error("timed out")]
     TimedOut,

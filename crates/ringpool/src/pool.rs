@@ -325,6 +325,8 @@ pub(crate) struct GroupShared {
     chunk_len: u32,
     /// Names the group in the driver's [`CrossReturns`] (bgids are reused, this never is).
     pub(crate) serial: u64,
+    /// The ring (driver) that made the group: its bgid means this group only there.
+    pub(crate) owner: u64,
     /// Where buffers dropped on other threads come home.
     pub(crate) cross: Arc<CrossReturns>,
     count: Cell<u32>,
@@ -368,6 +370,7 @@ impl GroupShared {
         ring: bool,
         incremental: bool,
         cross: Arc<CrossReturns>,
+        owner: u64,
     ) -> Result<GroupShared> {
         let (chunk, page_backing) = alloc_chunk(cfg.buf_size, cfg.count, cfg.huge_pages)?;
         let backing = if ring {
@@ -399,6 +402,7 @@ impl GroupShared {
             chunks: RefCell::new(vec![Arc::new(chunk)]),
             chunk_len: cfg.count,
             serial: NEXT_GROUP_SERIAL.fetch_add(1, Ordering::Relaxed),
+            owner,
             cross,
             count: Cell::new(cfg.count),
             max_count,
@@ -877,7 +881,7 @@ mod tests {
     #[test]
     fn legacy_runs_coalesce_within_chunks() {
         let cfg = BufGroupConfig::new(64, 4).max_count(8);
-        let g = GroupShared::new(&cfg, 1, 8, false, false, cross()).unwrap();
+        let g = GroupShared::new(&cfg, 1, 8, false, false, cross(), 0).unwrap();
         g.set_registered(true);
         g.grow().unwrap();
         g.fill(0, 8);
@@ -890,7 +894,7 @@ mod tests {
     #[test]
     fn ring_bundle_follows_ring_order() {
         let cfg = BufGroupConfig::new(64, 4);
-        let g = GroupShared::new(&cfg, 1, 4, true, false, cross()).unwrap();
+        let g = GroupShared::new(&cfg, 1, 4, true, false, cross(), 0).unwrap();
         g.set_registered(true);
         // Put the buffers in the ring in the order 2, 0, 3, 1.
         for bid in [2, 0, 3, 1] {

@@ -52,10 +52,17 @@ pub(crate) struct SendRingShared {
     pub(crate) kernel: bool,
     /// The ring failed (a send error): nothing more is sent.
     pub(crate) failed: Cell<bool>,
+    /// The ring (driver) that made it: its bgid means this send ring only there.
+    pub(crate) owner: u64,
 }
 
 impl SendRingShared {
-    pub(crate) fn new(bgid: u16, entries: u16, kernel: bool) -> std::io::Result<SendRingShared> {
+    pub(crate) fn new(
+        bgid: u16,
+        entries: u16,
+        kernel: bool,
+        owner: u64,
+    ) -> std::io::Result<SendRingShared> {
         let mem = Mmap::anonymous(entries as usize * std::mem::size_of::<BufRingEntry>())?;
         Ok(SendRingShared {
             bgid,
@@ -68,6 +75,7 @@ impl SendRingShared {
             in_flight: Cell::new(false),
             kernel,
             failed: Cell::new(false),
+            owner,
         })
     }
 

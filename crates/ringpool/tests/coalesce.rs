@@ -1,27 +1,29 @@
 //! Receive coalescing (`DriverConfig::receive_coalescing`) against the real kernel: a stream that
 //! arrives in small pieces makes the driver hold its waits, and every byte still arrives, in
-//! order, on every rung; without coalescing no wait holds. (That holding makes the receives
-//! bigger and cheaper is a matter of speed, measured by `ringpool bench --workload proxy`.)
+//! order, on every rung; a hold sleeps its delay but never past a wait's timeout, nor when
+//! the wait would not block; full buffers do not hold. (That holding makes the receives bigger
+//! and cheaper is a matter of speed, measured by `ringpool bench --workload proxy`.)
 
 mod common;
 
 use std::io::Write;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{pattern_vec, pump, tcp_pair, RUNGS};
-use ringpool::{BufGroupConfig, Event, Fd, RecvMode};
+use ringpool::{BufGroup, BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode};
 
 /// Bytes the peer writes, 4 KiB at a time with a short pause after each: a stream slower than
 /// the receiver, as a client of a proxy is.
 const TOTAL: usize = 4 << 20;
 const PIECE: usize = 4096;
 
-/// Receives the paced stream with `coalesce` (zero: off) on every rung; checks every byte and
-/// that the group is full again; returns the held waits per rung.
-fn paced_stream(coalesce: Duration) -> Vec<(&'static str, u64)> {
+/// Receives the paced stream with coalescing on every rung; checks every byte and that the
+/// group is full again; returns the held waits per rung.
+fn paced_stream() -> Vec<(&'static str, u64)> {
     let mut held = Vec::new();
     for rung in RUNGS {
-        let mut driver = rung.driver_with(rung.config().receive_coalescing(coalesce));
+        let mut driver =
+            rung.driver_with(rung.config().receive_coalescing(Duration::from_micros(200)));
         let group = driver.buf_group(BufGroupConfig::new(65536, 64)).unwrap();
         let (ours, mut peer) = tcp_pair();
         let fd = Fd::from(ours);
@@ -62,14 +64,97 @@ fn paced_stream(coalesce: Duration) -> Vec<(&'static str, u64)> {
 
 #[test]
 fn a_stream_of_small_pieces_holds_waits_and_loses_nothing() {
-    for (rung, held) in paced_stream(Duration::from_micros(200)) {
+    for (rung, held) in paced_stream() {
         assert!(held > 0, "rung {rung}: no wait held");
     }
 }
 
-#[test]
-fn without_coalescing_no_wait_holds() {
-    for (rung, held) in paced_stream(Duration::ZERO) {
-        assert_eq!(held, 0, "rung {rung}");
+/// One wake-up of `driver` that receives `bytes` the peer writes first (all of them, in one
+/// or more completions, popped here).
+fn wake_with(driver: &mut Driver, peer: &mut std::net::TcpStream, bytes: usize) -> Duration {
+    peer.write_all(&pattern_vec(3, 0, bytes)).unwrap();
+    let start = Instant::now();
+    let mut got = 0;
+    while got < bytes {
+        driver.wait(Some(Duration::from_secs(10))).unwrap();
+        while let Some(c) = driver.pop() {
+            match c.event {
+                Event::Data(chain) => got += chain.len(),
+                other => panic!("{other:?}"),
+            }
+        }
     }
+    start.elapsed()
+}
+
+/// A driver coalescing with `DELAY`, receiving (multishot) from a fresh loopback connection into
+/// buffers of `buf_size`.
+fn receiving(buf_size: usize) -> (Driver, BufGroup, std::net::TcpStream) {
+    let cfg = DriverConfig::default().receive_coalescing(DELAY);
+    let mut driver = Driver::new(cfg).unwrap();
+    let group = driver.buf_group(BufGroupConfig::new(buf_size, 64)).unwrap();
+    let (ours, peer) = tcp_pair();
+    driver
+        .recv(&Fd::from(ours), &group, RecvMode::Multishot, 1)
+        .unwrap();
+    (driver, group, peer)
+}
+
+/// Long, so that the timing checks below hold on a loaded machine.
+const DELAY: Duration = Duration::from_millis(800);
+/// A wait that did not hold returns well before `DELAY`.
+const PROMPT: Duration = Duration::from_millis(400);
+
+/// Regression (review): the hold ran before anything else in `wait`, so a zero-timeout poll
+/// slept the whole delay, a short timeout was overrun, and completions already ready waited.
+/// Now a hold sleeps the delay only where the wait would block, and never past its timeout.
+#[test]
+fn a_hold_keeps_to_the_timeout_and_never_delays_a_poll_or_ready_completions() {
+    let (mut d, _group, mut peer) = receiving(65536);
+    wake_with(&mut d, &mut peer, 8192); // the first wake-up never holds
+    let holds = |d: &Driver| d.stats().held_waits;
+
+    // A small receive soon after the last one: the next wait holds, and sleeps the delay even
+    // though the data is already there.
+    wake_with(&mut d, &mut peer, 8192);
+    let before = holds(&d);
+    let took = wake_with(&mut d, &mut peer, 8192);
+    assert!(took >= DELAY, "a hold sleeps its delay: {took:?}");
+    assert_eq!(holds(&d), before + 1);
+
+    // A zero timeout polls: no hold.
+    let before = holds(&d);
+    let start = Instant::now();
+    d.wait(Some(Duration::ZERO)).unwrap();
+    assert!(start.elapsed() < PROMPT, "{:?}", start.elapsed());
+    assert_eq!(holds(&d), before);
+
+    // A short timeout bounds the hold.
+    wake_with(&mut d, &mut peer, 8192);
+    let before = holds(&d);
+    let start = Instant::now();
+    d.wait(Some(Duration::from_millis(50))).unwrap();
+    assert!(start.elapsed() < PROMPT, "{:?}", start.elapsed());
+    assert_eq!(holds(&d), before + 1);
+
+    // Completions already ready: no hold.
+    wake_with(&mut d, &mut peer, 8192);
+    peer.write_all(b"ready").unwrap();
+    d.submit().unwrap(); // collects the receive: a completion is ready
+    let before = holds(&d);
+    let start = Instant::now();
+    d.wait(Some(Duration::from_secs(10))).unwrap();
+    assert!(start.elapsed() < PROMPT, "{:?}", start.elapsed());
+    assert_eq!(holds(&d), before);
+    assert!(d.pop().is_some());
+}
+
+/// A wake-up that filled a buffer is bulk data: the next wait does not hold.
+#[test]
+fn full_buffers_do_not_hold() {
+    let (mut d, _group, mut peer) = receiving(16384);
+    for _ in 0..4 {
+        wake_with(&mut d, &mut peer, 65536);
+    }
+    assert_eq!(d.stats().held_waits, 0);
 }

@@ -377,3 +377,50 @@ fn a_timed_wait_with_nothing_in_flight_sleeps() {
     d.wait(None).unwrap();
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+/// Regression (review): a buffer group or send ring given to a driver that did not make it was
+/// armed in the wrong ring, where its group id names that ring's own group (or none): the buffer
+/// ids of the completions were then taken from the wrong group, handing out memory the other
+/// ring's kernel could be writing. Now a typed error before anything starts, and both groups
+/// stay whole. On every rung.
+#[test]
+fn a_group_or_send_ring_of_another_driver_is_refused() {
+    for rung in RUNGS {
+        let mut a = rung.driver();
+        let mut b = rung.driver();
+        let ga = a.buf_group(BufGroupConfig::new(1024, 8)).unwrap();
+        let gb = b.buf_group(BufGroupConfig::new(1024, 8)).unwrap();
+        assert_eq!(ga.id(), gb.id(), "both rings' first group has the same id");
+        let ring_b = b.send_ring(8).unwrap();
+        let (s, mut c) = tcp_pair();
+        let s = Fd::from(s);
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp = Fd::from(std::os::fd::OwnedFd::from(udp));
+        let not_ours = |e: Error| {
+            assert!(
+                matches!(e, Error::NotOurs { .. }),
+                "rung {}: {e}",
+                rung.name
+            )
+        };
+        not_ours(a.recv(&s, &gb, RecvMode::Multishot, 1).unwrap_err());
+        not_ours(a.read(&s, &gb, u64::MAX, 2).unwrap_err());
+        not_ours(a.recv_from(&udp, &gb, RecvMode::Once, 3).unwrap_err());
+        not_ours(a.send_bundle(&s, &ring_b, b"x".to_vec(), 4).unwrap_err());
+        // Each driver's own group works, and nothing was taken from either.
+        a.recv(&s, &ga, RecvMode::Once, 5).unwrap();
+        c.write_all(b"ours").unwrap();
+        let mut got = Vec::new();
+        pump(&mut a, 10, |comp| {
+            if let Event::Data(chain) = comp.event {
+                got.extend(chain.to_vec());
+            }
+            !got.is_empty()
+        });
+        assert_eq!(got, b"ours", "rung {}", rung.name);
+        for g in [&ga, &gb] {
+            assert_eq!(g.stats().in_user, 0, "rung {}", rung.name);
+        }
+        assert_eq!(gb.stats().in_kernel, gb.stats().total, "rung {}", rung.name);
+    }
+}
