@@ -261,6 +261,16 @@ impl BufChain {
             .then_some(slot)
     }
 
+    /// [`BufChain::fixed_slot`] for ops of a ring whose table is `table`
+    /// ([`crate::fixed::slot_in`]).
+    pub(crate) fn fixed_slot_in(&self, table: Option<usize>) -> Option<u16> {
+        let slot = self.bufs.first()?.group.fixed_slot_in(table)?;
+        self.bufs[1..]
+            .iter()
+            .all(|b| b.group.fixed_slot_in(table) == Some(slot))
+            .then_some(slot)
+    }
+
     /// The bytes as one [`bytes::Bytes`]: without a copy when the chain is one buffer (see
     /// [`PooledBuf::into_bytes`]), copied when it is several (a `Bytes` is contiguous; take the
     /// buffers one by one with `into_iter` and [`PooledBuf::into_bytes`] to avoid the copy).
@@ -379,19 +389,14 @@ impl SendBuf {
         self.len() == 0
     }
 
-    /// Every fixed table the bytes are registered in (several for a chain of groups of
-    /// different rings).
-    pub(crate) fn fixed_tables(&self) -> impl Iterator<Item = usize> + '_ {
-        let (chain, single) = match self {
-            SendBuf::Owned(_) => (&[][..], None),
-            SendBuf::Chain(c) => (&c.bufs[..], None),
-            SendBuf::Fixed { buf, .. } => (&[][..], buf.table()),
-            SendBuf::Leased(l) => (&[][..], l.fixed_table()),
-        };
-        chain
-            .iter()
-            .filter_map(|b| b.group.fixed_table())
-            .chain(single)
+    /// The slot for ops of a ring whose table is `table` ([`crate::fixed::slot_in`]).
+    pub(crate) fn fixed_slot_in(&self, table: Option<usize>) -> Option<u16> {
+        match self {
+            SendBuf::Owned(_) => None,
+            SendBuf::Chain(c) => c.fixed_slot_in(table),
+            SendBuf::Fixed { buf, .. } => buf.slot_in(table),
+            SendBuf::Leased(l) => l.fixed_slot_in(table),
+        }
     }
 
     /// The byte ranges, in order, as `iovec`s starting `skip` bytes in.

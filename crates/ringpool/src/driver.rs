@@ -1342,9 +1342,6 @@ impl Driver {
                 what: "a range outside the registered buffer",
             });
         }
-        if let Some(table) = buf.table() {
-            self.check_table(table)?;
-        }
         let base = buf.as_ptr();
         let iov = ranges
             .iter()
@@ -1427,9 +1424,6 @@ impl Driver {
             });
         }
         check_read_in(&members, buf.len())?;
-        if let Some(table) = buf.table() {
-            self.check_table(table)?;
-        }
         let kind = OpKind::Leader(Box::new(LeaderOp {
             fd: fd.clone(),
             buf: Some(buf),
@@ -1447,19 +1441,6 @@ impl Driver {
             return Ok(());
         }
         Err(Error::NotOurs { what })
-    }
-
-    /// Refuses memory registered in `table` unless this ring uses that table (its own, or one
-    /// shared with [`Driver::share_fixed_table`]): its slot number would name other memory here,
-    /// or none, and the kernel would fail the op with `EFAULT`.
-    fn check_table(&self, table: usize) -> Result<()> {
-        if self.fixed.as_ref().map(FixedTable::id) == Some(table) {
-            return Ok(());
-        }
-        Err(Error::InvalidArgument {
-            what: "memory registered in another ring's fixed buffer table (share the table with \
-                   Driver::share_fixed_table to use it here)",
-        })
     }
 
     /// The leader of a lease group completed: lend its bytes to the members, or cancel them.
@@ -1769,9 +1750,6 @@ impl Driver {
                     what: "send range outside the registered buffer",
                 });
             }
-        }
-        for table in buf.fixed_tables() {
-            self.check_table(table)?;
         }
         let lane_key = Rc::as_ptr(&fd.0) as usize;
         let backing_off = self.zc_backing_off;
@@ -2092,6 +2070,8 @@ impl Driver {
             return;
         }
         let ladder = self.ladder;
+        // Registered memory of another ring's table goes as plain memory (`fixed::slot_in`).
+        let table = self.fixed.as_ref().map(FixedTable::id);
         let slot = &mut self.ops[key];
         let ud = OpId::new(key, slot.gen).0;
         slot.state = SlotState::InKernel;
@@ -2162,7 +2142,7 @@ impl Driver {
             }
             OpKind::Fixed(op) => {
                 let fd = types::Fd(op.fd.as_raw_fd());
-                let slot = op.buf.as_ref().and_then(FixedBuf::slot);
+                let slot = op.buf.as_ref().and_then(|b| b.slot_in(table));
                 let (iov, n) = (op.iov.as_ptr(), op.iov.len() as u32);
                 let (ptr, len) = (op.iov[0].iov_base.cast::<u8>(), op.iov[0].iov_len as u32);
                 match (op.vectored, slot, op.write) {
@@ -2196,7 +2176,7 @@ impl Driver {
                 let fd = types::Fd(op.fd.as_raw_fd());
                 let buf = op.buf.as_ref().expect("a leader in flight owns its buffer");
                 let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
-                match buf.slot() {
+                match buf.slot_in(table) {
                     Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
                         .offset(op.offset)
                         .build(),
@@ -2206,7 +2186,7 @@ impl Driver {
             OpKind::LeaseWrite { fd, lease, offset } => {
                 let fd = types::Fd(fd.as_raw_fd());
                 let (ptr, len) = (lease.as_ptr(), lease.len() as u32);
-                match lease.fixed_slot() {
+                match lease.fixed_slot_in(table) {
                     Some(i) => opcode::WriteFixed::new(fd, ptr, len, i)
                         .offset(*offset)
                         .build(),
@@ -2235,7 +2215,7 @@ impl Driver {
                 // Inside the buffer: `check_read_in` made sure of it.
                 let ptr = lease.base_ptr().wrapping_add(range.start);
                 let len = range.len() as u32;
-                match lease.fixed_slot() {
+                match lease.fixed_slot_in(table) {
                     Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
                         .offset(*offset)
                         .build(),
@@ -2259,6 +2239,8 @@ impl Driver {
     /// ends the chain, so its continuation can go before anything newer.
     fn arm_send(&mut self, key: usize, link: bool) -> bool {
         let (ladder, cfg) = (self.ladder, self.zc_cfg);
+        // Registered memory of another ring's table goes as plain memory (`fixed::slot_in`).
+        let table = self.fixed.as_ref().map(FixedTable::id);
         let attempt = self.next_gen();
         let slot = &mut self.ops[key];
         let ud = OpId::new(key, attempt).0;
@@ -2271,7 +2253,7 @@ impl Driver {
         buf.iovecs(op.sent, &mut op.iov);
         // An empty send goes plainly: SEND_ZC of nothing from a fixed buffer is EFAULT.
         let fixed_slot = if ladder.fixed && buf.len() > op.sent {
-            buf.fixed_slot()
+            buf.fixed_slot_in(table)
         } else {
             None
         };

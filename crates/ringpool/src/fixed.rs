@@ -106,12 +106,12 @@ impl FixedTable {
         }
     }
 
-    /// Slots in the table.
     /// Names a table (shared between rings or not) for identity checks: its address.
     pub(crate) fn id(table: &Rc<FixedTable>) -> usize {
         Rc::as_ptr(table) as usize
     }
 
+    /// Slots in the table.
     pub(crate) fn len(&self) -> u32 {
         self.slots.borrow().len() as u32
     }
@@ -267,6 +267,16 @@ impl FixedTable {
 }
 
 /// Why a registration was refused, as a typed error: memlock names the limit and the size.
+/// The slot of registered memory (`reg`: its slot and table) for ops of a ring whose table is
+/// `table` ([`FixedTable::id`]): `None` unless it is that table. Memory registered in another
+/// ring's table is plain memory here: its slot number would name other memory in this ring, or
+/// none (the kernel's `EFAULT`), so ops on it take the unregistered opcodes, which work on any
+/// memory.
+pub(crate) fn slot_in(reg: Option<&(u16, Rc<FixedTable>)>, table: Option<usize>) -> Option<u16> {
+    let (slot, t) = reg?;
+    (Some(FixedTable::id(t)) == table).then_some(*slot)
+}
+
 pub(crate) fn registration_error(err: std::io::Error, asked: usize, registered: u64) -> Error {
     match err.raw_os_error() {
         Some(libc::ENOMEM) => Error::MemlockExceeded {
@@ -331,9 +341,9 @@ impl FixedBuf {
         self.reg.is_some()
     }
 
-    /// Which fixed table the memory is registered in, if any ([`FixedTable::id`]).
-    pub(crate) fn table(&self) -> Option<usize> {
-        self.reg.as_ref().map(|(_, table)| FixedTable::id(table))
+    /// The slot for ops of a ring whose table is `table` ([`slot_in`]).
+    pub(crate) fn slot_in(&self, table: Option<usize>) -> Option<u16> {
+        slot_in(self.reg.as_ref(), table)
     }
 
     /// The fixed table slot, if registered.

@@ -74,9 +74,9 @@ impl Lease {
         self.buf().slot()
     }
 
-    /// Which fixed table the leased memory is registered in, if any.
-    pub(crate) fn fixed_table(&self) -> Option<usize> {
-        self.buf().table()
+    /// The slot for ops of a ring whose table is `table` ([`crate::fixed::slot_in`]).
+    pub(crate) fn fixed_slot_in(&self, table: Option<usize>) -> Option<u16> {
+        self.buf().slot_in(table)
     }
 
     fn buf(&self) -> &FixedBuf {

@@ -439,13 +439,10 @@ impl GroupShared {
         *self.fixed.borrow_mut() = Some((slot, table));
     }
 
-    /// Which fixed table a registered region is in (the table's address; see
-    /// [`FixedTable::id`]).
-    pub(crate) fn fixed_table(&self) -> Option<usize> {
-        self.fixed
-            .borrow()
-            .as_ref()
-            .map(|(_, table)| FixedTable::id(table))
+    /// The slot of a registered region for ops of a ring whose table is `table`
+    /// ([`crate::fixed::slot_in`]).
+    pub(crate) fn fixed_slot_in(&self, table: Option<usize>) -> Option<u16> {
+        crate::fixed::slot_in(self.fixed.borrow().as_ref(), table)
     }
 
     /// The fixed table slot of a registered region.
