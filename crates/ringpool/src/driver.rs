@@ -611,6 +611,9 @@ pub struct Driver {
     /// eventfd is armed.
     cross: Arc<CrossReturns>,
     cross_armed: bool,
+    /// Something outside this thread may wake the driver through `cross` at any time (see
+    /// [`Driver::remote_waker`]): its read counts as an op in flight.
+    remote_wakes: bool,
     /// The timeout op bounding the current `wait` (kernels without `EXT_ARG`): armed once per
     /// `wait`, removed when it returns.
     wait_timeout: Option<u64>,
@@ -696,6 +699,7 @@ impl Driver {
             ring_id: NEXT_RING_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cross: Arc::new(CrossReturns::new()?),
             cross_armed: false,
+            remote_wakes: false,
             wait_timeout: None,
             cleanup_cqes: 0,
             lease_returns: ReturnQueue::default(),
@@ -1995,7 +1999,8 @@ impl Driver {
             self.collect_lease_returns();
             // The eventfd read counts only while buffers are out as `Bytes`: else nothing can
             // complete it, and a driver whose ops are all parked must not sleep on it.
-            let idle_wake = usize::from(self.cross_armed && !self.cross.outstanding());
+            let idle_wake =
+                usize::from(self.cross_armed && !self.cross.outstanding() && !self.remote_wakes);
             let in_kernel = self.ops.len() - self.parked.len() - idle_wake;
             let want = if self.ready.is_empty() && (in_kernel > 0 || deadline.is_some()) {
                 1
@@ -2025,6 +2030,15 @@ impl Driver {
             c.woke(Instant::now());
         }
         result
+    }
+
+    /// A handle that wakes this driver from any thread ([`CrossReturns::notify`]): from now on
+    /// the driver keeps a read of its eventfd armed, and a `wait` returns when it completes
+    /// (the async layer's wakers, called on other threads).
+    pub(crate) fn remote_waker(&mut self) -> Arc<CrossReturns> {
+        self.remote_wakes = true;
+        self.cross.watch();
+        self.cross.clone()
     }
 
     /// How long this `wait` holds for receive coalescing: the delay, within the timeout, if

@@ -276,11 +276,21 @@ impl CrossReturns {
             .push((serial, bid));
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
         if !self.pending.swap(true, Ordering::AcqRel) {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes we own to the eventfd we own. A full counter (EAGAIN)
-            // means the driver has a wake-up coming anyway.
-            unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+            self.notify();
         }
+    }
+
+    /// Wakes the driver (any thread): its armed read of the eventfd completes.
+    pub(crate) fn notify(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes we own to the eventfd we own. A full counter (EAGAIN) means
+        // the driver has a wake-up coming anyway.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+
+    /// Keeps the driver's read of the eventfd armed from now on (see [`CrossReturns::notify`]).
+    pub(crate) fn watch(&self) {
+        self.in_use.store(true, Ordering::Relaxed);
     }
 
     /// What came back since the last call (the driver's thread).

@@ -130,8 +130,8 @@ struct Runtime {
     next_token: Cell<u64>,
     /// Spawned tasks (taken out while polled) and their wakers, made once per task.
     tasks: RefCell<slab::Slab<(Option<Task>, Waker)>>,
-    /// Task ids woken (wakers may be called from anywhere, hence the mutex).
-    woken: Arc<Mutex<VecDeque<usize>>>,
+    /// Task ids woken (wakers may be called from anywhere).
+    woken: Arc<WakeQueue>,
     /// Timers: (deadline, id) → waker.
     timers: RefCell<BTreeMap<(Instant, u64), Waker>>,
 }
@@ -143,9 +143,27 @@ thread_local! {
 /// The id of the future passed to [`block_on`].
 const MAIN: usize = usize::MAX;
 
+/// The ids of a runtime's woken tasks, and how to wake its thread when a waker is called on
+/// another one (the thread may be asleep in the kernel, waiting for completions).
+struct WakeQueue {
+    ids: Mutex<VecDeque<usize>>,
+    remote: Arc<crate::pool::CrossReturns>,
+}
+
+impl WakeQueue {
+    fn ids(&self) -> std::sync::MutexGuard<'_, VecDeque<usize>> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+thread_local! {
+    /// The [`WakeQueue`] of the runtime running on this thread (its address), if any.
+    static LOCAL_QUEUE: Cell<usize> = const { Cell::new(0) };
+}
+
 struct TaskWaker {
     id: usize,
-    woken: Arc<Mutex<VecDeque<usize>>>,
+    woken: Arc<WakeQueue>,
 }
 
 impl Wake for TaskWaker {
@@ -153,10 +171,12 @@ impl Wake for TaskWaker {
         self.wake_by_ref();
     }
     fn wake_by_ref(self: &Arc<Self>) {
-        self.woken
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(self.id);
+        self.woken.ids().push_back(self.id);
+        // On another thread (a channel's sender, a thread pool): the runtime's thread may be
+        // asleep in `wait`; its eventfd read wakes it.
+        if LOCAL_QUEUE.with(Cell::get) != Arc::as_ptr(&self.woken) as usize {
+            self.woken.remote.notify();
+        }
     }
 }
 
@@ -187,16 +207,22 @@ pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
 /// # Ok::<(), ringpool::Error>(())
 /// ```
 pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Output> {
+    let mut driver = Driver::new(config)?;
+    let woken = Arc::new(WakeQueue {
+        ids: Mutex::default(),
+        remote: driver.remote_waker(),
+    });
     let rt = Rc::new(Runtime {
-        driver: RefCell::new(Driver::new(config)?),
+        driver: RefCell::new(driver),
         ops: RefCell::default(),
         next_token: Cell::new(1),
         tasks: RefCell::new(slab::Slab::new()),
-        woken: Arc::default(),
+        woken,
         timers: RefCell::default(),
     });
     let previous = RUNTIME.with(|r| r.borrow_mut().replace(rt.clone()));
     assert!(previous.is_none(), "rt::block_on inside rt::block_on");
+    LOCAL_QUEUE.with(|q| q.set(Arc::as_ptr(&rt.woken) as usize));
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -208,6 +234,7 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
                 drop(tasks);
             }
             RUNTIME.with(|r| r.borrow_mut().take());
+            LOCAL_QUEUE.with(|q| q.set(0));
         }
     }
     let _reset = Reset;
@@ -230,10 +257,7 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
         // ids a batch at a time (one lock per batch, not per task).
         loop {
             if batch.is_empty() {
-                std::mem::swap(
-                    &mut batch,
-                    &mut *rt.woken.lock().unwrap_or_else(|e| e.into_inner()),
-                );
+                std::mem::swap(&mut batch, &mut *rt.woken.ids());
             }
             let Some(id) = batch.pop_front() else { break };
             if id == MAIN {
@@ -510,10 +534,7 @@ where
         entry.insert((Some(task), waker));
         id
     };
-    rt.woken
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push_back(id);
+    rt.woken.ids().push_back(id);
     JoinHandle { result }
 }
 

@@ -315,3 +315,37 @@ fn receives_dropped_mid_stream_keep_the_bytes_in_order() {
     .unwrap();
     writer.join().unwrap();
 }
+
+/// Regression (review): a waker called on another thread (a channel's sender) queued the task
+/// but left the runtime asleep in the kernel until its next completion or its 100 ms idle
+/// timeout. Now the waker wakes the runtime's ring (an eventfd read): twenty hand-offs from
+/// another thread take milliseconds, not twenty idle timeouts.
+#[test]
+fn a_task_woken_from_another_thread_runs_without_waiting_for_the_idle_timeout() {
+    const HANDOFFS: u32 = 20;
+    let (to_rt, from_thread) = futures::channel::mpsc::unbounded::<u32>();
+    let (to_thread, from_rt) = std::sync::mpsc::channel::<u32>();
+    let thread = std::thread::spawn(move || {
+        for i in 0..HANDOFFS {
+            to_rt.unbounded_send(i).unwrap();
+            assert_eq!(from_rt.recv().unwrap(), i); // the runtime answered
+        }
+    });
+    let took = rt::block_on(async move {
+        use futures::StreamExt as _;
+        let mut from_thread = from_thread;
+        let start = std::time::Instant::now();
+        for i in 0..HANDOFFS {
+            // Nothing else runs: the runtime sleeps in `wait` until the waker wakes it.
+            assert_eq!(from_thread.next().await, Some(i));
+            to_thread.send(i).unwrap();
+        }
+        start.elapsed()
+    })
+    .unwrap();
+    thread.join().unwrap();
+    assert!(
+        took < Duration::from_millis(50 * u64::from(HANDOFFS)),
+        "{HANDOFFS} hand-offs took {took:?} (an idle timeout is 100 ms)"
+    );
+}
