@@ -67,13 +67,40 @@ type Task = Pin<Box<dyn Future<Output = ()>>>;
 /// Completions routed to the future that waits for them.
 #[derive(Default)]
 struct OpState {
-    events: VecDeque<Event>,
+    events: EventQueue,
     /// The op delivered its final completion.
     finished: bool,
     waker: Option<Waker>,
     /// Set when the op's future was dropped before the final completion and what it still
     /// receives must not be lost (a receive: the data is the stream's next bytes).
     orphan_sink: Option<Leftovers>,
+}
+
+/// An op's events not yet taken, in order. Most ops have one at a time, kept inline (no
+/// allocation per op); a multishot op's backlog goes on in a deque.
+#[derive(Default)]
+struct EventQueue {
+    first: Option<Event>,
+    rest: VecDeque<Event>,
+}
+
+impl EventQueue {
+    fn push_back(&mut self, e: Event) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(e);
+        } else {
+            self.rest.push_back(e);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Event> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    /// Takes every event, in order.
+    fn drain(&mut self) -> impl Iterator<Item = Event> + '_ {
+        self.first.take().into_iter().chain(self.rest.drain(..))
+    }
 }
 
 /// Events of a stream's receives whose futures were dropped: the next receive returns them
@@ -456,7 +483,7 @@ impl Drop for Op {
             (Some(state), Some(sink)) => {
                 // What it received and nobody took, and whatever it still receives, is the
                 // stream's next data.
-                sink.push(state.events.drain(..));
+                sink.push(state.events.drain());
                 if state.finished {
                     ops.remove(&self.token);
                     true
@@ -1928,4 +1955,34 @@ fn local_addr(fd: &Fd) -> Result<SocketAddr> {
         <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd.as_raw_fd())
     });
     l.local_addr().map_err(Error::os("getsockname"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events as tags, to compare orders.
+    fn tag(e: Event) -> u8 {
+        match e {
+            Event::Eof => 0,
+            Event::Connected => 1,
+            Event::Error(_) => 2,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_event_queue_keeps_the_order_across_its_inline_slot_and_its_deque() {
+        let mut q = EventQueue::default();
+        q.push_back(Event::Eof);
+        q.push_back(Event::Connected);
+        assert_eq!(q.pop_front().map(tag), Some(0));
+        q.push_back(Event::Error(Error::Cancelled)); // behind the one still queued
+        assert_eq!(q.pop_front().map(tag), Some(1));
+        q.push_back(Event::Eof);
+        assert_eq!(q.drain().map(tag).collect::<Vec<_>>(), [2, 0]);
+        assert!(q.pop_front().is_none());
+        q.push_back(Event::Connected); // empty again: inline
+        assert!(q.first.is_some() && q.rest.is_empty());
+    }
 }
