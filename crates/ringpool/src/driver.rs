@@ -611,9 +611,6 @@ pub struct Driver {
     /// eventfd is armed.
     cross: Arc<CrossReturns>,
     cross_armed: bool,
-    /// Something outside this thread may wake the driver through `cross` at any time (see
-    /// [`Driver::remote_waker`]): its read counts as an op in flight.
-    remote_wakes: bool,
     /// The timeout op bounding the current `wait` (kernels without `EXT_ARG`): armed once per
     /// `wait`, removed when it returns.
     wait_timeout: Option<u64>,
@@ -699,7 +696,6 @@ impl Driver {
             ring_id: NEXT_RING_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cross: Arc::new(CrossReturns::new()?),
             cross_armed: false,
-            remote_wakes: false,
             wait_timeout: None,
             cleanup_cqes: 0,
             lease_returns: ReturnQueue::default(),
@@ -1988,20 +1984,19 @@ impl Driver {
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
         let deadline = timeout.map(|t| Instant::now() + t);
         if let Some(delay) = self.hold_for(timeout) {
-            // Data streams in: queued sends and re-armed receives go now, their completions
-            // (and the receives that become ready meanwhile) wait.
+            // Data streams in: queued sends and re-armed receives go now, but without GETEVENTS,
+            // so that (with DEFER_TASKRUN) no receive runs before the sleep: each runs after it,
+            // when the loop below collects, and takes what its socket holds by then.
             self.stats.held_waits += 1;
-            self.submit()?;
+            self.flush()?;
+            self.stats.enters += 1;
+            enter_result(self.ring.submit())?;
             std::thread::sleep(delay);
         }
         let result = loop {
             self.flush()?;
             self.collect_lease_returns();
-            // The eventfd read counts only while buffers are out as `Bytes`: else nothing can
-            // complete it, and a driver whose ops are all parked must not sleep on it.
-            let idle_wake =
-                usize::from(self.cross_armed && !self.cross.outstanding() && !self.remote_wakes);
-            let in_kernel = self.ops.len() - self.parked.len() - idle_wake;
+            let in_kernel = self.in_kernel();
             let want = if self.ready.is_empty() && (in_kernel > 0 || deadline.is_some()) {
                 1
             } else {
@@ -2036,17 +2031,25 @@ impl Driver {
     /// the driver keeps a read of its eventfd armed, and a `wait` returns when it completes
     /// (the async layer's wakers, called on other threads).
     pub(crate) fn remote_waker(&mut self) -> Arc<CrossReturns> {
-        self.remote_wakes = true;
         self.cross.watch();
         self.cross.clone()
     }
 
+    /// Ops the kernel may complete: not parked, and the eventfd read only while buffers are out
+    /// as `Bytes` (else nothing but a remote wake-up completes it, and a driver whose ops are
+    /// all parked must not sleep on it; a timed wait sleeps anyway).
+    fn in_kernel(&self) -> usize {
+        let idle_wake = usize::from(self.cross_armed && !self.cross.outstanding());
+        self.ops.len() - self.parked.len() - idle_wake
+    }
+
     /// How long this `wait` holds for receive coalescing: the delay, within the timeout, if
-    /// the last wake-up asked for it and the wait would block at all (nothing ready, something
-    /// in the kernel, a timeout that is not zero).
-    fn hold_for(&self, timeout: Option<Duration>) -> Option<Duration> {
+    /// the last wake-up asked for it and the wait would block at all (no completion ready or
+    /// posted, something in the kernel, a timeout that is not zero).
+    fn hold_for(&mut self, timeout: Option<Duration>) -> Option<Duration> {
         let delay = self.coalescing.as_ref()?.hold()?;
-        let blocks = self.ready.is_empty() && self.ops.len() > self.parked.len();
+        let blocks =
+            self.ready.is_empty() && self.ring.completion().is_empty() && self.in_kernel() > 0;
         let delay = delay.min(timeout.unwrap_or(Duration::MAX));
         (blocks && !delay.is_zero()).then_some(delay)
     }
@@ -2606,21 +2609,7 @@ impl Driver {
             }
             _ => self.ring.submit_and_wait(want),
         };
-        match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(Error::Os {
-                op: "io_uring_enter",
-                source: e,
-            }),
-        }
+        enter_result(res)
     }
 
     /// Before entering the kernel: provide returned legacy buffers, re-arm parked receives whose
@@ -3300,6 +3289,26 @@ fn errno_error(op: &'static str, res: i32) -> Error {
         Error::Cancelled
     } else {
         Error::from_errno(op, res)
+    }
+}
+
+/// An `io_uring_enter`'s outcome: timeouts, interruptions and a busy or full ring are not
+/// errors (the caller's loop goes on).
+fn enter_result(res: std::io::Result<usize>) -> Result<()> {
+    match res {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Error::Os {
+            op: "io_uring_enter",
+            source: e,
+        }),
     }
 }
 

@@ -175,11 +175,22 @@ const MAIN: usize = usize::MAX;
 struct WakeQueue {
     ids: Mutex<VecDeque<usize>>,
     remote: Arc<crate::pool::CrossReturns>,
+    /// A remote wake-up was signalled and the runtime has not taken the queue since: later
+    /// ones need not signal again.
+    signalled: std::sync::atomic::AtomicBool,
 }
 
 impl WakeQueue {
     fn ids(&self) -> std::sync::MutexGuard<'_, VecDeque<usize>> {
         self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The woken ids, for the runtime's thread (which then looks at the queue again before it
+    /// sleeps, so a remote wake-up after this point signals anew).
+    fn take(&self, into: &mut VecDeque<usize>) {
+        self.signalled
+            .store(false, std::sync::atomic::Ordering::Release);
+        std::mem::swap(into, &mut *self.ids());
     }
 }
 
@@ -201,7 +212,13 @@ impl Wake for TaskWaker {
         self.woken.ids().push_back(self.id);
         // On another thread (a channel's sender, a thread pool): the runtime's thread may be
         // asleep in `wait`; its eventfd read wakes it.
-        if LOCAL_QUEUE.with(Cell::get) != Arc::as_ptr(&self.woken) as usize {
+        let remote = LOCAL_QUEUE.with(Cell::get) != Arc::as_ptr(&self.woken) as usize;
+        if remote
+            && !self
+                .woken
+                .signalled
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             self.woken.remote.notify();
         }
     }
@@ -234,10 +251,15 @@ pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
 /// # Ok::<(), ringpool::Error>(())
 /// ```
 pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Output> {
+    assert!(
+        RUNTIME.with(|r| r.borrow().is_none()),
+        "rt::block_on inside rt::block_on"
+    );
     let mut driver = Driver::new(config)?;
     let woken = Arc::new(WakeQueue {
         ids: Mutex::default(),
         remote: driver.remote_waker(),
+        signalled: Default::default(),
     });
     let rt = Rc::new(Runtime {
         driver: RefCell::new(driver),
@@ -247,8 +269,7 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
         woken,
         timers: RefCell::default(),
     });
-    let previous = RUNTIME.with(|r| r.borrow_mut().replace(rt.clone()));
-    assert!(previous.is_none(), "rt::block_on inside rt::block_on");
+    RUNTIME.with(|r| *r.borrow_mut() = Some(rt.clone()));
     LOCAL_QUEUE.with(|q| q.set(Arc::as_ptr(&rt.woken) as usize));
     struct Reset;
     impl Drop for Reset {
@@ -284,7 +305,7 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
         // ids a batch at a time (one lock per batch, not per task).
         loop {
             if batch.is_empty() {
-                std::mem::swap(&mut batch, &mut *rt.woken.ids());
+                rt.woken.take(&mut batch);
             }
             let Some(id) = batch.pop_front() else { break };
             if id == MAIN {

@@ -140,7 +140,13 @@ fn a_hold_keeps_to_the_timeout_and_never_delays_a_poll_or_ready_completions() {
     // Completions already ready: no hold.
     wake_with(&mut d, &mut peer, 8192);
     peer.write_all(b"ready").unwrap();
-    d.submit().unwrap(); // collects the receive: a completion is ready
+    // Collect the receive (a completion is then ready; under load the loopback delivery may
+    // take a moment).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.submit().unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the receive never completed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let before = holds(&d);
     let start = Instant::now();
     d.wait(Some(Duration::from_secs(10))).unwrap();
@@ -157,4 +163,39 @@ fn full_buffers_do_not_hold() {
         wake_with(&mut d, &mut peer, 65536);
     }
     assert_eq!(d.stats().held_waits, 0);
+}
+
+/// Regression (review): the hold submitted with GETEVENTS, which (with `DEFER_TASKRUN`) ran the
+/// receives whose data was already there before the sleep, and then kept their completions
+/// waiting through it. Now nothing runs before the sleep: data waiting when the hold starts
+/// and data arriving during it come in one completion.
+#[test]
+fn a_hold_collects_what_waited_and_what_arrived_in_one_receive() {
+    let (mut d, _group, mut peer) = receiving(65536);
+    if !common::require(
+        d.ladder().defer_taskrun,
+        "DEFER_TASKRUN (receives run at once without it)",
+    ) {
+        return;
+    }
+    wake_with(&mut d, &mut peer, 8192);
+    wake_with(&mut d, &mut peer, 8192); // the next wait holds
+    peer.write_all(&[1; 8192]).unwrap(); // waiting when the hold starts
+    let mut late = peer.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(DELAY / 4);
+        late.write_all(&[2; 8192]).unwrap(); // arrives during the hold
+    });
+    let before = d.stats().held_waits;
+    d.wait(Some(Duration::from_secs(10))).unwrap();
+    writer.join().unwrap();
+    assert_eq!(d.stats().held_waits, before + 1);
+    let mut sizes = Vec::new();
+    while let Some(c) = d.pop() {
+        match c.event {
+            Event::Data(chain) => sizes.push(chain.len()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(sizes, [16384], "one receive took both");
 }

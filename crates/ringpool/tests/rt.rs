@@ -349,3 +349,16 @@ fn a_task_woken_from_another_thread_runs_without_waiting_for_the_idle_timeout() 
         "{HANDOFFS} hand-offs took {took:?} (an idle timeout is 100 ms)"
     );
 }
+
+/// Regression (review): keeping the remote wake-up read armed made it count as an op in flight,
+/// so an untimed `wait` on a runtime's driver with nothing else in flight never returned.
+#[test]
+fn an_untimed_wait_on_an_idle_runtime_driver_returns_at_once() {
+    let took = rt::block_on(async {
+        let start = std::time::Instant::now();
+        rt::with_driver(|d| d.wait(None)).unwrap();
+        start.elapsed()
+    })
+    .unwrap();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
