@@ -21,7 +21,7 @@
 //! every proxy (all its threads) to another, the same for every side, so that no proxy shares a
 //! core with the traffic it serves and the scheduler moves neither mid-window. It applies to
 //! every side alike; on this 2-core VM the 4 KiB ratios came out lower and steadier pinned
-//! (ringpool/tokio CPU per GB at 4 KiB × 1: pinned 0.36–0.56 over seven runs, median 0.47;
+//! (ringpool/tokio CPU per GB at 4 KiB × 1: pinned 0.36–0.59 over fourteen runs, median 0.48;
 //! unpinned 0.51–0.63 over five, median 0.56).
 //! `RINGPOOL_BENCH_PROXY_PIN=0` leaves placement to the scheduler.
 //!
