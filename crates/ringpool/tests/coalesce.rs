@@ -12,10 +12,15 @@ use std::time::{Duration, Instant};
 use common::{pattern_vec, pump, tcp_pair, RUNGS};
 use ringpool::{BufGroup, BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode};
 
-/// Bytes the peer writes, 4 KiB at a time with a short pause after each: a stream slower than
-/// the receiver, as a client of a proxy is.
-const TOTAL: usize = 4 << 20;
-const PIECE: usize = 4096;
+/// Bytes the peer writes, 8 KiB at a time with a pause of `PAUSE` after each: a stream slower
+/// than the receiver (as a client of a proxy is) on any machine, the kernel matrix's emulated
+/// guests included (a pause of 20 µs let a guest's writer run ahead of its receiver, which then
+/// only ever took full buffers, which do not hold).
+const TOTAL: usize = 1 << 20;
+const PIECE: usize = 8192;
+const PAUSE: Duration = Duration::from_millis(1);
+/// The coalescing delay: a hold gathers about two pieces, far from a full buffer.
+const STREAM_DELAY: Duration = Duration::from_millis(2);
 
 /// Receives the paced stream with coalescing on every rung; checks every byte and that the
 /// group is full again; returns the held waits per rung.
@@ -23,7 +28,7 @@ fn paced_stream() -> Vec<(&'static str, u64)> {
     let mut held = Vec::new();
     for rung in RUNGS {
         let mut driver =
-            rung.driver_with(rung.config().receive_coalescing(Duration::from_micros(200)));
+            rung.driver_with(rung.config().receive_coalescing(STREAM_DELAY));
         let group = driver.buf_group(BufGroupConfig::new(65536, 64)).unwrap();
         let (ours, mut peer) = tcp_pair();
         let fd = Fd::from(ours);
@@ -32,7 +37,7 @@ fn paced_stream() -> Vec<(&'static str, u64)> {
             let data = pattern_vec(7, 0, TOTAL);
             for piece in data.chunks(PIECE) {
                 peer.write_all(piece).unwrap();
-                std::thread::sleep(Duration::from_micros(20));
+                std::thread::sleep(PAUSE);
             }
         });
         let mut got = Vec::with_capacity(TOTAL);
