@@ -27,8 +27,7 @@ const STREAM_DELAY: Duration = Duration::from_millis(2);
 fn paced_stream() -> Vec<(&'static str, u64)> {
     let mut held = Vec::new();
     for rung in RUNGS {
-        let mut driver =
-            rung.driver_with(rung.config().receive_coalescing(STREAM_DELAY));
+        let mut driver = rung.driver_with(rung.config().receive_coalescing(STREAM_DELAY));
         let group = driver.buf_group(BufGroupConfig::new(65536, 64)).unwrap();
         let (ours, mut peer) = tcp_pair();
         let fd = Fd::from(ours);
