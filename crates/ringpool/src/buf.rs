@@ -254,20 +254,21 @@ impl BufChain {
     /// The fixed table slot all of the chain's buffers are registered in (they come from one
     /// registered region), if any: then a zero-copy send names it and skips page pinning.
     pub fn fixed_slot(&self) -> Option<u16> {
-        let slot = self.bufs.first()?.group.fixed_slot()?;
-        self.bufs[1..]
-            .iter()
-            .all(|b| b.group.fixed_slot() == Some(slot))
-            .then_some(slot)
+        self.common_slot(GroupShared::fixed_slot)
     }
 
     /// [`BufChain::fixed_slot`] for ops of a ring whose table is `table`
     /// ([`crate::fixed::slot_in`]).
     pub(crate) fn fixed_slot_in(&self, table: Option<usize>) -> Option<u16> {
-        let slot = self.bufs.first()?.group.fixed_slot_in(table)?;
+        self.common_slot(|g| g.fixed_slot_in(table))
+    }
+
+    /// The slot `slot_of` gives every buffer's group, if it is one and the same for all.
+    fn common_slot(&self, slot_of: impl Fn(&GroupShared) -> Option<u16>) -> Option<u16> {
+        let slot = slot_of(&self.bufs.first()?.group)?;
         self.bufs[1..]
             .iter()
-            .all(|b| b.group.fixed_slot_in(table) == Some(slot))
+            .all(|b| slot_of(&b.group) == Some(slot))
             .then_some(slot)
     }
 

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 /// A wake-up holds the next wait only if its stream receives took at least this much and less
 /// than one buffer of their group (a full buffer means bulk data, which holding would only
 /// delay), and it came less than [`BUSY_FACTOR`] delays after the wake-up before it.
-pub(crate) const MIN_BYTES: usize = 4096;
+const MIN_BYTES: usize = 4096;
 /// How many delays apart two wake-ups may be for data to count as streaming in (farther apart:
 /// a request now and then, which holding would only delay).
-pub(crate) const BUSY_FACTOR: u32 = 4;
+const BUSY_FACTOR: u32 = 4;
 
 /// The coalescing state of one driver.
 #[derive(Debug)]
