@@ -625,6 +625,9 @@ pub struct Driver {
     send_rings: Vec<Rc<SendRingShared>>,
     /// Receive coalescing, if configured ([`DriverConfig::receive_coalescing`]).
     coalescing: Option<Coalescing>,
+    /// Buffers of ring groups that a completion named without handing out bytes, until the
+    /// driver knows whether the kernel kept them in the ring or let go ([`Driver::settle`]).
+    unsettled: Vec<(Rc<GroupShared>, u16)>,
 }
 
 /// Ids of rings in shared fixed buffer tables.
@@ -693,6 +696,7 @@ impl Driver {
             fixed: None,
             fixed_slots: config.fixed_slots,
             coalescing: Coalescing::new(config.coalesce),
+            unsettled: Vec::new(),
             ring_id: NEXT_RING_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cross: Arc::new(CrossReturns::new()?),
             cross_armed: false,
@@ -2092,6 +2096,9 @@ impl Driver {
         let slot = &mut self.ops[key];
         let ud = OpId::new(key, slot.gen).0;
         slot.state = SlotState::InKernel;
+        if let Some(group) = selecting_group(&slot.kind) {
+            group.selecting.set(group.selecting.get() + 1);
+        }
         let sqe = match &mut slot.kind {
             OpKind::Recv { fd, group, mode } => {
                 let fd = types::Fd(fd.as_raw_fd());
@@ -2762,6 +2769,58 @@ impl Driver {
             }
         }
         self.cqe_buf = cqes;
+        if !self.unsettled.is_empty() {
+            self.settle();
+        }
+    }
+
+    /// A completion named `bid` of `group` but handed out no bytes (end of file, an error).
+    /// Whether the kernel let go of the buffer depends on the kernel and the file: a read on a
+    /// pipe at end of file leaves it at the ring head (6.18 does not say so; later kernels set
+    /// `F_BUF_MORE`), a read of a regular file consumed it when it started. A legacy group's
+    /// buffer is always gone from the kernel; a ring's is settled by asking the kernel.
+    fn unused_buffer(&mut self, group: &Rc<GroupShared>, bid: u16, flags: u32) {
+        if !group.is_ring() {
+            group.put_back_unused(bid);
+        } else if flags & sys::IORING_CQE_F_BUF_MORE == 0 {
+            self.unsettled.push((group.clone(), bid));
+        }
+        // With `F_BUF_MORE` the kernel keeps the buffer and fills it further.
+    }
+
+    /// A completion handed out `bid` of `group`: the kernel had kept it, so it is settled.
+    fn settled_by_take(&mut self, group: &Rc<GroupShared>, bid: u16) {
+        self.unsettled
+            .retain(|(g, b)| !(Rc::ptr_eq(g, group) && *b == bid));
+    }
+
+    /// Decides, for each unsettled buffer, whether the kernel still holds it. The kernel's ring
+    /// head is the witness: a buffer at or past it is in the ring and a later completion will
+    /// name it. One before it was let go, unless an op of ours on the group is still in flight
+    /// (it may have consumed the buffer after the completion that named it, and its own
+    /// completion is still to come): then the buffer waits for the group's ops to end. A buffer
+    /// never goes back twice; at worst it waits.
+    fn settle(&mut self) {
+        let fd = self.ring.as_raw_fd();
+        let mut pending = std::mem::take(&mut self.unsettled);
+        pending.retain(|(group, bid)| {
+            if !group.registered() {
+                return false; // the kernel forgot the ring: nothing to give back
+            }
+            match sys::buf_ring_head(fd, group.bgid) {
+                Ok(head) if group.ring_holds(*bid, head) => false,
+                Ok(_) if group.selecting.get() == 0 => {
+                    group.put_back_unused(*bid);
+                    false
+                }
+                Ok(_) => true,
+                // No witness (no kernel would refuse a registered ring): keep it out of
+                // circulation rather than risk handing it out twice.
+                Err(_) => false,
+            }
+        });
+        pending.append(&mut self.unsettled);
+        self.unsettled = pending;
     }
 
     fn dispatch(&mut self, cqe: &cqueue::Entry) {
@@ -2805,6 +2864,11 @@ impl Driver {
         }
         let token = slot.token;
         let cancelled = slot.cancel;
+        if !more {
+            if let Some(group) = selecting_group(&slot.kind) {
+                group.selecting.set(group.selecting.get() - 1);
+            }
+        }
         match &mut slot.kind {
             OpKind::Recv { group, mode, .. } => {
                 let (group, multishot) = (group.clone(), mode.multishot());
@@ -2856,6 +2920,9 @@ impl Driver {
                                 &mut self.take_buf,
                             )
                         };
+                        if !self.unsettled.is_empty() {
+                            self.settled_by_take(&group, bid);
+                        }
                         let event = Event::Datagram(datagram);
                         self.deliver(key, id, token, event, cqueue::more(flags), rearm);
                     }
@@ -3075,6 +3142,11 @@ impl Driver {
                 flags & sys::IORING_CQE_F_BUF_MORE != 0,
                 &mut parts,
             );
+            if !self.unsettled.is_empty() {
+                for &(b, _, _) in &parts {
+                    self.settled_by_take(group, b);
+                }
+            }
             let bufs = parts
                 .iter()
                 // SAFETY: the kernel wrote these bytes before posting this CQE, and `take` marked
@@ -3087,7 +3159,7 @@ impl Driver {
             return;
         }
         if let Some(bid) = cqueue::buffer_select(flags) {
-            group.put_back_unused(bid);
+            self.unused_buffer(group, bid, flags);
         }
         if res == -libc::ENOBUFS && !more {
             group.enobufs.set(group.enobufs.get() + 1);
@@ -3384,6 +3456,16 @@ fn op_fd(kind: &OpKind) -> Option<&Fd> {
         OpKind::LeaseWrite { fd, .. }
         | OpKind::LeaseRead { fd, .. }
         | OpKind::SendBundle { fd, .. } => Some(fd),
+        _ => None,
+    }
+}
+
+/// The group an op selects buffers from in the kernel (receives and reads).
+fn selecting_group(kind: &OpKind) -> Option<&Rc<GroupShared>> {
+    match kind {
+        OpKind::Recv { group, .. } | OpKind::Read { group, .. } | OpKind::RecvMsg { group, .. } => {
+            Some(group)
+        }
         _ => None,
     }
 }

@@ -353,6 +353,9 @@ pub(crate) struct GroupShared {
     pub(crate) handle_alive: Cell<bool>,
     /// Buffers came back since the driver last looked (re-arm parked receives).
     pub(crate) refilled: Cell<bool>,
+    /// Ops of the driver that select from this group and whose last completion has not been
+    /// reaped: while there are any, a completion naming one of our bids may still be coming.
+    pub(crate) selecting: Cell<u32>,
     /// The fixed table slot of the (single) chunk, for registered regions.
     fixed: RefCell<Option<(u16, Rc<FixedTable>)>>,
     huge_pages: bool,
@@ -425,6 +428,7 @@ impl GroupShared {
             registered: Cell::new(false),
             handle_alive: Cell::new(true),
             refilled: Cell::new(false),
+            selecting: Cell::new(0),
             fixed: RefCell::new(None),
             huge_pages: cfg.huge_pages,
             page_backing,
@@ -458,6 +462,11 @@ impl GroupShared {
     /// The fixed table slot of a registered region.
     pub(crate) fn fixed_slot(&self) -> Option<u16> {
         self.fixed.borrow().as_ref().map(|(slot, _)| *slot)
+    }
+
+    /// Whether the kernel knows the group (false once it forgot it).
+    pub(crate) fn registered(&self) -> bool {
+        self.registered.get()
     }
 
     pub(crate) fn set_registered(&self, yes: bool) {
@@ -634,6 +643,20 @@ impl GroupShared {
 
     /// A completion that consumed a buffer but delivered no bytes (end of stream): the buffer
     /// goes straight back.
+    /// Whether the kernel, whose ring head is at position `head`, still holds `bid` in the
+    /// ring: the position where we last put it lies between that head and our tail. Ring
+    /// groups only (legacy groups: false).
+    pub(crate) fn ring_holds(&self, bid: u16, head: u16) -> bool {
+        let Backing::Ring(r) = &self.backing else {
+            return false;
+        };
+        let pos = r.pos_of.borrow()[bid as usize];
+        pos.wrapping_sub(head) < r.tail.get().wrapping_sub(head)
+    }
+
+    /// A completion named `bid` without handing out bytes, and the kernel let go of it (the
+    /// driver checked: [`GroupShared::ring_holds`]): it goes back to the kernel unless the user
+    /// still holds slices of it (incremental rings).
     pub(crate) fn put_back_unused(&self, bid: u16) {
         if let Backing::Ring(r) = &self.backing {
             if r.incremental {

@@ -174,6 +174,46 @@ pub unsafe fn update_buffer(
     }
 }
 
+/// `IORING_REGISTER_PBUF_STATUS` (6.8): the kernel's head of a provided buffer ring.
+pub const IORING_REGISTER_PBUF_STATUS: u32 = 26;
+
+/// `struct io_uring_buf_status` (6.8).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct BufStatus {
+    buf_group: u32,
+    head: u32,
+    resv: [u32; 8],
+}
+
+/// The kernel's head of the provided buffer ring of group `bgid` in the ring `ring`: the ring
+/// position of the next entry the kernel will pick (every entry before it is consumed). The one
+/// witness of whether a completion that named a buffer without consuming bytes left it in the
+/// ring (6.8; every kernel with incremental rings has it).
+pub fn buf_ring_head(ring: std::os::fd::RawFd, bgid: u16) -> io::Result<u16> {
+    let mut arg = BufStatus {
+        buf_group: bgid as u32,
+        ..BufStatus::default()
+    };
+    // SAFETY: io_uring_register reads the group id from and writes the head into the one
+    // `io_uring_buf_status` at `arg`, which lives across the call; it touches no other memory of
+    // ours, so a wrong descriptor or group id only makes it fail.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring,
+            IORING_REGISTER_PBUF_STATUS,
+            &mut arg as *mut BufStatus,
+            1,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(arg.head as u16)
+    }
+}
+
 /// One entry of a provided buffer ring, `struct io_uring_buf` (5.19). The ring's tail lives in
 /// the `resv` field of entry 0, so entry 0's `resv` must never be written as data.
 #[repr(C)]

@@ -1,0 +1,215 @@
+//! Regression tests of the soundness issue (#13): ownership defects found by using the API as a
+//! hostile user would, each named after its bug. Every test checks the rule the defect broke: a
+//! buffer is in exactly one place, a buffer the user holds never changes, bytes arrive once and
+//! in order.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+
+use common::{pattern_vec, pump, require, RUNGS};
+use ringpool::{BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, Features};
+
+/// A pipe: (read end as an `Fd`, write end as a `File`).
+fn pipe() -> (Fd, std::fs::File) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (r, w) = unsafe {
+        use std::os::fd::FromRawFd;
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    (Fd::from(r), std::fs::File::from(w))
+}
+
+/// One buffer-selecting read of `fd` at its position: its data, or `None` at end of file.
+fn read_one(d: &mut Driver, fd: &Fd, g: &ringpool::BufGroup) -> Option<BufChain> {
+    d.read(fd, g, u64::MAX, 7).unwrap();
+    let mut got = None;
+    pump(d, 10, |c| {
+        assert!(!c.more, "a read completes once");
+        got = match c.event {
+            Event::Data(chain) => Some(chain),
+            Event::Eof => None,
+            other => panic!("read: {other:?}"),
+        };
+        true
+    });
+    got
+}
+
+/// Defect 1: a buffer-selecting read at end of file on an incremental ring completes with
+/// `res = 0` and names the buffer the kernel keeps at its ring head (partly filled). The driver
+/// recycled it: the bid sat in the ring twice with its fill offset reset, so the next read came
+/// back with the old bytes and a buffer the user held changed under it.
+#[test]
+fn incremental_ring_read_at_eof_keeps_the_kernels_buffer() {
+    if !require(
+        Features::get().buf_ring_incremental,
+        "incremental buffer ring",
+    ) {
+        return;
+    }
+    let mut d = Driver::new(DriverConfig::default().ignore_env()).unwrap();
+    let g = d
+        .buf_group(BufGroupConfig::new(4096, 2).incremental(true))
+        .unwrap();
+    assert!(g.is_incremental());
+    let (data, mut writer) = pipe();
+    // A full first buffer, kept by the user.
+    writer.write_all(&[0xA1; 4096]).unwrap();
+    let kept = read_one(&mut d, &data, &g).expect("4096 bytes");
+    assert_eq!(kept.to_vec(), vec![0xA1; 4096]);
+    // Ten bytes into the second buffer, dropped: the kernel keeps filling that buffer.
+    writer.write_all(&[0xB2; 10]).unwrap();
+    let first = read_one(&mut d, &data, &g).expect("10 bytes");
+    assert_eq!(first.to_vec(), vec![0xB2; 10]);
+    drop(first);
+    // A read at end of file names the buffer at the ring head without consuming it.
+    let (eof, eof_writer) = pipe();
+    drop(eof_writer);
+    assert!(read_one(&mut d, &eof, &g).is_none(), "end of file");
+    // New bytes come back as themselves, not as the old ten.
+    writer.write_all(&[0xC3; 10]).unwrap();
+    let second = read_one(&mut d, &data, &g).expect("10 new bytes");
+    assert_eq!(second.to_vec(), vec![0xC3; 10], "the old bytes came back");
+    // Fill the rest of the buffer and read once more: what the user holds does not change.
+    writer.write_all(&[0xD4; 4096 - 20]).unwrap();
+    let rest = read_one(&mut d, &data, &g).expect("the rest of the buffer");
+    assert_eq!(rest.to_vec(), vec![0xD4; 4096 - 20]);
+    assert_eq!(second.to_vec(), vec![0xC3; 10], "a held buffer changed");
+    assert_eq!(kept.to_vec(), vec![0xA1; 4096], "a held buffer changed");
+    drop((kept, second, rest));
+    let s = g.stats();
+    assert_eq!(
+        (s.in_user, s.in_kernel, s.total),
+        (0, 2, 2),
+        "group full again"
+    );
+    // Both buffers circulate: two more full reads work and give their own bytes.
+    for byte in [0xE5, 0xF6] {
+        writer.write_all(&[byte; 4096]).unwrap();
+        let chain = read_one(&mut d, &data, &g).expect("a full buffer");
+        assert_eq!(chain.to_vec(), vec![byte; 4096]);
+    }
+}
+
+/// The same question for every group kind and every file a read can reach its end on: a read
+/// at end of file names a buffer without filling it, and that buffer must end up in exactly one
+/// place: the kernel's ring (a pipe: it stays at the head), or back in the group (a regular
+/// file consumed it when the read started; a legacy group's buffer always left the kernel).
+/// Each round reads more ends of file than the group has buffers, so a buffer lost from
+/// circulation stalls the next read, and one in the ring twice shows as stale or changed bytes.
+#[test]
+fn reads_at_end_of_file_leave_every_buffer_in_one_place_on_every_rung() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("short");
+    std::fs::write(&path, pattern_vec(5, 0, 100)).unwrap();
+    let incremental = Features::get().buf_ring_incremental;
+    for rung in RUNGS {
+        for inc in [false, true] {
+            if inc && !incremental {
+                continue;
+            }
+            let mut d = rung.driver();
+            let g = d
+                .buf_group(BufGroupConfig::new(256, 2).incremental(inc))
+                .unwrap();
+            let what = format!("{} incremental={}", rung.name, g.is_incremental());
+            let file = Fd::from(OwnedFd::from(std::fs::File::open(&path).unwrap()));
+            let (data, mut writer) = pipe();
+            let mut held: Vec<(BufChain, Vec<u8>)> = Vec::new();
+            for round in 0..6u64 {
+                let (eof, eof_writer) = pipe();
+                drop(eof_writer);
+                assert!(read_one(&mut d, &eof, &g).is_none(), "{what}: pipe eof");
+                // The file's 100 bytes, then its end, at explicit offsets.
+                d.read(&file, &g, 0, 7).unwrap();
+                let mut got = None;
+                pump(&mut d, 5, |c| {
+                    got = Some(c.event);
+                    true
+                });
+                match got {
+                    Some(Event::Data(chain)) => {
+                        assert_eq!(chain.to_vec(), pattern_vec(5, 0, 100), "{what}");
+                    }
+                    other => panic!("{what}: file read: {other:?}"),
+                }
+                d.read(&file, &g, 100, 7).unwrap();
+                pump(&mut d, 5, |c| {
+                    assert!(matches!(c.event, Event::Eof), "{what}: {:?}", c.event);
+                    true
+                });
+                // Ten patterned bytes from the data pipe; every other round they are kept.
+                let bytes = pattern_vec(6, round * 10, 10);
+                writer.write_all(&bytes).unwrap();
+                let chain = read_one(&mut d, &data, &g).expect("data");
+                assert_eq!(chain.to_vec(), bytes, "{what}: round {round}: stale bytes");
+                if round % 2 == 0 && held.len() < 1 {
+                    held.push((chain, bytes));
+                }
+                for (chain, bytes) in &held {
+                    assert_eq!(&chain.to_vec(), bytes, "{what}: a held buffer changed");
+                }
+            }
+            drop(held);
+            let s = g.stats();
+            assert_eq!(s.in_user, 0, "{what}");
+            assert_eq!(s.in_kernel, s.total, "{what}: group full again");
+        }
+    }
+}
+
+/// While another op of the group is in flight (a multishot receive), a buffer named by a read
+/// at the end of a regular file cannot be settled (that op might have consumed it since); it
+/// waits, and goes home once the group's ops ended. The receive meanwhile gets every byte.
+#[test]
+fn a_buffer_named_at_end_of_file_waits_for_the_groups_ops_then_goes_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("short");
+    std::fs::write(&path, b"0123456789").unwrap();
+    for rung in RUNGS {
+        for inc in [false, true] {
+            if inc && !Features::get().buf_ring_incremental {
+                continue;
+            }
+            let mut d = rung.driver();
+            let g = d
+                .buf_group(BufGroupConfig::new(256, 4).incremental(inc))
+                .unwrap();
+            let what = format!("{} incremental={}", rung.name, g.is_incremental());
+            let (s, mut c) = common::tcp_pair();
+            let s = Fd::from(s);
+            let recv = d.recv(&s, &g, ringpool::RecvMode::Multishot, 1).unwrap();
+            let file = Fd::from(OwnedFd::from(std::fs::File::open(&path).unwrap()));
+            for _ in 0..3 {
+                d.read(&file, &g, 10, 2).unwrap();
+                pump(&mut d, 5, |c| {
+                    assert_eq!(c.token, 2, "{what}: {:?}", c.event);
+                    assert!(matches!(c.event, Event::Eof), "{what}: {:?}", c.event);
+                    true
+                });
+            }
+            let sent = pattern_vec(9, 0, 3000);
+            c.write_all(&sent).unwrap();
+            let mut got = Vec::new();
+            pump(&mut d, 10, |comp| {
+                match comp.event {
+                    Event::Data(chain) => got.extend(chain.to_vec()),
+                    other => panic!("{what}: {other:?}"),
+                }
+                got.len() >= sent.len()
+            });
+            assert_eq!(got, sent, "{what}: bytes in order, once");
+            d.cancel(recv);
+            pump(&mut d, 5, |comp| !comp.more);
+            let s = g.stats();
+            assert_eq!(s.in_user, 0, "{what}");
+            assert_eq!(s.in_kernel, s.total, "{what}: group full again");
+        }
+    }
+}
