@@ -237,21 +237,58 @@ impl Fd {
     }
 }
 
-/// Identifies one op for [`Driver::cancel`]. Stale ids (of finished ops) are recognised and
-/// ignored.
+/// Identifies one op of one driver, for [`Driver::cancel`]. Stale ids (of finished ops) and ids
+/// of another driver's ops are recognised and ignored: an id never reaches an op it does not
+/// name.
+///
+/// # Examples
+/// ```
+/// use ringpool::{BufGroupConfig, Driver, Fd, RecvMode};
+/// let (mut a, mut b) = (Driver::new(Default::default())?, Driver::new(Default::default())?);
+/// let (ga, gb) = (a.buf_group(BufGroupConfig::new(512, 2))?, b.buf_group(BufGroupConfig::new(512, 2))?);
+/// let (x, _px) = std::os::unix::net::UnixStream::pair().unwrap();
+/// let (y, _py) = std::os::unix::net::UnixStream::pair().unwrap();
+/// let (x, y) = (Fd::from(std::os::fd::OwnedFd::from(x)), Fd::from(std::os::fd::OwnedFd::from(y)));
+/// let id_a = a.recv(&x, &ga, RecvMode::Multishot, 1)?;
+/// let id_b = b.recv(&y, &gb, RecvMode::Multishot, 1)?;
+/// assert_ne!(id_a, id_b);
+/// b.cancel(id_a); // not b's op: nothing happens
+/// assert_eq!(b.in_flight(), 1);
+/// # Ok::<(), ringpool::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct OpId(u64);
+pub struct OpId {
+    /// The `user_data` of the op's SQEs: slab key and generation.
+    ud: u64,
+    /// The driver's `ring_id` (never 0 for a real op).
+    driver: u64,
+}
 
 impl OpId {
-    fn new(key: usize, gen: u32) -> OpId {
-        OpId(key as u64 | (gen as u64) << 32)
+    /// The id of completions that belong to no op of the user's (lease members that never
+    /// started): it names nothing in any driver.
+    const NONE: OpId = OpId {
+        ud: u64::MAX,
+        driver: 0,
+    };
+
+    fn new(key: usize, gen: u32, driver: u64) -> OpId {
+        OpId {
+            ud: user_data(key, gen),
+            driver,
+        }
     }
     fn key(self) -> usize {
-        (self.0 & 0xffff_ffff) as usize
+        (self.ud & 0xffff_ffff) as usize
     }
     fn gen(self) -> u32 {
-        (self.0 >> 32) as u32
+        (self.ud >> 32) as u32
     }
+}
+
+/// The `user_data` of an op's SQEs: its slab key in the low half, its generation in the high.
+fn user_data(key: usize, gen: u32) -> u64 {
+    key as u64 | (gen as u64) << 32
 }
 
 /// How a receive selects its buffers.
@@ -1471,7 +1508,7 @@ impl Driver {
                 for m in members {
                     self.ready.push_back(Completion {
                         token: m.token,
-                        op: OpId(u64::MAX),
+                        op: OpId::NONE,
                         event: m.cancelled_event(),
                         more: false,
                     });
@@ -1632,7 +1669,7 @@ impl Driver {
         if shared.failed.get() {
             self.ready.push_back(Completion {
                 token,
-                op: OpId(u64::MAX),
+                op: OpId::NONE,
                 event: Event::Sent {
                     result: Err(Error::from_errno("send bundle", libc::EPIPE)),
                     buf: None,
@@ -1664,7 +1701,7 @@ impl Driver {
         for (token, len) in done {
             self.ready.push_back(Completion {
                 token,
-                op: OpId(u64::MAX),
+                op: OpId::NONE,
                 event: Event::Sent {
                     result: Ok(len),
                     buf: None,
@@ -1813,7 +1850,7 @@ impl Driver {
             self.dirty_lanes.push(lane_key);
         }
         lane.queue.push_back(key);
-        Ok(OpId::new(key, gen))
+        Ok(OpId::new(key, gen, self.ring_id))
     }
 
     #[doc(hidden)]
@@ -1848,8 +1885,12 @@ impl Driver {
     }
 
     /// Asks the kernel to stop `op`. Its final completion still comes (usually
-    /// `Error(Cancelled)`), and its memory is released only then. Stale ids are ignored.
+    /// `Error(Cancelled)`), and its memory is released only then. Stale ids, and ids of another
+    /// driver's ops, are ignored.
     pub fn cancel(&mut self, op: OpId) {
+        if op.driver != self.ring_id {
+            return; // another driver's op (or none): its key may name an op of ours
+        }
         let Some(slot) = self.ops.get_mut(op.key()) else {
             return;
         };
@@ -1875,7 +1916,7 @@ impl Driver {
                 // A send's SQE carries the generation of its current attempt.
                 let target = match &slot.kind {
                     OpKind::Send(send) => send.cur_ud,
-                    _ => op.0,
+                    _ => op.ud,
                 };
                 let sqe = opcode::AsyncCancel::new(target).build().user_data(IGNORED);
                 self.push(sqe);
@@ -1890,7 +1931,7 @@ impl Driver {
             .ops
             .iter()
             .filter(|(_, s)| op_fd(&s.kind).is_some_and(|f| f.same(fd)))
-            .map(|(k, s)| OpId::new(k, s.gen))
+            .map(|(k, s)| OpId::new(k, s.gen, self.ring_id))
             .collect();
         for id in ids {
             self.cancel(id);
@@ -1918,7 +1959,7 @@ impl Driver {
             .ops
             .iter()
             .filter(|(_, s)| s.token == token && op_fd(&s.kind).is_some())
-            .map(|(k, s)| OpId::new(k, s.gen))
+            .map(|(k, s)| OpId::new(k, s.gen, self.ring_id))
             .collect();
         for id in ids {
             self.cancel(id);
@@ -1943,7 +1984,7 @@ impl Driver {
         for m in dropped {
             self.ready.push_back(Completion {
                 token: m.token,
-                op: OpId(u64::MAX),
+                op: OpId::NONE,
                 event: m.cancelled_event(),
                 more: false,
             });
@@ -1964,7 +2005,7 @@ impl Driver {
         while let Some((token, buf)) = returns.pop_front() {
             self.ready.push_back(Completion {
                 token,
-                op: OpId(u64::MAX),
+                op: OpId::NONE,
                 event: Event::LeaseReturned(buf),
                 more: false,
             });
@@ -2081,7 +2122,7 @@ impl Driver {
             cancel: false,
         });
         self.arm(key);
-        OpId::new(key, gen)
+        OpId::new(key, gen, self.ring_id)
     }
 
     /// Builds the op's SQE from its slot and pushes it.
@@ -2094,7 +2135,7 @@ impl Driver {
         // Registered memory of another ring's table goes as plain memory (`fixed::slot_in`).
         let table = self.fixed.as_ref().map(FixedTable::id);
         let slot = &mut self.ops[key];
-        let ud = OpId::new(key, slot.gen).0;
+        let ud = user_data(key, slot.gen);
         slot.state = SlotState::InKernel;
         if let Some(group) = selecting_group(&slot.kind) {
             group.selecting.set(group.selecting.get() + 1);
@@ -2267,7 +2308,7 @@ impl Driver {
         let table = self.fixed.as_ref().map(FixedTable::id);
         let attempt = self.next_gen();
         let slot = &mut self.ops[key];
-        let ud = OpId::new(key, attempt).0;
+        let ud = user_data(key, attempt);
         slot.state = SlotState::InKernel;
         let OpKind::Send(op) = &mut slot.kind else {
             unreachable!("arm_send on a send")
@@ -2407,7 +2448,7 @@ impl Driver {
     /// still to come.
     fn report_send(&mut self, key: usize, result: Result<usize>) {
         let slot = &mut self.ops[key];
-        let (token, id) = (slot.token, OpId::new(key, slot.gen));
+        let (token, id) = (slot.token, OpId::new(key, slot.gen, self.ring_id));
         let OpKind::Send(op) = &mut slot.kind else {
             unreachable!("report_send on a send")
         };
@@ -2474,7 +2515,11 @@ impl Driver {
     /// A CQE of a send: its result, or a zero-copy notification.
     fn send_completion(&mut self, key: usize, attempt: u32, res: i32, flags: u32) {
         let slot = &mut self.ops[key];
-        let (token, id, cancelled) = (slot.token, OpId::new(key, slot.gen), slot.cancel);
+        let (token, id, cancelled) = (
+            slot.token,
+            OpId::new(key, slot.gen, self.ring_id),
+            slot.cancel,
+        );
         let OpKind::Send(op) = &mut slot.kind else {
             unreachable!("send_completion on a send")
         };
@@ -2744,7 +2789,7 @@ impl Driver {
             cancel: false,
         });
         self.internal += 1;
-        let ud = OpId::new(key, gen).0;
+        let ud = user_data(key, gen);
         self.push(sqe.user_data(ud));
         ud
     }
@@ -2814,9 +2859,13 @@ impl Driver {
                     false
                 }
                 Ok(_) => true,
-                // No witness (no kernel would refuse a registered ring): keep it out of
-                // circulation rather than risk handing it out twice.
-                Err(_) => false,
+                // No witness: a kernel before 6.8. Those (and every kernel without incremental
+                // rings before 6.12) consumed each buffer a completion named, at its selection
+                // or its completion, so it is ours again.
+                Err(_) => {
+                    group.put_back_unused(*bid);
+                    false
+                }
             }
         });
         pending.append(&mut self.unsettled);
@@ -2824,8 +2873,11 @@ impl Driver {
     }
 
     fn dispatch(&mut self, cqe: &cqueue::Entry) {
-        let id = OpId(cqe.user_data());
-        if id.0 & fixed::TAG_KEY == fixed::TAG_KEY {
+        let id = OpId {
+            ud: cqe.user_data(),
+            driver: self.ring_id,
+        };
+        if id.ud & fixed::TAG_KEY == fixed::TAG_KEY {
             // The kernel let go of a released fixed buffer slot.
             let released = self
                 .fixed
@@ -2849,7 +2901,7 @@ impl Driver {
             let known = if cqueue::notif(flags) {
                 op.notif_attempts.contains(&id.gen())
             } else {
-                op.cur_ud == id.0 && slot.state == SlotState::InKernel
+                op.cur_ud == id.ud && slot.state == SlotState::InKernel
             };
             if known {
                 self.send_completion(key, id.gen(), res, flags);
@@ -3105,7 +3157,7 @@ impl Driver {
             }
             OpKind::Timeout { .. } => {
                 self.cleanup_cqes += 1;
-                if self.wait_timeout == Some(id.0) {
+                if self.wait_timeout == Some(id.ud) {
                     self.wait_timeout = None; // it fired: nothing to remove
                 }
                 self.finish_internal(key);
@@ -3240,7 +3292,7 @@ impl Driver {
         let slot = self.ops.remove(key);
         self.ready.push_back(Completion {
             token: slot.token,
-            op: OpId::new(key, slot.gen),
+            op: OpId::new(key, slot.gen, self.ring_id),
             event,
             more: false,
         });
@@ -3491,7 +3543,11 @@ impl Drop for Driver {
             self.ops.remove(key);
         }
         // One cancel per op (works on every kernel, unlike CANCEL_ANY, which needs 5.19).
-        let ids: Vec<OpId> = self.ops.iter().map(|(k, s)| OpId::new(k, s.gen)).collect();
+        let ids: Vec<OpId> = self
+            .ops
+            .iter()
+            .map(|(k, s)| OpId::new(k, s.gen, self.ring_id))
+            .collect();
         for id in ids {
             self.cancel(id);
         }

@@ -213,3 +213,45 @@ fn a_buffer_named_at_end_of_file_waits_for_the_groups_ops_then_goes_home() {
         }
     }
 }
+
+/// Defect 2: an `OpId` was not tied to its driver. The first ops of two drivers had the same
+/// id, and `b.cancel(id_from_a)` cancelled b's unrelated receive. A foreign id does nothing.
+#[test]
+fn an_op_id_of_another_driver_cancels_nothing() {
+    let mut a = Driver::new(DriverConfig::default().ignore_env()).unwrap();
+    let mut b = Driver::new(DriverConfig::default().ignore_env()).unwrap();
+    let ga = a.buf_group(BufGroupConfig::new(512, 4)).unwrap();
+    let gb = b.buf_group(BufGroupConfig::new(512, 4)).unwrap();
+    let (sa, _ca) = common::tcp_pair();
+    let (sb, mut cb) = common::tcp_pair();
+    let (sa, sb) = (Fd::from(sa), Fd::from(sb));
+    let id_a = a.recv(&sa, &ga, ringpool::RecvMode::Multishot, 1).unwrap();
+    let id_b = b.recv(&sb, &gb, ringpool::RecvMode::Multishot, 1).unwrap();
+    assert_ne!(id_a, id_b, "ids of two drivers are distinct");
+    b.submit().unwrap();
+    b.cancel(id_a);
+    b.wait(Some(std::time::Duration::from_millis(50))).unwrap();
+    assert!(b.pop().is_none(), "b's receive was not cancelled");
+    cb.write_all(b"still receiving").unwrap();
+    pump(&mut b, 5, |c| {
+        assert!(c.more, "the multishot receive goes on");
+        match c.event {
+            Event::Data(chain) => assert_eq!(chain.to_vec(), b"still receiving"),
+            other => panic!("{other:?}"),
+        }
+        true
+    });
+    // Each driver still cancels its own op.
+    for (d, id) in [(&mut a, id_a), (&mut b, id_b)] {
+        d.cancel(id);
+        pump(d, 5, |c| {
+            assert!(
+                matches!(c.event, Event::Error(ringpool::Error::Cancelled)),
+                "{:?}",
+                c.event
+            );
+            !c.more
+        });
+        assert_eq!(d.in_flight(), 0);
+    }
+}
