@@ -1966,6 +1966,20 @@ impl Driver {
         }
     }
 
+    /// Cancels every op of the user's, as [`Driver::cancel`] does (an `rt` runtime's end).
+    pub(crate) fn cancel_all(&mut self) {
+        self.drop_waiting_members(|_| true);
+        let ids: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, s)| op_fd(&s.kind).is_some())
+            .map(|(k, s)| OpId::new(k, s.gen, self.ring_id))
+            .collect();
+        for id in ids {
+            self.cancel(id);
+        }
+    }
+
     /// Members of lease groups whose leader is still reading are not ops yet: those `which`
     /// picks end here, with their cancelled completion.
     fn drop_waiting_members(&mut self, which: impl Fn(&Member) -> bool) {

@@ -138,6 +138,11 @@ pub enum Error {
     /// The operation was cancelled before it completed.
     #[error("operation cancelled")]
     Cancelled,
+    /// An [`rt`](crate::rt) operation was used after the runtime that started it ended (it
+    /// was returned out of its `rt::block_on`): it was cancelled then, and can do nothing more.
+    /// Start a new one in the running runtime.
+    #[error("the ringpool::rt runtime that started this operation has ended: start it anew")]
+    RuntimeGone,
     /// The kernel has the feature, but a lower fallback rung was forced (`RINGPOOL_FORCE` or
     /// [`DriverConfig::force`](crate::DriverConfig::force)).
     #[error("{feature} is off: the `{rung}` fallback rung is forced (RINGPOOL_FORCE or DriverConfig::force)")]

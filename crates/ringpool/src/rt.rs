@@ -49,7 +49,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -74,6 +74,9 @@ struct OpState {
     /// Set when the op's future was dropped before the final completion and what it still
     /// receives must not be lost (a receive: the data is the stream's next bytes).
     orphan_sink: Option<Leftovers>,
+    /// A stream's receive: where its untaken events go if the runtime ends before the op's
+    /// holder takes them (it was returned out of `block_on`).
+    stream: Option<Leftovers>,
 }
 
 /// An op's events not yet taken, in order. Most ops have one at a time, kept inline (no
@@ -154,7 +157,6 @@ impl LeftoverQueue {
 struct Runtime {
     driver: RefCell<Driver>,
     ops: RefCell<crate::hash::IntMap<u64, OpState>>,
-    next_token: Cell<u64>,
     /// Spawned tasks (taken out while polled) and their wakers, made once per task.
     tasks: RefCell<slab::Slab<(Option<Task>, Waker)>>,
     /// Task ids woken (wakers may be called from anywhere).
@@ -264,7 +266,6 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
     let rt = Rc::new(Runtime {
         driver: RefCell::new(driver),
         ops: RefCell::default(),
-        next_token: Cell::new(1),
         tasks: RefCell::new(slab::Slab::new()),
         woken,
         timers: RefCell::default(),
@@ -280,6 +281,7 @@ pub fn block_on_with<F: Future>(config: DriverConfig, fut: F) -> Result<F::Outpu
             if let Some(rt) = rt {
                 let tasks: Vec<_> = rt.tasks.borrow_mut().drain().collect();
                 drop(tasks);
+                rt.shutdown();
             }
             RUNTIME.with(|r| r.borrow_mut().take());
             LOCAL_QUEUE.with(|q| q.set(0));
@@ -399,15 +401,62 @@ impl Runtime {
     }
 
     /// `n` consecutive tokens (one op with several completion streams, such as a lease group
-    /// and its members): the first of them.
+    /// and its members): the first of them. Tokens are unique across runtimes, so an op's
+    /// token names nothing in any other runtime, whatever outlives its own.
     fn tokens(&self, n: u64) -> u64 {
-        let first = self.next_token.get();
-        self.next_token.set(first + n);
+        let first = next_tokens(n);
         let mut ops = self.ops.borrow_mut();
         for t in first..first + n {
             ops.insert(t, OpState::default());
         }
         first
+    }
+}
+
+/// `n` consecutive numbers never handed out before in this process (tokens, timer ids).
+fn next_tokens(n: u64) -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(n, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Runtime {
+    /// The end of `block_on`, after its tasks were dropped: ops whose holders outlive the
+    /// runtime (returned out of it) are cancelled and their final completions collected, so
+    /// what a stream's receive took off the socket goes to the stream (its next receive, in a
+    /// later runtime, returns it first) and receives dropped earlier stop counting as in
+    /// flight. Nothing a later runtime runs can reach these ops: their holders see
+    /// [`Error::RuntimeGone`].
+    fn shutdown(&self) {
+        if self.ops.borrow().values().all(|s| s.finished) {
+            return;
+        }
+        self.driver.borrow_mut().cancel_all();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.ops.borrow().values().any(|s| !s.finished) && Instant::now() < deadline {
+            if self
+                .driver
+                .borrow_mut()
+                .wait(Some(Duration::from_millis(50)))
+                .is_err()
+            {
+                break;
+            }
+            self.route();
+        }
+        let states: Vec<OpState> = self.ops.borrow_mut().drain().map(|(_, s)| s).collect();
+        for mut state in states {
+            if let Some(sink) = state.orphan_sink.take() {
+                // Its final completion did not come in time: the driver keeps its memory.
+                sink.orphan_done();
+            } else if let Some(stream) = state.stream.take() {
+                stream.push(
+                    state
+                        .events
+                        .drain()
+                        .filter(|e| !matches!(e, Event::Error(Error::Cancelled))),
+                );
+            }
+        }
     }
 }
 
@@ -442,6 +491,9 @@ struct Op {
     id: Option<OpId>,
     /// Where late events go if this op is dropped unfinished (receives of a stream).
     sink: Option<Leftovers>,
+    /// The runtime that started the op: the only one it ever touches (it may be held past
+    /// that runtime's end, then dropped or polled in another).
+    rt: Weak<Runtime>,
 }
 
 impl Op {
@@ -455,10 +507,23 @@ impl Op {
                 token,
                 id,
                 sink: None,
+                rt: Rc::downgrade(&rt),
             }),
             Err(e) => {
                 rt.ops.borrow_mut().remove(&token);
                 Err(e)
+            }
+        }
+    }
+
+    /// Makes this op a receive of the stream whose leftovers are `leftovers`: what it took off
+    /// the socket and its holder did not take goes there when it is dropped or its runtime
+    /// ends.
+    fn set_stream(&mut self, leftovers: &Leftovers) {
+        self.sink = Some(leftovers.clone());
+        if let Some(rt) = self.rt.upgrade() {
+            if let Some(state) = rt.ops.borrow_mut().get_mut(&self.token) {
+                state.stream = Some(leftovers.clone());
             }
         }
     }
@@ -481,7 +546,9 @@ impl Op {
     }
 
     fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Event> {
-        let rt = runtime();
+        let Some(rt) = self.rt.upgrade() else {
+            return Poll::Ready(Event::Error(Error::RuntimeGone));
+        };
         let mut ops = rt.ops.borrow_mut();
         let state = ops.get_mut(&self.token).expect("a live op has its state");
         match state.events.pop_front() {
@@ -496,7 +563,8 @@ impl Op {
 
 impl Drop for Op {
     fn drop(&mut self) {
-        let Some(rt) = RUNTIME.with(|r| r.borrow().clone()) else {
+        // Its runtime ended: it cancelled the op and collected (or kept) what was its.
+        let Some(rt) = self.rt.upgrade() else {
             return;
         };
         let mut ops = rt.ops.borrow_mut();
@@ -688,8 +756,7 @@ pub fn buf_group(cfg: BufGroupConfig) -> Result<BufGroup> {
 /// ```
 pub async fn sleep(d: Duration) {
     let at = Instant::now() + d;
-    let id = runtime().next_token.get(); // any unique number
-    runtime().next_token.set(id + 1);
+    let id = next_tokens(1); // any unique number
     /// Takes the timer out when the sleep ends or is dropped early (e.g. by `timeout`), so a
     /// dropped sleep leaves no entry to fire for nothing later.
     struct Unregister(Instant, u64);
@@ -784,8 +851,17 @@ impl TcpListener {
             }
             // The op stays in the listener (a dropped `accept` future leaves it armed); only its
             // token is needed to await its next connection, so no borrow is held across it.
-            let token = self.accept.borrow().as_ref().expect("armed above").token;
-            let event = next_event(token).await;
+            let (token, rt) = {
+                let accept = self.accept.borrow();
+                let op = accept.as_ref().expect("armed above");
+                (op.token, op.rt.clone())
+            };
+            if rt.strong_count() == 0 {
+                // Armed by a runtime that has ended (the listener outlived it): arm anew here.
+                self.accept.borrow_mut().take();
+                continue;
+            }
+            let event = next_event(rt, token).await;
             match event {
                 Event::Accepted(fd) => return Ok(TcpStream::from_fd(fd)),
                 Event::Error(e) => {
@@ -798,10 +874,12 @@ impl TcpListener {
     }
 }
 
-/// The next event of the op with `token` (the op stays owned by its holder).
-async fn next_event(token: u64) -> Event {
+/// The next event of the op with `token` of runtime `rt` (the op stays owned by its holder).
+async fn next_event(rt: Weak<Runtime>, token: u64) -> Event {
     std::future::poll_fn(move |cx| {
-        let rt = runtime();
+        let Some(rt) = rt.upgrade() else {
+            return Poll::Ready(Event::Error(Error::RuntimeGone));
+        };
         let mut ops = rt.ops.borrow_mut();
         let Some(state) = ops.get_mut(&token) else {
             return Poll::Ready(Event::Error(Error::Cancelled));
@@ -827,7 +905,7 @@ pub struct TcpStream {
 /// Starts a receive on `fd` whose late events go to `leftovers` if its future is dropped.
 fn start_recv(fd: &Fd, group: &BufGroup, mode: RecvMode, leftovers: &Leftovers) -> Result<Op> {
     let mut op = Op::start(|d, t| d.recv(fd, group, mode, t).map(Some))?;
-    op.sink = Some(leftovers.clone());
+    op.set_stream(leftovers);
     Ok(op)
 }
 
@@ -1232,10 +1310,11 @@ impl MultishotEvents {
             return Ok(None);
         }
         let event = self.leftovers.pop().or_else(|| {
-            runtime()
-                .ops
-                .borrow_mut()
-                .get_mut(&self.op.token)
+            let Some(rt) = self.op.rt.upgrade() else {
+                return Some(Event::Error(Error::RuntimeGone));
+            };
+            let mut ops = rt.ops.borrow_mut();
+            ops.get_mut(&self.op.token)
                 .and_then(|s| s.events.pop_front())
         });
         match event {
@@ -1362,7 +1441,7 @@ impl UdpSocket {
             return datagram_result(event);
         }
         let mut op = Op::start(|d, t| d.recv_from(&self.fd, group, RecvMode::Once, t).map(Some))?;
-        op.sink = Some(self.leftovers.clone());
+        op.set_stream(&self.leftovers);
         let event = std::future::poll_fn(|cx| op.poll_with(cx, &self.leftovers)).await;
         datagram_result(event)
     }
@@ -1390,7 +1469,7 @@ impl UdpSocket {
             d.recv_from(&self.fd, group, RecvMode::Multishot, t)
                 .map(Some)
         })?;
-        op.sink = Some(self.leftovers.clone());
+        op.set_stream(&self.leftovers);
         Ok(DatagramStream(MultishotEvents {
             op,
             ended: false,
@@ -1689,6 +1768,7 @@ pub fn lease_group(
             token,
             members: members.len(),
             leader,
+            rt: Rc::downgrade(&rt),
             leader_result: RefCell::new(Part::Waiting),
             buf: RefCell::new(Part::Waiting),
             waiters: RefCell::default(),
@@ -1752,6 +1832,8 @@ pub struct LeaseGroup {
     token: u64,
     members: usize,
     leader: OpId,
+    /// The runtime that started the group: the only one it touches.
+    rt: Weak<Runtime>,
     /// What the group's token delivered: the leader's result, then the buffer.
     leader_result: RefCell<Part<Result<usize>>>,
     buf: RefCell<Part<crate::FixedBuf>>,
@@ -1807,13 +1889,15 @@ impl LeaseGroup {
             })
         })
         .await
+        .unwrap_or(Err(Error::RuntimeGone))
     }
 
     /// The buffer, once the leader failed or the last member (and its zero-copy notification)
     /// let go of it. Awaiting it does not need the other results to have been taken.
     ///
     /// # Panics
-    /// If the buffer was already taken.
+    /// If the buffer was already taken, or the runtime that started the group has ended (it
+    /// was returned out of its `rt::block_on`; the buffer went with that runtime's driver).
     ///
     /// # Examples
     /// ```no_run
@@ -1824,6 +1908,7 @@ impl LeaseGroup {
     pub async fn returned(&self) -> crate::FixedBuf {
         std::future::poll_fn(|cx| self.poll_group(cx, |g| g.buf.borrow_mut().take("the buffer")))
             .await
+            .expect("LeaseGroup::returned awaited after the runtime that started the group ended")
     }
 
     /// Member `i`'s result (in the order of the members given to [`lease_group`]): the bytes
@@ -1852,7 +1937,9 @@ impl LeaseGroup {
         assert!(i < self.members, "LeaseGroup: no member {i}");
         let token = self.token + 1 + i as u64;
         let event = std::future::poll_fn(|cx| {
-            let rt = runtime();
+            let Some(rt) = self.rt.upgrade() else {
+                return Poll::Ready(Event::Error(Error::RuntimeGone));
+            };
             let mut ops = rt.ops.borrow_mut();
             let state = ops
                 .get_mut(&token)
@@ -1893,11 +1980,9 @@ impl LeaseGroup {
     pub fn holds(&self, i: usize) -> bool {
         assert!(i < self.members, "LeaseGroup: no member {i}");
         let token = self.token + 1 + i as u64;
-        runtime()
-            .ops
-            .borrow()
-            .get(&token)
-            .is_some_and(|s| !s.finished)
+        self.rt
+            .upgrade()
+            .is_some_and(|rt| rt.ops.borrow().get(&token).is_some_and(|s| !s.finished))
     }
 
     /// Takes the group token's events into their parts, then `take`s one part: pending (and
@@ -1906,8 +1991,10 @@ impl LeaseGroup {
         &self,
         cx: &mut Context<'_>,
         take: impl FnOnce(&Self) -> Option<T>,
-    ) -> Poll<T> {
-        let rt = runtime();
+    ) -> Poll<Option<T>> {
+        let Some(rt) = self.rt.upgrade() else {
+            return Poll::Ready(None);
+        };
         let mut ops = rt.ops.borrow_mut();
         let state = ops
             .get_mut(&self.token)
@@ -1929,7 +2016,7 @@ impl LeaseGroup {
             if took {
                 self.waiters.borrow_mut().drain(..).for_each(Waker::wake);
             }
-            return Poll::Ready(v);
+            return Poll::Ready(Some(v));
         }
         state.waker = Some(cx.waker().clone());
         drop(ops);
@@ -1946,7 +2033,8 @@ impl LeaseGroup {
 
 impl Drop for LeaseGroup {
     fn drop(&mut self) {
-        let Some(rt) = RUNTIME.with(|r| r.borrow().clone()) else {
+        // Its runtime ended: it cancelled the group, and its driver kept what the kernel held.
+        let Some(rt) = self.rt.upgrade() else {
             return;
         };
         let mut ops = rt.ops.borrow_mut();

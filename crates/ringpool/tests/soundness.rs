@@ -7,6 +7,7 @@ mod common;
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use common::{pattern_vec, pump, require, RUNGS};
 use ringpool::{BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, Features};
@@ -254,4 +255,108 @@ fn an_op_id_of_another_driver_cancels_nothing() {
         });
         assert_eq!(d.in_flight(), 0);
     }
+}
+
+/// Defect 3: an `rt` op dropped in another runtime acted on that runtime's op with the same
+/// token: a `RecvStream` returned out of one `block_on` and dropped in a second one cancelled
+/// the second runtime's receive through a stale id, whose future was then never woken (and
+/// polling it panicked: "a live op has its state"). An op touches only the runtime that made
+/// it; held past that runtime's end it does nothing unsafe and loses nothing: bytes its
+/// receive had taken off the socket come back from the stream's next receive.
+#[test]
+fn an_rt_op_dropped_in_another_runtime_touches_only_its_own() {
+    use ringpool::rt::{self, TcpStream};
+    let (s1, mut c1) = common::tcp_pair();
+    let (s2, mut c2) = common::tcp_pair();
+    c1.write_all(b"early").unwrap();
+    let (stream1, mut stream1_recv, group1) = rt::block_on(async move {
+        let g = rt::buf_group(BufGroupConfig::new(1024, 8))?;
+        let st = TcpStream::from_fd(Fd::from(s1));
+        let rs = st.recv_stream(&g)?;
+        // Give the receive time to take the bytes into its (unread) events.
+        rt::sleep(Duration::from_millis(50)).await;
+        Ok::<_, ringpool::Error>((st, rs, g))
+    })
+    .unwrap()
+    .unwrap();
+    rt::block_on(async move {
+        let g = rt::buf_group(BufGroupConfig::new(1024, 8))?;
+        let st2 = TcpStream::from_fd(Fd::from(s2));
+        let mut rs2 = st2.recv_stream(&g)?;
+        // Polling the old stream here hands out what its receive took, then says its runtime
+        // is gone; it does not reach this runtime's ops.
+        let early = rt::timeout(Duration::from_secs(5), stream1_recv.next()).await;
+        assert!(
+            matches!(&early, Ok(Ok(Some(chain))) if chain.to_vec() == b"early"),
+            "{early:?}"
+        );
+        let gone = rt::timeout(Duration::from_secs(5), stream1_recv.next()).await;
+        assert!(
+            matches!(gone, Ok(Err(ringpool::Error::RuntimeGone))),
+            "{gone:?}"
+        );
+        drop(stream1_recv);
+        c2.write_all(b"hello").unwrap();
+        let got = rt::timeout(Duration::from_secs(5), rs2.next()).await;
+        match got {
+            Ok(Ok(Some(chain))) => assert_eq!(chain.to_vec(), b"hello"),
+            other => panic!("the second runtime's receive: {other:?}"),
+        }
+        // The old stream's socket works in this runtime: a new receive gets new bytes.
+        c1.write_all(b"later").unwrap();
+        let next = rt::timeout(Duration::from_secs(5), stream1.recv(&g)).await;
+        assert!(
+            matches!(&next, Ok(Ok(Some(chain))) if chain.to_vec() == b"later"),
+            "{next:?}"
+        );
+        Ok::<_, ringpool::Error>(())
+    })
+    .unwrap()
+    .unwrap();
+    let s = group1.stats();
+    assert_eq!(s.in_user, 0, "the first runtime's buffers came home");
+}
+
+/// The same for a lease group held past its runtime's end: dropped in another runtime it
+/// cancels nothing there, and awaiting its leader there says the runtime is gone.
+#[test]
+fn an_rt_lease_group_dropped_in_another_runtime_touches_only_its_own() {
+    use ringpool::rt::{self, File, LeaseMember, TcpStream};
+    let (data, _writer) = pipe(); // no bytes ever: the leader's read waits
+    let (m, _peer) = common::tcp_pair();
+    let (s2, mut c2) = common::tcp_pair();
+    let (group, _file, _member) = rt::block_on(async move {
+        let file = File::from_fd(data);
+        let member = TcpStream::from_fd(Fd::from(m));
+        let group = rt::lease_group(
+            &file,
+            rt::fixed_buf(4096)?,
+            u64::MAX,
+            vec![LeaseMember::send(&member)],
+        )?;
+        Ok::<_, ringpool::Error>((group, file, member))
+    })
+    .unwrap()
+    .unwrap();
+    rt::block_on(async move {
+        let g = rt::buf_group(BufGroupConfig::new(1024, 8))?;
+        let st2 = TcpStream::from_fd(Fd::from(s2));
+        let mut rs2 = st2.recv_stream(&g)?;
+        let filled = rt::timeout(Duration::from_secs(5), group.filled()).await;
+        assert!(
+            matches!(filled, Ok(Err(ringpool::Error::RuntimeGone))),
+            "{filled:?}"
+        );
+        assert!(!group.holds(0));
+        drop(group);
+        c2.write_all(b"hello").unwrap();
+        let got = rt::timeout(Duration::from_secs(5), rs2.next()).await;
+        match got {
+            Ok(Ok(Some(chain))) => assert_eq!(chain.to_vec(), b"hello"),
+            other => panic!("the second runtime's receive: {other:?}"),
+        }
+        Ok::<_, ringpool::Error>(())
+    })
+    .unwrap()
+    .unwrap();
 }
