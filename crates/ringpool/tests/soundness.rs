@@ -150,7 +150,7 @@ fn reads_at_end_of_file_leave_every_buffer_in_one_place_on_every_rung() {
                 writer.write_all(&bytes).unwrap();
                 let chain = read_one(&mut d, &data, &g).expect("data");
                 assert_eq!(chain.to_vec(), bytes, "{what}: round {round}: stale bytes");
-                if round % 2 == 0 && held.len() < 1 {
+                if round % 2 == 0 && held.is_empty() {
                     held.push((chain, bytes));
                 }
                 for (chain, bytes) in &held {
