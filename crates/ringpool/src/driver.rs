@@ -2602,7 +2602,22 @@ impl Driver {
             if res != -libc::ECANCELED {
                 lane.error = Some(-res);
             }
-            Some(Err(errno_error("send", res)))
+            if op.sent > 0 {
+                // Earlier parts went: the caller must know how much, or its stream breaks.
+                Some(Err(Error::ShortSend {
+                    sent: op.sent,
+                    len: total,
+                }))
+            } else {
+                Some(Err(errno_error("send", res)))
+            }
+        } else if op.sent < total {
+            // Cancelled part-way (the kernel reports the bytes it sent before the cancel), or a
+            // send of no bytes: never `Ok`, which says all of it left.
+            Some(Err(Error::ShortSend {
+                sent: op.sent,
+                len: total,
+            }))
         } else {
             Some(Ok(op.sent))
         };

@@ -138,6 +138,16 @@ pub enum Error {
     /// The operation was cancelled before it completed.
     #[error("operation cancelled")]
     Cancelled,
+    /// A send ended before every byte left: it was cancelled part-way, or the kernel accepted
+    /// no more bytes. The first `sent` bytes of the `len` were sent, and the rest was not: a
+    /// stream that goes on must send those again.
+    #[error("the send ended after {sent} of {len} bytes")]
+    ShortSend {
+        /// Bytes that left.
+        sent: usize,
+        /// Bytes the send had.
+        len: usize,
+    },
     /// An [`rt`](crate::rt) operation was used after the runtime that started it ended (it
     /// was returned out of its `rt::block_on`): it was cancelled then, and can do nothing more.
     /// Start a new one in the running runtime.

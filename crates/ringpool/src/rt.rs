@@ -1071,12 +1071,10 @@ impl TcpStream {
     /// # Ok(()) }
     /// ```
     pub fn recv_stream(&self, group: &BufGroup) -> Result<RecvStream> {
-        let op = start_recv(&self.fd, group, RecvMode::MultishotBundle, &self.leftovers)?;
-        Ok(RecvStream(MultishotEvents {
-            op,
-            ended: false,
-            leftovers: self.leftovers.clone(),
-        }))
+        let (fd, group, leftovers) = (self.fd.clone(), group.clone(), self.leftovers.clone());
+        let start =
+            Box::new(move || start_recv(&fd, &group, RecvMode::MultishotBundle, &leftovers));
+        Ok(RecvStream(MultishotEvents::new(&self.leftovers, start)?))
     }
 
     /// Sends all of `buf` through the zero-copy policy; completes when the bytes are queued
@@ -1148,6 +1146,13 @@ impl Reader<'_> {
                 Some(e) => e,
                 None => {
                     if self.op.is_none() {
+                        // Never two receives on one socket: wait for a dropped one to end.
+                        if self.stream.leftovers.poll_quiet(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        if !self.stream.leftovers.events.borrow().is_empty() {
+                            continue; // handed out at the top of the loop
+                        }
                         let op = start_recv(
                             &self.stream.fd,
                             &self.group,
@@ -1291,17 +1296,71 @@ fn datagram_of(event: Event) -> Option<Datagram> {
 /// The events of a multishot receive, for its stream type: the socket's leftovers first, then
 /// the op's own; end of stream and errors end it.
 struct MultishotEvents {
-    op: Op,
+    /// The receive: started at once, or (a dropped receive of the socket still in the kernel)
+    /// by the first `next` after that one ended.
+    op: Result<Op, StartRecv>,
     ended: bool,
     leftovers: Leftovers,
 }
 
+/// Starts a stream's receive (its socket, group and mode are in the closure).
+type StartRecv = Box<dyn FnOnce() -> Result<Op>>;
+
 impl MultishotEvents {
+    /// The events of the receive `start` makes: started now, unless a dropped receive of the
+    /// socket is still in the kernel. Two receives armed on one socket can hand out its bytes
+    /// out of order (the later one takes a piece, the dropped one the next, and the dropped
+    /// one's piece is handed out first as a leftover), so the new one waits for it.
+    fn new(leftovers: &Leftovers, start: StartRecv) -> Result<MultishotEvents> {
+        let op = if leftovers.orphans.get() == 0 {
+            Ok(start()?)
+        } else {
+            Err(start)
+        };
+        Ok(MultishotEvents {
+            op,
+            ended: false,
+            leftovers: leftovers.clone(),
+        })
+    }
+
+    /// Starts the receive if its time has come (`quiet`: no dropped receive of the socket is
+    /// in the kernel); false while it must wait.
+    fn started(&mut self, quiet: bool) -> Result<bool> {
+        if self.op.is_err() {
+            if !quiet {
+                return Ok(false);
+            }
+            let start = std::mem::replace(&mut self.op, Err(Box::new(|| Err(Error::Cancelled))));
+            let Err(start) = start else {
+                unreachable!("checked above")
+            };
+            match start() {
+                Ok(op) => self.op = Ok(op),
+                Err(e) => {
+                    self.ended = true;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(true)
+    }
+
     async fn next<T>(&mut self, item: fn(Event) -> Option<T>) -> Result<Option<T>> {
         if self.ended {
             return Ok(None);
         }
-        let event = std::future::poll_fn(|cx| self.op.poll_with(cx, &self.leftovers)).await;
+        if self.op.is_err() {
+            std::future::poll_fn(|cx| self.leftovers.poll_quiet(cx)).await;
+            if let Some(e) = self.leftovers.pop() {
+                return self.item(e, item);
+            }
+        }
+        self.started(true)?;
+        let Ok(op) = &self.op else {
+            unreachable!("started when quiet")
+        };
+        let event = std::future::poll_fn(|cx| op.poll_with(cx, &self.leftovers)).await;
         self.item(event, item)
     }
 
@@ -1309,14 +1368,23 @@ impl MultishotEvents {
         if self.ended {
             return Ok(None);
         }
-        let event = self.leftovers.pop().or_else(|| {
-            let Some(rt) = self.op.rt.upgrade() else {
-                return Some(Event::Error(Error::RuntimeGone));
+        if let Some(e) = self.leftovers.pop() {
+            return self.item(e, item);
+        }
+        let quiet = self.leftovers.orphans.get() == 0;
+        if !self.started(quiet)? {
+            return Ok(None);
+        }
+        let Ok(op) = &self.op else {
+            unreachable!("started above")
+        };
+        let event = {
+            let Some(rt) = op.rt.upgrade() else {
+                return self.item(Event::Error(Error::RuntimeGone), item);
             };
             let mut ops = rt.ops.borrow_mut();
-            ops.get_mut(&self.op.token)
-                .and_then(|s| s.events.pop_front())
-        });
+            ops.get_mut(&op.token).and_then(|s| s.events.pop_front())
+        };
         match event {
             Some(e) => self.item(e, item),
             None => Ok(None),
@@ -1465,16 +1533,17 @@ impl UdpSocket {
     /// # Ok(()) }
     /// ```
     pub fn recv_stream(&self, group: &BufGroup) -> Result<DatagramStream> {
-        let mut op = Op::start(|d, t| {
-            d.recv_from(&self.fd, group, RecvMode::Multishot, t)
-                .map(Some)
-        })?;
-        op.set_stream(&self.leftovers);
-        Ok(DatagramStream(MultishotEvents {
-            op,
-            ended: false,
-            leftovers: self.leftovers.clone(),
-        }))
+        let (fd, group, leftovers) = (self.fd.clone(), group.clone(), self.leftovers.clone());
+        let start = Box::new(move || {
+            let mut op =
+                Op::start(|d, t| d.recv_from(&fd, &group, RecvMode::Multishot, t).map(Some))?;
+            op.set_stream(&leftovers);
+            Ok(op)
+        });
+        Ok(DatagramStream(MultishotEvents::new(
+            &self.leftovers,
+            start,
+        )?))
     }
 
     /// Sends `buf` as one datagram to `addr` through the zero-copy policy (pooled buffers,

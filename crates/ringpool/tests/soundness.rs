@@ -360,3 +360,119 @@ fn an_rt_lease_group_dropped_in_another_runtime_touches_only_its_own() {
     .unwrap()
     .unwrap();
 }
+
+/// Suspected: a send cancelled part-way completed `Ok(sent)` with `sent` short of its length,
+/// and `Ok(len)` is documented as "all of it left". A send of 8 MiB to a peer that does not
+/// read stops after the socket buffers fill; cancelled there, it reports how many bytes went
+/// (`Error::ShortSend`), and the peer then reads exactly those bytes.
+#[test]
+fn a_send_cancelled_part_way_reports_how_much_left() {
+    let mut d = Driver::new(DriverConfig::default().ignore_env()).unwrap();
+    let (s, mut c) = common::tcp_pair();
+    let s = Fd::from(s);
+    let len = 8 << 20;
+    let data = pattern_vec(11, 0, len);
+    let id = d.send(&s, data.clone(), 3).unwrap();
+    d.submit().unwrap();
+    d.wait(Some(Duration::from_millis(200))).unwrap();
+    assert!(
+        d.pop().is_none(),
+        "8 MiB cannot leave while the peer does not read"
+    );
+    d.cancel(id);
+    let mut result = None;
+    pump(&mut d, 5, |comp| match comp.event {
+        Event::Sent { result: r, .. } => {
+            result = Some(r);
+            true
+        }
+        other => panic!("{other:?}"),
+    });
+    let sent = match result.unwrap() {
+        Err(ringpool::Error::ShortSend { sent, len: l }) => {
+            assert_eq!(l, len);
+            assert!(sent > 0 && sent < len, "{sent}");
+            sent
+        }
+        Err(ringpool::Error::Cancelled) => 0,
+        other => panic!("a send cancelled part-way: {other:?}"),
+    };
+    drop(s);
+    let got = common::read_to_end(c.try_clone().unwrap());
+    drop(c.flush());
+    assert_eq!(got.len(), sent, "the peer got what the send reported");
+    assert_eq!(got, data[..sent]);
+}
+
+/// Suspected: `recv_stream` (TCP and UDP) started its receive while a dropped receive of the
+/// same socket was still in the kernel (`recv` waits for it): two receives armed on one socket
+/// can hand out its bytes out of order. The stream's receive now waits for the dropped one to
+/// end; the bytes arrive once and in order.
+#[test]
+fn a_receive_stream_waits_for_a_dropped_receive_of_its_socket() {
+    use futures::AsyncReadExt;
+    use ringpool::rt::{self, TcpStream, UdpSocket};
+    let (s, mut c) = common::tcp_pair();
+    rt::block_on(async move {
+        let g = rt::buf_group(BufGroupConfig::new(1024, 16))?;
+        let st = TcpStream::from_fd(Fd::from(s));
+        let in_flight = || rt::with_driver(|d| d.in_flight());
+        // A receive dropped while armed: its cancel is on its way, it is still in the kernel.
+        assert!(rt::timeout(Duration::from_millis(20), st.recv(&g))
+            .await
+            .is_err());
+        assert_eq!(in_flight(), 1, "the dropped receive");
+        let mut rx = st.recv_stream(&g)?;
+        assert_eq!(in_flight(), 1, "no second receive armed on the socket");
+        let sent = pattern_vec(12, 0, 64 << 10);
+        let writer = {
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                for piece in sent.chunks(1000) {
+                    c.write_all(piece).unwrap();
+                }
+                c
+            })
+        };
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            match rt::timeout(Duration::from_secs(5), rx.next()).await {
+                Ok(Ok(Some(chain))) => got.extend(chain.to_vec()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got, sent, "bytes once, in order");
+        drop(rx);
+        // The copying reader waits the same way.
+        let mut c = writer.join().unwrap();
+        assert!(rt::timeout(Duration::from_millis(20), st.recv(&g))
+            .await
+            .is_err());
+        c.write_all(b"after").unwrap();
+        let mut five = [0u8; 5];
+        rt::timeout(
+            Duration::from_secs(5),
+            st.reader(g.clone()).read_exact(&mut five),
+        )
+        .await?
+        .unwrap();
+        assert_eq!(&five, b"after");
+        // UDP: the same rule for datagram streams.
+        let u = UdpSocket::bind("127.0.0.1:0".parse().unwrap())?;
+        assert!(rt::timeout(Duration::from_millis(20), u.recv_from(&g))
+            .await
+            .is_err());
+        let before = in_flight();
+        let mut dx = u.recv_stream(&g)?;
+        assert_eq!(in_flight(), before, "no second datagram receive armed");
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(b"d1", u.local_addr()?).unwrap();
+        match rt::timeout(Duration::from_secs(5), dx.next()).await {
+            Ok(Ok(Some(d))) => assert_eq!(&d.data[..], b"d1"),
+            other => panic!("{other:?}"),
+        }
+        Ok::<_, ringpool::Error>(())
+    })
+    .unwrap()
+    .unwrap();
+}
