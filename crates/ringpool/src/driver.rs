@@ -662,6 +662,10 @@ pub struct Driver {
     send_rings: Vec<Rc<SendRingShared>>,
     /// Receive coalescing, if configured ([`DriverConfig::receive_coalescing`]).
     coalescing: Option<Coalescing>,
+    /// Whether this kernel's `PROVIDE_BUFFERS` result counts the buffers it took (5.x) or is 0
+    /// for "at least one" (later kernels); `None` until a completion told. Runs of buffers are
+    /// provided only where the count comes back, so no buffer ever drops out of circulation.
+    provide_counts: Option<bool>,
     /// Buffers of ring groups that a completion named without handing out bytes, until the
     /// driver knows whether the kernel kept them in the ring or let go ([`Driver::settle`]).
     unsettled: Vec<(Rc<GroupShared>, u16)>,
@@ -734,6 +738,7 @@ impl Driver {
             fixed_slots: config.fixed_slots,
             coalescing: Coalescing::new(config.coalesce),
             unsettled: Vec::new(),
+            provide_counts: None,
             ring_id: NEXT_RING_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cross: Arc::new(CrossReturns::new()?),
             cross_armed: false,
@@ -2763,7 +2768,12 @@ impl Driver {
     fn flush_provides(&mut self) -> Result<()> {
         for gi in 0..self.groups.len() {
             let group = self.groups[gi].clone();
-            for (bid, n, addr) in group.take_pending_runs() {
+            let max_run = if self.provide_counts == Some(true) {
+                u16::MAX
+            } else {
+                1
+            };
+            for (bid, n, addr) in group.take_pending_runs(max_run) {
                 let sqe =
                     opcode::ProvideBuffers::new(addr, group.buf_size as i32, n, group.bgid, bid)
                         .build();
@@ -3171,11 +3181,14 @@ impl Driver {
             OpKind::Provide { group, first, n } => {
                 let (group, first, n) = (group.clone(), *first, *n);
                 self.finish_internal(key);
-                if res < 0 {
-                    // The kernel did not take them: queue them again for the next flush.
-                    group.provide_failed(first, n);
-                } else {
-                    group.provided(n);
+                let (taken, counts) = provide_outcome(res, n, self.provide_counts);
+                self.provide_counts = counts;
+                if taken < n {
+                    // The kernel did not take these: queue them again for the next flush.
+                    group.provide_failed(first + taken as u16, n - taken);
+                }
+                if taken > 0 {
+                    group.provided(taken);
                     group.refilled.set(true);
                 }
             }
@@ -3541,6 +3554,21 @@ fn op_fd(kind: &OpKind) -> Option<&Fd> {
     }
 }
 
+/// What a `PROVIDE_BUFFERS` of `n` buffers that completed with `res` did: how many of the run
+/// (from its first bid) the kernel took, and what the result says of this kernel (`counts`:
+/// whether results count the buffers taken). The kernel adds a run's buffers in order and
+/// stops at the first it cannot allocate for; 5.x kernels return how many it added, later ones
+/// 0 for "at least one". A 0 for a run of several is taken as all of it: the safe direction,
+/// since a buffer provided twice could be handed to two receives at once, while one missing
+/// only waits (runs are sent only to kernels that count, where a 0 does not happen).
+fn provide_outcome(res: i32, n: u32, counts: Option<bool>) -> (u32, Option<bool>) {
+    match res {
+        r if r < 0 => (0, counts),
+        0 => (n, if n == 1 { Some(false) } else { counts }),
+        r => ((r as u32).min(n), Some(true)),
+    }
+}
+
 /// The group an op selects buffers from in the kernel (receives and reads).
 fn selecting_group(kind: &OpKind) -> Option<&Rc<GroupShared>> {
     match kind {
@@ -3625,6 +3653,24 @@ mod tests {
         // SAFETY: `storage` is plain bytes, at least `len` long.
         unsafe { std::slice::from_raw_parts((&raw const storage).cast::<u8>(), len as usize) }
             .to_vec()
+    }
+
+    #[test]
+    fn provide_results_count_what_the_kernel_took() {
+        // Single buffers until the kernel tells its kind of result.
+        assert_eq!(provide_outcome(0, 1, None), (1, Some(false)));
+        assert_eq!(provide_outcome(1, 1, None), (1, Some(true)));
+        // A counting kernel that ran out part-way: the rest is provided again.
+        assert_eq!(provide_outcome(3, 8, Some(true)), (3, Some(true)));
+        assert_eq!(provide_outcome(8, 8, Some(true)), (8, Some(true)));
+        // Nothing taken.
+        assert_eq!(
+            provide_outcome(-libc::ENOMEM, 4, Some(true)),
+            (0, Some(true))
+        );
+        assert_eq!(provide_outcome(-libc::ENOMEM, 1, None), (0, None));
+        // An ambiguous 0 for a run is never taken as "none" (that would provide twice).
+        assert_eq!(provide_outcome(0, 4, Some(true)), (4, Some(true)));
     }
 
     #[test]

@@ -676,7 +676,9 @@ impl GroupShared {
 
     /// Legacy groups: the bids waiting to be provided, sorted, as runs of consecutive bids
     /// inside one chunk: `(first bid, count, address)`.
-    pub(crate) fn take_pending_runs(&self) -> Vec<(u16, u16, *mut u8)> {
+    /// Runs are at most `max_run` long (1: one buffer per provide, where the kernel does not
+    /// say how many of a run it took).
+    pub(crate) fn take_pending_runs(&self, max_run: u16) -> Vec<(u16, u16, *mut u8)> {
         let Backing::Legacy { pending, providing } = &self.backing else {
             return Vec::new();
         };
@@ -690,7 +692,7 @@ impl GroupShared {
         for bid in bids {
             if let Some(last) = runs.last_mut() {
                 let next = last.0 as u32 + last.1 as u32;
-                if next == bid as u32 && bid as u32 % self.chunk_len != 0 {
+                if next == bid as u32 && bid as u32 % self.chunk_len != 0 && last.1 < max_run {
                     last.1 += 1;
                     continue;
                 }
@@ -915,10 +917,19 @@ mod tests {
         g.set_registered(true);
         g.grow().unwrap();
         g.fill(0, 8);
-        let runs: Vec<_> = g.take_pending_runs().iter().map(|r| (r.0, r.1)).collect();
+        let runs: Vec<_> = g
+            .take_pending_runs(u16::MAX)
+            .iter()
+            .map(|r| (r.0, r.1))
+            .collect();
         // Chunks are separate mappings, so a run never crosses from bid 3 to bid 4.
         assert_eq!(runs, vec![(0, 4), (4, 4)]);
         g.provided(8);
+        // Where the kernel does not count what it took, one buffer per provide.
+        g.fill(0, 3);
+        let single: Vec<_> = g.take_pending_runs(1).iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(single, vec![(0, 1), (1, 1), (2, 1)]);
+        g.provided(3);
     }
 
     #[test]
