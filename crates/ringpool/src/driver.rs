@@ -666,6 +666,8 @@ pub struct Driver {
     /// for "at least one" (later kernels); `None` until a completion told. Runs of buffers are
     /// provided only where the count comes back, so no buffer ever drops out of circulation.
     provide_counts: Option<bool>,
+    /// Memory of rings the kernel refused to forget: never freed (leaked with the driver).
+    kept_for_kernel: Vec<Box<dyn std::any::Any>>,
     /// Buffers of ring groups that a completion named without handing out bytes, until the
     /// driver knows whether the kernel kept them in the ring or let go ([`Driver::settle`]).
     unsettled: Vec<(Rc<GroupShared>, u16)>,
@@ -739,6 +741,7 @@ impl Driver {
             coalescing: Coalescing::new(config.coalesce),
             unsettled: Vec::new(),
             provide_counts: None,
+            kept_for_kernel: Vec::new(),
             ring_id: NEXT_RING_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cross: Arc::new(CrossReturns::new()?),
             cross_armed: false,
@@ -830,8 +833,9 @@ impl Driver {
                 Err(e)
                     if e.refused_registration() && cfg.registration == Registration::Preferred => {}
                 Err(e) => {
-                    if shared.is_ring() {
-                        let _ = self.ring.submitter().unregister_buf_ring(bgid);
+                    if shared.is_ring() && !self.forget_buf_ring(bgid) {
+                        self.bgid_used[bgid as usize] = true;
+                        self.kept_for_kernel.push(Box::new(shared));
                     }
                     return Err(e);
                 }
@@ -1727,8 +1731,24 @@ impl Driver {
                 continue;
             }
             let r = self.send_rings.swap_remove(i);
-            let _ = self.ring.submitter().unregister_buf_ring(r.bgid);
-            self.bgid_used[r.bgid as usize] = false;
+            if !self.forget_buf_ring(r.bgid) {
+                self.kept_for_kernel.push(Box::new(r));
+            }
+        }
+    }
+
+    /// Asks the kernel to forget the provided buffer ring of `bgid`, and frees the id; true when
+    /// the kernel holds no ring under it any more. Its only refusals (`ENOENT`, `EINVAL`) mean
+    /// it had none there. Any other failure: the kernel may still read the ring and write into
+    /// its buffers, so the id stays taken and the caller keeps the memory for the driver's life
+    /// ([`Driver::kept_for_kernel`]).
+    fn forget_buf_ring(&mut self, bgid: u16) -> bool {
+        match self.ring.submitter().unregister_buf_ring(bgid) {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => false,
+            _ => {
+                self.bgid_used[bgid as usize] = false;
+                true
+            }
         }
     }
 
@@ -2806,8 +2826,9 @@ impl Driver {
             g.set_registered(false);
             if g.is_ring() {
                 // Nothing selects from the ring any more; the kernel forgets it synchronously.
-                let _ = self.ring.submitter().unregister_buf_ring(g.bgid);
-                self.bgid_used[g.bgid as usize] = false;
+                if !self.forget_buf_ring(g.bgid) {
+                    self.kept_for_kernel.push(Box::new(g));
+                }
             } else {
                 // Take the provided buffers back before the memory or the id can be reused.
                 let sqe = opcode::RemoveBuffers::new(g.count().min(u16::MAX as u32) as u16, g.bgid)
@@ -3117,8 +3138,9 @@ impl Driver {
                         let raw = e.raw_os_error().unwrap_or(libc::EIO);
                         // Nothing more is sent: the kernel forgets the ring (no op of ours is
                         // in flight on it), then its queued buffers go home.
-                        let _ = self.ring.submitter().unregister_buf_ring(ring.bgid);
-                        self.bgid_used[ring.bgid as usize] = false;
+                        if !self.forget_buf_ring(ring.bgid) {
+                            self.kept_for_kernel.push(Box::new(ring.clone()));
+                        }
                         self.send_rings.retain(|r| !Rc::ptr_eq(r, &ring));
                         ring.in_ring.borrow_mut().clear();
                         ring.backlog.borrow_mut().clear();
@@ -3634,6 +3656,8 @@ impl Drop for Driver {
             // other rings (once no ring is left, released memory is freed at once).
             table.remove_ring(self.ring_id);
         }
+        // Rings the kernel would not forget: their memory stays where the kernel may look.
+        std::mem::forget(std::mem::take(&mut self.kept_for_kernel));
         if !self.ops.is_empty() {
             // The kernel still holds these ops: leak their memory rather than free it under it.
             LEAKED_OPS.fetch_add(self.ops.len(), std::sync::atomic::Ordering::Relaxed);
