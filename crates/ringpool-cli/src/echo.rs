@@ -154,6 +154,9 @@ pub fn serve(
                 Event::Data(chain) => {
                     summary.bytes_echoed += chain.len() as u64;
                     conn.queued.push_back(chain);
+                    // A cancelled receive can end with data (taken before the cancel landed):
+                    // its last completion, so the connection was left open forever.
+                    conn.recv_done |= !c.more;
                 }
                 Event::Eof | Event::Error(_) => conn.recv_done = true,
                 Event::Sent { result, .. } => {
