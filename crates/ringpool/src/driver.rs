@@ -673,6 +673,10 @@ pub struct Driver {
     unsettled: Vec<(Rc<GroupShared>, u16)>,
 }
 
+/// How soon a wait comes back to re-arm parked receives whose group has buffers for them, when
+/// the share it re-armed first does not complete.
+const REARM_PACE: Duration = Duration::from_millis(1);
+
 /// Ids of rings in shared fixed buffer tables.
 static NEXT_RING_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -2087,7 +2091,13 @@ impl Driver {
                 0
             };
             let meaningful = self.stats.cqes - self.cleanup_cqes;
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let mut left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if want == 1 && self.rearm_pending() {
+                // Parked receives wait for their turn at buffers that are there (the flush
+                // re-arms a group's share at a time): come back for them soon, even if the
+                // ones just re-armed never complete (idle sockets).
+                left = Some(left.map_or(REARM_PACE, |l| l.min(REARM_PACE)));
+            }
             if let Err(e) = self.enter(want, left) {
                 break Err(e);
             }
@@ -2733,12 +2743,17 @@ impl Driver {
         }
         if !self.parked.is_empty() {
             // Snapshot (and clear) which groups got buffers back *before* re-arming: a refill
-            // noticed while we re-arm stays set for the next flush instead of being lost.
-            let refilled: Vec<*const GroupShared> = self
+            // noticed while we re-arm stays set for the next flush instead of being lost. Each
+            // refilled group re-arms at most as many parked ops as it has buffers for, oldest
+            // first: re-arming every parked op at each refill sent thousands of receives after
+            // a few buffers, nearly all of them to fail with ENOBUFS again (a busy loop under
+            // load, and no order among the waiting). If some must wait, the group stays
+            // refilled, so the next flush (after these ops' completions) re-arms the next ones.
+            let mut budgets: Vec<(*const GroupShared, u32)> = self
                 .groups
                 .iter()
                 .filter(|g| g.refilled.replace(false))
-                .map(Rc::as_ptr)
+                .map(|g| (Rc::as_ptr(g), g.stats().in_kernel.max(1)))
                 .collect();
             let parked = std::mem::take(&mut self.parked);
             for key in parked {
@@ -2748,11 +2763,17 @@ impl Driver {
                     | OpKind::RecvMsg { group, .. } => group.clone(),
                     _ => unreachable!("only buffer-selecting ops park"),
                 };
-                if refilled.contains(&Rc::as_ptr(&group)) {
-                    group.rearms.set(group.rearms.get() + 1);
-                    self.arm(key);
-                } else {
-                    self.parked.push(key);
+                match budgets.iter_mut().find(|(g, _)| *g == Rc::as_ptr(&group)) {
+                    Some((_, budget)) if *budget > 0 => {
+                        *budget -= 1;
+                        group.rearms.set(group.rearms.get() + 1);
+                        self.arm(key);
+                    }
+                    Some(_) => {
+                        group.refilled.set(true);
+                        self.parked.push(key);
+                    }
+                    None => self.parked.push(key),
                 }
             }
         }
@@ -3316,6 +3337,11 @@ impl Driver {
             event,
             more: false,
         });
+    }
+
+    /// Whether parked receives wait to be re-armed on groups that have buffers for them.
+    fn rearm_pending(&self) -> bool {
+        !self.parked.is_empty() && self.groups.iter().any(|g| g.refilled.get())
     }
 
     /// Delivers an event that carries received buffers. After the op's last CQE (`!more`), a

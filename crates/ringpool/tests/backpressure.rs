@@ -161,3 +161,72 @@ fn single_shot_recv_waits_for_buffers_instead_of_failing() {
         assert_eq!(got, pattern_vec(8, 0, 128), "{}", rung.name);
     }
 }
+
+/// A buffer coming back to a dry group re-arms as many parked receives as the group has
+/// buffers for, oldest first, not every parked receive: re-arming all 30 after each returned
+/// buffer sent 29 of them straight back into `-ENOBUFS` (a busy loop under load, seen as
+/// millions of re-arms in `ci/soak.py`). Every waiting connection still gets its turn.
+#[test]
+fn a_returned_buffer_rearms_one_parked_receive_not_all_of_them() {
+    const WAITING: usize = 32;
+    for rung in RUNGS {
+        let mut d = rung.driver();
+        let g = d.buf_group(BufGroupConfig::new(256, 2)).unwrap();
+        let mut peers = Vec::new();
+        let mut socks = Vec::new();
+        for conn in 0..WAITING {
+            let (s, mut c) = tcp_pair();
+            let s = Fd::from(s);
+            d.recv(&s, &g, RecvMode::Multishot, conn as u64).unwrap();
+            c.write_all(&pattern_vec(conn as u64, 0, 256)).unwrap();
+            socks.push(s);
+            peers.push(c);
+        }
+        // Two connections get the two buffers; the others find the group dry and park.
+        let mut held: VecDeque<(u64, BufChain)> = VecDeque::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut take = |d: &mut ringpool::Driver, held: &mut VecDeque<(u64, BufChain)>| {
+            while held.len() < 2 {
+                assert!(Instant::now() < deadline, "{}: stalled", rung.name);
+                d.wait(Some(Duration::from_millis(50))).unwrap();
+                while let Some(c) = d.pop() {
+                    match c.event {
+                        Event::Data(chain) => held.push_back((c.token, chain)),
+                        other => panic!("{}: {other:?}", rung.name),
+                    }
+                }
+            }
+        };
+        take(&mut d, &mut held);
+        // Settle: every other receive has found the group dry by now.
+        d.wait(Some(Duration::from_millis(50))).unwrap();
+        let before = g.stats();
+        let mut served = std::collections::HashSet::new();
+        for _ in 0..WAITING - 2 {
+            let (conn, chain) = held.pop_front().unwrap();
+            assert_eq!(chain.to_vec(), pattern_vec(conn, 0, 256), "{}", rung.name);
+            served.insert(conn);
+            drop(chain);
+            take(&mut d, &mut held);
+        }
+        for (conn, _) in &held {
+            served.insert(*conn);
+        }
+        assert_eq!(
+            served.len(),
+            WAITING,
+            "{}: every connection got its turn",
+            rung.name
+        );
+        let after = g.stats();
+        let rearms = after.rearms - before.rearms;
+        assert!(
+            rearms <= 3 * WAITING as u64,
+            "{}: {rearms} re-arms for {} returned buffers",
+            rung.name,
+            WAITING - 2
+        );
+        drop(held);
+        drop(peers);
+    }
+}
