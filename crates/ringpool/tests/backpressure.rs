@@ -185,7 +185,7 @@ fn a_returned_buffer_rearms_one_parked_receive_not_all_of_them() {
         // Two connections get the two buffers; the others find the group dry and park.
         let mut held: VecDeque<(u64, BufChain)> = VecDeque::new();
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut take = |d: &mut ringpool::Driver, held: &mut VecDeque<(u64, BufChain)>| {
+        let take = |d: &mut ringpool::Driver, held: &mut VecDeque<(u64, BufChain)>| {
             while held.len() < 2 {
                 assert!(Instant::now() < deadline, "{}: stalled", rung.name);
                 d.wait(Some(Duration::from_millis(50))).unwrap();
