@@ -1934,12 +1934,20 @@ impl Driver {
                 let OpKind::Send(send) = &slot.kind else {
                     unreachable!("only sends queue")
                 };
-                let lane_key = send.lane;
+                let (lane_key, sent) = (send.lane, send.sent);
+                let len = send.buf.as_ref().map_or(0, SendBuf::len);
                 if let Some(lane) = self.lanes.get_mut(&lane_key) {
                     lane.queue.retain(|&k| k != op.key());
                     lane.requeue.retain(|&k| k != op.key());
                 }
-                self.report_send(op.key(), Err(Error::Cancelled));
+                // Between two parts of a send (short, or one buffer at a time): what left is
+                // said, as for a send cancelled in the kernel.
+                let result = if sent > 0 {
+                    Err(Error::ShortSend { sent, len })
+                } else {
+                    Err(Error::Cancelled)
+                };
+                self.report_send(op.key(), result);
             }
             SlotState::InKernel => {
                 // A send's SQE carries the generation of its current attempt.

@@ -476,3 +476,85 @@ fn a_receive_stream_waits_for_a_dropped_receive_of_its_socket() {
     .unwrap()
     .unwrap();
 }
+
+/// The same question for a send cancelled between two of its parts (zero-copy one buffer per
+/// op, on the `no-sendmsg-zc` rung): it was reported `Cancelled` though its first buffer had
+/// left. It says how much went, and the peer reads exactly that.
+#[test]
+fn a_send_cancelled_between_its_parts_reports_how_much_left() {
+    if !require(Features::get().send_zc, "zero-copy send") {
+        return;
+    }
+    let cfg = DriverConfig::default()
+        .ignore_env()
+        .force(ringpool::Force::NoSendmsgZc)
+        .zerocopy(ringpool::ZcConfig::default().mode(ringpool::ZcMode::On));
+    let mut d = Driver::new(cfg).unwrap();
+    let g = d.buf_group(BufGroupConfig::new(2048, 4)).unwrap();
+    let (r, mut rpeer) = common::tcp_pair();
+    let r = Fd::from(r);
+    let data = pattern_vec(13, 0, 4096);
+    rpeer.write_all(&data).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    d.recv(&r, &g, ringpool::RecvMode::Bundle, 1).unwrap();
+    let mut chain = None;
+    pump(&mut d, 5, |c| {
+        if let Event::Data(ch) = c.event {
+            chain = Some(ch);
+        }
+        true
+    });
+    let chain = chain.unwrap();
+    if chain.buf_count() < 2 {
+        eprintln!("skipped: the receive took one buffer (no bundles), nothing to send in parts");
+        return;
+    }
+    let len = chain.len();
+    let (s, mut speer) = common::tcp_pair();
+    let s = Fd::from(s);
+    let id = d.send_zc(&s, chain, 2).unwrap();
+    // One wait: the first part's result comes, the second part is queued until the next flush.
+    d.wait(Some(Duration::from_secs(5))).unwrap();
+    d.cancel(id);
+    let mut result = None;
+    pump(&mut d, 5, |c| match c.event {
+        Event::Sent { result: r, .. } => {
+            result = Some(r);
+            true
+        }
+        other => panic!("{other:?}"),
+    });
+    let sent = match result.unwrap() {
+        Err(ringpool::Error::ShortSend { sent, len: l }) => {
+            assert_eq!(l, len);
+            sent
+        }
+        Ok(n) => {
+            assert_eq!(n, len, "Ok means all of it");
+            n
+        }
+        Err(ringpool::Error::Cancelled) => panic!("cancelled after a part had left"),
+        Err(e) => panic!("{e}"),
+    };
+    speer
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut got = vec![0u8; len];
+    let mut at = 0;
+    while at < len {
+        match std::io::Read::read(&mut speer, &mut got[at..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => at += n,
+        }
+    }
+    assert_eq!(at, sent, "the peer got what the send reported");
+    assert_eq!(&got[..at], &data[..at]);
+    // The sent buffer goes home after its notification.
+    for _ in 0..50 {
+        if g.stats().in_user == 0 {
+            break;
+        }
+        d.wait(Some(Duration::from_millis(20))).unwrap();
+    }
+    assert_eq!(g.stats().in_user, 0, "buffers home");
+}
