@@ -558,3 +558,44 @@ fn a_send_cancelled_between_its_parts_reports_how_much_left() {
     }
     assert_eq!(g.stats().in_user, 0, "buffers home");
 }
+
+/// A listener whose accept was armed by a runtime that has ended accepts in the next one (its
+/// accept is armed anew there), instead of reading that runtime's op with a stale token.
+#[test]
+fn a_listener_outliving_its_runtime_accepts_in_the_next() {
+    use ringpool::rt::{self, TcpListener};
+    let listener = rt::block_on(async {
+        let l = TcpListener::bind("127.0.0.1:0".parse().unwrap())?;
+        // Arm the accept, then leave before any connection.
+        assert!(rt::timeout(Duration::from_millis(20), l.accept())
+            .await
+            .is_err());
+        Ok::<_, ringpool::Error>(l)
+    })
+    .unwrap()
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt::block_on(async move {
+        let client = std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(b"hi").unwrap();
+            c
+        });
+        let accepted = rt::timeout(Duration::from_secs(5), listener.accept()).await;
+        let stream = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => panic!("accept in the second runtime: {e}"),
+            Err(e) => panic!("accept in the second runtime: {e}"),
+        };
+        let g = rt::buf_group(BufGroupConfig::new(512, 4))?;
+        let got = rt::timeout(Duration::from_secs(5), stream.recv(&g)).await;
+        assert!(
+            matches!(&got, Ok(Ok(Some(chain))) if chain.to_vec() == b"hi"),
+            "{got:?}"
+        );
+        drop(client.join().unwrap());
+        Ok::<_, ringpool::Error>(())
+    })
+    .unwrap()
+    .unwrap();
+}
