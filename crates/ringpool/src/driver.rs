@@ -1760,7 +1760,23 @@ impl Driver {
     /// sends; one [`Event::Sent`] completion that returns `buf`.
     ///
     /// Sends on one socket complete in order, whatever their kind: they queue in the socket's
-    /// lane and go out as linked chains.
+    /// lane and go out as linked chains. The result is `Ok(len)` only once all of `buf` left;
+    /// a send that ends part-way (cancelled, or failed after some bytes went) is
+    /// [`Error::ShortSend`] with the bytes that did.
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{Driver, Event, Fd};
+    /// let mut driver = Driver::new(Default::default())?;
+    /// let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// let sock = Fd::from(std::os::fd::OwnedFd::from(ours));
+    /// driver.send(&sock, b"hello".to_vec(), 1)?;
+    /// driver.wait(None)?;
+    /// let c = driver.pop().unwrap();
+    /// assert!(matches!(c.event, Event::Sent { result: Ok(5), .. }));
+    /// # drop(peer);
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
     pub fn send(&mut self, fd: &Fd, buf: impl Into<SendBuf>, token: u64) -> Result<OpId> {
         self.start_send(fd, buf.into(), None, false, GiveBack::InSent, token)
     }
