@@ -135,7 +135,9 @@ pub enum Error {
     /// An [`rt::timeout`](crate::rt::timeout) elapsed before its future completed.
     #[error("timed out")]
     TimedOut,
-    /// The operation was cancelled before it completed.
+    /// The operation was cancelled before it completed. For a send: the kernel reported no
+    /// byte sent (a cancelled send that had sent some is [`Error::ShortSend`]; 5.x kernels do
+    /// not report the bytes a send cancelled while it blocked had sent).
     #[error("operation cancelled")]
     Cancelled,
     /// A send ended before every byte left: it was cancelled part-way, or the kernel accepted

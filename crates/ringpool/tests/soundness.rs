@@ -400,6 +400,17 @@ fn a_send_cancelled_part_way_reports_how_much_left() {
     drop(s);
     let got = common::read_to_end(c.try_clone().unwrap());
     drop(c.flush());
+    let k = Features::get().kernel;
+    if sent == 0 && !got.is_empty() && (k.major, k.minor) < (6, 0) {
+        // 5.x completes a send cancelled while it blocks with -ECANCELED and no count of what
+        // had gone (seen on 5.10 in the kernel matrix): nothing to report it from.
+        eprintln!(
+            "skipped: this kernel ({k}) does not report the bytes a cancelled send had sent \
+             ({} had left)",
+            got.len()
+        );
+        return;
+    }
     assert_eq!(got.len(), sent, "the peer got what the send reported");
     assert_eq!(got, data[..sent]);
 }
