@@ -594,19 +594,49 @@ impl Drop for Op {
 }
 
 /// A task started by [`spawn`]; awaiting it gives the task's output.
+///
+/// # Panics
+/// Awaited after its task was dropped unfinished (its runtime ended: the handle was returned
+/// out of `rt::block_on`), rather than waiting for ever.
 pub struct JoinHandle<T> {
-    result: Rc<RefCell<(Option<T>, Option<Waker>)>>,
+    result: Rc<RefCell<TaskResult<T>>>,
+}
+
+/// A task's output, the waker of whoever awaits it, and whether the task was dropped first.
+struct TaskResult<T> {
+    value: Option<T>,
+    waker: Option<Waker>,
+    dropped: bool,
 }
 
 impl<T> Future for JoinHandle<T> {
     type Output = T;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         let mut r = self.result.borrow_mut();
-        match r.0.take() {
+        match r.value.take() {
             Some(v) => Poll::Ready(v),
             None => {
-                r.1 = Some(cx.waker().clone());
+                assert!(
+                    !r.dropped,
+                    "rt::JoinHandle awaited after its task was dropped unfinished (its runtime ended)"
+                );
+                r.waker = Some(cx.waker().clone());
                 Poll::Pending
+            }
+        }
+    }
+}
+
+/// Marks a task's result as never coming when the task is dropped before it finished.
+struct OnTaskDrop<T>(Rc<RefCell<TaskResult<T>>>);
+
+impl<T> Drop for OnTaskDrop<T> {
+    fn drop(&mut self) {
+        let mut r = self.0.borrow_mut();
+        if r.value.is_none() {
+            r.dropped = true;
+            if let Some(w) = r.waker.take() {
+                w.wake();
             }
         }
     }
@@ -629,13 +659,17 @@ where
     F::Output: 'static,
 {
     let rt = runtime();
-    let result = Rc::new(RefCell::new((None, None::<Waker>)));
-    let out = result.clone();
+    let result = Rc::new(RefCell::new(TaskResult {
+        value: None,
+        waker: None,
+        dropped: false,
+    }));
+    let out = OnTaskDrop(result.clone());
     let task: Task = Box::pin(async move {
         let v = fut.await;
-        let mut r = out.borrow_mut();
-        r.0 = Some(v);
-        if let Some(w) = r.1.take() {
+        let mut r = out.0.borrow_mut();
+        r.value = Some(v);
+        if let Some(w) = r.waker.take() {
             w.wake();
         }
     });

@@ -610,3 +610,19 @@ fn a_listener_outliving_its_runtime_accepts_in_the_next() {
     .unwrap()
     .unwrap();
 }
+
+/// A task's handle awaited after the task's runtime ended (the task was dropped unfinished)
+/// says so instead of waiting for ever.
+#[test]
+#[should_panic(expected = "awaited after its task was dropped unfinished")]
+fn a_join_handle_of_a_task_whose_runtime_ended_does_not_wait_for_ever() {
+    use ringpool::rt;
+    let handle = rt::block_on(async {
+        rt::spawn(async {
+            rt::sleep(Duration::from_secs(3600)).await;
+            7
+        })
+    })
+    .unwrap();
+    let _ = rt::block_on(async move { rt::timeout(Duration::from_secs(5), handle).await });
+}
