@@ -618,11 +618,13 @@ fn a_listener_outliving_its_runtime_accepts_in_the_next() {
 fn a_join_handle_of_a_task_whose_runtime_ended_does_not_wait_for_ever() {
     use ringpool::rt;
     let handle = rt::block_on(async {
-        rt::spawn(async {
+        let task = rt::spawn(async {
             rt::sleep(Duration::from_secs(3600)).await;
             7
-        })
+        });
+        Some(task) // returned out of its runtime, unfinished
     })
+    .unwrap()
     .unwrap();
     let _ = rt::block_on(async move { rt::timeout(Duration::from_secs(5), handle).await });
 }
