@@ -1639,7 +1639,12 @@ impl Driver {
     /// [`Event::Sent`] (`Ok(len)` once all of it was sent, its memory already gone home), in
     /// order. Do not mix with other sends on the same socket while some are queued: only the
     /// ring's own sends are ordered with each other. After a send error every queued send ends
-    /// with it, and so does any later one.
+    /// with it, and so does any later one. A ring sends on the socket of its first send only;
+    /// `cancel_fd` on that socket ends every queued send (`cancel_token` does not reach them).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for another socket than the ring's, or a fixed range outside
+    /// its buffer; [`Error::NotOurs`] for another driver's ring.
     ///
     /// # Examples
     /// ```
@@ -1675,8 +1680,24 @@ impl Driver {
     ) -> Result<()> {
         let shared = &ring.shared;
         self.check_owner(shared.owner, "a send ring")?;
+        let buf = buf.into();
+        check_send_range(&buf)?;
+        // A ring sends on one socket: its bundles go where its first send went, so bytes meant
+        // for another socket would leave on that one.
+        let mut socket = shared.socket.borrow_mut();
+        match &*socket {
+            // (A `Weak` keeps the descriptor's allocation, so no later socket can share it.)
+            Some(bound) if !std::rc::Weak::ptr_eq(bound, &Rc::downgrade(&fd.0)) => {
+                return Err(Error::InvalidArgument {
+                    what: "a send ring sends on one socket: this ring was first used with another",
+                });
+            }
+            Some(_) => {}
+            None => *socket = Some(Rc::downgrade(&fd.0)),
+        }
+        drop(socket);
         if !shared.kernel {
-            self.start_send(fd, buf.into(), None, false, GiveBack::Never, token)?;
+            self.start_send(fd, buf, None, false, GiveBack::Never, token)?;
             return Ok(());
         }
         if shared.failed.get() {
@@ -1691,7 +1712,7 @@ impl Driver {
             });
             return Ok(());
         }
-        shared.queue(buf.into(), token);
+        shared.queue(buf, token);
         if !shared.in_flight.get() {
             self.start_bundle(fd.clone(), shared.clone());
         }
@@ -1735,6 +1756,19 @@ impl Driver {
                 continue;
             }
             let r = self.send_rings.swap_remove(i);
+            // Sends still queued (nothing in flight to carry them): they end as cancelled
+            // rather than vanish with their buffers.
+            for token in r.fail() {
+                self.ready.push_back(Completion {
+                    token,
+                    op: OpId::NONE,
+                    event: Event::Sent {
+                        result: Err(Error::Cancelled),
+                        buf: None,
+                    },
+                    more: false,
+                });
+            }
             if !self.forget_buf_ring(r.bgid) {
                 self.kept_for_kernel.push(Box::new(r));
             }
@@ -1830,13 +1864,7 @@ impl Driver {
         give_back: GiveBack,
         token: u64,
     ) -> Result<OpId> {
-        if let SendBuf::Fixed { buf, range } = &buf {
-            if range.start > range.end || range.end > buf.len() {
-                return Err(Error::InvalidArgument {
-                    what: "send range outside the registered buffer",
-                });
-            }
-        }
+        check_send_range(&buf)?;
         let lane_key = Rc::as_ptr(&fd.0) as usize;
         let backing_off = self.zc_backing_off;
         let gen = self.next_gen();
@@ -2011,7 +2039,12 @@ impl Driver {
         let ids: Vec<OpId> = self
             .ops
             .iter()
-            .filter(|(_, s)| s.token == token && op_fd(&s.kind).is_some())
+            // Bundle ops carry many sends (and token 0): `cancel_fd` stops them.
+            .filter(|(_, s)| {
+                s.token == token
+                    && op_fd(&s.kind).is_some()
+                    && !matches!(s.kind, OpKind::SendBundle { .. })
+            })
             .map(|(k, s)| OpId::new(k, s.gen, self.ring_id))
             .collect();
         for id in ids {
@@ -3168,6 +3201,21 @@ impl Driver {
                         errno_error("send bundle", res)
                     })
                 };
+                // A bundle cancelled (cancel_fd, the driver going) that finished before the
+                // cancel reached it: what it sent is reported, and the sends queued behind it
+                // end as cancelled (they stranded in the backlog, never completing).
+                let sent = match sent {
+                    Ok((pieces, done)) if cancelled || self.dropping => {
+                        self.stats.bundle_buffers += pieces as u64;
+                        self.report_bundle(done);
+                        if ring.sends.borrow().is_empty() {
+                            Ok((0, Vec::new()))
+                        } else {
+                            Err(Error::Cancelled)
+                        }
+                    }
+                    other => other,
+                };
                 match sent {
                     Ok((pieces, done)) => {
                         self.stats.bundle_buffers += pieces as u64;
@@ -3520,6 +3568,18 @@ pub(crate) fn sockaddr(addr: std::net::SocketAddr) -> (libc::sockaddr_storage, l
         }
     };
     (storage, len as libc::socklen_t)
+}
+
+/// A fixed buffer's range must lie inside it (every send path checks before it queues).
+fn check_send_range(buf: &SendBuf) -> Result<()> {
+    match buf {
+        SendBuf::Fixed { buf, range } if range.start > range.end || range.end > buf.len() => {
+            Err(Error::InvalidArgument {
+                what: "send range outside the registered buffer",
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 fn errno_error(op: &'static str, res: i32) -> Error {

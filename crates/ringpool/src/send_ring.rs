@@ -54,6 +54,8 @@ pub(crate) struct SendRingShared {
     pub(crate) failed: Cell<bool>,
     /// The ring (driver) that made it: its bgid means this send ring only there.
     pub(crate) owner: u64,
+    /// The socket the ring sends on, from its first send (not kept open by the ring).
+    pub(crate) socket: RefCell<Option<std::rc::Weak<std::os::fd::OwnedFd>>>,
 }
 
 impl SendRingShared {
@@ -76,6 +78,7 @@ impl SendRingShared {
             kernel,
             failed: Cell::new(false),
             owner,
+            socket: RefCell::new(None),
         })
     }
 
