@@ -1682,6 +1682,12 @@ impl Driver {
         self.check_owner(shared.owner, "a send ring")?;
         let buf = buf.into();
         check_send_range(&buf)?;
+        if !matches!(buf, SendBuf::Chain(_)) && buf.len() > u32::MAX as usize {
+            // One ring entry holds one contiguous piece, whose length is 32 bits.
+            return Err(Error::InvalidArgument {
+                what: "a send ring entry holds at most 4 GiB: send larger memory in parts",
+            });
+        }
         // A ring sends on one socket: its bundles go where its first send went, so bytes meant
         // for another socket would leave on that one.
         let mut socket = shared.socket.borrow_mut();

@@ -159,3 +159,27 @@ fn send_bundle_refuses_a_fixed_range_outside_its_buffer() {
         }
     }
 }
+
+/// One ring entry's length is 32 bits: a piece of memory over 4 GiB is refused, not cut short
+/// (its length was truncated into the entry).
+#[test]
+fn send_bundle_refuses_memory_over_4_gib_in_one_piece() {
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    if !common::require_env(mem_kib > 8 << 20, "8 GiB of memory (for a 4 GiB allocation)") {
+        return;
+    }
+    let mut d = driver();
+    let ring = d.send_ring(8).unwrap();
+    let (s, _c) = tcp_pair();
+    let s = Fd::from(s);
+    // Zero pages from the allocator: nothing is touched.
+    let big = vec![0u8; (1usize << 32) + 1];
+    let r = d.send_bundle(&s, &ring, big, 1);
+    assert!(
+        matches!(r, Err(ringpool::Error::InvalidArgument { .. })),
+        "{r:?}"
+    );
+}
