@@ -2538,7 +2538,9 @@ impl Driver {
             let capacity = self.ring.submission().capacity();
             let n = lane.queue.len().min(MAX_CHAIN).min(capacity);
             let chain: Vec<usize> = lane.queue.drain(..n).collect();
-            if capacity - self.ring.submission().len() < n {
+            // (A submit that found the completion queue full reaps, and what it dispatches may
+            // push SQEs of its own: check the room again until the whole chain fits.)
+            while capacity - self.ring.submission().len() < n {
                 self.submit_queued();
             }
             for (i, &key) in chain.iter().enumerate() {
