@@ -36,7 +36,7 @@ use ringpool::{
     BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, Registration, ZcConfig, ZcMode,
 };
 
-use crate::net::{set_backlog, set_nodelay, set_reset_on_close};
+use crate::net::{abort_connection, set_backlog, set_nodelay};
 use crate::signals;
 
 /// Arguments of `ringpool proxy`.
@@ -329,10 +329,20 @@ pub fn serve(
     Ok(summary)
 }
 
-/// The buffers one direction may hold: half the group split across the connections.
-fn fair_share(total: u32, pairs: usize) -> u32 {
-    (total / (2 * pairs.max(1) as u32)).max(1)
+/// The buffers one direction may hold: half the group split across the connections, and never
+/// more than a sixteenth of the group (an eighth per connection). The share is taken when a
+/// direction receives: one that already holds more (it took them while it had the proxy to
+/// itself) is not read again until it is back under its share. Without the cap, a client that
+/// sends and never reads, alone at first, would keep half the group each way for as long as it
+/// stays, whatever the share of the connections that came later.
+pub(crate) fn fair_share(total: u32, pairs: usize) -> u32 {
+    (total / (2 * pairs.max(1) as u32))
+        .min(total / MAX_SHARE_DIVISOR)
+        .max(1)
 }
+
+/// One direction never holds more than `1 / MAX_SHARE_DIVISOR` of the group.
+pub(crate) const MAX_SHARE_DIVISOR: u32 = 16;
 
 /// Arms the one-buffer receive of direction `dir` unless one is armed, its source ended, or the
 /// direction holds its share.
@@ -399,7 +409,8 @@ fn abort(driver: &mut Driver, pair: &mut Pair, summary: &mut Summary) {
         .into_iter()
         .flatten()
     {
-        set_reset_on_close(&fd);
+        // A reset now, queued data dropped, waiting ops failed: see `abort_connection`.
+        abort_connection(&fd);
         driver.cancel_fd(&fd);
     }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use ringpool::rt::{self, TcpListener, TcpStream};
 use ringpool::{BufChain, BufGroup, BufGroupConfig, DriverConfig, Error, Registration, ZcConfig};
 
-use crate::net::{set_nodelay, set_reset_on_close};
+use crate::net::{abort_connection, set_nodelay, set_reset_on_close};
 use crate::proxy::{Args, Summary};
 use crate::signals;
 
@@ -129,7 +129,7 @@ struct Pair {
 }
 
 /// A receive in flight on a direction's source (boxed, so it can outlive one send).
-type Recv<'a> = Pin<Box<dyn Future<Output = ringpool::Result<Option<BufChain>>> + 'a>>;
+pub(crate) type Recv<'a> = Pin<Box<dyn Future<Output = ringpool::Result<Option<BufChain>>> + 'a>>;
 
 /// Forwards `src` to `dst` until end of stream (then half-closes `dst`) or an error (then
 /// resets both, which ends the other direction too).
@@ -174,26 +174,31 @@ async fn forward(pair: Rc<Pair>, group: BufGroup, counters: Rc<Counters>, up: bo
             _ => break,
         }
     }
-    // A reset on either side: reset both (closed with linger 0 once both tasks let go), and
-    // cancel the other direction's ops now so that it ends too. (Not `shutdown`: its FIN could
-    // reach the peer before the reset and read as a clean end.)
+    // A reset on either side: reset both now (`abort_connection`: the peers get a reset, data
+    // queued for them is dropped, and every op waiting on the sockets fails), and cancel the
+    // other direction's ops so that it ends too. Cancelling alone is not enough: a send to a
+    // peer that never reads, or a zero-copy notification for data queued to it, can keep a
+    // socket open, its buffers out and the other task waiting (a leaked session: issue 18).
+    // (Not `shutdown`: its FIN could reach the peer before the reset and read as a clean end.)
     drop(recv);
     if !pair.reset.replace(true) {
         counters.resets.set(counters.resets.get() + 1);
     }
     for s in [src, dst] {
-        set_reset_on_close(s.fd());
+        abort_connection(s.fd());
         rt::with_driver(|d| d.cancel_fd(s.fd()));
     }
 }
 
-/// Buffers a direction may hold: its share of the group, `buffers / (2 × connections)`, less
+/// Buffers a direction may hold: its share of the group, `buffers / (2 × connections)` (at most
+/// a sixteenth of the group, as in the event-loop proxy), less
 /// one for the receive that may carry over from one send to the next (at least 2). The chain
 /// being sent counts against it: all directions' shares fit in the group, so every direction
 /// can always receive, and a shared group cannot deadlock the proxy.
 fn fair_share(group: &BufGroup, counters: &Counters) -> usize {
     let live = counters.live.get().max(1);
-    let share = group.stats().total as u64 / (2 * live);
+    let total = group.stats().total as u64;
+    let share = (total / (2 * live)).min(total / crate::proxy::MAX_SHARE_DIVISOR as u64);
     share.saturating_sub(1).max(2) as usize
 }
 
@@ -223,10 +228,10 @@ fn pending_error(s: &TcpStream) -> Option<ringpool::Error> {
 
 /// What a direction received while its send was in flight.
 #[derive(Default)]
-struct Gathered {
-    chain: Option<BufChain>,
+pub(crate) struct Gathered {
+    pub(crate) chain: Option<BufChain>,
     /// `src` reached end of stream.
-    eof: bool,
+    pub(crate) eof: bool,
 }
 
 /// Sends `chain` to `dst` while receiving from `src` through `recv`, the direction's one
@@ -234,7 +239,7 @@ struct Gathered {
 /// send's result and what was received meanwhile, for the next send; a receive still in flight
 /// stays in `recv`. An error on `src` ends the send at once (dropping it cancels it): the pair is
 /// being reset, and `dst` may never read again.
-async fn send_gathering<'a>(
+pub(crate) async fn send_gathering<'a>(
     src: &'a TcpStream,
     dst: &TcpStream,
     chain: BufChain,

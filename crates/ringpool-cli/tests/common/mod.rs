@@ -42,6 +42,18 @@ impl Server {
         Server { child, addr, rest }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Descriptors the server holds open now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     /// Stops the server with SIGINT and returns its final `stats` line.
     pub fn stop(mut self) -> serde_json::Value {
         // SAFETY: kill sends a signal to our own child process.
