@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ringpool::{BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, SendBuf};
 
-use crate::net::{set_backlog, set_nodelay, Accept};
+use crate::net::{set_backlog, set_nodelay, Accept, AcceptLog};
 use crate::proxy_rt::{send_gathering, Gathered, Recv};
 use crate::signals;
 
@@ -299,14 +299,25 @@ fn run_rt(args: Args, conn_bufs: u32) -> Result<(), Box<dyn std::error::Error>> 
         let echoed = Rc::new(Cell::new(0u64));
         let (c, e, g) = (connections.clone(), echoed.clone(), group.clone());
         let share = conn_bufs as usize;
+        // Connections open now (for the log line at the descriptor limit).
+        let open = Rc::new(Cell::new(0u64));
         rt::spawn(async move {
+            let mut accept_log = AcceptLog::default();
             loop {
-                let Ok(stream) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        // Out of descriptors: wait (connections stay in the backlog) instead
+                        // of failing again at once.
+                        rt::sleep(accept_log.failed(&e, open.get() as usize)).await;
+                        continue;
+                    }
                 };
+                accept_log.accepted();
                 set_nodelay(stream.fd());
                 c.set(c.get() + 1);
-                let (e, g) = (e.clone(), g.clone());
+                let (e, g, open) = (e.clone(), g.clone(), open.clone());
+                open.set(open.get() + 1);
                 rt::spawn(async move {
                     let mut recv: Option<Recv<'_>> = None;
                     let mut gathered = Gathered::default();
@@ -334,6 +345,8 @@ fn run_rt(args: Args, conn_bufs: u32) -> Result<(), Box<dyn std::error::Error>> 
                             _ => break,
                         }
                     }
+                    drop(recv);
+                    open.set(open.get() - 1);
                 });
             }
         });

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use ringpool::{Driver, DriverConfig, Event, Fd, FixedBuf, Member, SendBuf};
 
-use crate::net::{set_backlog, set_nodelay, set_reset_on_close};
+use crate::net::{set_backlog, set_nodelay, set_reset_on_close, Accept};
 use crate::signals;
 
 /// Arguments of `ringpool fanout`.
@@ -212,7 +212,7 @@ pub fn serve(
         .map(|_| driver.fixed_buf_or_plain(opts.chunk))
         .collect::<ringpool::Result<_>>()?;
     let total_bufs = free.len();
-    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut accept = Accept::new(driver, &listener, ACCEPT)?;
     let mut waiting: Vec<Fd> = Vec::new();
     let mut round: Option<Round> = None;
     let mut last_progress = Instant::now();
@@ -266,15 +266,17 @@ pub fn serve(
                 continue;
             }
         }
-        driver.wait(Some(Duration::from_millis(100)))?;
+        accept.poll(driver, &listener)?;
+        driver.wait(Some(accept.wait_for(Duration::from_millis(100))))?;
         while let Some(c) = driver.pop() {
             match (c.token, c.event) {
-                (ACCEPT, Event::Accepted(fd)) => {
-                    set_nodelay(&fd);
-                    waiting.push(fd);
+                (ACCEPT, event) => {
+                    let c = ringpool::Completion { event, ..c };
+                    if let Some(fd) = accept.on_completion(c, waiting.len()) {
+                        set_nodelay(&fd);
+                        waiting.push(fd);
+                    }
                 }
-                (ACCEPT, Event::Error(e)) => eprintln!("accept: {e}"),
-                (ACCEPT, _) => {}
                 (_, Event::LeaseFilled { result, lease }) => {
                     let r = round.as_mut().expect("a lease belongs to the round");
                     r.reading = false;
@@ -334,7 +336,7 @@ pub fn serve(
             }
         }
     }
-    driver.cancel(accept);
+    accept.cancel(driver);
     summary.buffers_free = free.len();
     summary.buffers_total = total_bufs;
     Ok(summary)
@@ -424,7 +426,7 @@ pub fn serve_read_per_client(
         .map(|_| driver.fixed_buf_or_plain(opts.chunk))
         .collect::<ringpool::Result<_>>()?;
     let total_bufs = free.len();
-    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut accept = Accept::new(driver, &listener, ACCEPT)?;
     let mut waiting: Vec<Fd> = Vec::new();
     let mut round: Option<Vec<OwnClient>> = None;
     while !stop() {
@@ -463,15 +465,17 @@ pub fn serve_read_per_client(
                 continue;
             }
         }
-        driver.wait(Some(Duration::from_millis(100)))?;
+        accept.poll(driver, &listener)?;
+        driver.wait(Some(accept.wait_for(Duration::from_millis(100))))?;
         while let Some(c) = driver.pop() {
             match (c.token, c.event) {
-                (ACCEPT, Event::Accepted(fd)) => {
-                    set_nodelay(&fd);
-                    waiting.push(fd);
+                (ACCEPT, event) => {
+                    let c = ringpool::Completion { event, ..c };
+                    if let Some(fd) = accept.on_completion(c, waiting.len()) {
+                        set_nodelay(&fd);
+                        waiting.push(fd);
+                    }
                 }
-                (ACCEPT, Event::Error(e)) => eprintln!("accept: {e}"),
-                (ACCEPT, _) => {}
                 (t, Event::FixedIo { buf, result }) if t & READ_TAG != 0 => {
                     let client = client(&mut round, t);
                     client.reading = false;
@@ -522,7 +526,7 @@ pub fn serve_read_per_client(
             }
         }
     }
-    driver.cancel(accept);
+    accept.cancel(driver);
     summary.buffers_free = free.len();
     summary.buffers_total = total_bufs;
     Ok(summary)

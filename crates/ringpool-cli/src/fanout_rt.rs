@@ -165,16 +165,18 @@ pub async fn serve(
 
 /// Queues every new connection for the next round.
 async fn accept(listener: TcpListener, server: Rc<Server>) {
+    let mut log = crate::net::AcceptLog::default();
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                log.accepted();
                 set_nodelay(stream.fd());
                 server.waiting.borrow_mut().push(stream);
                 server.changed.notify();
             }
             Err(e) => {
-                eprintln!("accept: {e}");
-                rt::sleep(Duration::from_millis(100)).await;
+                let open = server.waiting.borrow().len();
+                rt::sleep(log.failed(&e, open)).await;
             }
         }
     }

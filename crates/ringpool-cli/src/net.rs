@@ -72,10 +72,7 @@ pub struct Accept {
     token: u64,
     /// Not before this instant is the accept re-armed (after a failure).
     retry_at: Option<Instant>,
-    /// Inside an out-of-descriptors episode (logged at its start).
-    starved: bool,
-    /// Accepts that failed in this episode.
-    failures: u64,
+    log: AcceptLog,
 }
 
 impl Accept {
@@ -86,8 +83,7 @@ impl Accept {
             op: Some(op),
             token,
             retry_at: None,
-            starved: false,
-            failures: 0,
+            log: AcceptLog::default(),
         })
     }
 
@@ -99,35 +95,11 @@ impl Accept {
         }
         match c.event {
             Event::Accepted(fd) => {
-                if self.starved {
-                    self.starved = false;
-                    log(format_args!(
-                        "accept: descriptors available again; accepting (after {} refused \
-                         attempts)",
-                        self.failures
-                    ));
-                }
+                self.log.accepted();
                 Some(fd)
             }
             Event::Error(e) => {
-                if out_of_descriptors(&e) {
-                    if !self.starved {
-                        self.starved = true;
-                        self.failures = 0;
-                        log(format_args!(
-                            "accept: {e} (RLIMIT_NOFILE {}, {live} connections open): new \
-                             connections wait in the listen backlog until one closes; logged \
-                             once until it recovers",
-                            nofile_limit()
-                        ));
-                    }
-                    self.failures += 1;
-                } else {
-                    log(format_args!("accept: {e}"));
-                }
-                // Any failure waits a little before the next attempt, so a persistent error
-                // cannot spin the loop.
-                self.retry_at = Some(Instant::now() + ACCEPT_BACKOFF);
+                self.retry_at = Some(Instant::now() + self.log.failed(&e, live));
                 None
             }
             _ => None,
@@ -146,7 +118,7 @@ impl Accept {
 
     /// A descriptor was freed (a connection closed): an accept waiting for one goes now.
     pub fn freed(&mut self, driver: &mut Driver, listener: &Fd) -> ringpool::Result<()> {
-        if self.starved && self.op.is_none() {
+        if self.log.starved && self.op.is_none() {
             self.retry_at = None;
             self.poll(driver, listener)?;
         }
@@ -167,6 +139,48 @@ impl Accept {
     pub fn cancel(&mut self, driver: &mut Driver) {
         if let Some(op) = self.op.take() {
             driver.cancel(op);
+        }
+    }
+}
+
+/// The log of a listener's accepts: an out-of-descriptors episode is logged once when it starts
+/// and once when it ends, not at every failed attempt.
+#[derive(Default)]
+pub struct AcceptLog {
+    /// Inside an out-of-descriptors episode.
+    starved: bool,
+    /// Accepts that failed in this episode.
+    failures: u64,
+}
+
+impl AcceptLog {
+    /// A connection was accepted.
+    pub fn accepted(&mut self) {
+        if std::mem::take(&mut self.starved) {
+            log(format_args!(
+                "accept: descriptors available again; accepting (after {} refused attempts)",
+                self.failures
+            ));
+        }
+    }
+
+    /// An accept failed with `e` while `live` connections are open; returns how long to wait
+    /// before the next attempt (any failure waits, so a persistent error cannot spin a loop).
+    pub fn failed(&mut self, e: &ringpool::Error, live: usize) -> Duration {
+        if out_of_descriptors(e) {
+            if !std::mem::replace(&mut self.starved, true) {
+                self.failures = 0;
+                log(format_args!(
+                    "accept: {e} (RLIMIT_NOFILE {}, {live} connections open): new connections \
+                     wait in the listen backlog until one closes; logged once until it recovers",
+                    nofile_limit()
+                ));
+            }
+            self.failures += 1;
+            ACCEPT_BACKOFF
+        } else {
+            log(format_args!("accept: {e}"));
+            Duration::from_millis(10)
         }
     }
 }

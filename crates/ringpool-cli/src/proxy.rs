@@ -36,7 +36,7 @@ use ringpool::{
     BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, Registration, ZcConfig, ZcMode,
 };
 
-use crate::net::{abort_connection, set_backlog, set_nodelay};
+use crate::net::{abort_connection, log, nofile_limit, set_backlog, set_nodelay, Accept};
 use crate::signals;
 
 /// Arguments of `ringpool proxy`.
@@ -133,6 +133,8 @@ pub struct Summary {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub resets: u64,
+    /// Clients refused (reset at once) because no upstream socket could be opened.
+    pub refused: u64,
 }
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -199,7 +201,7 @@ pub(crate) fn report(
     );
     let json = serde_json::json!({
         "connections": summary.connections, "bytes_up": summary.bytes_up,
-        "bytes_down": summary.bytes_down, "resets": summary.resets,
+        "bytes_down": summary.bytes_down, "resets": summary.resets, "refused": summary.refused,
         "buffer_bytes": group.buffer_bytes(), "total": s.total, "in_kernel": s.in_kernel,
         "in_user": s.in_user, "enobufs": s.enobufs, "rearms": s.rearms,
         "zc_sends": z.zc_sends, "zc_copied": z.zc_copied, "plain_sends": z.plain_sends,
@@ -222,31 +224,51 @@ pub fn serve(
     let mut pairs: slab::Slab<Pair> = slab::Slab::new();
     let total = group.stats().total;
     let mut summary = Summary::default();
-    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut accept = Accept::new(driver, &listener, ACCEPT)?;
+    // Inside an episode of failing to open upstream sockets (logged once when it starts).
+    let mut starved = false;
     while !stop() {
-        driver.wait(Some(Duration::from_millis(200)))?;
+        accept.poll(driver, &listener)?;
+        driver.wait(Some(accept.wait_for(Duration::from_millis(200))))?;
         while let Some(c) = driver.pop() {
             if c.token == ACCEPT {
-                match c.event {
-                    Event::Accepted(client) => {
-                        set_nodelay(&client);
-                        let up = Fd::tcp_socket(upstream)?;
-                        let key = pairs.insert(Pair {
-                            client: Some(client),
-                            upstream: Some(up.clone()),
-                            dirs: Default::default(),
-                            live_ops: 1,
-                            aborted: false,
-                        }) as u64;
-                        driver.connect(&up, upstream, key << 3 | CONNECT)?;
-                        summary.connections += 1;
+                let Some(client) = accept.on_completion(c, pairs.len()) else {
+                    continue;
+                };
+                set_nodelay(&client);
+                let up = match Fd::tcp_socket(upstream) {
+                    Ok(up) => {
+                        if std::mem::take(&mut starved) {
+                            log(format_args!("proxy: upstream sockets available again"));
+                        }
+                        up
                     }
-                    Event::Error(e) => eprintln!("accept: {e}"),
-                    _ => {}
-                }
-                if !c.more {
-                    driver.accept_multishot(&listener, ACCEPT)?;
-                }
+                    Err(e) => {
+                        // Out of descriptors (or another resource): refuse this client with
+                        // a reset and go on serving the others.
+                        if !std::mem::replace(&mut starved, true) {
+                            log(format_args!(
+                                "proxy: cannot open a socket to the upstream {upstream}: {e} \
+                                 (RLIMIT_NOFILE {}, {} connections open); refusing new clients \
+                                 with a reset until one closes; logged once until it recovers",
+                                nofile_limit(),
+                                pairs.len()
+                            ));
+                        }
+                        abort_connection(&client);
+                        summary.refused += 1;
+                        continue;
+                    }
+                };
+                let key = pairs.insert(Pair {
+                    client: Some(client),
+                    upstream: Some(up.clone()),
+                    dirs: Default::default(),
+                    live_ops: 1,
+                    aborted: false,
+                }) as u64;
+                driver.connect(&up, upstream, key << 3 | CONNECT)?;
+                summary.connections += 1;
                 continue;
             }
             let (key, tag) = ((c.token >> 3) as usize, c.token & 7);
@@ -322,10 +344,11 @@ pub fn serve(
             }
             if pair.finished() {
                 pairs.remove(key);
+                accept.freed(driver, &listener)?;
             }
         }
     }
-    driver.cancel(accept);
+    accept.cancel(driver);
     Ok(summary)
 }
 

@@ -24,7 +24,10 @@ use std::time::Duration;
 use ringpool::rt::{self, TcpListener, TcpStream};
 use ringpool::{BufChain, BufGroup, BufGroupConfig, DriverConfig, Error, Registration, ZcConfig};
 
-use crate::net::{abort_connection, set_nodelay, set_reset_on_close};
+use crate::net::{
+    abort_connection, log, nofile_limit, out_of_descriptors, set_nodelay, set_reset_on_close,
+    AcceptLog,
+};
 use crate::proxy::{Args, Summary};
 use crate::signals;
 
@@ -37,6 +40,10 @@ struct Counters {
     bytes_up: Cell<u64>,
     bytes_down: Cell<u64>,
     resets: Cell<u64>,
+    /// Clients reset at once because no upstream socket could be opened.
+    refused: Cell<u64>,
+    /// Inside an episode of failing to open upstream sockets (logged once when it starts).
+    starved: Cell<bool>,
 }
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -67,11 +74,18 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
         std::io::stdout().flush()?;
         let counters = Rc::new(Counters::default());
+        let mut accept_log = AcceptLog::default();
         while !signals::stop_requested() {
             match rt::timeout(Duration::from_millis(200), listener.accept()).await {
                 Err(Error::TimedOut) => {}
-                Err(e) | Ok(Err(e)) => eprintln!("accept: {e}"),
+                Err(e) | Ok(Err(e)) => {
+                    // Out of descriptors: wait (connections stay in the backlog) instead of
+                    // failing again at once.
+                    let live = counters.live.get() as usize;
+                    rt::sleep(accept_log.failed(&e, live)).await;
+                }
                 Ok(Ok(client)) => {
+                    accept_log.accepted();
                     set_nodelay(client.fd());
                     counters.connections.set(counters.connections.get() + 1);
                     let task = pair(client, args.upstream, group.clone(), counters.clone());
@@ -91,6 +105,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             bytes_up: counters.bytes_up.get(),
             bytes_down: counters.bytes_down.get(),
             resets: counters.resets.get(),
+            refused: counters.refused.get(),
         };
         rt::with_driver(|d| crate::proxy::report(&summary, &group, d, "rt"));
         Ok::<(), Box<dyn std::error::Error>>(())
@@ -100,7 +115,26 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// One client connection: connect upstream, then both directions at once.
 async fn pair(client: TcpStream, upstream: SocketAddr, group: BufGroup, counters: Rc<Counters>) {
     let upstream = match TcpStream::connect(upstream).await {
-        Ok(s) => s,
+        Ok(s) => {
+            if counters.starved.replace(false) {
+                log(format_args!("proxy: upstream sockets available again"));
+            }
+            s
+        }
+        Err(e) if out_of_descriptors(&e) => {
+            if !counters.starved.replace(true) {
+                log(format_args!(
+                    "proxy: cannot open a socket to the upstream {upstream}: {e} (RLIMIT_NOFILE \
+                     {}, {} connections open); refusing new clients with a reset until one \
+                     closes; logged once until it recovers",
+                    nofile_limit(),
+                    counters.live.get()
+                ));
+            }
+            set_reset_on_close(client.fd());
+            counters.refused.set(counters.refused.get() + 1);
+            return;
+        }
         Err(_) => {
             // The client sees the refusal as a reset.
             set_reset_on_close(client.fd());
