@@ -115,6 +115,8 @@ struct Round {
     clients: Vec<Client>,
     /// The next chunk to read, and whether the file ended.
     next_chunk: u64,
+    /// Where the next chunk starts in the file (a short read moves it by what was read).
+    offset: u64,
     eof: bool,
     /// A leader read is in flight (reads go one at a time, so chunks reach every client in order).
     reading: bool,
@@ -122,7 +124,7 @@ struct Round {
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
-    let file = std::fs::File::open(&args.file)?;
+    let file = open_regular(&args.file)?;
     let opts = Options {
         chunk: args.chunk,
         in_flight: args.in_flight,
@@ -231,6 +233,7 @@ pub fn serve(
                     })
                     .collect(),
                 next_chunk: 0,
+                offset: 0,
                 eof: false,
                 reading: false,
             });
@@ -250,7 +253,7 @@ pub fn serve(
                         c.sends += 1;
                         c.held += 1;
                     }
-                    let offset = r.next_chunk * opts.chunk as u64;
+                    let offset = r.offset;
                     driver.lease_group(&file, buf, offset, members, CHUNK_TAG | r.next_chunk)?;
                     r.reading = true;
                     summary.peak_in_flight = summary.peak_in_flight.max(total_bufs - free.len());
@@ -287,8 +290,10 @@ pub fn serve(
                             summary.chunks_read += 1;
                             summary.bytes_read += n as u64;
                             r.next_chunk += 1;
-                            // A short read is the end of the file (or the file shrank).
-                            r.eof = n < opts.chunk;
+                            r.offset += n as u64;
+                            // Only a 0-byte read is the end; a short one is the end only if it
+                            // reached the file's size (which spares the extra read).
+                            r.eof = n < opts.chunk && at_end(&file, r.offset);
                         }
                         Err(e) => {
                             eprintln!("reading the file: {e}");
@@ -340,6 +345,46 @@ pub fn serve(
     summary.buffers_free = free.len();
     summary.buffers_total = total_bufs;
     Ok(summary)
+}
+
+/// Whether `offset` is at (or past) the end of the regular file `file` now.
+pub(crate) fn at_end(file: &impl AsRawFd, offset: u64) -> bool {
+    // SAFETY: fstat writes one `stat` into a zeroed variable we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `file` is a live descriptor.
+    let rc = unsafe { libc::fstat(file.as_raw_fd(), &mut st) };
+    rc == 0 && offset >= st.st_size as u64
+}
+
+/// Opens `path` for `--file`, refusing what fanout cannot serve: a missing path, a directory,
+/// or anything but a regular file (a FIFO, a device, a socket). Fanout reads each chunk at its
+/// offset, once per round, so it serves regular files only; a stream such as a FIFO or
+/// `/dev/zero` has neither offsets nor an end to serve to every client.
+pub(crate) fn open_regular(path: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let p = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("--file {p}: {e}"))?;
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        ""
+    };
+    if !kind.is_empty() {
+        return Err(format!(
+            "--file {p}: is {kind}, not a regular file; fanout serves regular files only (it \
+             reads each chunk at its offset, once for every client of a round)"
+        ));
+    }
+    std::fs::File::open(path).map_err(|e| format!("--file {p}: {e}"))
 }
 
 /// Every chunk was read and every live client got all of them: half-close and count them.
@@ -398,6 +443,8 @@ struct OwnClient {
     fd: Option<Fd>,
     /// The next chunk to read for this client, and whether its reads reached the end.
     next_chunk: u64,
+    /// Where its next chunk starts in the file.
+    offset: u64,
     eof: bool,
     /// A read for this client is in flight (one at a time, so its chunks go out in order).
     reading: bool,
@@ -434,6 +481,7 @@ pub fn serve_read_per_client(
             let clients = waiting.drain(..).map(|fd| OwnClient {
                 fd: Some(fd),
                 next_chunk: 0,
+                offset: 0,
                 eof: false,
                 reading: false,
                 sends: 0,
@@ -447,7 +495,7 @@ pub fn serve_read_per_client(
                     continue;
                 }
                 let Some(buf) = free.pop() else { break };
-                let offset = c.next_chunk * opts.chunk as u64;
+                let offset = c.offset;
                 driver.read_fixed(&file, buf, 0..opts.chunk, offset, READ_TAG | i as u64)?;
                 c.reading = true;
                 c.held += 1;
@@ -490,9 +538,10 @@ pub fn serve_read_per_client(
                         summary.chunks_read += 1;
                         summary.bytes_read += n as u64;
                         client.next_chunk += 1;
+                        client.offset += n as u64;
                     }
-                    // A short read is the end of the file (or the file shrank).
-                    client.eof = n < opts.chunk;
+                    // Only a 0-byte read is the end (or a short one that reached the size).
+                    client.eof = n == 0 || n < opts.chunk && at_end(&file, client.offset);
                     match &client.fd {
                         Some(fd) if n > 0 => {
                             let send = SendBuf::Fixed { buf, range: 0..n };
