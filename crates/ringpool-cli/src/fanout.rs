@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use ringpool::{Driver, DriverConfig, Event, Fd, FixedBuf, Member, SendBuf};
 
-use crate::net::{set_backlog, set_nodelay, set_reset_on_close, Accept};
+use crate::net::{fits_memlock, log, set_backlog, set_nodelay, set_reset_on_close, Accept};
 use crate::signals;
 
 /// Arguments of `ringpool fanout`.
@@ -135,16 +135,37 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         println!("listening on {addr}");
         std::io::stdout().flush()
     };
+    // Registered chunk buffers and zero-copy sends both pin memory against RLIMIT_MEMLOCK:
+    // where the buffers do not fit it, fall back (once, at start) to plain memory and plain
+    // sends rather than fail sends (and drop clients) later.
+    let mut config = DriverConfig::default().entries(1024);
+    let bytes = (args.chunk as u64).saturating_mul(args.in_flight as u64);
+    if let Err(why) = fits_memlock(bytes, &format!("{} chunk buffers", args.in_flight)) {
+        log(format_args!(
+            "fanout: {why}: serving from plain memory with plain sends (no zero-copy); \
+             raise `ulimit -l` or lower --chunk/--in-flight for registered memory"
+        ));
+        config = config
+            .force(ringpool::Force::NoFixed)
+            .zerocopy(ringpool::ZcConfig::default().mode(ringpool::ZcMode::Off));
+    }
     let (summary, z, d) = if args.rt {
         let listener = ringpool::rt::TcpListener::bind(args.listen)?;
         let addr = listener.local_addr()?;
         let announce = move || announce(addr);
-        crate::fanout_rt::run(file, listener, opts, announce, signals::stop_requested)?
+        crate::fanout_rt::run(
+            file,
+            listener,
+            opts,
+            config,
+            announce,
+            signals::stop_requested,
+        )?
     } else {
         let listener = TcpListener::bind(args.listen)?;
         set_backlog(&listener, 4096)?;
         let addr = listener.local_addr()?;
-        let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
+        let mut driver = Driver::new(config)?;
         announce(addr)?;
         let file = Fd::from(std::os::fd::OwnedFd::from(file));
         let listener = Fd::from(listener);
@@ -318,8 +339,9 @@ pub fn serve(
                             client.done_chunks += 1;
                             summary.bytes_sent += n as u64;
                         }
-                        Err(_) => {
+                        Err(e) => {
                             if let Some(fd) = client.fd.take() {
+                                log_lost_client(i, &e);
                                 client.alive = false;
                                 summary.clients_lost += 1;
                                 // Reset, so zero-copy data queued for it is dropped at once.
@@ -345,6 +367,24 @@ pub fn serve(
     summary.buffers_free = free.len();
     summary.buffers_total = total_bufs;
     Ok(summary)
+}
+
+/// Logs why client `i` is dropped: a send to it failed with `e`. A peer that left is one line;
+/// a failure that is our own shortage (memory, memlock) says so, since the client did nothing.
+pub(crate) fn log_lost_client(i: u64, e: &ringpool::Error) {
+    let errno = match e {
+        ringpool::Error::Os { source, .. } => source.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EPIPE | libc::ECONNRESET) => log(format_args!("fanout: client {i} left ({e})")),
+        Some(libc::ENOMEM | libc::ENOBUFS) => log(format_args!(
+            "fanout: client {i} dropped for our own shortage, not its fault: {e} \
+             (RLIMIT_MEMLOCK {}: zero-copy sends pin memory too)",
+            crate::net::memlock_limit()
+        )),
+        _ => log(format_args!("fanout: client {i} dropped: {e}")),
+    }
 }
 
 /// Whether `offset` is at (or past) the end of the regular file `file` now.
@@ -559,8 +599,9 @@ pub fn serve_read_per_client(
                     client.sends -= 1;
                     match result {
                         Ok(n) => summary.bytes_sent += n as u64,
-                        Err(_) => {
+                        Err(e) => {
                             if let Some(fd) = client.fd.take() {
+                                log_lost_client(t & !SEND_TAG, &e);
                                 summary.clients_lost += 1;
                                 driver.cancel_fd(&fd);
                             }

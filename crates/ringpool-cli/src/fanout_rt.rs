@@ -32,10 +32,10 @@ pub fn run(
     file: std::fs::File,
     listener: TcpListener,
     opts: Options,
+    config: ringpool::DriverConfig,
     announce: impl FnOnce() -> std::io::Result<()>,
     stop: impl Fn() -> bool + 'static,
 ) -> Result<(Summary, ZcStats, DriverStats), Box<dyn std::error::Error>> {
-    let config = ringpool::DriverConfig::default().entries(1024);
     let out = rt::block_on_with(config, async move {
         announce()?;
         let raw = std::os::fd::AsRawFd::as_raw_fd(&file);

@@ -227,3 +227,45 @@ pub fn abort_connection(fd: &impl AsRawFd) {
         );
     }
 }
+
+/// The memlock limit, for messages: "8388608 bytes" or "unlimited".
+pub fn memlock_limit() -> String {
+    match ringpool::sys::Memlock::current() {
+        ringpool::sys::Memlock::Unlimited => "unlimited".into(),
+        ringpool::sys::Memlock::Limited(b) => format!("{b} bytes"),
+    }
+}
+
+/// Whether `bytes` of registered memory fit this process's memlock limit with room to spare:
+/// at most half the limit, since the ring itself and zero-copy sends from plain memory are
+/// charged to the same limit (a zero-copy send past it fails with `ENOMEM`, which used to
+/// reset a client for our own shortage). `Err` says why not, naming the limit.
+pub fn fits_memlock(bytes: u64, what: &str) -> Result<(), String> {
+    match ringpool::sys::Memlock::current() {
+        ringpool::sys::Memlock::Unlimited => Ok(()),
+        ringpool::sys::Memlock::Limited(limit) if bytes <= limit / 2 => Ok(()),
+        ringpool::sys::Memlock::Limited(limit) => Err(format!(
+            "{what} ({bytes} bytes) do not fit RLIMIT_MEMLOCK ({limit} bytes; registered memory \
+             may take at most half of it, the ring and zero-copy sends need the rest)"
+        )),
+    }
+}
+
+/// Whether `e` is our own shortage (`ENOMEM`, `ENOBUFS`: memory or memlock), not the peer's
+/// doing; such a failure that costs a connection must be logged, never silent.
+pub fn own_shortage(e: &ringpool::Error) -> bool {
+    matches!(e, ringpool::Error::Os { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS)))
+}
+
+/// Logs a connection reset for our own shortage (see [`own_shortage`]); other errors (the
+/// peer left) are not logged.
+pub fn log_if_own_shortage(who: &str, e: &ringpool::Error) {
+    if own_shortage(e) {
+        log(format_args!(
+            "{who}: connection reset for our own shortage, not the peer's doing: {e} \
+             (RLIMIT_MEMLOCK {}: zero-copy sends and registered memory are charged to it)",
+            memlock_limit()
+        ));
+    }
+}

@@ -147,7 +147,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let cfg = DriverConfig::default()
         .entries(1024)
-        .zerocopy(ZcConfig::default().mode(args.zerocopy))
+        .zerocopy(ZcConfig::default().mode(zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
     let mut driver = Driver::new(cfg)?;
     // A registered region where memlock allows: zero-copy sends then name the memory the
@@ -184,6 +184,28 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     )?;
     report(&summary, &group, &driver, "event-loop");
     Ok(())
+}
+
+/// The zero-copy mode to run with: `--zerocopy`, except that forced zero-copy (`on`) whose
+/// buffer group does not fit the memlock limit falls back to plain sends (with a log line): the
+/// group is then plain memory, and every zero-copy send from plain memory is charged to the
+/// same limit, so past it sends would fail with `ENOMEM` and streams be reset for our own
+/// shortage. `auto` sends plainly below 16 KiB and stops zero-copy where the kernel copies.
+pub(crate) fn zerocopy_mode(args: &Args) -> ZcMode {
+    if args.zerocopy != ZcMode::On {
+        return args.zerocopy;
+    }
+    let bytes = (args.buf_size as u64).saturating_mul(args.bufs as u64);
+    match crate::net::fits_memlock(bytes, "the buffer group's --bufs x --buf-size") {
+        Ok(()) => ZcMode::On,
+        Err(why) => {
+            crate::net::log(format_args!(
+                "proxy: --zerocopy on: {why}: sending plainly (zero-copy off); raise `ulimit -l` \
+                 or lower --bufs/--buf-size for zero-copy from a registered region"
+            ));
+            ZcMode::Off
+        }
+    }
 }
 
 /// Prints the final summary line and the `stats {json}` line (read by the bench and the tests)
@@ -321,7 +343,8 @@ pub fn serve(
                 (SEND_UPSTREAM | SEND_CLIENT, Event::Sent { result, .. }) => {
                     let dir = (tag == SEND_CLIENT) as usize;
                     pair.dirs[dir].sends -= 1;
-                    if result.is_err() {
+                    if let Err(e) = &result {
+                        crate::net::log_if_own_shortage("proxy", e);
                         abort(driver, pair, &mut summary);
                     } else if let Some(chain) = pair.dirs[dir].pending.take() {
                         send(driver, pair, key, dir, chain)?;

@@ -50,7 +50,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
     let cfg = DriverConfig::default()
         .entries(1024)
-        .zerocopy(ZcConfig::default().mode(args.zerocopy))
+        .zerocopy(ZcConfig::default().mode(crate::proxy::zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
     rt::block_on_with(cfg, async move {
         let group = rt::buf_group(
@@ -205,7 +205,12 @@ async fn forward(pair: Rc<Pair>, group: BufGroup, counters: Rc<Counters>, up: bo
                 bytes.set(bytes.get() + n as u64);
                 gathered = next;
             }
-            _ => break,
+            (sent, _) => {
+                if let Err(e) = &sent {
+                    crate::net::log_if_own_shortage("proxy", e);
+                }
+                break;
+            }
         }
     }
     // A reset on either side: reset both now (`abort_connection`: the peers get a reset, data
