@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use ringpool::{BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, SendBuf};
 
-use crate::net::{set_backlog, set_nodelay};
+use crate::net::{set_backlog, set_nodelay, Accept, AcceptLog};
+use crate::proxy_rt::{send_gathering, Gathered, Recv};
 use crate::signals;
 
 /// Arguments of `ringpool echo`.
@@ -28,6 +29,10 @@ pub struct Args {
     /// Number of buffers in the shared group (a power of two, at most 32768).
     #[arg(long, default_value_t = 512)]
     bufs: u32,
+    /// Buffers one connection may hold at most (received, not yet sent back); a connection at
+    /// its bound is not read until its buffers come home. Default: an eighth of --bufs.
+    #[arg(long)]
+    conn_bufs: Option<u32>,
     /// Serve on the async layer (`ringpool::rt`: a task per connection) instead of the
     /// driver's event loop.
     #[arg(long)]
@@ -42,7 +47,17 @@ struct Conn {
     fd: Fd,
     queued: VecDeque<BufChain>,
     sending: bool,
+    /// A receive is armed on `fd`.
+    receiving: bool,
+    /// The peer ended its side, failed, or a send to it failed: no more receives.
     recv_done: bool,
+    /// Buffers this connection holds: received and not yet back in the group (queued, being
+    /// sent, or waiting for a zero-copy notification).
+    held: u32,
+    /// Sends whose buffers have not come back (`Event::Returned`): the key is not reused before.
+    returns: u32,
+    /// Not read for now: it holds its bound of buffers.
+    paused: bool,
 }
 
 /// What the server did, printed when it stops.
@@ -51,11 +66,22 @@ pub struct Summary {
     pub connections: u64,
     pub bytes_echoed: u64,
     pub peak_connections: usize,
+    /// Times a connection reached its bound of held buffers and stopped being read.
+    pub paused: u64,
+}
+
+/// The default bound of buffers one connection may hold: an eighth of the group (at least 1).
+pub(crate) fn default_conn_bufs(bufs: u32) -> u32 {
+    (bufs / 8).max(1)
 }
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let conn_bufs = args.conn_bufs.unwrap_or(default_conn_bufs(args.bufs));
+    if conn_bufs == 0 {
+        return Err("--conn-bufs 0: a connection must be able to hold at least one buffer".into());
+    }
     if args.rt {
-        return run_rt(args);
+        return run_rt(args, conn_bufs);
     }
     signals::install();
     let listener = TcpListener::bind(args.listen)?;
@@ -81,6 +107,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         &mut driver,
         &group,
         Fd::from(listener),
+        conn_bufs,
         signals::stop_requested,
     )?;
     let s = group.stats();
@@ -102,6 +129,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "connections": summary.connections,
         "peak_connections": summary.peak_connections,
         "bytes_echoed": summary.bytes_echoed,
+        "paused": summary.paused, "conn_bufs": conn_bufs,
         "buffer_bytes": group.buffer_bytes(),
         "total": s.total, "in_kernel": s.in_kernel, "in_user": s.in_user,
         "enobufs": s.enobufs, "rearms": s.rearms, "bytes_received": s.bytes_received,
@@ -110,39 +138,46 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Serves echo on `listener` until `stop()` says so.
+/// Serves echo on `listener` until `stop()` says so; a connection holds at most `conn_bufs`
+/// buffers of `group` at once.
+///
+/// **Backpressure falls on the connection that causes it.** Each connection receives one
+/// buffer per op (a multishot or bundle receive takes whatever its socket holds before a cancel
+/// lands, so it cannot be bounded), and only while it holds fewer than `conn_bufs` buffers
+/// (received and not yet back in the group). A peer that sends and never reads therefore stops
+/// being read once it holds its bound (its data waits in its socket, and TCP flow control slows
+/// it down); its receive is re-armed when its buffers come home. With `conn_bufs` under the
+/// group's size one peer can never drain the group that every connection shares.
 pub fn serve(
     driver: &mut Driver,
     group: &ringpool::BufGroup,
     listener: Fd,
+    conn_bufs: u32,
     stop: impl Fn() -> bool,
 ) -> ringpool::Result<Summary> {
     let mut conns: slab::Slab<Conn> = slab::Slab::new();
     let mut summary = Summary::default();
-    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut accept = Accept::new(driver, &listener, ACCEPT)?;
     while !stop() {
-        driver.wait(Some(Duration::from_millis(200)))?;
+        accept.poll(driver, &listener)?;
+        driver.wait(Some(accept.wait_for(Duration::from_millis(200))))?;
         while let Some(c) = driver.pop() {
             if c.token == ACCEPT {
-                match c.event {
-                    Event::Accepted(fd) => {
-                        set_nodelay(&fd);
-                        let key = conns.insert(Conn {
-                            fd: fd.clone(),
-                            queued: VecDeque::new(),
-                            sending: false,
-                            recv_done: false,
-                        });
-                        driver.recv(&fd, group, RecvMode::MultishotBundle, key as u64)?;
-                        summary.connections += 1;
-                        summary.peak_connections = summary.peak_connections.max(conns.len());
-                    }
-                    Event::Error(e) => eprintln!("accept: {e}"),
-                    _ => {}
-                }
-                if !c.more {
-                    eprintln!("accept stopped; re-arming");
-                    driver.accept_multishot(&listener, ACCEPT)?;
+                if let Some(fd) = accept.on_completion(c, conns.len()) {
+                    set_nodelay(&fd);
+                    let key = conns.insert(Conn {
+                        fd,
+                        queued: VecDeque::new(),
+                        sending: false,
+                        receiving: false,
+                        recv_done: false,
+                        held: 0,
+                        returns: 0,
+                        paused: false,
+                    });
+                    arm_recv(driver, group, &mut conns[key], key, conn_bufs, &mut summary)?;
+                    summary.connections += 1;
+                    summary.peak_connections = summary.peak_connections.max(conns.len());
                 }
                 continue;
             }
@@ -152,48 +187,100 @@ pub fn serve(
             };
             match c.event {
                 Event::Data(chain) => {
+                    conn.receiving = false;
                     summary.bytes_echoed += chain.len() as u64;
+                    conn.held += chain.buf_count() as u32;
                     conn.queued.push_back(chain);
                     // A cancelled receive can end with data (taken before the cancel landed):
                     // its last completion, so the connection was left open forever.
                     conn.recv_done |= !c.more;
                 }
-                Event::Eof | Event::Error(_) => conn.recv_done = true,
+                Event::Eof | Event::Error(_) => {
+                    conn.receiving = false;
+                    conn.recv_done = true;
+                }
                 Event::Sent { result, .. } => {
-                    // The buffers go back to the group by themselves once the kernel is done.
                     conn.sending = false;
                     if result.is_err() {
-                        // The peer is gone: stop receiving, drop what is queued.
-                        conn.queued.clear();
+                        // The peer is gone: stop receiving, drop what is queued (its buffers go
+                        // home now).
+                        for chain in conn.queued.drain(..) {
+                            conn.held -= chain.buf_count() as u32;
+                        }
+                        conn.recv_done = true;
                         driver.cancel_fd(&conn.fd);
                     }
                 }
+                Event::Returned(buf) => {
+                    // The kernel is done with a send's buffers: they go home as `buf` drops.
+                    conn.returns -= 1;
+                    if let SendBuf::Chain(chain) = &buf {
+                        conn.held -= chain.buf_count() as u32;
+                    }
+                    drop(buf);
+                }
                 _ => {}
             }
-            if !conn.sending && !conn.queued.is_empty() {
-                let mut out = conn.queued.pop_front().expect("non-empty");
-                while let Some(next) = conn.queued.front() {
-                    if out.buf_count() + next.buf_count() > MAX_IOV {
-                        break;
+            if !conn.sending {
+                if let Some(mut out) = conn.queued.pop_front() {
+                    while let Some(next) = conn.queued.front() {
+                        if out.buf_count() + next.buf_count() > MAX_IOV {
+                            break;
+                        }
+                        out.append(conn.queued.pop_front().expect("non-empty"));
                     }
-                    out.append(conn.queued.pop_front().expect("non-empty"));
+                    driver.send_zc_returning(&conn.fd, SendBuf::from(out), key as u64)?;
+                    conn.sending = true;
+                    conn.returns += 1;
                 }
-                driver.send_zc(&conn.fd, SendBuf::from(out), key as u64)?;
-                conn.sending = true;
             }
-            if conn.recv_done && !conn.sending && conn.queued.is_empty() {
+            arm_recv(driver, group, conn, key, conn_bufs, &mut summary)?;
+            if conn.recv_done
+                && !conn.receiving
+                && !conn.sending
+                && conn.queued.is_empty()
+                && conn.returns == 0
+            {
                 conns.remove(key);
+                accept.freed(driver, &listener)?;
             }
         }
     }
-    driver.cancel(accept);
+    accept.cancel(driver);
     Ok(summary)
 }
 
+/// Arms `conn`'s one-buffer receive unless one is armed, its peer is done, or it holds its
+/// bound of buffers (then its receive is re-armed when a send's buffers come home).
+fn arm_recv(
+    driver: &mut Driver,
+    group: &ringpool::BufGroup,
+    conn: &mut Conn,
+    key: usize,
+    conn_bufs: u32,
+    summary: &mut Summary,
+) -> ringpool::Result<()> {
+    if conn.receiving || conn.recv_done {
+        return Ok(());
+    }
+    if conn.held >= conn_bufs {
+        if !conn.paused {
+            conn.paused = true;
+            summary.paused += 1;
+        }
+        return Ok(());
+    }
+    driver.recv(&conn.fd, group, RecvMode::Once, key as u64)?;
+    conn.receiving = true;
+    conn.paused = false;
+    Ok(())
+}
+
 /// `ringpool echo --rt`: the same server on the async layer, a task per connection: one
-/// multishot receive stream each, and one send in flight carrying everything received
-/// meanwhile.
-fn run_rt(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+/// receive of one buffer in flight while its send is in flight (`proxy_rt::send_gathering`),
+/// within the connection's bound of `conn_bufs` buffers, so a peer that does not read stops
+/// being read instead of draining the shared group.
+fn run_rt(args: Args, conn_bufs: u32) -> Result<(), Box<dyn std::error::Error>> {
     use ringpool::rt;
     use std::cell::Cell;
     use std::rc::Rc;
@@ -214,31 +301,55 @@ fn run_rt(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let connections = Rc::new(Cell::new(0u64));
         let echoed = Rc::new(Cell::new(0u64));
         let (c, e, g) = (connections.clone(), echoed.clone(), group.clone());
+        let share = conn_bufs as usize;
+        // Connections open now (for the log line at the descriptor limit).
+        let open = Rc::new(Cell::new(0u64));
         rt::spawn(async move {
+            let mut accept_log = AcceptLog::default();
             loop {
-                let Ok(stream) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        // Out of descriptors: wait (connections stay in the backlog) instead
+                        // of failing again at once.
+                        rt::sleep(accept_log.failed(&e, open.get() as usize)).await;
+                        continue;
+                    }
                 };
+                accept_log.accepted();
                 set_nodelay(stream.fd());
                 c.set(c.get() + 1);
-                let (e, g) = (e.clone(), g.clone());
+                let (e, g, open) = (e.clone(), g.clone(), open.clone());
+                open.set(open.get() + 1);
                 rt::spawn(async move {
-                    let Ok(mut rx) = stream.recv_stream(&g) else {
-                        return;
-                    };
-                    while let Ok(Some(mut out)) = rx.next().await {
-                        // Everything received meanwhile leaves in the same send.
-                        while out.buf_count() < MAX_IOV {
-                            match rx.try_next() {
-                                Ok(Some(more)) => out.append(more),
-                                _ => break,
+                    let mut recv: Option<Recv<'_>> = None;
+                    let mut gathered = Gathered::default();
+                    loop {
+                        let chain = match gathered.chain.take() {
+                            Some(chain) => chain,
+                            None if gathered.eof => break,
+                            None => {
+                                let next =
+                                    recv.take().unwrap_or_else(|| Box::pin(stream.recv_one(&g)));
+                                match next.await {
+                                    Ok(Some(chain)) => chain,
+                                    _ => break,
+                                }
                             }
-                        }
-                        e.set(e.get() + out.len() as u64);
-                        if stream.send_zc(SendBuf::from(out)).await.is_err() {
-                            break;
+                        };
+                        let n = chain.len() as u64;
+                        let sent =
+                            send_gathering(&stream, &stream, chain, &g, share, &mut recv).await;
+                        match sent {
+                            (Ok(_), Ok(next)) => {
+                                e.set(e.get() + n);
+                                gathered = next;
+                            }
+                            _ => break,
                         }
                     }
+                    drop(recv);
+                    open.set(open.get() - 1);
                 });
             }
         });

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use ringpool::{Driver, DriverConfig, Event, Fd, FixedBuf, Member, SendBuf};
 
-use crate::net::{set_backlog, set_nodelay, set_reset_on_close};
+use crate::net::{fits_memlock, log, set_backlog, set_nodelay, set_reset_on_close, Accept};
 use crate::signals;
 
 /// Arguments of `ringpool fanout`.
@@ -115,6 +115,8 @@ struct Round {
     clients: Vec<Client>,
     /// The next chunk to read, and whether the file ended.
     next_chunk: u64,
+    /// Where the next chunk starts in the file (a short read moves it by what was read).
+    offset: u64,
     eof: bool,
     /// A leader read is in flight (reads go one at a time, so chunks reach every client in order).
     reading: bool,
@@ -122,7 +124,7 @@ struct Round {
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
-    let file = std::fs::File::open(&args.file)?;
+    let file = open_regular(&args.file)?;
     let opts = Options {
         chunk: args.chunk,
         in_flight: args.in_flight,
@@ -133,16 +135,37 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         println!("listening on {addr}");
         std::io::stdout().flush()
     };
+    // Registered chunk buffers and zero-copy sends both pin memory against RLIMIT_MEMLOCK:
+    // where the buffers do not fit it, fall back (once, at start) to plain memory and plain
+    // sends rather than fail sends (and drop clients) later.
+    let mut config = DriverConfig::default().entries(1024);
+    let bytes = (args.chunk as u64).saturating_mul(args.in_flight as u64);
+    if let Err(why) = fits_memlock(bytes, &format!("{} chunk buffers", args.in_flight)) {
+        log(format_args!(
+            "fanout: {why}: serving from plain memory with plain sends (no zero-copy); \
+             raise `ulimit -l` or lower --chunk/--in-flight for registered memory"
+        ));
+        config = config
+            .force(ringpool::Force::NoFixed)
+            .zerocopy(ringpool::ZcConfig::default().mode(ringpool::ZcMode::Off));
+    }
     let (summary, z, d) = if args.rt {
         let listener = ringpool::rt::TcpListener::bind(args.listen)?;
         let addr = listener.local_addr()?;
         let announce = move || announce(addr);
-        crate::fanout_rt::run(file, listener, opts, announce, signals::stop_requested)?
+        crate::fanout_rt::run(
+            file,
+            listener,
+            opts,
+            config,
+            announce,
+            signals::stop_requested,
+        )?
     } else {
         let listener = TcpListener::bind(args.listen)?;
         set_backlog(&listener, 4096)?;
         let addr = listener.local_addr()?;
-        let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
+        let mut driver = Driver::new(config)?;
         announce(addr)?;
         let file = Fd::from(std::os::fd::OwnedFd::from(file));
         let listener = Fd::from(listener);
@@ -212,7 +235,7 @@ pub fn serve(
         .map(|_| driver.fixed_buf_or_plain(opts.chunk))
         .collect::<ringpool::Result<_>>()?;
     let total_bufs = free.len();
-    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut accept = Accept::new(driver, &listener, ACCEPT)?;
     let mut waiting: Vec<Fd> = Vec::new();
     let mut round: Option<Round> = None;
     let mut last_progress = Instant::now();
@@ -231,6 +254,7 @@ pub fn serve(
                     })
                     .collect(),
                 next_chunk: 0,
+                offset: 0,
                 eof: false,
                 reading: false,
             });
@@ -250,7 +274,7 @@ pub fn serve(
                         c.sends += 1;
                         c.held += 1;
                     }
-                    let offset = r.next_chunk * opts.chunk as u64;
+                    let offset = r.offset;
                     driver.lease_group(&file, buf, offset, members, CHUNK_TAG | r.next_chunk)?;
                     r.reading = true;
                     summary.peak_in_flight = summary.peak_in_flight.max(total_bufs - free.len());
@@ -266,15 +290,17 @@ pub fn serve(
                 continue;
             }
         }
-        driver.wait(Some(Duration::from_millis(100)))?;
+        accept.poll(driver, &listener)?;
+        driver.wait(Some(accept.wait_for(Duration::from_millis(100))))?;
         while let Some(c) = driver.pop() {
             match (c.token, c.event) {
-                (ACCEPT, Event::Accepted(fd)) => {
-                    set_nodelay(&fd);
-                    waiting.push(fd);
+                (ACCEPT, event) => {
+                    let c = ringpool::Completion { event, ..c };
+                    if let Some(fd) = accept.on_completion(c, waiting.len()) {
+                        set_nodelay(&fd);
+                        waiting.push(fd);
+                    }
                 }
-                (ACCEPT, Event::Error(e)) => eprintln!("accept: {e}"),
-                (ACCEPT, _) => {}
                 (_, Event::LeaseFilled { result, lease }) => {
                     let r = round.as_mut().expect("a lease belongs to the round");
                     r.reading = false;
@@ -285,8 +311,10 @@ pub fn serve(
                             summary.chunks_read += 1;
                             summary.bytes_read += n as u64;
                             r.next_chunk += 1;
-                            // A short read is the end of the file (or the file shrank).
-                            r.eof = n < opts.chunk;
+                            r.offset += n as u64;
+                            // Only a 0-byte read is the end; a short one is the end only if it
+                            // reached the file's size (which spares the extra read).
+                            r.eof = n < opts.chunk && at_end(&file, r.offset);
                         }
                         Err(e) => {
                             eprintln!("reading the file: {e}");
@@ -311,8 +339,9 @@ pub fn serve(
                             client.done_chunks += 1;
                             summary.bytes_sent += n as u64;
                         }
-                        Err(_) => {
+                        Err(e) => {
                             if let Some(fd) = client.fd.take() {
+                                log_lost_client(i, &e);
                                 client.alive = false;
                                 summary.clients_lost += 1;
                                 // Reset, so zero-copy data queued for it is dropped at once.
@@ -334,10 +363,68 @@ pub fn serve(
             }
         }
     }
-    driver.cancel(accept);
+    accept.cancel(driver);
     summary.buffers_free = free.len();
     summary.buffers_total = total_bufs;
     Ok(summary)
+}
+
+/// Logs why client `i` is dropped: a send to it failed with `e`. A peer that left is one line;
+/// a failure that is our own shortage (memory, memlock) says so, since the client did nothing.
+pub(crate) fn log_lost_client(i: u64, e: &ringpool::Error) {
+    let errno = match e {
+        ringpool::Error::Os { source, .. } => source.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EPIPE | libc::ECONNRESET) => log(format_args!("fanout: client {i} left ({e})")),
+        Some(libc::ENOMEM | libc::ENOBUFS) => log(format_args!(
+            "fanout: client {i} dropped for our own shortage, not its fault: {e} \
+             (RLIMIT_MEMLOCK {}: zero-copy sends pin memory too)",
+            crate::net::memlock_limit()
+        )),
+        _ => log(format_args!("fanout: client {i} dropped: {e}")),
+    }
+}
+
+/// Whether `offset` is at (or past) the end of the regular file `file` now.
+pub(crate) fn at_end(file: &impl AsRawFd, offset: u64) -> bool {
+    // SAFETY: fstat writes one `stat` into a zeroed variable we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `file` is a live descriptor.
+    let rc = unsafe { libc::fstat(file.as_raw_fd(), &mut st) };
+    rc == 0 && offset >= st.st_size as u64
+}
+
+/// Opens `path` for `--file`, refusing what fanout cannot serve: a missing path, a directory,
+/// or anything but a regular file (a FIFO, a device, a socket). Fanout reads each chunk at its
+/// offset, once per round, so it serves regular files only; a stream such as a FIFO or
+/// `/dev/zero` has neither offsets nor an end to serve to every client.
+pub(crate) fn open_regular(path: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let p = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("--file {p}: {e}"))?;
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        ""
+    };
+    if !kind.is_empty() {
+        return Err(format!(
+            "--file {p}: is {kind}, not a regular file; fanout serves regular files only (it \
+             reads each chunk at its offset, once for every client of a round)"
+        ));
+    }
+    std::fs::File::open(path).map_err(|e| format!("--file {p}: {e}"))
 }
 
 /// Every chunk was read and every live client got all of them: half-close and count them.
@@ -396,6 +483,8 @@ struct OwnClient {
     fd: Option<Fd>,
     /// The next chunk to read for this client, and whether its reads reached the end.
     next_chunk: u64,
+    /// Where its next chunk starts in the file.
+    offset: u64,
     eof: bool,
     /// A read for this client is in flight (one at a time, so its chunks go out in order).
     reading: bool,
@@ -424,7 +513,7 @@ pub fn serve_read_per_client(
         .map(|_| driver.fixed_buf_or_plain(opts.chunk))
         .collect::<ringpool::Result<_>>()?;
     let total_bufs = free.len();
-    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut accept = Accept::new(driver, &listener, ACCEPT)?;
     let mut waiting: Vec<Fd> = Vec::new();
     let mut round: Option<Vec<OwnClient>> = None;
     while !stop() {
@@ -432,6 +521,7 @@ pub fn serve_read_per_client(
             let clients = waiting.drain(..).map(|fd| OwnClient {
                 fd: Some(fd),
                 next_chunk: 0,
+                offset: 0,
                 eof: false,
                 reading: false,
                 sends: 0,
@@ -445,7 +535,7 @@ pub fn serve_read_per_client(
                     continue;
                 }
                 let Some(buf) = free.pop() else { break };
-                let offset = c.next_chunk * opts.chunk as u64;
+                let offset = c.offset;
                 driver.read_fixed(&file, buf, 0..opts.chunk, offset, READ_TAG | i as u64)?;
                 c.reading = true;
                 c.held += 1;
@@ -463,15 +553,17 @@ pub fn serve_read_per_client(
                 continue;
             }
         }
-        driver.wait(Some(Duration::from_millis(100)))?;
+        accept.poll(driver, &listener)?;
+        driver.wait(Some(accept.wait_for(Duration::from_millis(100))))?;
         while let Some(c) = driver.pop() {
             match (c.token, c.event) {
-                (ACCEPT, Event::Accepted(fd)) => {
-                    set_nodelay(&fd);
-                    waiting.push(fd);
+                (ACCEPT, event) => {
+                    let c = ringpool::Completion { event, ..c };
+                    if let Some(fd) = accept.on_completion(c, waiting.len()) {
+                        set_nodelay(&fd);
+                        waiting.push(fd);
+                    }
                 }
-                (ACCEPT, Event::Error(e)) => eprintln!("accept: {e}"),
-                (ACCEPT, _) => {}
                 (t, Event::FixedIo { buf, result }) if t & READ_TAG != 0 => {
                     let client = client(&mut round, t);
                     client.reading = false;
@@ -486,9 +578,10 @@ pub fn serve_read_per_client(
                         summary.chunks_read += 1;
                         summary.bytes_read += n as u64;
                         client.next_chunk += 1;
+                        client.offset += n as u64;
                     }
-                    // A short read is the end of the file (or the file shrank).
-                    client.eof = n < opts.chunk;
+                    // Only a 0-byte read is the end (or a short one that reached the size).
+                    client.eof = n == 0 || n < opts.chunk && at_end(&file, client.offset);
                     match &client.fd {
                         Some(fd) if n > 0 => {
                             let send = SendBuf::Fixed { buf, range: 0..n };
@@ -506,8 +599,9 @@ pub fn serve_read_per_client(
                     client.sends -= 1;
                     match result {
                         Ok(n) => summary.bytes_sent += n as u64,
-                        Err(_) => {
+                        Err(e) => {
                             if let Some(fd) = client.fd.take() {
+                                log_lost_client(t & !SEND_TAG, &e);
                                 summary.clients_lost += 1;
                                 driver.cancel_fd(&fd);
                             }
@@ -522,7 +616,7 @@ pub fn serve_read_per_client(
             }
         }
     }
-    driver.cancel(accept);
+    accept.cancel(driver);
     summary.buffers_free = free.len();
     summary.buffers_total = total_bufs;
     Ok(summary)

@@ -32,13 +32,14 @@ pub fn run(
     file: std::fs::File,
     listener: TcpListener,
     opts: Options,
+    config: ringpool::DriverConfig,
     announce: impl FnOnce() -> std::io::Result<()>,
     stop: impl Fn() -> bool + 'static,
 ) -> Result<(Summary, ZcStats, DriverStats), Box<dyn std::error::Error>> {
-    let config = ringpool::DriverConfig::default().entries(1024);
     let out = rt::block_on_with(config, async move {
         announce()?;
-        let summary = serve(File::from(file), listener, opts, stop).await?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let summary = serve(File::from(file), raw, listener, opts, stop).await?;
         let stats = rt::with_driver(|d| (d.zc_stats(), d.stats()));
         Ok::<_, Box<dyn std::error::Error>>((summary, stats.0, stats.1))
     })??;
@@ -88,6 +89,8 @@ struct Server {
     changed: Notify,
     /// When a buffer last came back (or laggards were last dropped).
     last_progress: Cell<Instant>,
+    /// The served file's descriptor (owned by the `File`), for its size.
+    file_fd: std::os::fd::RawFd,
 }
 
 /// A client of the current round.
@@ -133,6 +136,7 @@ impl Round {
 /// Serves rounds until `stop()` says so (checked every 100 ms).
 pub async fn serve(
     file: File,
+    file_fd: std::os::fd::RawFd,
     listener: TcpListener,
     opts: Options,
     stop: impl Fn() -> bool,
@@ -148,6 +152,7 @@ pub async fn serve(
         waiting: RefCell::default(),
         changed: Notify::default(),
         last_progress: Cell::new(Instant::now()),
+        file_fd,
     });
     // Both tasks end with the runtime (which cancels their ops).
     rt::spawn(accept(listener, server.clone()));
@@ -165,16 +170,18 @@ pub async fn serve(
 
 /// Queues every new connection for the next round.
 async fn accept(listener: TcpListener, server: Rc<Server>) {
+    let mut log = crate::net::AcceptLog::default();
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                log.accepted();
                 set_nodelay(stream.fd());
                 server.waiting.borrow_mut().push(stream);
                 server.changed.notify();
             }
             Err(e) => {
-                eprintln!("accept: {e}");
-                rt::sleep(Duration::from_millis(100)).await;
+                let open = server.waiting.borrow().len();
+                rt::sleep(log.failed(&e, open)).await;
             }
         }
     }
@@ -208,7 +215,7 @@ async fn round(file: &File, server: &Rc<Server>, clients: Vec<Client>) -> ringpo
         chunks: RefCell::default(),
     });
     let chunk_len = server.opts.chunk;
-    let (mut next_chunk, mut eof) = (0u64, false);
+    let (mut offset, mut eof) = (0u64, false);
     while !eof && round.any_alive() {
         let buf = server.free.borrow_mut().pop();
         let Some(buf) = buf else {
@@ -222,7 +229,6 @@ async fn round(file: &File, server: &Rc<Server>, clients: Vec<Client>) -> ringpo
             .enumerate()
             .filter_map(|(i, c)| Some((LeaseMember::send_zc(c.stream.as_ref()?), i)))
             .unzip();
-        let offset = next_chunk * chunk_len as u64;
         let group = rt::lease_group(file, buf, offset, members)?;
         {
             let mut s = server.summary.borrow_mut();
@@ -240,9 +246,10 @@ async fn round(file: &File, server: &Rc<Server>, clients: Vec<Client>) -> ringpo
                 let mut s = server.summary.borrow_mut();
                 s.chunks_read += 1;
                 s.bytes_read += n as u64;
-                next_chunk += 1;
-                // A short read is the end of the file (or the file shrank).
-                eof = n < chunk_len;
+                offset += n as u64;
+                // Only a 0-byte read is the end; a short one is the end only if it reached
+                // the file's size (which spares the extra read).
+                eof = n < chunk_len && crate::fanout::at_end(&server.file_fd, offset);
             }
             Err(e) => {
                 eprintln!("reading the file: {e}");

@@ -36,7 +36,7 @@ use ringpool::{
     BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, Registration, ZcConfig, ZcMode,
 };
 
-use crate::net::{set_backlog, set_nodelay, set_reset_on_close};
+use crate::net::{abort_connection, log, nofile_limit, set_backlog, set_nodelay, Accept};
 use crate::signals;
 
 /// Arguments of `ringpool proxy`.
@@ -133,6 +133,8 @@ pub struct Summary {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub resets: u64,
+    /// Clients refused (reset at once) because no upstream socket could be opened.
+    pub refused: u64,
 }
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -145,7 +147,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let cfg = DriverConfig::default()
         .entries(1024)
-        .zerocopy(ZcConfig::default().mode(args.zerocopy))
+        .zerocopy(ZcConfig::default().mode(zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
     let mut driver = Driver::new(cfg)?;
     // A registered region where memlock allows: zero-copy sends then name the memory the
@@ -184,6 +186,28 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The zero-copy mode to run with: `--zerocopy`, except that forced zero-copy (`on`) whose
+/// buffer group does not fit the memlock limit falls back to plain sends (with a log line): the
+/// group is then plain memory, and every zero-copy send from plain memory is charged to the
+/// same limit, so past it sends would fail with `ENOMEM` and streams be reset for our own
+/// shortage. `auto` sends plainly below 16 KiB and stops zero-copy where the kernel copies.
+pub(crate) fn zerocopy_mode(args: &Args) -> ZcMode {
+    if args.zerocopy != ZcMode::On {
+        return args.zerocopy;
+    }
+    let bytes = (args.buf_size as u64).saturating_mul(args.bufs as u64);
+    match crate::net::fits_memlock(bytes, "the buffer group's --bufs x --buf-size") {
+        Ok(()) => ZcMode::On,
+        Err(why) => {
+            crate::net::log(format_args!(
+                "proxy: --zerocopy on: {why}: sending plainly (zero-copy off); raise `ulimit -l` \
+                 or lower --bufs/--buf-size for zero-copy from a registered region"
+            ));
+            ZcMode::Off
+        }
+    }
+}
+
 /// Prints the final summary line and the `stats {json}` line (read by the bench and the tests)
 /// of a proxy that ran on `driver` with `group`.
 pub(crate) fn report(
@@ -199,7 +223,7 @@ pub(crate) fn report(
     );
     let json = serde_json::json!({
         "connections": summary.connections, "bytes_up": summary.bytes_up,
-        "bytes_down": summary.bytes_down, "resets": summary.resets,
+        "bytes_down": summary.bytes_down, "resets": summary.resets, "refused": summary.refused,
         "buffer_bytes": group.buffer_bytes(), "total": s.total, "in_kernel": s.in_kernel,
         "in_user": s.in_user, "enobufs": s.enobufs, "rearms": s.rearms,
         "zc_sends": z.zc_sends, "zc_copied": z.zc_copied, "plain_sends": z.plain_sends,
@@ -222,31 +246,51 @@ pub fn serve(
     let mut pairs: slab::Slab<Pair> = slab::Slab::new();
     let total = group.stats().total;
     let mut summary = Summary::default();
-    let accept = driver.accept_multishot(&listener, ACCEPT)?;
+    let mut accept = Accept::new(driver, &listener, ACCEPT)?;
+    // Inside an episode of failing to open upstream sockets (logged once when it starts).
+    let mut starved = false;
     while !stop() {
-        driver.wait(Some(Duration::from_millis(200)))?;
+        accept.poll(driver, &listener)?;
+        driver.wait(Some(accept.wait_for(Duration::from_millis(200))))?;
         while let Some(c) = driver.pop() {
             if c.token == ACCEPT {
-                match c.event {
-                    Event::Accepted(client) => {
-                        set_nodelay(&client);
-                        let up = Fd::tcp_socket(upstream)?;
-                        let key = pairs.insert(Pair {
-                            client: Some(client),
-                            upstream: Some(up.clone()),
-                            dirs: Default::default(),
-                            live_ops: 1,
-                            aborted: false,
-                        }) as u64;
-                        driver.connect(&up, upstream, key << 3 | CONNECT)?;
-                        summary.connections += 1;
+                let Some(client) = accept.on_completion(c, pairs.len()) else {
+                    continue;
+                };
+                set_nodelay(&client);
+                let up = match Fd::tcp_socket(upstream) {
+                    Ok(up) => {
+                        if std::mem::take(&mut starved) {
+                            log(format_args!("proxy: upstream sockets available again"));
+                        }
+                        up
                     }
-                    Event::Error(e) => eprintln!("accept: {e}"),
-                    _ => {}
-                }
-                if !c.more {
-                    driver.accept_multishot(&listener, ACCEPT)?;
-                }
+                    Err(e) => {
+                        // Out of descriptors (or another resource): refuse this client with
+                        // a reset and go on serving the others.
+                        if !std::mem::replace(&mut starved, true) {
+                            log(format_args!(
+                                "proxy: cannot open a socket to the upstream {upstream}: {e} \
+                                 (RLIMIT_NOFILE {}, {} connections open); refusing new clients \
+                                 with a reset until one closes; logged once until it recovers",
+                                nofile_limit(),
+                                pairs.len()
+                            ));
+                        }
+                        abort_connection(&client);
+                        summary.refused += 1;
+                        continue;
+                    }
+                };
+                let key = pairs.insert(Pair {
+                    client: Some(client),
+                    upstream: Some(up.clone()),
+                    dirs: Default::default(),
+                    live_ops: 1,
+                    aborted: false,
+                }) as u64;
+                driver.connect(&up, upstream, key << 3 | CONNECT)?;
+                summary.connections += 1;
                 continue;
             }
             let (key, tag) = ((c.token >> 3) as usize, c.token & 7);
@@ -299,7 +343,8 @@ pub fn serve(
                 (SEND_UPSTREAM | SEND_CLIENT, Event::Sent { result, .. }) => {
                     let dir = (tag == SEND_CLIENT) as usize;
                     pair.dirs[dir].sends -= 1;
-                    if result.is_err() {
+                    if let Err(e) = &result {
+                        crate::net::log_if_own_shortage("proxy", e);
                         abort(driver, pair, &mut summary);
                     } else if let Some(chain) = pair.dirs[dir].pending.take() {
                         send(driver, pair, key, dir, chain)?;
@@ -322,17 +367,28 @@ pub fn serve(
             }
             if pair.finished() {
                 pairs.remove(key);
+                accept.freed(driver, &listener)?;
             }
         }
     }
-    driver.cancel(accept);
+    accept.cancel(driver);
     Ok(summary)
 }
 
-/// The buffers one direction may hold: half the group split across the connections.
-fn fair_share(total: u32, pairs: usize) -> u32 {
-    (total / (2 * pairs.max(1) as u32)).max(1)
+/// The buffers one direction may hold: half the group split across the connections, and never
+/// more than a sixteenth of the group (an eighth per connection). The share is taken when a
+/// direction receives: one that already holds more (it took them while it had the proxy to
+/// itself) is not read again until it is back under its share. Without the cap, a client that
+/// sends and never reads, alone at first, would keep half the group each way for as long as it
+/// stays, whatever the share of the connections that came later.
+pub(crate) fn fair_share(total: u32, pairs: usize) -> u32 {
+    (total / (2 * pairs.max(1) as u32))
+        .min(total / MAX_SHARE_DIVISOR)
+        .max(1)
 }
+
+/// One direction never holds more than `1 / MAX_SHARE_DIVISOR` of the group.
+pub(crate) const MAX_SHARE_DIVISOR: u32 = 16;
 
 /// Arms the one-buffer receive of direction `dir` unless one is armed, its source ended, or the
 /// direction holds its share.
@@ -399,7 +455,8 @@ fn abort(driver: &mut Driver, pair: &mut Pair, summary: &mut Summary) {
         .into_iter()
         .flatten()
     {
-        set_reset_on_close(&fd);
+        // A reset now, queued data dropped, waiting ops failed: see `abort_connection`.
+        abort_connection(&fd);
         driver.cancel_fd(&fd);
     }
 }

@@ -24,7 +24,10 @@ use std::time::Duration;
 use ringpool::rt::{self, TcpListener, TcpStream};
 use ringpool::{BufChain, BufGroup, BufGroupConfig, DriverConfig, Error, Registration, ZcConfig};
 
-use crate::net::{set_nodelay, set_reset_on_close};
+use crate::net::{
+    abort_connection, log, nofile_limit, out_of_descriptors, set_nodelay, set_reset_on_close,
+    AcceptLog,
+};
 use crate::proxy::{Args, Summary};
 use crate::signals;
 
@@ -37,13 +40,17 @@ struct Counters {
     bytes_up: Cell<u64>,
     bytes_down: Cell<u64>,
     resets: Cell<u64>,
+    /// Clients reset at once because no upstream socket could be opened.
+    refused: Cell<u64>,
+    /// Inside an episode of failing to open upstream sockets (logged once when it starts).
+    starved: Cell<bool>,
 }
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
     let cfg = DriverConfig::default()
         .entries(1024)
-        .zerocopy(ZcConfig::default().mode(args.zerocopy))
+        .zerocopy(ZcConfig::default().mode(crate::proxy::zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
     rt::block_on_with(cfg, async move {
         let group = rt::buf_group(
@@ -67,11 +74,18 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
         std::io::stdout().flush()?;
         let counters = Rc::new(Counters::default());
+        let mut accept_log = AcceptLog::default();
         while !signals::stop_requested() {
             match rt::timeout(Duration::from_millis(200), listener.accept()).await {
                 Err(Error::TimedOut) => {}
-                Err(e) | Ok(Err(e)) => eprintln!("accept: {e}"),
+                Err(e) | Ok(Err(e)) => {
+                    // Out of descriptors: wait (connections stay in the backlog) instead of
+                    // failing again at once.
+                    let live = counters.live.get() as usize;
+                    rt::sleep(accept_log.failed(&e, live)).await;
+                }
                 Ok(Ok(client)) => {
+                    accept_log.accepted();
                     set_nodelay(client.fd());
                     counters.connections.set(counters.connections.get() + 1);
                     let task = pair(client, args.upstream, group.clone(), counters.clone());
@@ -91,6 +105,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             bytes_up: counters.bytes_up.get(),
             bytes_down: counters.bytes_down.get(),
             resets: counters.resets.get(),
+            refused: counters.refused.get(),
         };
         rt::with_driver(|d| crate::proxy::report(&summary, &group, d, "rt"));
         Ok::<(), Box<dyn std::error::Error>>(())
@@ -100,7 +115,26 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// One client connection: connect upstream, then both directions at once.
 async fn pair(client: TcpStream, upstream: SocketAddr, group: BufGroup, counters: Rc<Counters>) {
     let upstream = match TcpStream::connect(upstream).await {
-        Ok(s) => s,
+        Ok(s) => {
+            if counters.starved.replace(false) {
+                log(format_args!("proxy: upstream sockets available again"));
+            }
+            s
+        }
+        Err(e) if out_of_descriptors(&e) => {
+            if !counters.starved.replace(true) {
+                log(format_args!(
+                    "proxy: cannot open a socket to the upstream {upstream}: {e} (RLIMIT_NOFILE \
+                     {}, {} connections open); refusing new clients with a reset until one \
+                     closes; logged once until it recovers",
+                    nofile_limit(),
+                    counters.live.get()
+                ));
+            }
+            set_reset_on_close(client.fd());
+            counters.refused.set(counters.refused.get() + 1);
+            return;
+        }
         Err(_) => {
             // The client sees the refusal as a reset.
             set_reset_on_close(client.fd());
@@ -129,7 +163,7 @@ struct Pair {
 }
 
 /// A receive in flight on a direction's source (boxed, so it can outlive one send).
-type Recv<'a> = Pin<Box<dyn Future<Output = ringpool::Result<Option<BufChain>>> + 'a>>;
+pub(crate) type Recv<'a> = Pin<Box<dyn Future<Output = ringpool::Result<Option<BufChain>>> + 'a>>;
 
 /// Forwards `src` to `dst` until end of stream (then half-closes `dst`) or an error (then
 /// resets both, which ends the other direction too).
@@ -171,29 +205,39 @@ async fn forward(pair: Rc<Pair>, group: BufGroup, counters: Rc<Counters>, up: bo
                 bytes.set(bytes.get() + n as u64);
                 gathered = next;
             }
-            _ => break,
+            (sent, _) => {
+                if let Err(e) = &sent {
+                    crate::net::log_if_own_shortage("proxy", e);
+                }
+                break;
+            }
         }
     }
-    // A reset on either side: reset both (closed with linger 0 once both tasks let go), and
-    // cancel the other direction's ops now so that it ends too. (Not `shutdown`: its FIN could
-    // reach the peer before the reset and read as a clean end.)
+    // A reset on either side: reset both now (`abort_connection`: the peers get a reset, data
+    // queued for them is dropped, and every op waiting on the sockets fails), and cancel the
+    // other direction's ops so that it ends too. Cancelling alone is not enough: a send to a
+    // peer that never reads, or a zero-copy notification for data queued to it, can keep a
+    // socket open, its buffers out and the other task waiting (a leaked session: issue 18).
+    // (Not `shutdown`: its FIN could reach the peer before the reset and read as a clean end.)
     drop(recv);
     if !pair.reset.replace(true) {
         counters.resets.set(counters.resets.get() + 1);
     }
     for s in [src, dst] {
-        set_reset_on_close(s.fd());
+        abort_connection(s.fd());
         rt::with_driver(|d| d.cancel_fd(s.fd()));
     }
 }
 
-/// Buffers a direction may hold: its share of the group, `buffers / (2 × connections)`, less
+/// Buffers a direction may hold: its share of the group, `buffers / (2 × connections)` (at most
+/// a sixteenth of the group, as in the event-loop proxy), less
 /// one for the receive that may carry over from one send to the next (at least 2). The chain
 /// being sent counts against it: all directions' shares fit in the group, so every direction
 /// can always receive, and a shared group cannot deadlock the proxy.
 fn fair_share(group: &BufGroup, counters: &Counters) -> usize {
     let live = counters.live.get().max(1);
-    let share = group.stats().total as u64 / (2 * live);
+    let total = group.stats().total as u64;
+    let share = (total / (2 * live)).min(total / crate::proxy::MAX_SHARE_DIVISOR as u64);
     share.saturating_sub(1).max(2) as usize
 }
 
@@ -223,10 +267,10 @@ fn pending_error(s: &TcpStream) -> Option<ringpool::Error> {
 
 /// What a direction received while its send was in flight.
 #[derive(Default)]
-struct Gathered {
-    chain: Option<BufChain>,
+pub(crate) struct Gathered {
+    pub(crate) chain: Option<BufChain>,
     /// `src` reached end of stream.
-    eof: bool,
+    pub(crate) eof: bool,
 }
 
 /// Sends `chain` to `dst` while receiving from `src` through `recv`, the direction's one
@@ -234,7 +278,7 @@ struct Gathered {
 /// send's result and what was received meanwhile, for the next send; a receive still in flight
 /// stays in `recv`. An error on `src` ends the send at once (dropping it cancels it): the pair is
 /// being reset, and `dst` may never read again.
-async fn send_gathering<'a>(
+pub(crate) async fn send_gathering<'a>(
     src: &'a TcpStream,
     dst: &TcpStream,
     chain: BufChain,

@@ -301,3 +301,84 @@ fn a_laggard_is_dropped(extra: &[&str]) {
     assert!(v["peak_in_flight"].as_u64().unwrap() <= 2, "{v}");
     assert_eq!(v["buffers_free"], v["buffers_total"], "{v}");
 }
+
+/// Runs `ringpool fanout --file PATH` (with `extra`), which must fail at start: its exit status
+/// and stderr (bounded: a server that starts instead is killed after 10 s).
+fn fails_at_start(path: &std::path::Path, extra: &[&str]) -> (std::process::ExitStatus, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args(["fanout", "--listen", "127.0.0.1:0", "--file"])
+        .arg(path)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "fanout --file {} started instead of failing",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 18, item 5: a FIFO, a character device and a directory are refused at start with a
+/// clear error naming the path (fanout serves regular files only: it reads each chunk at its
+/// offset, once per round). Before, a FIFO served 64 KiB as the whole file, `/dev/zero` random
+/// lengths, and a directory reset every client.
+#[test]
+fn non_regular_files_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // A writer holding the FIFO open (read-write: never blocks), slowly writing.
+    let w = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let _writer = std::thread::spawn(move || {
+        let mut w = w;
+        for _ in 0..100 {
+            if w.write_all(&[1u8; 1000]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    for extra in [&[][..], &["--rt"][..]] {
+        for (path, kind) in [
+            (fifo.as_path(), "a FIFO"),
+            (std::path::Path::new("/dev/zero"), "a character device"),
+            (dir.path(), "a directory"),
+        ] {
+            let (status, err) = fails_at_start(path, extra);
+            assert_eq!(status.code(), Some(1), "{path:?} {extra:?}: {err}");
+            assert!(
+                err.contains(&format!("--file {}", path.display()))
+                    && err.contains(kind)
+                    && err.contains("not a regular file"),
+                "{path:?} {extra:?}: the error names the flag, the path and why: {err}"
+            );
+        }
+    }
+    let (status, err) = fails_at_start(&dir.path().join("missing"), &[]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("missing") && err.contains("No such file"),
+        "{err}"
+    );
+}

@@ -13,17 +13,50 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     rest: std::sync::mpsc::Receiver<String>,
+    /// What the server wrote to stderr so far (when started with [`Server::start_wrapped`]).
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Server {
     /// Starts `ringpool <args>` with `RINGPOOL_FORCE=force` and waits for `listening on ADDR`.
     pub fn start(args: &[&str], force: &str) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringpool"));
+        cmd.args(args).env("RINGPOOL_FORCE", force);
+        Server::spawn(cmd, false)
+    }
+
+    /// Starts `<wrapper...> ringpool <args>` (e.g. `prlimit --nofile=256 --`), collecting its
+    /// stderr into [`Server::stderr`].
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..])
+            .arg(env!("CARGO_BIN_EXE_ringpool"))
             .args(args)
-            .env("RINGPOOL_FORCE", force)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn ringpool");
+            .env("RINGPOOL_FORCE", "");
+        Server::spawn(cmd, true)
+    }
+
+    fn spawn(mut cmd: Command, capture_stderr: bool) -> Server {
+        cmd.stdout(Stdio::piped());
+        if capture_stderr {
+            cmd.stderr(Stdio::piped());
+        }
+        let mut child = cmd.spawn().expect("spawn ringpool");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        if let Some(mut err) = child.stderr.take() {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
@@ -39,7 +72,42 @@ impl Server {
             let _ = out.read_to_string(&mut rest);
             let _ = tx.send(rest);
         });
-        Server { child, addr, rest }
+        Server {
+            child,
+            addr,
+            rest,
+            stderr,
+        }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Descriptors the server holds open now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// CPU time (user + system) the server used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name (which is in parentheses): utime is the 14th field
+        // of the line, stime the 15th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Whether the server is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Stops the server with SIGINT and returns its final `stats` line.

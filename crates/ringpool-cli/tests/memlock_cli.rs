@@ -1,0 +1,163 @@
+//! Issue 18, item 6: as an ordinary user (uid 65534, memlock 8 MiB here) the servers fall back
+//! to plain memory where their registered memory does not fit, instead of resetting clients
+//! for our own shortage: `fanout`'s default 8 × 1 MiB chunks, `proxy --zerocopy on`.
+//! Needs root (to drop to uid 65534); skipped visibly otherwise.
+
+mod common;
+
+use common::Server;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+const NOBODY: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--",
+];
+
+/// Whether uid 65534 can be used here (we are root and it can run the binary).
+fn can_drop_to_nobody() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: dropping to uid 65534 needs root");
+        return false;
+    }
+    let ok = std::process::Command::new(NOBODY[0])
+        .args(&NOBODY[1..])
+        .arg(env!("CARGO_BIN_EXE_ringpool"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!(
+            "skipped: uid 65534 cannot run {} (directory permissions)",
+            env!("CARGO_BIN_EXE_ringpool")
+        );
+    }
+    ok
+}
+
+fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut s, &mut w);
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn fanout_as_an_ordinary_user_serves_from_plain_memory() {
+    if !can_drop_to_nobody() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("served.bin");
+    let data: Vec<u8> = (0..(20 << 20))
+        .map(|i: usize| (i * 31 % 251) as u8)
+        .collect();
+    std::fs::write(&path, &data).unwrap();
+    for extra in [&[][..], &["--rt"][..]] {
+        let mut args = vec![
+            "fanout",
+            "--listen",
+            "127.0.0.1:0",
+            "--file",
+            path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let server = Server::start_wrapped(NOBODY, &args);
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut got = Vec::new();
+        let r = s.read_to_end(&mut got);
+        let err = server.stderr.lock().unwrap().clone();
+        assert!(
+            r.is_ok(),
+            "{extra:?}: the client was reset ({r:?}); stderr: {err}"
+        );
+        assert!(
+            got == data,
+            "{extra:?}: {} bytes of {}",
+            got.len(),
+            data.len()
+        );
+        assert!(
+            err.contains("RLIMIT_MEMLOCK"),
+            "{extra:?}: the fallback is logged: {err}"
+        );
+        let v = server.stop();
+        assert_eq!(v["clients_done"], 1, "{v}");
+        assert_eq!(v["clients_lost"], 0, "{v}");
+    }
+}
+
+#[test]
+fn proxy_with_forced_zero_copy_as_an_ordinary_user_resets_no_stream() {
+    if !can_drop_to_nobody() {
+        return;
+    }
+    for extra in [&[][..], &["--rt"][..]] {
+        let upstream = echo_upstream().to_string();
+        let mut args = vec![
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+            "--zerocopy",
+            "on",
+        ];
+        args.extend_from_slice(extra);
+        let server = Server::start_wrapped(NOBODY, &args);
+        let addr = server.addr;
+        let streams: Vec<_> = (0..16)
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let s = TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let data: Vec<u8> = (0..(4 << 20))
+                        .map(|i: usize| ((i + c) % 253) as u8)
+                        .collect();
+                    let mut w = s.try_clone().unwrap();
+                    let sent = data.clone();
+                    let writer = std::thread::spawn(move || {
+                        let _ = w.write_all(&sent);
+                        let _ = w.shutdown(Shutdown::Write);
+                    });
+                    let mut got = Vec::new();
+                    let mut r = s;
+                    let res = r.read_to_end(&mut got);
+                    writer.join().unwrap();
+                    res.is_ok() && got == data
+                })
+            })
+            .collect();
+        let ok = streams
+            .into_iter()
+            .map(|s| s.join().unwrap())
+            .filter(|&ok| ok)
+            .count();
+        let err = server.stderr.lock().unwrap().clone();
+        std::thread::sleep(Duration::from_millis(200));
+        let v = server.stop();
+        assert_eq!(
+            ok, 16,
+            "{extra:?}: streams intact: {ok} of 16; {v}; stderr: {err}"
+        );
+        assert_eq!(v["resets"], 0, "{extra:?}: {v}");
+        assert_eq!(v["in_user"], 0, "{extra:?}: {v}");
+    }
+}
