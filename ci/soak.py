@@ -363,6 +363,7 @@ def main():
             try:
                 r = run_one(name, args, args.binary, up)
             except Exception as e:  # a server that cannot start fails its row
+                import traceback; traceback.print_exc()
                 r = {"server": name, "checks": {"started": False}, "error": str(e)}
             results.append(r)
             print(json.dumps(r), flush=True)

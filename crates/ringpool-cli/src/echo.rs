@@ -191,9 +191,6 @@ pub fn serve(
                     summary.bytes_echoed += chain.len() as u64;
                     conn.held += chain.buf_count() as u32;
                     conn.queued.push_back(chain);
-                    // A cancelled receive can end with data (taken before the cancel landed):
-                    // its last completion, so the connection was left open forever.
-                    conn.recv_done |= !c.more;
                 }
                 Event::Eof | Event::Error(_) => {
                     conn.receiving = false;
