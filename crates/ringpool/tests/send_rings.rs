@@ -168,7 +168,10 @@ fn send_bundle_refuses_memory_over_4_gib_in_one_piece() {
         .ok()
         .and_then(|m| m.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0);
-    if !common::require_env(mem_kib > 8 << 20, "8 GiB of memory (for a 4 GiB allocation)") {
+    if !common::require_env(
+        mem_kib > 8 << 20,
+        "8 GiB of memory (for a 4 GiB allocation)",
+    ) {
         return;
     }
     let mut d = driver();

@@ -628,3 +628,45 @@ fn a_join_handle_of_a_task_whose_runtime_ended_does_not_wait_for_ever() {
     .unwrap();
     let _ = rt::block_on(async move { rt::timeout(Duration::from_secs(5), handle).await });
 }
+
+/// Found by the model checker: a receive that completed in its runtime while its future was
+/// not polled (the future was held, not dropped) lost its bytes when the runtime ended, because
+/// a runtime whose ops had all finished handed nothing to the streams. The bytes come back
+/// from the stream's next receive, in order.
+#[test]
+fn a_receive_completed_but_not_taken_when_its_runtime_ends_keeps_its_bytes() {
+    use ringpool::rt::{self, TcpStream};
+    type RecvFut =
+        std::pin::Pin<Box<dyn std::future::Future<Output = ringpool::Result<Option<BufChain>>>>>;
+    let (s, mut c) = common::tcp_pair();
+    let data = pattern_vec(21, 0, 2665);
+    let (stream, fut) = rt::block_on(async {
+        let g = rt::buf_group(BufGroupConfig::new(1024, 4))?;
+        let st = std::rc::Rc::new(TcpStream::from_fd(Fd::from(s)));
+        let (s2, g2) = (st.clone(), g.clone());
+        let mut fut: RecvFut = Box::pin(async move { s2.recv_one(&g2).await });
+        assert!(rt::timeout(Duration::from_millis(1), &mut fut)
+            .await
+            .is_err());
+        c.write_all(&data).unwrap();
+        // Let the receive complete (its future is not polled meanwhile).
+        rt::sleep(Duration::from_millis(50)).await;
+        Ok::<_, ringpool::Error>((st, fut))
+    })
+    .unwrap()
+    .unwrap();
+    drop(fut); // outside any runtime
+    drop(c);
+    let got = rt::block_on(async move {
+        let g = rt::buf_group(BufGroupConfig::new(4096, 8))?;
+        let mut got = Vec::new();
+        while let Some(chain) = rt::timeout(Duration::from_secs(5), stream.recv(&g)).await?? {
+            got.extend(chain.to_vec());
+        }
+        Ok::<_, ringpool::Error>(got)
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(got.len(), data.len(), "bytes lost");
+    assert!(got == data, "bytes out of order");
+}
