@@ -102,7 +102,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "legacy provided buffers"
         }
     );
-    std::io::stdout().flush()?;
+    let _ = std::io::stdout().flush();
     let summary = serve(
         &mut driver,
         &group,

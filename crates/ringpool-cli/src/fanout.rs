@@ -133,7 +133,9 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let announce = |addr: SocketAddr| {
         println!("listening on {addr}");
-        std::io::stdout().flush()
+        // A closed stdout is not an error for a server.
+        let _ = std::io::stdout().flush();
+        Ok::<(), std::io::Error>(())
     };
     // Registered chunk buffers and zero-copy sends both pin memory against RLIMIT_MEMLOCK:
     // where the buffers do not fit it, fall back (once, at start) to plain memory and plain

@@ -12,6 +12,23 @@
 
 use clap::{Parser, Subcommand};
 
+// A closed or full stdout (`ringpool echo | true`, `>/dev/full`) or stderr must not stop a
+// server: std's `println!`/`eprintln!` panic on a write error (rc=101 before serving), so the
+// crate's own versions, which every module below sees in place of std's, drop the error. What
+// cannot be written (the statistics at exit) is lost; the server goes on.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod echo;
 mod fanout;

@@ -174,7 +174,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         args.zerocopy
     );
-    std::io::stdout().flush()?;
+    let _ = std::io::stdout().flush();
     let summary = serve(
         &mut driver,
         &group,

@@ -72,7 +72,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             },
             args.zerocopy
         );
-        std::io::stdout().flush()?;
+        let _ = std::io::stdout().flush();
         let counters = Rc::new(Counters::default());
         let mut accept_log = AcceptLog::default();
         while !signals::stop_requested() {

@@ -117,7 +117,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     listener.set_nonblocking(true)?;
     let file = std::fs::File::open(&args.file)?;
     println!("listening on {}", listener.local_addr()?);
-    io::stdout().flush()?;
+    let _ = io::stdout().flush();
     let s = serve(&listener, file.as_raw_fd(), args.clients.max(1))?;
     println!(
         "stopped: {} rounds, {} clients served, {} lost, {} bytes sent",

@@ -59,7 +59,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "forwarding to {} with two blocking threads per connection, {} B buffers",
         args.upstream, args.buf_size
     );
-    io::stdout().flush()?;
+    let _ = io::stdout().flush();
     let counters = Arc::new(Counters::default());
     while !signals::stop_requested() {
         let mut pfd = libc::pollfd {
@@ -90,7 +90,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "errors": load(&counters.errors),
     });
     println!("stats {json}");
-    io::stdout().flush()?;
+    let _ = io::stdout().flush();
     Ok(())
 }
 

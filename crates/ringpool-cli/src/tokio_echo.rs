@@ -60,7 +60,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "buf_size": args.buf_size,
     });
     println!("stats {json}");
-    std::io::stdout().flush()?;
+    let _ = std::io::stdout().flush();
     Ok(())
 }
 
@@ -70,7 +70,7 @@ async fn serve(args: &Args, counters: Arc<Counters>) -> std::io::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let listener = TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
-    std::io::stdout().flush()?;
+    let _ = std::io::stdout().flush();
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),

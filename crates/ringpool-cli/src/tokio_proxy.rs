@@ -54,7 +54,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "errors": load(&counters.errors),
     });
     println!("stats {json}");
-    std::io::stdout().flush()?;
+    let _ = std::io::stdout().flush();
     Ok(())
 }
 
@@ -65,7 +65,7 @@ async fn serve(args: &Args, counters: Arc<Counters>) -> std::io::Result<()> {
     let listener = TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
     println!("forwarding to {} with copy_bidirectional", args.upstream);
-    std::io::stdout().flush()?;
+    let _ = std::io::stdout().flush();
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
