@@ -43,7 +43,7 @@ pub mod prelude {
     pub use super::Mode::*;
     pub use super::Rung::*;
     pub use super::Src::*;
-    pub use super::{replay, Avoid, Header};
+    pub use super::{Avoid, Header};
 }
 
 /// The rung of the ladder every driver of a case uses.
@@ -58,7 +58,8 @@ pub enum Rung {
 }
 
 impl Rung {
-    fn config(self) -> DriverConfig {
+    /// The driver configuration of this rung (ignoring `RINGPOOL_FORCE`).
+    pub fn config(self) -> DriverConfig {
         let cfg = DriverConfig::default().ignore_env();
         let forced: &[Force] = match self {
             Rung::Best => &[],
