@@ -11,7 +11,8 @@
 //! Budget: a fixed seed and case count (about a minute in all on the host, a sixth in the
 //! kernel-matrix guests, `RINGPOOL_KERNEL_MATRIX=1`). `RINGPOOL_FUZZ_CASES=N` runs N cases per
 //! machine, `RINGPOOL_FUZZ_SEED=S` another seed, `RINGPOOL_FUZZ_SECS` caps the time per machine,
-//! `RINGPOOL_SHRINK_SECS` the shrinking (default 120 s).
+//! `RINGPOOL_SHRINK_SECS` the shrinking (default 120 s; 30 s in a guest),
+//! `RINGPOOL_MODEL_DEBUG=1` prints every completion of the core machine (to read a replay).
 //!
 //! The tests of this binary run one at a time (`SERIAL`): each case counts the process's
 //! descriptors before and after.
@@ -285,6 +286,36 @@ fn rt_regression_a_receive_dropped_at_runtime_end_blocks_the_stream_forever() {
             },
             RtDropRecv { s: 0 },
             RtEpoch { drop_between: None },
+        ],
+    );
+}
+
+/// Defect 3 as the checker found it (`RINGPOOL_MODEL_KNOWN=1,2,4,5`, seed 0x24d5b617ff, shrunk
+/// from 40 actions): a receive future of the first runtime outlives it; the second runtime's
+/// `recv_stream` gets the same token; dropping the old future there removes and cancels the
+/// stream's op, so the stream never sees its data or its end (the drain stalls).
+#[test]
+#[ignore = "defect 3, fixed on main by the lead"]
+fn rt_regression_a_future_dropped_in_another_runtime_cancels_its_op() {
+    rtm::rt_replay(
+        RtHeader {
+            rung: Legacy,
+            incremental: false,
+            count: 4,
+            avoid: RtAvoid::NOTHING,
+        },
+        &[
+            RtNewTcp,
+            RtRecv {
+                s: 0,
+                one: true,
+                ms: 0,
+                keep: false,
+            },
+            RtEpoch { drop_between: None },
+            RtStream { s: 0 },
+            RtDropRecv { s: 3 },
+            RtPeerWrite { s: 0, len: 1 },
         ],
     );
 }

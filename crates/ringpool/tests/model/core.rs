@@ -1301,6 +1301,12 @@ impl World {
     }
 
     fn dispatch(&mut self, d: usize, c: Completion) -> Outcome {
+        if std::env::var("RINGPOOL_MODEL_DEBUG").is_ok() {
+            eprintln!(
+                "dispatch d{d} token {} more {} {:?}",
+                c.token, c.more, c.event
+            );
+        }
         let Some(o) = self.ops.iter().position(|o| o.d == d && o.token == c.token) else {
             return fail(
                 "unexpected completion",
@@ -1529,6 +1535,7 @@ impl World {
                     Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN)
                 ) =>
             {
+                seen::bump(&seen::RESET);
                 Ok(())
             }
             e => fail(
@@ -1902,6 +1909,7 @@ pub fn run(header: &Header, actions: &[Action]) -> Outcome {
 
 /// A regression test's body: runs the case and panics with the failure.
 pub fn replay(header: Header, actions: &[Action]) {
+    let _serial = crate::serial();
     if let Err(f) = run(&header, actions) {
         panic!("[{}] {}", f.tag, f.detail);
     }

@@ -231,7 +231,8 @@ where
     M::Action: Send + 'static,
 {
     let start = Instant::now();
-    let limit = Duration::from_secs(env_u64("RINGPOOL_SHRINK_SECS").unwrap_or(120));
+    let default = if in_guest() { 30 } else { 120 };
+    let limit = Duration::from_secs(env_u64("RINGPOOL_SHRINK_SECS").unwrap_or(default));
     let tag = failure.tag;
     let mut runs = 0;
     let still_fails = |a: &[M::Action], runs: &mut u32| -> Option<Failure> {
