@@ -64,6 +64,8 @@ impl RtAvoid {
 /// What generated cases avoid (set by the test).
 pub static RT_AVOID: Mutex<RtAvoid> = Mutex::new(RtAvoid::NOTHING);
 
+/// The `Rt` prefix lets regression tests glob-import both machines' actions side by side.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RtAction {
     RtNewTcp,
