@@ -82,6 +82,7 @@ fn model_rt() {
     };
     let budget = gen::Budget::from_env(150, 25, 0x0A5C);
     let ran = gen::check::<rtm::RtMachine>(&budget);
+    eprintln!("rt: seen: {}", rtm::seen::summary());
     assert!(ran > 0);
 }
 

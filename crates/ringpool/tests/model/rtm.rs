@@ -61,6 +61,33 @@ impl RtAvoid {
     };
 }
 
+/// What the cases saw, for the summary.
+pub mod seen {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    pub static DATA: AtomicU64 = AtomicU64::new(0);
+    pub static EOF: AtomicU64 = AtomicU64::new(0);
+    pub static READS: AtomicU64 = AtomicU64::new(0);
+    pub static EPOCHS: AtomicU64 = AtomicU64::new(0);
+    pub static DROPPED_LIVE: AtomicU64 = AtomicU64::new(0);
+    pub static DROPPED_FOREIGN: AtomicU64 = AtomicU64::new(0);
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+    pub fn summary() -> String {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        format!(
+            "chains {}, eof {}, copying reads {}, runtimes ended {}, receives dropped in their \
+             runtime {}, elsewhere {}",
+            g(&DATA),
+            g(&EOF),
+            g(&READS),
+            g(&EPOCHS),
+            g(&DROPPED_LIVE),
+            g(&DROPPED_FOREIGN)
+        )
+    }
+}
+
 /// What generated cases avoid (set by the test).
 pub static RT_AVOID: Mutex<RtAvoid> = Mutex::new(RtAvoid::NOTHING);
 
@@ -99,6 +126,11 @@ pub enum RtAction {
         s: usize,
         ms: u64,
         keep: bool,
+    },
+    /// Reads through the copying `Reader` (`futures::AsyncRead`) for up to `ms`, then drops it.
+    RtReadCopy {
+        s: usize,
+        ms: u64,
     },
     /// Drops the receive stream (of any runtime).
     RtDropStream {
@@ -158,6 +190,15 @@ fn fail(tag: &'static str, detail: impl Into<String>) -> Outcome {
     Err(Failure::new(tag, detail))
 }
 
+/// Counts a drop of something a runtime (`of`) started, in runtime `now`.
+fn count_drop(of: Option<usize>, now: usize) {
+    match of {
+        Some(e) if e == now => seen::bump(&seen::DROPPED_LIVE),
+        Some(_) => seen::bump(&seen::DROPPED_FOREIGN),
+        None => {}
+    }
+}
+
 impl State {
     fn stream(&self, s: usize) -> Option<usize> {
         (!self.streams.is_empty()).then(|| s % self.streams.len())
@@ -167,28 +208,35 @@ impl State {
         self.group.clone().expect("each runtime has its group")
     }
 
-    fn got(&mut self, i: usize, r: ringpool::Result<Option<BufChain>>, keep: bool) -> Outcome {
+    /// Checks that `got` are the next bytes of stream `i`.
+    fn got_bytes(&mut self, i: usize, got: &[u8]) -> Outcome {
         let st = &mut self.streams[i];
+        let want = pattern_vec(st.seed, st.recv_in, got.len());
+        if st.eof {
+            return fail("data after eof", format!("stream {i}: data after its end"));
+        }
+        if got.is_empty() || got != want || st.recv_in + got.len() as u64 > st.sent_in {
+            return fail(
+                "wrong bytes received",
+                format!(
+                    "stream {i}: {} bytes received at {} (peer sent {}): not the next \
+                     bytes the peer sent (lost, duplicated, reordered or stale)",
+                    got.len(),
+                    st.recv_in,
+                    st.sent_in
+                ),
+            );
+        }
+        st.recv_in += got.len() as u64;
+        seen::bump(&seen::DATA);
+        Ok(())
+    }
+
+    fn got(&mut self, i: usize, r: ringpool::Result<Option<BufChain>>, keep: bool) -> Outcome {
         match r {
             Ok(Some(chain)) => {
                 let got = chain.to_vec();
-                let want = pattern_vec(st.seed, st.recv_in, got.len());
-                if st.eof {
-                    return fail("data after eof", format!("stream {i}: data after its end"));
-                }
-                if got.is_empty() || got != want || st.recv_in + got.len() as u64 > st.sent_in {
-                    return fail(
-                        "wrong bytes received",
-                        format!(
-                            "stream {i}: {} bytes received at {} (peer sent {}): not the next \
-                             bytes the peer sent (lost, duplicated, reordered or stale)",
-                            got.len(),
-                            st.recv_in,
-                            st.sent_in
-                        ),
-                    );
-                }
-                st.recv_in += got.len() as u64;
+                self.got_bytes(i, &got)?;
                 if keep {
                     self.held.push(Held {
                         chain,
@@ -199,6 +247,7 @@ impl State {
                 Ok(())
             }
             Ok(None) => {
+                let st = &mut self.streams[i];
                 if !st.shut || st.recv_in != st.sent_in {
                     return fail(
                         "early eof",
@@ -209,6 +258,7 @@ impl State {
                     );
                 }
                 st.eof = true;
+                seen::bump(&seen::EOF);
                 Ok(())
             }
             Err(Error::Cancelled) => fail(
@@ -328,7 +378,7 @@ impl State {
                 if let Some(i) = self.stream(s) {
                     let st = &mut self.streams[i];
                     if !(avoid && st.pending.as_ref().is_some_and(|p| p.1 != self.epoch)) {
-                        st.pending = None;
+                        count_drop(st.pending.take().map(|p| p.1), self.epoch);
                     }
                 }
             }
@@ -367,11 +417,36 @@ impl State {
                     }
                 }
             }
+            RtReadCopy { s, ms } => {
+                let Some(i) = self.stream(s) else {
+                    return Ok(());
+                };
+                let epoch = self.epoch;
+                let st = &self.streams[i];
+                let busy = st.pending.as_ref().is_some_and(|p| p.1 == epoch)
+                    || st.rx.as_ref().is_some_and(|p| p.1 == epoch);
+                if busy || st.eof {
+                    return Ok(());
+                }
+                let stream = st.stream.clone();
+                let mut reader = stream.reader(self.group());
+                // Larger than any chain, so the reader keeps nothing back when dropped.
+                let mut buf = vec![0u8; 256 << 10];
+                let read = futures::AsyncReadExt::read(&mut reader, &mut buf);
+                if let Ok(r) = rt::timeout(Duration::from_millis(ms), read).await {
+                    match r {
+                        Ok(0) => self.got(i, Ok(None), false)?,
+                        Ok(n) => self.got_bytes(i, &buf[..n])?,
+                        Err(e) => return fail("unexpected error", format!("reader: {e}")),
+                    }
+                }
+                seen::bump(&seen::READS);
+            }
             RtDropStream { s } => {
                 if let Some(i) = self.stream(s) {
                     let st = &mut self.streams[i];
                     if !(avoid && st.rx.as_ref().is_some_and(|p| p.1 != self.epoch)) {
-                        st.rx = None;
+                        count_drop(st.rx.take().map(|p| p.1), self.epoch);
                     }
                 }
             }
@@ -493,6 +568,7 @@ impl State {
         }
         self.group = None;
         self.epoch += 1;
+        seen::bump(&seen::EPOCHS);
     }
 
     /// The last runtime: every stream drains to its end, the peers read everything.
@@ -687,7 +763,11 @@ impl Machine for RtMachine {
                     ms: rng.pick(&[0, 1, 5, 20]),
                     keep: rng.pct(40),
                 },
-                67..=70 => RtDropStream { s: ix(rng) },
+                67..=68 => RtDropStream { s: ix(rng) },
+                69..=70 => RtReadCopy {
+                    s: ix(rng),
+                    ms: rng.pick(&[0, 1, 5, 20]),
+                },
                 71..=78 => RtSend {
                     s: ix(rng),
                     len: rng.len(),
