@@ -11,6 +11,7 @@
 //! Budget: a fixed seed and case count (about a minute in all on the host, a sixth in the
 //! kernel-matrix guests, `RINGPOOL_KERNEL_MATRIX=1`). `RINGPOOL_FUZZ_CASES=N` runs N cases per
 //! machine, `RINGPOOL_FUZZ_SEED=S` another seed, `RINGPOOL_FUZZ_SECS` caps the time per machine,
+//! `RINGPOOL_FUZZ_KEEP_GOING=1` records each failure (shrunk, printed) and goes on,
 //! `RINGPOOL_SHRINK_SECS` the shrinking (default 120 s; 30 s in a guest),
 //! `RINGPOOL_MODEL_DEBUG=1` prints every completion of the core machine (to read a replay).
 //!
@@ -317,6 +318,103 @@ fn rt_regression_a_future_dropped_in_another_runtime_cancels_its_op() {
             RtStream { s: 0 },
             RtDropRecv { s: 3 },
             RtPeerWrite { s: 0, len: 1 },
+        ],
+    );
+}
+
+/// Found by the checker in the 6.12 guest of the kernel matrix (seed 0xb7ed44fe0, shrunk from
+/// 49 actions; passes on 6.18): a plain ring of two buffers shared by a read on a pipe that has
+/// no data yet (it waits) and a read of a 1-byte file; the file's byte comes back wrong. Also
+/// seen on 6.1 (next test). Kernel-version dependent, cause not yet known.
+#[test]
+fn core_regression_guest_6_12_a_waiting_pipe_read_and_a_file_read_share_a_ring() {
+    core::replay(
+        Header {
+            rung: Best,
+            drivers: 1,
+            avoid: Avoid::NOTHING,
+        },
+        &[
+            NewGroup {
+                d: 0,
+                kind: Ring,
+                size: 1024,
+                count: 2,
+            },
+            NewPipe { d: 0 },
+            NewFile { d: 0, len: 1 },
+            ReadSelect {
+                s: 5,
+                g: 7,
+                keep: false,
+            },
+            ReadSelect {
+                s: 6,
+                g: 7,
+                keep: false,
+            },
+            PeerWrite { s: 1, len: 1 },
+        ],
+    );
+}
+
+/// Found by the checker in the 6.1 guest (seed 0x1879614c0d, shrunk from 66 actions; passes on
+/// 6.18): a plain ring (`no-incremental`) shared by pipe reads at EOF and a file read; the
+/// file's last 16 bytes come back wrong.
+#[test]
+fn core_regression_guest_6_1_eof_pipe_reads_and_a_file_read_share_a_ring() {
+    core::replay(
+        Header {
+            rung: NoIncremental,
+            drivers: 1,
+            avoid: Avoid::NOTHING,
+        },
+        &[
+            NewGroup {
+                d: 0,
+                kind: Ring,
+                size: 64,
+                count: 2,
+            },
+            NewPipe { d: 0 },
+            NewTcp { d: 0 },
+            NewFile { d: 0, len: 144 },
+            NewFile { d: 0, len: 0 },
+            NewPipe { d: 0 },
+            ReadSelect {
+                s: 5,
+                g: 1,
+                keep: false,
+            },
+            PeerShutdown { s: 5 },
+            Transmit {
+                s: 5,
+                how: Plain,
+                src: Owned(0),
+            },
+            NewPipe { d: 0 },
+            NewPipe { d: 0 },
+            ReadSelect {
+                s: 7,
+                g: 2,
+                keep: false,
+            },
+            Wait { ms: 1 },
+            ReadSelect {
+                s: 3,
+                g: 4,
+                keep: false,
+            },
+            ReadSelect {
+                s: 1,
+                g: 1,
+                keep: false,
+            },
+            ReadSelect {
+                s: 5,
+                g: 4,
+                keep: false,
+            },
         ],
     );
 }

@@ -55,6 +55,8 @@ pub enum Rung {
     NoBundle,
     NoIncremental,
     LegacyNoMultishot,
+    /// Every fallback at once (what a 5.10 kernel gets).
+    Oldest,
 }
 
 impl Rung {
@@ -68,6 +70,15 @@ impl Rung {
             Rung::NoBundle => &[Force::NoBundle, Force::NoDeferTaskrun],
             Rung::NoIncremental => &[Force::NoIncremental],
             Rung::LegacyNoMultishot => &[Force::LegacyProvide, Force::NoMultishot],
+            Rung::Oldest => &[
+                Force::LegacyProvide,
+                Force::NoMultishot,
+                Force::NoBundle,
+                Force::NoDeferTaskrun,
+                Force::NoExtArg,
+                Force::NoSendZc,
+                Force::NoFixed,
+            ],
         };
         forced.iter().fold(cfg, |c, f| c.force(*f))
     }
@@ -1301,7 +1312,7 @@ impl World {
     }
 
     fn dispatch(&mut self, d: usize, c: Completion) -> Outcome {
-        if std::env::var("RINGPOOL_MODEL_DEBUG").is_ok() {
+        if super::gen::verbose() {
             eprintln!(
                 "dispatch d{d} token {} more {} {:?}",
                 c.token, c.more, c.event
@@ -1545,6 +1556,43 @@ impl World {
         }
     }
 
+    /// The groups' and drivers' state, for a failure's message.
+    fn state(&self) -> String {
+        let groups: Vec<String> = self
+            .groups
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| {
+                let st = g.g.as_ref()?.stats();
+                Some(format!(
+                    "g{i} (d{}{}): total {} in_kernel {} in_user {} enobufs {} rearms {}",
+                    g.d,
+                    if g.incremental { ", incremental" } else { "" },
+                    st.total,
+                    st.in_kernel,
+                    st.in_user,
+                    st.enobufs,
+                    st.rearms
+                ))
+            })
+            .collect();
+        let drivers: Vec<String> = self
+            .drivers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                let d = d.as_ref()?;
+                Some(format!(
+                    "d{i}: {:?}, in flight {} [{}]",
+                    d.ladder().groups,
+                    d.in_flight(),
+                    d.debug_state()
+                ))
+            })
+            .collect();
+        format!("{}; {}", groups.join("; "), drivers.join("; "))
+    }
+
     /// The invariants that hold after every step.
     fn check(&mut self) -> Outcome {
         if let Some(e) = self.shipper.error.lock().unwrap().take() {
@@ -1765,10 +1813,11 @@ impl World {
                 return fail(
                     "drain stalled",
                     format!(
-                        "after {:?}: {} ops live; {}",
+                        "after {:?}: {} ops live; {}; {}",
                         drain_time(),
                         self.ops.len(),
-                        st.join("; ")
+                        st.join("; "),
+                        self.state()
                     ),
                 );
             }
@@ -1863,6 +1912,9 @@ pub fn run(header: &Header, actions: &[Action]) -> Outcome {
         let mut r = Ok(());
         for (i, a) in actions.iter().enumerate() {
             w.step = i;
+            if super::gen::verbose() {
+                eprintln!("step {i}: {a:?}");
+            }
             r = w
                 .do_action(a)
                 .and_then(|_| w.settle())
@@ -1937,6 +1989,7 @@ impl Machine for Core {
             Rung::NoBundle,
             Rung::NoIncremental,
             Rung::LegacyNoMultishot,
+            Rung::Oldest,
         ]);
         let drivers = if rng.pct(20) { 2 } else { 1 };
         let avoid = *AVOID.lock().unwrap_or_else(|e| e.into_inner());

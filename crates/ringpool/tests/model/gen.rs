@@ -6,6 +6,16 @@
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
+/// Set while the minimal sequence is replayed once more, so the machine prints what it sees
+/// (also `RINGPOOL_MODEL_DEBUG=1`).
+pub static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether to print every completion.
+pub fn verbose() -> bool {
+    VERBOSE.load(std::sync::atomic::Ordering::Relaxed)
+        || std::env::var("RINGPOOL_MODEL_DEBUG").is_ok_and(|v| v == "1")
+}
+
 /// SplitMix64: small, seedable, good enough to pick actions.
 #[derive(Clone)]
 pub struct Rng(u64);
@@ -167,6 +177,9 @@ where
     let start = Instant::now();
     let mut ran = 0;
     let mut actions_run = 0;
+    // A long run records every failure (shrunk and printed) and goes on.
+    let keep_going = std::env::var("RINGPOOL_FUZZ_KEEP_GOING").is_ok_and(|v| v == "1");
+    let mut failures: Vec<&'static str> = Vec::new();
     for i in 0..budget.cases {
         if start.elapsed() > budget.cap {
             eprintln!(
@@ -193,13 +206,25 @@ where
             let (h, a, f) = shrink::<M>(header, actions, f);
             let test = render::<M>(&h, &a, case_seed);
             let again = (0..3).filter(|_| isolated::<M>(&h, &a).is_err()).count();
-            panic!(
+            eprintln!(
+                "{}: the minimal sequence once more, with every completion:",
+                M::NAME
+            );
+            VERBOSE.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = isolated::<M>(&h, &a);
+            VERBOSE.store(false, std::sync::atomic::Ordering::Relaxed);
+            let msg = format!(
                 "{}: minimal failing sequence ({} actions, fails {again} of 3 replays): [{}] {}\n\n{test}",
                 M::NAME,
                 a.len(),
                 f.tag,
                 f.detail
             );
+            if !keep_going {
+                panic!("{msg}");
+            }
+            eprintln!("{msg}");
+            failures.push(f.tag);
         }
         if (i + 1) % 100 == 0 {
             eprintln!(
@@ -211,11 +236,13 @@ where
         }
     }
     eprintln!(
-        "{}: {ran} cases ({actions_run} actions) passed in {:.1?} (seed {:#x})",
+        "{}: {ran} cases ({actions_run} actions), {} failed, in {:.1?} (seed {:#x})",
         M::NAME,
+        failures.len(),
         start.elapsed(),
         budget.seed
     );
+    assert!(failures.is_empty(), "{}: failures: {failures:?}", M::NAME);
     ran
 }
 
