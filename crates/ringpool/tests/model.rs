@@ -418,3 +418,42 @@ fn core_regression_guest_6_1_eof_pipe_reads_and_a_file_read_share_a_ring() {
         ],
     );
 }
+
+/// Found by the checker in the 6.12 guest (seed 0x1600836529, shrunk from 93 actions, fails 2
+/// of 3 replays there; passes on 6.18). The verbose replay shows both completions naming the
+/// same buffer of a plain 2-buffer ring:
+/// `token 3 Data([bid 1, len 1])`, then `token 2 Data([bid 1, len 1])`: a pipe read (1 byte
+/// waiting) and a read of a 1-byte file, in flight together, are handed bid 1 both; bid 0 is
+/// never used. The user then holds one buffer twice, its bytes overwritten by the other read.
+#[test]
+fn core_regression_guest_6_12_two_reads_are_handed_the_same_ring_buffer() {
+    core::replay(
+        Header {
+            rung: NoIncremental,
+            drivers: 1,
+            avoid: Avoid::NOTHING,
+        },
+        &[
+            NewGroup {
+                d: 0,
+                kind: Ring,
+                size: 256,
+                count: 2,
+            },
+            NewPipe { d: 0 },
+            NewFile { d: 0, len: 0 },
+            NewFile { d: 0, len: 1 },
+            PeerWrite { s: 7, len: 1 },
+            ReadSelect {
+                s: 2,
+                g: 7,
+                keep: false,
+            },
+            ReadSelect {
+                s: 6,
+                g: 5,
+                keep: false,
+            },
+        ],
+    );
+}
