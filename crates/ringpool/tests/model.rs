@@ -457,3 +457,70 @@ fn core_regression_guest_6_12_two_reads_are_handed_the_same_ring_buffer() {
         ],
     );
 }
+
+/// Found by the checker in the 5.10 guest (seed 0x5eedc0de, case 0; shrunk from 43 to 23
+/// actions within the guest's shrink budget; passes on 6.18 on every forced rung). The drain at
+/// the end stalls: the legacy group g0 (one buffer) reports the buffer in the kernel
+/// (`in_kernel 1, in_user 0`) while every receive on it ends `-ENOBUFS` and is re-armed, about
+/// 17,000 times a second (`enobufs 173002, rearms 172998` after 10 s): the buffer left
+/// circulation without the driver knowing. Suspected: on 5.10 a buffer-selecting op that is
+/// cancelled (here `CancelToken`) after picking a legacy buffer frees it in the kernel
+/// (`io_clean_op`) without naming it in its CQE, so it is never provided again.
+#[test]
+fn core_regression_guest_5_10_a_legacy_buffer_leaves_circulation() {
+    core::replay(
+        Header {
+            rung: Best,
+            drivers: 1,
+            avoid: Avoid::NOTHING,
+        },
+        &[
+            NewGroup {
+                d: 0,
+                kind: Incremental,
+                size: 256,
+                count: 1,
+            },
+            NewGroup {
+                d: 0,
+                kind: Incremental,
+                size: 64,
+                count: 4,
+            },
+            NewTcp { d: 0 },
+            NewTcp { d: 0 },
+            NewFile { d: 0, len: 7336 },
+            PeerRead { s: 6 },
+            NewPipe { d: 0 },
+            Transmit {
+                s: 0,
+                how: Bundled,
+                src: Owned(4893),
+            },
+            LeaseReadIn { f: 3, len: 3749 },
+            Wait { ms: 0 },
+            PeerWrite { s: 5, len: 32945 },
+            Transmit {
+                s: 4,
+                how: Bundled,
+                src: Held(6),
+            },
+            DropHeld { h: 0 },
+            DropFd { s: 7 },
+            Recv {
+                s: 3,
+                g: 4,
+                mode: Multishot,
+                keep: false,
+            },
+            PeerWrite { s: 2, len: 6323 },
+            NewPipe { d: 0 },
+            CancelToken { op: 3 },
+            Wait { ms: 0 },
+            LeaseReadIn { f: 6, len: 64 },
+            Wait { ms: 20 },
+            DropHeld { h: 7 },
+            PeerWrite { s: 1, len: 24 },
+        ],
+    );
+}
