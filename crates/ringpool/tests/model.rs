@@ -33,7 +33,7 @@ use std::sync::Mutex;
 /// checker looks for the next one; their regression tests below are ignored. Remove a number
 /// when its fix lands. `RINGPOOL_MODEL_KNOWN=none` steers around nothing, `=1,3` around those.
 /// 4 and 5 are new, found by this checker (see their regression tests).
-const KNOWN_DEFECTS: &[u32] = &[1, 2, 3, 4, 5];
+const KNOWN_DEFECTS: &[u32] = &[];
 
 fn known() -> Vec<u32> {
     match std::env::var("RINGPOOL_MODEL_KNOWN") {
@@ -98,7 +98,6 @@ use crate::rtm::prelude::*;
 /// naming that buffer) and the driver recycles it with its offset reset, so the next byte the
 /// kernel appends at offset 2 is handed out at offset 0: an old byte.
 #[test]
-#[ignore = "defect 1, fixed on main by the lead"]
 fn core_regression_incremental_eof_read_recycles_a_kept_buffer() {
     core::replay(
         Header {
@@ -146,7 +145,6 @@ fn core_regression_incremental_eof_read_recycles_a_kept_buffer() {
 /// twice, and the receive of 2048 fresh bytes (the drain at the end) is written over itself
 /// before the user sees it.
 #[test]
-#[ignore = "defect 1, fixed on main by the lead"]
 fn core_regression_incremental_eof_read_puts_a_buffer_in_the_ring_twice() {
     core::replay(
         Header {
@@ -183,7 +181,6 @@ fn core_regression_incremental_eof_read_puts_a_buffer_in_the_ring_twice() {
 /// 64 actions): driver 0's first op (a pipe read) and driver 1's first op (a TCP receive) get
 /// the same `OpId`; `cancel` of driver 0's id on driver 1 cancels driver 1's receive.
 #[test]
-#[ignore = "defect 2, fixed on main by the lead"]
 fn core_regression_a_foreign_op_id_cancels_another_drivers_op() {
     core::replay(
         Header {
@@ -238,7 +235,6 @@ fn core_regression_a_foreign_op_id_cancels_another_drivers_op() {
 /// instead of going to the stream's leftovers (issue 13: "dropped elsewhere or after its
 /// runtime ended, it must ... lose nothing").
 #[test]
-#[ignore = "defect 4 (new, reported to the lead): a receive that outlives its runtime loses bytes"]
 fn rt_regression_a_receive_outliving_its_runtime_loses_its_bytes() {
     rtm::rt_replay(
         RtHeader {
@@ -269,7 +265,6 @@ fn rt_regression_a_receive_outliving_its_runtime_loses_its_bytes() {
 /// then never reaches the stream. In the next runtime every receive on that stream waits for the
 /// orphan forever: here the drain at the end stalls.
 #[test]
-#[ignore = "defect 5 (new, reported to the lead): an orphaned receive blocks its stream in later runtimes"]
 fn rt_regression_a_receive_dropped_at_runtime_end_blocks_the_stream_forever() {
     rtm::rt_replay(
         RtHeader {
@@ -297,7 +292,6 @@ fn rt_regression_a_receive_dropped_at_runtime_end_blocks_the_stream_forever() {
 /// `recv_stream` gets the same token; dropping the old future there removes and cancels the
 /// stream's op, so the stream never sees its data or its end (the drain stalls).
 #[test]
-#[ignore = "defect 3, fixed on main by the lead"]
 fn rt_regression_a_future_dropped_in_another_runtime_cancels_its_op() {
     rtm::rt_replay(
         RtHeader {
@@ -521,6 +515,40 @@ fn core_regression_guest_5_10_a_legacy_buffer_leaves_circulation() {
             Wait { ms: 20 },
             DropHeld { h: 7 },
             PeerWrite { s: 1, len: 24 },
+        ],
+    );
+}
+
+/// Found by the checker on main with nothing steered around (seed 0xf342073b4, shrunk from 38
+/// actions): a receive that completed in its runtime while its future was not polled lost its
+/// bytes when the runtime ended (fixed: the runtime's end hands them to the stream).
+#[test]
+fn rt_regression_f342073b4() {
+    rtm::rt_replay(
+        RtHeader {
+            rung: Best,
+            incremental: false,
+            count: 4,
+            avoid: RtAvoid {
+                foreign_runtime_drop: false,
+                outliving_receive: false,
+                orphan_at_runtime_end: false,
+            },
+        },
+        &[
+            RtNewTcp,
+            RtRecv {
+                s: 0,
+                one: true,
+                ms: 1,
+                keep: false,
+            },
+            RtPeerWrite { s: 0, len: 2665 },
+            RtSend {
+                s: 2,
+                len: 1,
+                zc: false,
+            },
         ],
     );
 }
