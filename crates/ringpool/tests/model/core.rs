@@ -100,12 +100,20 @@ pub struct Avoid {
     pub eof_incremental: bool,
     /// Defect 2: `Driver::cancel` with another driver's `OpId`.
     pub foreign_cancel: bool,
+    /// Kernel quirk, open (6.1 and 6.12 guests; not 6.18): a buffer-selecting read of a regular
+    /// file beside a pipe read on one ring group, where both were handed the same buffer.
+    pub file_reads_beside_pipe_reads: bool,
+    /// Kernel quirk, open (5.10 guest, `docs/KERNEL-MATRIX.md`): a cancelled waiting receive on
+    /// a legacy group takes its selected buffer out of circulation without naming it.
+    pub cancels_on_legacy_groups: bool,
 }
 
 impl Avoid {
     pub const NOTHING: Avoid = Avoid {
         eof_incremental: false,
         foreign_cancel: false,
+        file_reads_beside_pipe_reads: false,
+        cancels_on_legacy_groups: false,
     };
 }
 
@@ -749,6 +757,9 @@ impl World {
                     // A read that may end at EOF: defect 1.
                     return Ok(());
                 }
+                if self.avoid.file_reads_beside_pipe_reads && matches!(st.peer, Peer::File { .. }) {
+                    return Ok(());
+                }
                 let Some(group) = self.groups[gi].g.clone() else {
                     return Ok(());
                 };
@@ -776,7 +787,10 @@ impl World {
             } => self.lease_send(f, s, len, zc, keep)?,
             LeaseReadIn { f, len } => self.lease_read_in(f, len)?,
             Cancel { op, foreign } => {
-                if self.ops.is_empty() || (foreign && self.avoid.foreign_cancel) {
+                if self.ops.is_empty()
+                    || (foreign && self.avoid.foreign_cancel)
+                    || self.avoid.cancels_on_legacy_groups
+                {
                     return Ok(());
                 }
                 let o = op % self.ops.len();
@@ -795,6 +809,9 @@ impl World {
                 }
             }
             CancelFd { s } => {
+                if self.avoid.cancels_on_legacy_groups {
+                    return Ok(());
+                }
                 let Some(i) = self.live_stream(s) else {
                     return Ok(());
                 };
@@ -806,7 +823,7 @@ impl World {
                 self.drivers[d].as_mut().unwrap().cancel_fd(&fd);
             }
             CancelToken { op } => {
-                if self.ops.is_empty() {
+                if self.ops.is_empty() || self.avoid.cancels_on_legacy_groups {
                     return Ok(());
                 }
                 let o = op % self.ops.len();
