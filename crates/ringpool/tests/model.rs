@@ -87,7 +87,7 @@ fn model_core() {
         foreign_cancel: known().contains(&2),
         // Open kernel quirks of the matrix's older kernels (their regression tests are the
         // `core_regression_guest_*` ones): steered around on those kernels only.
-        file_reads_beside_pipe_reads: kernel_before(6, 13),
+        file_reads_beside_pipe_reads: kernel_before(6, 13) && !kernel_before(5, 19),
         cancels_on_legacy_groups: kernel_before(5, 19),
     };
     let budget = gen::Budget::from_env(1500, 40, 0xC0DE);

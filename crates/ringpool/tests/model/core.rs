@@ -100,8 +100,9 @@ pub struct Avoid {
     pub eof_incremental: bool,
     /// Defect 2: `Driver::cancel` with another driver's `OpId`.
     pub foreign_cancel: bool,
-    /// Kernel quirk, open (6.1 and 6.12 guests; not 6.18): a buffer-selecting read of a regular
-    /// file beside a pipe read on one ring group, where both were handed the same buffer.
+    /// Kernel quirk, open (6.1 and 6.12 guests; not 6.18): buffer-selecting reads on a ring
+    /// group (a file read beside a pipe read, and pipe reads of two drivers) were handed a
+    /// buffer another read had, or stale bytes. Steers around every buffer-selecting read.
     pub file_reads_beside_pipe_reads: bool,
     /// Kernel quirk, open (5.10 guest, `docs/KERNEL-MATRIX.md`): a cancelled waiting receive on
     /// a legacy group takes its selected buffer out of circulation without naming it.
@@ -757,7 +758,7 @@ impl World {
                     // A read that may end at EOF: defect 1.
                     return Ok(());
                 }
-                if self.avoid.file_reads_beside_pipe_reads && matches!(st.peer, Peer::File { .. }) {
+                if self.avoid.file_reads_beside_pipe_reads {
                     return Ok(());
                 }
                 let Some(group) = self.groups[gi].g.clone() else {
