@@ -89,6 +89,7 @@ fn model_core() {
         // `core_regression_guest_*` ones): steered around on those kernels only.
         file_reads_beside_pipe_reads: kernel_before(6, 13) && !kernel_before(5, 19),
         cancels_on_legacy_groups: kernel_before(5, 19),
+        forced_legacy_rungs: kernel_before(6, 13) && !kernel_before(5, 19),
     };
     let budget = gen::Budget::from_env(1500, 40, 0xC0DE);
     let ran = gen::check::<core::Core>(&budget);

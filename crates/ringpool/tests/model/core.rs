@@ -107,6 +107,9 @@ pub struct Avoid {
     /// Kernel quirk, open (5.10 guest, `docs/KERNEL-MATRIX.md`): a cancelled waiting receive on
     /// a legacy group takes its selected buffer out of circulation without naming it.
     pub cancels_on_legacy_groups: bool,
+    /// Open (6.1 guest): on the forced legacy rungs of a kernel with rings, a multishot receive
+    /// stalled with its data in the socket. Steers those rungs to the best one.
+    pub forced_legacy_rungs: bool,
 }
 
 impl Avoid {
@@ -115,6 +118,7 @@ impl Avoid {
         foreign_cancel: false,
         file_reads_beside_pipe_reads: false,
         cancels_on_legacy_groups: false,
+        forced_legacy_rungs: false,
     };
 }
 
@@ -2011,6 +2015,12 @@ impl Machine for Core {
         ]);
         let drivers = if rng.pct(20) { 2 } else { 1 };
         let avoid = *AVOID.lock().unwrap_or_else(|e| e.into_inner());
+        let rung = match rung {
+            Rung::Legacy | Rung::LegacyNoMultishot | Rung::Oldest if avoid.forced_legacy_rungs => {
+                Rung::Best
+            }
+            rung => rung,
+        };
         let header = Header {
             rung,
             drivers,
