@@ -80,11 +80,13 @@ fn report_features() {
 
 #[test]
 fn model_core() {
-    if open_quirk_here(
-        6,
-        2,
-        "the fixed-seed run stalls a multishot receive (core_regression_5eedc0de)",
-    ) {
+    if !kernel_before(5, 19)
+        && open_quirk_here(
+            6,
+            13,
+            "buffer-selecting reads on rings are handed another read's buffer (core_regression_guest_6_*)",
+        )
+    {
         return;
     }
     let _serial = serial();
@@ -94,9 +96,9 @@ fn model_core() {
         foreign_cancel: known().contains(&2),
         // Open kernel quirks of the matrix's older kernels (their regression tests are the
         // `core_regression_guest_*` ones): steered around on those kernels only.
-        file_reads_beside_pipe_reads: kernel_before(6, 13) && !kernel_before(5, 19),
+        file_reads_beside_pipe_reads: false,
         cancels_on_legacy_groups: kernel_before(5, 19),
-        forced_legacy_rungs: kernel_before(6, 13) && !kernel_before(5, 19),
+        forced_legacy_rungs: false,
     };
     let budget = gen::Budget::from_env(1500, 40, 0xC0DE);
     let ran = gen::check::<core::Core>(&budget);
@@ -608,45 +610,6 @@ fn rt_regression_f342073b4() {
                 len: 1,
                 zc: false,
             },
-        ],
-    );
-}
-
-/// Found by the checker in the 6.1 guest (fixed seed `0x5eedc0de`, shrunk from 43 actions,
-/// fails 3 of 3 replays there, passes on 6.18 and 6.12): a multishot receive stalls with its
-/// data in the socket after a bundled send, a dropped buffer and a dropped descriptor. Open:
-/// the cause (ringpool's or 6.1's) is not known yet; `docs/KERNEL-MATRIX.md`.
-#[test]
-fn core_regression_guest_6_1_a_multishot_receive_stalls() {
-    if open_quirk_here(
-        6,
-        2,
-        "a multishot receive stalls with its data in the socket",
-    ) {
-        return;
-    }
-    core::replay(
-        Header {
-            rung: Best,
-            drivers: 1,
-            avoid: Avoid::NOTHING,
-        },
-        &[
-            Transmit {
-                s: 4,
-                how: Bundled,
-                src: Held(6),
-            },
-            DropHeld { h: 0 },
-            DropFd { s: 7 },
-            Recv {
-                s: 3,
-                g: 4,
-                mode: Multishot,
-                keep: false,
-            },
-            PeerWrite { s: 2, len: 6323 },
-            NewPipe { d: 0 },
         ],
     );
 }
