@@ -2014,10 +2014,15 @@ impl Driver {
     /// Cancels every op using `fd` (for closing a connection with receives in flight).
     pub fn cancel_fd(&mut self, fd: &Fd) {
         self.drop_waiting_members(|m| m.fd().same(fd));
+        self.cancel_where(|s| op_fd(&s.kind).is_some_and(|f| f.same(fd)));
+    }
+
+    /// Cancels every op whose slot `which` picks, as [`Driver::cancel`] does.
+    fn cancel_where(&mut self, which: impl Fn(&OpSlot) -> bool) {
         let ids: Vec<OpId> = self
             .ops
             .iter()
-            .filter(|(_, s)| op_fd(&s.kind).is_some_and(|f| f.same(fd)))
+            .filter(|(_, s)| which(s))
             .map(|(k, s)| OpId::new(k, s.gen, self.ring_id))
             .collect();
         for id in ids {
@@ -2042,34 +2047,18 @@ impl Driver {
     pub fn cancel_token(&mut self, token: u64) {
         self.drop_waiting_members(|m| m.token == token);
         // Driver-internal ops have no descriptor (and token 0): never the user's.
-        let ids: Vec<OpId> = self
-            .ops
-            .iter()
-            // Bundle ops carry many sends (and token 0): `cancel_fd` stops them.
-            .filter(|(_, s)| {
-                s.token == token
-                    && op_fd(&s.kind).is_some()
-                    && !matches!(s.kind, OpKind::SendBundle { .. })
-            })
-            .map(|(k, s)| OpId::new(k, s.gen, self.ring_id))
-            .collect();
-        for id in ids {
-            self.cancel(id);
-        }
+        // Bundle ops carry many sends (and token 0): `cancel_fd` stops them.
+        self.cancel_where(|s| {
+            s.token == token
+                && op_fd(&s.kind).is_some()
+                && !matches!(s.kind, OpKind::SendBundle { .. })
+        });
     }
 
     /// Cancels every op of the user's, as [`Driver::cancel`] does (an `rt` runtime's end).
     pub(crate) fn cancel_all(&mut self) {
         self.drop_waiting_members(|_| true);
-        let ids: Vec<OpId> = self
-            .ops
-            .iter()
-            .filter(|(_, s)| op_fd(&s.kind).is_some())
-            .map(|(k, s)| OpId::new(k, s.gen, self.ring_id))
-            .collect();
-        for id in ids {
-            self.cancel(id);
-        }
+        self.cancel_where(|s| op_fd(&s.kind).is_some());
     }
 
     /// Members of lease groups whose leader is still reading are not ops yet: those `which`
@@ -3740,14 +3729,7 @@ impl Drop for Driver {
             self.ops.remove(key);
         }
         // One cancel per op (works on every kernel, unlike CANCEL_ANY, which needs 5.19).
-        let ids: Vec<OpId> = self
-            .ops
-            .iter()
-            .map(|(k, s)| OpId::new(k, s.gen, self.ring_id))
-            .collect();
-        for id in ids {
-            self.cancel(id);
-        }
+        self.cancel_where(|_| true);
         let deadline = Instant::now() + Duration::from_secs(5);
         let busy = |ops: &Slab<OpSlot>| {
             ops.iter()
