@@ -1,6 +1,6 @@
 //! `ringpool probe`: the kernel's io_uring features and the fallback rung chosen for each.
 
-use ringpool::{sys::Memlock, Features, Force, Ladder};
+use ringpool::{sys::Memlock, Driver, DriverConfig, Features, Force, Ladder};
 
 /// Arguments of `ringpool probe`.
 #[derive(clap::Args)]
@@ -36,11 +36,18 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Memlock::Limited(b) => format!("{} KiB", b / 1024),
     };
     let opcodes = f.opcodes.iter().filter(|&&s| s).count();
+    // What the servers need first: a ring of the default size. The feature table alone can
+    // read "supported" while RLIMIT_MEMLOCK leaves no room for that ring.
+    let ring_setup = match Driver::new(DriverConfig::default()) {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("refused: {e}"),
+    };
     if args.json {
         let json = serde_json::json!({
             "kernel": f.kernel.to_string(),
             "opcodes_supported": opcodes,
             "memlock": memlock,
+            "ring_setup": ring_setup,
             "forced": forced.iter().map(|r| r.name()).collect::<Vec<_>>(),
             "features": features.iter().map(|(n, s, _)| (n.to_string(), serde_json::Value::Bool(*s))).collect::<serde_json::Map<_, _>>(),
             "ladder": ladder.describe().into_iter().map(|(c, r)| (c.to_string(), serde_json::Value::String(r.to_string()))).collect::<serde_json::Map<_, _>>(),
@@ -52,6 +59,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "kernel {}   opcodes supported: {}   memlock: {}",
         f.kernel, opcodes, memlock
     );
+    println!("ring setup (default size, as the servers use): {ring_setup}");
     if !forced.is_empty() {
         let names: Vec<_> = forced.iter().map(|r| r.name()).collect();
         println!("forced rungs (RINGPOOL_FORCE): {}", names.join(", "));

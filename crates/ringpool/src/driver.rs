@@ -677,6 +677,60 @@ pub struct Driver {
 /// the share it re-armed first does not complete.
 const REARM_PACE: Duration = Duration::from_millis(1);
 
+/// Sets up the ring. Under a finite `RLIMIT_MEMLOCK`, `ENOMEM` is retried for up to 200 ms:
+/// the kernel releases a closed ring's locked-memory charge only when its teardown work has
+/// run, and the feature probe of this very process (`Features::get`, run just before) has
+/// just closed several rings, which would otherwise take a tight limit's room.
+fn build_ring(builder: &io_uring::Builder, entries: u32) -> std::io::Result<IoUring> {
+    let mut tries = 0;
+    loop {
+        match builder.build(entries) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOMEM)
+                    && tries < 20
+                    && sys::Memlock::current() != sys::Memlock::Unlimited =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Why `io_uring_setup` refused a ring of `sq` and `cq` entries, as a typed error: no
+/// io_uring at all, io_uring disabled for this process, or the user's locked memory.
+fn setup_refused(e: std::io::Error, sq: u32, cq: u32, features: &Features) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => Error::Unsupported {
+            feature: "io_uring",
+            kernel: features.kernel,
+        },
+        Some(libc::EPERM) => Error::Os {
+            op: "io_uring_setup (refused for this process: kernel.io_uring_disabled or a seccomp filter)",
+            source: e,
+        },
+        Some(libc::ENOMEM) => match sys::Memlock::current().bytes() {
+            // Unlimited locked memory: the machine itself is out of memory.
+            None => Error::Os {
+                op: "io_uring_setup",
+                source: e,
+            },
+            limit => Error::RingMemlock {
+                sq_entries: sq,
+                // The kernel rounds the completion queue up to a power of two.
+                cq_entries: cq.max(sq).next_power_of_two(),
+                needs: sys::ring_locked_bytes(sq, cq.max(sq).next_power_of_two()),
+                limit,
+            },
+        },
+        _ => Error::Os {
+            op: "io_uring_setup",
+            source: e,
+        },
+    }
+}
+
 /// Ids of rings in shared fixed buffer tables.
 static NEXT_RING_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -696,11 +750,17 @@ impl Driver {
             });
         }
         let features = Features::get();
+        let cq = config
+            .cq_entries
+            .unwrap_or(entries.saturating_mul(8).min(65536));
         if !features.io_uring {
-            return Err(Error::Unsupported {
-                feature: "io_uring",
-                kernel: features.kernel,
-            });
+            let errno = features.setup_errno.unwrap_or(libc::ENOSYS);
+            return Err(setup_refused(
+                std::io::Error::from_raw_os_error(errno),
+                entries,
+                cq,
+                features,
+            ));
         }
         let mut force = if config.ignore_env {
             Vec::new()
@@ -709,17 +769,13 @@ impl Driver {
         };
         force.extend(config.force.iter().copied());
         let ladder = Ladder::choose(features, &force);
-        let cq = config
-            .cq_entries
-            .unwrap_or(entries.saturating_mul(8).min(65536));
         let mut builder = IoUring::builder();
         builder.setup_cqsize(cq).setup_clamp();
         if ladder.defer_taskrun {
             builder.setup_single_issuer().setup_defer_taskrun();
         }
-        let ring = builder
-            .build(entries)
-            .map_err(Error::os("io_uring_setup"))?;
+        let ring =
+            build_ring(&builder, entries).map_err(|e| setup_refused(e, entries, cq, features))?;
         Ok(Driver {
             ring,
             ladder,
@@ -772,6 +828,38 @@ impl Driver {
         self.ops.len() - self.internal
     }
 
+    /// Registers `shared`'s buffer ring with the kernel, if it is a ring group.
+    fn register_group_ring(
+        &mut self,
+        shared: &GroupShared,
+        bgid: u16,
+        incremental: bool,
+    ) -> Result<()> {
+        if let Some((addr, entries)) = shared.ring_registration() {
+            let flags = if incremental {
+                sys::IOU_PBUF_RING_INC
+            } else {
+                0
+            };
+            // SAFETY: the ring memory is owned by `shared`, which the driver keeps in
+            // `self.groups` until it unregisters the ring (or until the driver, and with it the
+            // io_uring, is gone), so it stays valid for as long as the kernel may read it.
+            unsafe {
+                self.ring
+                    .submitter()
+                    .register_buf_ring_with_flags(addr, entries, bgid, flags)
+            }
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EEXIST) => Error::GroupIdInUse { bgid },
+                _ => Error::Os {
+                    op: "registering a buffer ring",
+                    source: e,
+                },
+            })?;
+        }
+        Ok(())
+    }
+
     /// Creates a buffer group: a provided buffer ring where the kernel has them (incremental if
     /// asked and available), a legacy `PROVIDE_BUFFERS` group otherwise.
     ///
@@ -796,7 +884,7 @@ impl Driver {
             GroupRung::Ring { incremental } => (true, cfg.incremental && incremental),
             GroupRung::Legacy => (false, false),
         };
-        let shared = Rc::new(GroupShared::new(
+        let mut shared = Rc::new(GroupShared::new(
             &cfg,
             bgid,
             max_count,
@@ -805,27 +893,23 @@ impl Driver {
             self.cross.clone(),
             self.ring_id,
         )?);
-        if let Some((addr, entries)) = shared.ring_registration() {
-            let flags = if incremental {
-                sys::IOU_PBUF_RING_INC
-            } else {
-                0
-            };
-            // SAFETY: the ring memory is owned by `shared`, which the driver keeps in
-            // `self.groups` until it unregisters the ring (or until the driver, and with it the
-            // io_uring, is gone), so it stays valid for as long as the kernel may read it.
-            unsafe {
-                self.ring
-                    .submitter()
-                    .register_buf_ring_with_flags(addr, entries, bgid, flags)
+        if let Err(e) = self.register_group_ring(&shared, bgid, incremental) {
+            // The kernel pins a buffer ring's own memory against RLIMIT_MEMLOCK; a legacy
+            // group needs none, so a ring refused for locked memory steps down a rung.
+            if e.raw_os_error() != Some(libc::ENOMEM)
+                || sys::Memlock::current() == sys::Memlock::Unlimited
+            {
+                return Err(e);
             }
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EEXIST) => Error::GroupIdInUse { bgid },
-                _ => Error::Os {
-                    op: "registering a buffer ring",
-                    source: e,
-                },
-            })?;
+            shared = Rc::new(GroupShared::new(
+                &cfg,
+                bgid,
+                max_count,
+                false,
+                false,
+                self.cross.clone(),
+                self.ring_id,
+            )?);
         }
         if cfg.registration != Registration::Plain {
             let registered = {

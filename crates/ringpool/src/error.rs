@@ -92,6 +92,26 @@ pub enum Error {
         /// The exhausted group.
         bgid: u16,
     },
+    /// The kernel refused to set up the ring itself for lack of locked memory: io_uring
+    /// charges its rings to the user's locked memory (`RLIMIT_MEMLOCK`, shared by every
+    /// process of that user) unless the process has `CAP_IPC_LOCK`.
+    ///
+    /// # Examples
+    /// ```
+    /// let e = ringpool::Error::RingMemlock { sq_entries: 256, cq_entries: 2048, needs: 73728, limit: Some(65536) };
+    /// assert!(e.to_string().contains("RLIMIT_MEMLOCK"));
+    /// ```
+    #[error("io_uring_setup refused a ring of {sq_entries} submission and {cq_entries} completion entries (about {} KiB of locked memory) under RLIMIT_MEMLOCK = {}: io_uring charges rings to the user's locked memory, shared by all of that user's processes (rings still being torn down count too); raise `ulimit -l`, run with CAP_IPC_LOCK, or ask for a smaller ring", needs.div_ceil(1024), match limit { Some(l) => format!("{} KiB", l / 1024), None => "unlimited".to_string() })]
+    RingMemlock {
+        /// Submission queue entries asked for.
+        sq_entries: u32,
+        /// Completion queue entries asked for.
+        cq_entries: u32,
+        /// Bytes of ring memory this ring needs, estimated from its sizes (page-rounded).
+        needs: u64,
+        /// The soft `RLIMIT_MEMLOCK` in bytes (`None`: unlimited).
+        limit: Option<u64>,
+    },
     /// The kernel refused to pin more memory: registering it would exceed `RLIMIT_MEMLOCK`.
     #[error("registering {asked} bytes exceeds the memlock limit ({}; {registered} bytes already registered by this ring); raise `ulimit -l`, run with CAP_IPC_LOCK, or allow the fallback to unregistered memory", match limit { Some(l) => format!("{l} bytes"), None => "unlimited, yet the kernel refused".to_string() })]
     MemlockExceeded {

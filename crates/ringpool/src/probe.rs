@@ -32,6 +32,10 @@ pub struct Features {
     pub kernel: KernelVersion,
     /// io_uring itself works (setup succeeded).
     pub io_uring: bool,
+    /// Why the probe's own ring could not be set up (the errno of `io_uring_setup`), when
+    /// `io_uring` is false: `ENOSYS` (no io_uring), `EPERM` (disabled by
+    /// `kernel.io_uring_disabled` or a seccomp filter), `ENOMEM` (`RLIMIT_MEMLOCK`).
+    pub setup_errno: Option<i32>,
     /// Opcodes the kernel reports as supported (index = opcode).
     pub opcodes: Vec<bool>,
     /// `io_uring_params.features` bits.
@@ -100,6 +104,7 @@ fn detect() -> Features {
     let mut f = Features {
         kernel,
         io_uring: false,
+        setup_errno: None,
         opcodes: vec![false; 256],
         feature_bits: 0,
         provide_buffers: false,
@@ -118,8 +123,12 @@ fn detect() -> Features {
         ext_arg: false,
         memlock,
     };
-    let Ok(mut ring) = IoUring::new(8) else {
-        return f;
+    let mut ring = match IoUring::new(8) {
+        Ok(ring) => ring,
+        Err(e) => {
+            f.setup_errno = e.raw_os_error();
+            return f;
+        }
     };
     f.io_uring = true;
     let mut probe = io_uring::Probe::new();

@@ -329,6 +329,40 @@ impl Memlock {
     }
 }
 
+impl Memlock {
+    /// The limit in bytes, `None` when unlimited.
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::sys::Memlock;
+    /// assert_eq!(Memlock::Limited(4096).bytes(), Some(4096));
+    /// assert_eq!(Memlock::Unlimited.bytes(), None);
+    /// ```
+    pub fn bytes(self) -> Option<u64> {
+        match self {
+            Memlock::Unlimited => None,
+            Memlock::Limited(b) => Some(b),
+        }
+    }
+}
+
+/// Bytes of locked memory the kernel charges for a ring of these sizes: the SQE array
+/// (64 bytes per entry) and the shared rings (a header, 16 bytes per CQE, 4 per SQ index),
+/// each rounded up to pages. An estimate for error messages, not an accounting rule.
+///
+/// # Examples
+/// ```
+/// assert_eq!(ringpool::sys::ring_locked_bytes(8, 16), 2 * 4096);
+/// ```
+pub fn ring_locked_bytes(sq_entries: u32, cq_entries: u32) -> u64 {
+    const PAGE: u64 = 4096;
+    const RINGS_HEADER: u64 = 320;
+    let round = |b: u64| b.div_ceil(PAGE) * PAGE;
+    let sqes = u64::from(sq_entries) * 64;
+    let rings = RINGS_HEADER + u64::from(cq_entries) * 16 + u64::from(sq_entries) * 4;
+    round(sqes) + round(rings)
+}
+
 /// Whether the effective capability set holds `CAP_IPC_LOCK` (bit 14), read from /proc.
 fn has_cap_ipc_lock() -> bool {
     const CAP_IPC_LOCK: u32 = 14;
