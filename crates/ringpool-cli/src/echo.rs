@@ -87,7 +87,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(args.listen)?;
     set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
-    let mut driver = Driver::new(DriverConfig::default().entries(1024))?;
+    let mut driver =
+        Driver::new(DriverConfig::default().entries(crate::probe::SERVER_RING_ENTRIES))?;
     let group = driver.buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
     println!("listening on {addr}");
     println!(
@@ -282,7 +283,7 @@ fn run_rt(args: Args, conn_bufs: u32) -> Result<(), Box<dyn std::error::Error>> 
     use std::cell::Cell;
     use std::rc::Rc;
     signals::install();
-    let config = DriverConfig::default().entries(1024);
+    let config = DriverConfig::default().entries(crate::probe::SERVER_RING_ENTRIES);
     rt::block_on_with(config, async move {
         let group = rt::buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
         let listener = rt::TcpListener::bind(args.listen)?;

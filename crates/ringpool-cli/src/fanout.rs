@@ -140,7 +140,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Registered chunk buffers and zero-copy sends both pin memory against RLIMIT_MEMLOCK:
     // where the buffers do not fit it, fall back (once, at start) to plain memory and plain
     // sends rather than fail sends (and drop clients) later.
-    let mut config = DriverConfig::default().entries(1024);
+    let mut config = DriverConfig::default().entries(crate::probe::SERVER_RING_ENTRIES);
     let bytes = (args.chunk as u64).saturating_mul(args.in_flight as u64);
     if let Err(why) = fits_memlock(bytes, &format!("{} chunk buffers", args.in_flight)) {
         log(format_args!(

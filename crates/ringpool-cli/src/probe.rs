@@ -2,6 +2,9 @@
 
 use ringpool::{sys::Memlock, Driver, DriverConfig, Features, Force, Ladder};
 
+/// Submission queue entries of the servers' rings (`echo`, `proxy`, `fanout`).
+pub const SERVER_RING_ENTRIES: u32 = 1024;
+
 /// Arguments of `ringpool probe`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,9 +39,9 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Memlock::Limited(b) => format!("{} KiB", b / 1024),
     };
     let opcodes = f.opcodes.iter().filter(|&&s| s).count();
-    // What the servers need first: a ring of the default size. The feature table alone can
-    // read "supported" while RLIMIT_MEMLOCK leaves no room for that ring.
-    let ring_setup = match Driver::new(DriverConfig::default()) {
+    // What the servers need first: a ring of their size. The feature table alone can read
+    // "supported" while RLIMIT_MEMLOCK leaves no room for that ring.
+    let ring_setup = match Driver::new(DriverConfig::default().entries(SERVER_RING_ENTRIES)) {
         Ok(_) => "ok".to_string(),
         Err(e) => format!("refused: {e}"),
     };
@@ -59,7 +62,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "kernel {}   opcodes supported: {}   memlock: {}",
         f.kernel, opcodes, memlock
     );
-    println!("ring setup (default size, as the servers use): {ring_setup}");
+    println!("ring setup ({SERVER_RING_ENTRIES} entries, as the servers use): {ring_setup}");
     if !forced.is_empty() {
         let names: Vec<_> = forced.iter().map(|r| r.name()).collect();
         println!("forced rungs (RINGPOOL_FORCE): {}", names.join(", "));

@@ -146,7 +146,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
     let cfg = DriverConfig::default()
-        .entries(1024)
+        .entries(crate::probe::SERVER_RING_ENTRIES)
         .zerocopy(ZcConfig::default().mode(zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
     let mut driver = Driver::new(cfg)?;

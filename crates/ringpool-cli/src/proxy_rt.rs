@@ -49,7 +49,7 @@ struct Counters {
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
     let cfg = DriverConfig::default()
-        .entries(1024)
+        .entries(crate::probe::SERVER_RING_ENTRIES)
         .zerocopy(ZcConfig::default().mode(crate::proxy::zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
     rt::block_on_with(cfg, async move {
