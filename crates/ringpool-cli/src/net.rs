@@ -269,3 +269,71 @@ pub fn log_if_own_shortage(who: &str, e: &ringpool::Error) {
         ));
     }
 }
+
+/// Whether the peer of `fd` left: it reset the connection, or it closed its side without
+/// sending anything we have not read (a peek returns end of stream). A peer that sent data
+/// and then half-closed has not left: its request is still to be forwarded. Takes no data.
+pub fn peer_left(fd: &impl AsRawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv with MSG_PEEK writes at most one byte into `byte`, which we own; the socket
+    // is live for the duration of the call.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => !matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EAGAIN | libc::EINTR)
+        ),
+    }
+}
+
+/// How often a pending upstream connect looks whether its client left.
+pub const CONNECT_WATCH: Duration = Duration::from_millis(50);
+
+/// Parses a positive number of seconds (a `clap` value parser): `0`, negatives and NaN are
+/// refused, since a zero timeout would fail every connection at once.
+pub fn positive_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("`{s}`: must be more than 0 seconds"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// Logs a connect timeout once per episode (until a connect succeeds again).
+#[derive(Default)]
+pub struct ConnectTimeoutLog {
+    in_episode: bool,
+}
+
+impl ConnectTimeoutLog {
+    /// A connect to `upstream` did not finish within `timeout`.
+    pub fn timed_out(&mut self, upstream: std::net::SocketAddr, timeout: Duration) {
+        if !std::mem::replace(&mut self.in_episode, true) {
+            log(format_args!(
+                "proxy: the upstream {upstream} did not accept within --connect-timeout \
+                 {timeout:?}; resetting the clients waiting for it; logged once until a connect \
+                 succeeds"
+            ));
+        }
+    }
+
+    /// A connect succeeded.
+    pub fn connected(&mut self) {
+        if std::mem::take(&mut self.in_episode) {
+            log(format_args!(
+                "proxy: the upstream accepts connections again"
+            ));
+        }
+    }
+}

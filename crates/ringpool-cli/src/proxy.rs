@@ -30,13 +30,16 @@
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ringpool::{
     BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, Registration, ZcConfig, ZcMode,
 };
 
-use crate::net::{abort_connection, log, nofile_limit, set_backlog, set_nodelay, Accept};
+use crate::net::{
+    abort_connection, log, nofile_limit, peer_left, set_backlog, set_nodelay, Accept,
+    ConnectTimeoutLog, CONNECT_WATCH,
+};
 use crate::signals;
 
 /// Arguments of `ringpool proxy`.
@@ -61,6 +64,10 @@ pub struct Args {
     /// collecting completions, so each receive takes more bytes; 0 turns it off.
     #[arg(long, default_value_t = 100)]
     pub(crate) coalesce_us: u64,
+    /// Seconds an upstream connect may take before its client is reset (an upstream that
+    /// never answers, e.g. with a full backlog, must not hold clients and descriptors).
+    #[arg(long, default_value = "5", value_parser = crate::net::positive_secs, value_name = "SECS")]
+    pub(crate) connect_timeout: Duration,
     /// Run on the async layer (`ringpool::rt`): a task per direction, one buffer per receive
     /// (see `proxy_rt`).
     #[arg(long)]
@@ -105,6 +112,8 @@ struct Pair {
     /// before they are all in.
     live_ops: u32,
     aborted: bool,
+    /// When the upstream connect started, while it is pending.
+    connecting_since: Option<Instant>,
 }
 
 impl Pair {
@@ -135,6 +144,10 @@ pub struct Summary {
     pub resets: u64,
     /// Clients refused (reset at once) because no upstream socket could be opened.
     pub refused: u64,
+    /// Clients reset because the upstream did not accept within `--connect-timeout`.
+    pub connect_timeouts: u64,
+    /// Clients that left while their upstream connect was pending (the connect cancelled).
+    pub left_connecting: u64,
 }
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -179,7 +192,10 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         &mut driver,
         &group,
         Fd::from(listener),
-        args.upstream,
+        Upstream {
+            addr: args.upstream,
+            connect_timeout: args.connect_timeout,
+        },
         signals::stop_requested,
     )?;
     report(&summary, &group, &driver, "event-loop");
@@ -224,6 +240,7 @@ pub(crate) fn report(
     let json = serde_json::json!({
         "connections": summary.connections, "bytes_up": summary.bytes_up,
         "bytes_down": summary.bytes_down, "resets": summary.resets, "refused": summary.refused,
+        "connect_timeouts": summary.connect_timeouts, "left_connecting": summary.left_connecting,
         "buffer_bytes": group.buffer_bytes(), "total": s.total, "in_kernel": s.in_kernel,
         "in_user": s.in_user, "enobufs": s.enobufs, "rearms": s.rearms,
         "zc_sends": z.zc_sends, "zc_copied": z.zc_copied, "plain_sends": z.plain_sends,
@@ -234,31 +251,42 @@ pub(crate) fn report(
     println!("stats {json}");
 }
 
+/// Where the proxy forwards to, and how long a connect there may take.
+#[derive(Clone, Copy)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub connect_timeout: Duration,
+}
+
 /// Proxies connections accepted on `listener` to `upstream` until `stop()` says so (with the
 /// receive coalescing of `driver`'s configuration).
 pub fn serve(
     driver: &mut Driver,
     group: &ringpool::BufGroup,
     listener: Fd,
-    upstream: SocketAddr,
+    upstream: Upstream,
     stop: impl Fn() -> bool,
 ) -> ringpool::Result<Summary> {
     let mut pairs: slab::Slab<Pair> = slab::Slab::new();
     let total = group.stats().total;
     let mut summary = Summary::default();
     let mut accept = Accept::new(driver, &listener, ACCEPT)?;
+    let mut connects = PendingConnects::default();
     // Inside an episode of failing to open upstream sockets (logged once when it starts).
     let mut starved = false;
+    let upstream_addr = upstream.addr;
     while !stop() {
         accept.poll(driver, &listener)?;
-        driver.wait(Some(accept.wait_for(Duration::from_millis(200))))?;
+        let wait = accept.wait_for(connects.wait_for(Duration::from_millis(200)));
+        driver.wait(Some(wait))?;
+        connects.sweep(driver, &mut pairs, upstream, &mut summary);
         while let Some(c) = driver.pop() {
             if c.token == ACCEPT {
                 let Some(client) = accept.on_completion(c, pairs.len()) else {
                     continue;
                 };
                 set_nodelay(&client);
-                let up = match Fd::tcp_socket(upstream) {
+                let up = match Fd::tcp_socket(upstream_addr) {
                     Ok(up) => {
                         if std::mem::take(&mut starved) {
                             log(format_args!("proxy: upstream sockets available again"));
@@ -270,9 +298,10 @@ pub fn serve(
                         // a reset and go on serving the others.
                         if !std::mem::replace(&mut starved, true) {
                             log(format_args!(
-                                "proxy: cannot open a socket to the upstream {upstream}: {e} \
+                                "proxy: cannot open a socket to the upstream {}: {e} \
                                  (RLIMIT_NOFILE {}, {} connections open); refusing new clients \
                                  with a reset until one closes; logged once until it recovers",
+                                upstream_addr,
                                 nofile_limit(),
                                 pairs.len()
                             ));
@@ -288,8 +317,10 @@ pub fn serve(
                     dirs: Default::default(),
                     live_ops: 1,
                     aborted: false,
+                    connecting_since: Some(Instant::now()),
                 }) as u64;
-                driver.connect(&up, upstream, key << 3 | CONNECT)?;
+                driver.connect(&up, upstream_addr, key << 3 | CONNECT)?;
+                connects.started(key as usize, &pairs[key as usize]);
                 summary.connections += 1;
                 continue;
             }
@@ -303,13 +334,18 @@ pub fn serve(
             }
             match (tag, c.event) {
                 (CONNECT, Event::Connected) => {
+                    pair.connecting_since = None;
+                    connects.log.connected();
                     set_nodelay(pair.sockets(0).1);
                     let share = fair_share(total, live_pairs);
                     for dir in 0..2 {
                         arm_recv(driver, group, pair, key, dir, share)?;
                     }
                 }
-                (CONNECT, _) => abort(driver, pair, &mut summary),
+                (CONNECT, _) => {
+                    pair.connecting_since = None;
+                    abort(driver, pair, &mut summary);
+                }
                 (RECV_CLIENT | RECV_UPSTREAM, Event::Data(chain)) => {
                     let dir = (tag == RECV_UPSTREAM) as usize;
                     pair.dirs[dir].receiving = false;
@@ -373,6 +409,69 @@ pub fn serve(
     }
     accept.cancel(driver);
     Ok(summary)
+}
+
+/// The pairs whose upstream connect is pending, oldest first: each is reset when its connect
+/// outlives `--connect-timeout`, or as soon as its client leaves (looked at every
+/// [`CONNECT_WATCH`], without reading its data), which cancels the connect and frees both
+/// descriptors. Without it, clients of an upstream that never answers (a full backlog) would
+/// wait as long as the kernel retries the SYN, and the proxy hold their descriptors as long.
+#[derive(Default)]
+struct PendingConnects {
+    /// (pair key, when its connect started); entries of pairs that connected, failed or were
+    /// reused since are dropped at the next sweep.
+    queue: std::collections::VecDeque<(usize, Instant)>,
+    log: ConnectTimeoutLog,
+}
+
+impl PendingConnects {
+    fn started(&mut self, key: usize, pair: &Pair) {
+        if let Some(since) = pair.connecting_since {
+            self.queue.push_back((key, since));
+        }
+    }
+
+    /// How long the event loop may wait: at most until the next look at the clients.
+    fn wait_for(&self, default: Duration) -> Duration {
+        if self.queue.is_empty() {
+            default
+        } else {
+            default.min(CONNECT_WATCH)
+        }
+    }
+
+    /// Resets the pairs whose connect timed out or whose client left.
+    fn sweep(
+        &mut self,
+        driver: &mut Driver,
+        pairs: &mut slab::Slab<Pair>,
+        upstream: Upstream,
+        summary: &mut Summary,
+    ) {
+        let now = Instant::now();
+        self.queue.retain(|&(key, since)| {
+            let Some(pair) = pairs.get_mut(key) else {
+                return false;
+            };
+            if pair.connecting_since != Some(since) || pair.aborted {
+                return false;
+            }
+            let timed_out = now.duration_since(since) >= upstream.connect_timeout;
+            let left = !timed_out && pair.client.as_ref().is_some_and(peer_left);
+            if !(timed_out || left) {
+                return true;
+            }
+            if timed_out {
+                self.log.timed_out(upstream.addr, upstream.connect_timeout);
+                summary.connect_timeouts += 1;
+            } else {
+                summary.left_connecting += 1;
+            }
+            // Cancels the connect (its completion then ends the pair).
+            abort(driver, pair, summary);
+            false
+        });
+    }
 }
 
 /// The buffers one direction may hold: half the group split across the connections, and never

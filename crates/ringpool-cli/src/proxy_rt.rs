@@ -15,7 +15,6 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
@@ -25,10 +24,10 @@ use ringpool::rt::{self, TcpListener, TcpStream};
 use ringpool::{BufChain, BufGroup, BufGroupConfig, DriverConfig, Error, Registration, ZcConfig};
 
 use crate::net::{
-    abort_connection, log, nofile_limit, out_of_descriptors, set_nodelay, set_reset_on_close,
-    AcceptLog,
+    abort_connection, log, nofile_limit, out_of_descriptors, peer_left, set_nodelay,
+    set_reset_on_close, AcceptLog, ConnectTimeoutLog, CONNECT_WATCH,
 };
-use crate::proxy::{Args, Summary};
+use crate::proxy::{Args, Summary, Upstream};
 use crate::signals;
 
 /// Counters shared by the connection tasks.
@@ -44,6 +43,9 @@ struct Counters {
     refused: Cell<u64>,
     /// Inside an episode of failing to open upstream sockets (logged once when it starts).
     starved: Cell<bool>,
+    connect_timeouts: Cell<u64>,
+    left_connecting: Cell<u64>,
+    timeout_log: std::cell::RefCell<ConnectTimeoutLog>,
 }
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -88,7 +90,11 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     accept_log.accepted();
                     set_nodelay(client.fd());
                     counters.connections.set(counters.connections.get() + 1);
-                    let task = pair(client, args.upstream, group.clone(), counters.clone());
+                    let upstream = Upstream {
+                        addr: args.upstream,
+                        connect_timeout: args.connect_timeout,
+                    };
+                    let task = pair(client, upstream, group.clone(), counters.clone());
                     drop(rt::spawn(task)); // runs on its own; ends with the runtime
                 }
             }
@@ -106,6 +112,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             bytes_down: counters.bytes_down.get(),
             resets: counters.resets.get(),
             refused: counters.refused.get(),
+            connect_timeouts: counters.connect_timeouts.get(),
+            left_connecting: counters.left_connecting.get(),
         };
         rt::with_driver(|d| crate::proxy::report(&summary, &group, d, "rt"));
         Ok::<(), Box<dyn std::error::Error>>(())
@@ -113,20 +121,39 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// One client connection: connect upstream, then both directions at once.
-async fn pair(client: TcpStream, upstream: SocketAddr, group: BufGroup, counters: Rc<Counters>) {
-    let upstream = match TcpStream::connect(upstream).await {
+async fn pair(client: TcpStream, upstream: Upstream, group: BufGroup, counters: Rc<Counters>) {
+    let connect = rt::timeout(upstream.connect_timeout, TcpStream::connect(upstream.addr));
+    let Some(connected) = unless_peer_leaves(&client, connect).await else {
+        // The client left: dropping the connect cancelled it.
+        counters
+            .left_connecting
+            .set(counters.left_connecting.get() + 1);
+        return;
+    };
+    let upstream = match connected.unwrap_or_else(Err) {
         Ok(s) => {
+            counters.timeout_log.borrow_mut().connected();
             if counters.starved.replace(false) {
                 log(format_args!("proxy: upstream sockets available again"));
             }
             s
         }
+        Err(Error::TimedOut) => {
+            let log = &mut counters.timeout_log.borrow_mut();
+            log.timed_out(upstream.addr, upstream.connect_timeout);
+            counters
+                .connect_timeouts
+                .set(counters.connect_timeouts.get() + 1);
+            set_reset_on_close(client.fd());
+            return;
+        }
         Err(e) if out_of_descriptors(&e) => {
             if !counters.starved.replace(true) {
                 log(format_args!(
-                    "proxy: cannot open a socket to the upstream {upstream}: {e} (RLIMIT_NOFILE \
+                    "proxy: cannot open a socket to the upstream {}: {e} (RLIMIT_NOFILE \
                      {}, {} connections open); refusing new clients with a reset until one \
                      closes; logged once until it recovers",
+                    upstream.addr,
                     nofile_limit(),
                     counters.live.get()
                 ));
@@ -153,6 +180,27 @@ async fn pair(client: TcpStream, upstream: SocketAddr, group: BufGroup, counters
     forward(pair, group, counters.clone(), false).await;
     up.await;
     counters.live.set(counters.live.get() - 1);
+}
+
+/// Runs `fut` unless the peer of `client` leaves first (looked at every [`CONNECT_WATCH`],
+/// without reading its data): `None` then, and `fut` is dropped (an upstream connect is
+/// cancelled with it).
+async fn unless_peer_leaves<F: Future>(client: &TcpStream, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut watch = Box::pin(rt::sleep(CONNECT_WATCH));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        while watch.as_mut().poll(cx).is_ready() {
+            if peer_left(client.fd()) {
+                return Poll::Ready(None);
+            }
+            watch = Box::pin(rt::sleep(CONNECT_WATCH));
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// The two sockets of a connection, and whether it was reset (counted once per pair).
