@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ringpool::{BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, SendBuf};
 
-use crate::net::{set_backlog, set_nodelay, Accept, AcceptLog};
+use crate::net::{group_error, listen_error, set_backlog, set_nodelay, Accept, AcceptLog};
 use crate::proxy_rt::{send_gathering, Gathered, Recv};
 use crate::signals;
 
@@ -84,12 +84,14 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         return run_rt(args, conn_bufs);
     }
     signals::install();
-    let listener = TcpListener::bind(args.listen)?;
+    let listener = TcpListener::bind(args.listen).map_err(listen_error(args.listen))?;
     set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
     let mut driver =
         Driver::new(DriverConfig::default().entries(crate::probe::SERVER_RING_ENTRIES))?;
-    let group = driver.buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
+    let group = driver
+        .buf_group(BufGroupConfig::new(args.buf_size, args.bufs))
+        .map_err(group_error(args.bufs, args.buf_size))?;
     println!("listening on {addr}");
     println!(
         "buffer group {}: {} x {} B = {} B ({}), shared by all connections",
@@ -285,8 +287,10 @@ fn run_rt(args: Args, conn_bufs: u32) -> Result<(), Box<dyn std::error::Error>> 
     signals::install();
     let config = DriverConfig::default().entries(crate::probe::SERVER_RING_ENTRIES);
     rt::block_on_with(config, async move {
-        let group = rt::buf_group(BufGroupConfig::new(args.buf_size, args.bufs))?;
-        let listener = rt::TcpListener::bind(args.listen)?;
+        let group = rt::buf_group(BufGroupConfig::new(args.buf_size, args.bufs))
+            .map_err(group_error(args.bufs, args.buf_size))?;
+        let listener =
+            rt::TcpListener::bind(args.listen).map_err(|e| listen_error(args.listen)(e.into()))?;
         println!("listening on {}", listener.local_addr()?);
         println!(
             "buffer group {}: {} x {} B = {} B, shared by all connections (async layer)",
@@ -370,7 +374,7 @@ fn run_rt(args: Args, conn_bufs: u32) -> Result<(), Box<dyn std::error::Error>> 
             "runtime": "rt",
         });
         println!("stats {json}");
-        Ok::<(), ringpool::Error>(())
+        Ok::<(), Box<dyn std::error::Error>>(())
     })??;
     Ok(())
 }

@@ -43,18 +43,18 @@ pub struct Args {
     #[arg(long)]
     listen: SocketAddr,
     /// Bytes per chunk (each chunk is read once for all clients).
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 1 << 20, value_parser = chunk_size)]
     chunk: usize,
     /// Chunks in flight at most (the memory bound: chunk × in-flight bytes).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     in_flight: usize,
     /// Clients per round: a round starts when this many are connected.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     clients: usize,
     /// Seconds without progress, with every chunk buffer held, before the clients holding the
     /// oldest chunk are dropped.
-    #[arg(long, default_value_t = 10.0)]
-    laggard_timeout: f64,
+    #[arg(long, default_value = "10", value_parser = crate::net::positive_secs, value_name = "SECS")]
+    laggard_timeout: Duration,
     /// Baseline for `bench`: read the file once per client instead of once per round (each
     /// client its own reads and buffers, `--in-flight` per client; no laggard handling).
     #[arg(long, hide = true)]
@@ -63,6 +63,27 @@ pub struct Args {
     /// instead of the hand-written completion loop; same rounds, bound and laggard rule.
     #[arg(long, conflicts_with = "read_per_client")]
     rt: bool,
+}
+
+/// A count that must be at least 1 (a `clap` value parser).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}`: {e}")),
+    }
+}
+
+/// A chunk size: from 1 byte to the largest registered buffer (1 GiB).
+fn chunk_size(s: &str) -> Result<usize, String> {
+    let n = at_least_one(s)?;
+    if n > ringpool::MAX_FIXED_LEN {
+        return Err(format!(
+            "{n} bytes: a chunk is one registered buffer, at most {} MiB",
+            ringpool::MAX_FIXED_LEN >> 20
+        ));
+    }
+    Ok(n)
 }
 
 /// What `serve` did.
@@ -129,7 +150,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         chunk: args.chunk,
         in_flight: args.in_flight,
         clients: args.clients,
-        laggard_timeout: Duration::from_secs_f64(args.laggard_timeout),
+        laggard_timeout: args.laggard_timeout,
     };
     let announce = |addr: SocketAddr| {
         println!("listening on {addr}");
@@ -152,7 +173,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .zerocopy(ringpool::ZcConfig::default().mode(ringpool::ZcMode::Off));
     }
     let (summary, z, d) = if args.rt {
-        let listener = ringpool::rt::TcpListener::bind(args.listen)?;
+        let listener = ringpool::rt::TcpListener::bind(args.listen)
+            .map_err(|e| crate::net::listen_error(args.listen)(e.into()))?;
         let addr = listener.local_addr()?;
         let announce = move || announce(addr);
         crate::fanout_rt::run(
@@ -164,7 +186,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             signals::stop_requested,
         )?
     } else {
-        let listener = TcpListener::bind(args.listen)?;
+        let listener =
+            TcpListener::bind(args.listen).map_err(crate::net::listen_error(args.listen))?;
         set_backlog(&listener, 4096)?;
         let addr = listener.local_addr()?;
         let mut driver = Driver::new(config)?;

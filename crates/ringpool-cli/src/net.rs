@@ -337,3 +337,24 @@ impl ConnectTimeoutLog {
         }
     }
 }
+
+/// What a server says when its listening address cannot be had: the flag and the address
+/// (`--listen 127.0.0.1:7000: Address already in use`), not the bare OS error.
+pub fn listen_error(addr: std::net::SocketAddr) -> impl FnOnce(std::io::Error) -> String {
+    move |e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EADDRINUSE) => {
+                " (another process listens there; pick another port, or 0 for a free one)"
+            }
+            Some(libc::EACCES) => " (ports below 1024 need privileges)",
+            Some(libc::EADDRNOTAVAIL) => " (no interface of this machine has that address)",
+            _ => "",
+        };
+        format!("--listen {addr}: {e}{hint}")
+    }
+}
+
+/// A buffer group the flags describe could not be made: the error names the flags.
+pub fn group_error(bufs: u32, buf_size: usize) -> impl FnOnce(ringpool::Error) -> String {
+    move |e| format!("--bufs {bufs} x --buf-size {buf_size}: {e}")
+}

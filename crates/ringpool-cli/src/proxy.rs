@@ -37,8 +37,8 @@ use ringpool::{
 };
 
 use crate::net::{
-    abort_connection, log, nofile_limit, peer_left, set_backlog, set_nodelay, Accept,
-    ConnectTimeoutLog, CONNECT_WATCH,
+    abort_connection, group_error, listen_error, log, nofile_limit, peer_left, set_backlog,
+    set_nodelay, Accept, ConnectTimeoutLog, CONNECT_WATCH,
 };
 use crate::signals;
 
@@ -155,7 +155,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         return crate::proxy_rt::run(args);
     }
     signals::install();
-    let listener = TcpListener::bind(args.listen)?;
+    let listener = TcpListener::bind(args.listen).map_err(listen_error(args.listen))?;
     set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
     let cfg = DriverConfig::default()
@@ -165,9 +165,9 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut driver = Driver::new(cfg)?;
     // A registered region where memlock allows: zero-copy sends then name the memory the
     // kernel received into, with no per-send page pinning.
-    let group = driver.buf_group(
-        BufGroupConfig::new(args.buf_size, args.bufs).registration(Registration::Preferred),
-    )?;
+    let group = driver
+        .buf_group(group_config(&args)?)
+        .map_err(group_error(args.bufs, args.buf_size))?;
     println!("listening on {addr}");
     println!(
         "forwarding to {} through buffer group {}: {} x {} B ({}{}), zero-copy {:?}",
@@ -200,6 +200,23 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     )?;
     report(&summary, &group, &driver, "event-loop");
     Ok(())
+}
+
+/// The proxy's buffer group: one registered region where memlock allows. A region holds at
+/// most 1 GiB ([`ringpool::MAX_FIXED_LEN`]); larger flags are refused here, naming them.
+pub(crate) fn group_config(args: &Args) -> Result<BufGroupConfig, String> {
+    let bytes = (args.buf_size as u64).saturating_mul(u64::from(args.bufs));
+    if bytes > ringpool::MAX_FIXED_LEN as u64 {
+        return Err(format!(
+            "--bufs {} x --buf-size {} = {} MiB: the proxy's buffers are one registered region, \
+             which holds at most {} MiB; lower --bufs or --buf-size",
+            args.bufs,
+            args.buf_size,
+            bytes >> 20,
+            ringpool::MAX_FIXED_LEN >> 20
+        ));
+    }
+    Ok(BufGroupConfig::new(args.buf_size, args.bufs).registration(Registration::Preferred))
 }
 
 /// The zero-copy mode to run with: `--zerocopy`, except that forced zero-copy (`on`) whose

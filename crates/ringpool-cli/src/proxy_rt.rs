@@ -21,7 +21,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use ringpool::rt::{self, TcpListener, TcpStream};
-use ringpool::{BufChain, BufGroup, BufGroupConfig, DriverConfig, Error, Registration, ZcConfig};
+use ringpool::{BufChain, BufGroup, DriverConfig, Error, ZcConfig};
 
 use crate::net::{
     abort_connection, log, nofile_limit, out_of_descriptors, peer_left, set_nodelay,
@@ -55,10 +55,10 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .zerocopy(ZcConfig::default().mode(crate::proxy::zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
     rt::block_on_with(cfg, async move {
-        let group = rt::buf_group(
-            BufGroupConfig::new(args.buf_size, args.bufs).registration(Registration::Preferred),
-        )?;
-        let listener = TcpListener::bind(args.listen)?;
+        let group = rt::buf_group(crate::proxy::group_config(&args)?)
+            .map_err(crate::net::group_error(args.bufs, args.buf_size))?;
+        let listener = TcpListener::bind(args.listen)
+            .map_err(|e| crate::net::listen_error(args.listen)(e.into()))?;
         println!("listening on {}", listener.local_addr()?);
         println!(
             "forwarding to {} on the async layer through buffer group {}: {} x {} B ({}), \
