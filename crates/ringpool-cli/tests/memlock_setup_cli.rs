@@ -12,6 +12,10 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
+/// io_uring charges locked memory per user, not per process: the tests of this file, all run
+/// as uid 65534, would take each other's room under their tight limits. One at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `setpriv` to uid 65534 under `prlimit --memlock=<bytes>`.
 fn as_nobody(memlock: u64) -> Vec<String> {
     [
@@ -79,6 +83,7 @@ fn run_as_nobody(memlock: u64, args: &[&str]) -> (Option<i32>, String) {
 
 #[test]
 fn a_ring_memlock_refuses_is_named_as_rlimit_memlock_not_as_missing_io_uring() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if !can_drop_to_nobody() {
         return;
     }
@@ -110,6 +115,7 @@ fn a_ring_memlock_refuses_is_named_as_rlimit_memlock_not_as_missing_io_uring() {
 
 #[test]
 fn probe_says_when_memlock_leaves_no_room_for_the_servers_ring() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if !can_drop_to_nobody() {
         return;
     }
@@ -131,6 +137,7 @@ fn probe_says_when_memlock_leaves_no_room_for_the_servers_ring() {
 
 #[test]
 fn a_limit_that_holds_the_ring_but_no_buffer_ring_serves_on_legacy_buffers() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if !can_drop_to_nobody() {
         return;
     }

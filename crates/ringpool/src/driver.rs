@@ -677,7 +677,7 @@ pub struct Driver {
 /// the share it re-armed first does not complete.
 const REARM_PACE: Duration = Duration::from_millis(1);
 
-/// Sets up the ring. Under a finite `RLIMIT_MEMLOCK`, `ENOMEM` is retried for up to 200 ms:
+/// Sets up the ring. Under a finite `RLIMIT_MEMLOCK`, `ENOMEM` is retried for up to 500 ms:
 /// the kernel releases a closed ring's locked-memory charge only when its teardown work has
 /// run, and the feature probe of this very process (`Features::get`, run just before) has
 /// just closed several rings, which would otherwise take a tight limit's room.
@@ -687,7 +687,7 @@ fn build_ring(builder: &io_uring::Builder, entries: u32) -> std::io::Result<IoUr
         match builder.build(entries) {
             Err(e)
                 if e.raw_os_error() == Some(libc::ENOMEM)
-                    && tries < 20
+                    && tries < 50
                     && sys::Memlock::current() != sys::Memlock::Unlimited =>
             {
                 tries += 1;
