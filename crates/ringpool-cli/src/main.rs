@@ -29,19 +29,14 @@ macro_rules! eprintln {
     }};
 }
 
+mod baseline;
 mod bench;
-mod echo;
-mod fanout;
-mod fanout_rt;
+mod cmd;
 mod net;
-mod probe;
-mod proxy;
-mod proxy_rt;
-mod sendfile_server;
 mod signals;
-mod std_proxy;
-mod tokio_echo;
-mod tokio_proxy;
+
+use baseline::{sendfile_server, std_proxy, tokio_echo, tokio_proxy};
+use cmd::{echo, fanout, probe, proxy};
 
 #[derive(Parser)]
 #[command(

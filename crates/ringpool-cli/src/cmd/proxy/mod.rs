@@ -42,6 +42,8 @@ use crate::net::{
 };
 use crate::signals;
 
+pub(crate) mod rt;
+
 /// Arguments of `ringpool proxy`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -69,7 +71,7 @@ pub struct Args {
     #[arg(long, default_value = "5", value_parser = crate::net::positive_secs, value_name = "SECS")]
     pub(crate) connect_timeout: Duration,
     /// Run on the async layer (`ringpool::rt`): a task per direction, one buffer per receive
-    /// (see `proxy_rt`).
+    /// (see `rt.rs` beside this file).
     #[arg(long)]
     pub(crate) rt: bool,
 }
@@ -152,14 +154,14 @@ pub struct Summary {
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.rt {
-        return crate::proxy_rt::run(args);
+        return crate::cmd::proxy::rt::run(args);
     }
     signals::install();
     let listener = TcpListener::bind(args.listen).map_err(listen_error(args.listen))?;
     set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
     let cfg = DriverConfig::default()
-        .entries(crate::probe::SERVER_RING_ENTRIES)
+        .entries(crate::cmd::probe::SERVER_RING_ENTRIES)
         .zerocopy(ZcConfig::default().mode(zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
     let mut driver = Driver::new(cfg)?;

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use ringpool::{BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, SendBuf};
 
-use crate::net::{group_error, listen_error, set_backlog, set_nodelay, Accept, AcceptLog};
-use crate::proxy_rt::{send_gathering, Gathered, Recv};
+use crate::net::{group_error, listen_error, set_backlog, set_nodelay, Accept};
 use crate::signals;
+
+mod rt;
 
 /// Arguments of `ringpool echo`.
 #[derive(clap::Args)]
@@ -81,14 +82,14 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         return Err("--conn-bufs 0: a connection must be able to hold at least one buffer".into());
     }
     if args.rt {
-        return run_rt(args, conn_bufs);
+        return rt::run(args, conn_bufs);
     }
     signals::install();
     let listener = TcpListener::bind(args.listen).map_err(listen_error(args.listen))?;
     set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
     let mut driver =
-        Driver::new(DriverConfig::default().entries(crate::probe::SERVER_RING_ENTRIES))?;
+        Driver::new(DriverConfig::default().entries(crate::cmd::probe::SERVER_RING_ENTRIES))?;
     let group = driver
         .buf_group(BufGroupConfig::new(args.buf_size, args.bufs))
         .map_err(group_error(args.bufs, args.buf_size))?;
@@ -273,108 +274,5 @@ fn arm_recv(
     driver.recv(&conn.fd, group, RecvMode::Once, key as u64)?;
     conn.receiving = true;
     conn.paused = false;
-    Ok(())
-}
-
-/// `ringpool echo --rt`: the same server on the async layer, a task per connection: one
-/// receive of one buffer in flight while its send is in flight (`proxy_rt::send_gathering`),
-/// within the connection's bound of `conn_bufs` buffers, so a peer that does not read stops
-/// being read instead of draining the shared group.
-fn run_rt(args: Args, conn_bufs: u32) -> Result<(), Box<dyn std::error::Error>> {
-    use ringpool::rt;
-    use std::cell::Cell;
-    use std::rc::Rc;
-    signals::install();
-    let config = DriverConfig::default().entries(crate::probe::SERVER_RING_ENTRIES);
-    rt::block_on_with(config, async move {
-        let group = rt::buf_group(BufGroupConfig::new(args.buf_size, args.bufs))
-            .map_err(group_error(args.bufs, args.buf_size))?;
-        let listener =
-            rt::TcpListener::bind(args.listen).map_err(|e| listen_error(args.listen)(e.into()))?;
-        println!("listening on {}", listener.local_addr()?);
-        println!(
-            "buffer group {}: {} x {} B = {} B, shared by all connections (async layer)",
-            group.id(),
-            args.bufs,
-            args.buf_size,
-            group.buffer_bytes()
-        );
-        let _ = std::io::stdout().flush();
-        let connections = Rc::new(Cell::new(0u64));
-        let echoed = Rc::new(Cell::new(0u64));
-        let (c, e, g) = (connections.clone(), echoed.clone(), group.clone());
-        let share = conn_bufs as usize;
-        // Connections open now (for the log line at the descriptor limit).
-        let open = Rc::new(Cell::new(0u64));
-        rt::spawn(async move {
-            let mut accept_log = AcceptLog::default();
-            loop {
-                let stream = match listener.accept().await {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        // Out of descriptors: wait (connections stay in the backlog) instead
-                        // of failing again at once.
-                        rt::sleep(accept_log.failed(&e, open.get() as usize)).await;
-                        continue;
-                    }
-                };
-                accept_log.accepted();
-                set_nodelay(stream.fd());
-                c.set(c.get() + 1);
-                let (e, g, open) = (e.clone(), g.clone(), open.clone());
-                open.set(open.get() + 1);
-                rt::spawn(async move {
-                    let mut recv: Option<Recv<'_>> = None;
-                    let mut gathered = Gathered::default();
-                    loop {
-                        let chain = match gathered.chain.take() {
-                            Some(chain) => chain,
-                            None if gathered.eof => break,
-                            None => {
-                                let next =
-                                    recv.take().unwrap_or_else(|| Box::pin(stream.recv_one(&g)));
-                                match next.await {
-                                    Ok(Some(chain)) => chain,
-                                    _ => break,
-                                }
-                            }
-                        };
-                        let n = chain.len() as u64;
-                        let sent =
-                            send_gathering(&stream, &stream, chain, &g, share, &mut recv).await;
-                        match sent {
-                            (Ok(_), Ok(next)) => {
-                                e.set(e.get() + n);
-                                gathered = next;
-                            }
-                            _ => break,
-                        }
-                    }
-                    drop(recv);
-                    open.set(open.get() - 1);
-                });
-            }
-        });
-        while !signals::stop_requested() {
-            rt::sleep(Duration::from_millis(100)).await;
-        }
-        let (s, ds) = (group.stats(), rt::with_driver(|d| d.stats()));
-        println!(
-            "stopped: {} connections served, {} bytes echoed",
-            connections.get(),
-            echoed.get()
-        );
-        let json = serde_json::json!({
-            "enters": ds.enters, "sqes": ds.sqes, "cqes": ds.cqes,
-            "connections": connections.get(),
-            "bytes_echoed": echoed.get(),
-            "buffer_bytes": group.buffer_bytes(),
-            "total": s.total, "in_kernel": s.in_kernel, "in_user": s.in_user,
-            "enobufs": s.enobufs, "rearms": s.rearms, "bytes_received": s.bytes_received,
-            "runtime": "rt",
-        });
-        println!("stats {json}");
-        Ok::<(), Box<dyn std::error::Error>>(())
-    })??;
     Ok(())
 }

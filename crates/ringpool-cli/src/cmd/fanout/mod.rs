@@ -13,7 +13,7 @@
 //! hold the oldest chunk are disconnected (reset), which frees it; the others go on. Dropping
 //! the laggard (rather than waiting) keeps both memory and the other clients' progress bounded.
 //!
-//! `--rt` runs the same server on the async layer ([`crate::fanout_rt`]: tasks awaiting
+//! `--rt` runs the same server on the async layer ([`crate::cmd::fanout::rt`]: tasks awaiting
 //! `ringpool::rt::lease_group`s instead of this completion loop), with the same summary.
 //!
 //! `--read-per-client` (hidden; the `fanout` bench's baseline) serves the same rounds with the
@@ -32,6 +32,8 @@ use ringpool::{Driver, DriverConfig, Event, Fd, FixedBuf, Member, SendBuf};
 
 use crate::net::{fits_memlock, log, set_backlog, set_nodelay, set_reset_on_close, Accept};
 use crate::signals;
+
+pub(crate) mod rt;
 
 /// Arguments of `ringpool fanout`.
 #[derive(clap::Args)]
@@ -161,7 +163,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Registered chunk buffers and zero-copy sends both pin memory against RLIMIT_MEMLOCK:
     // where the buffers do not fit it, fall back (once, at start) to plain memory and plain
     // sends rather than fail sends (and drop clients) later.
-    let mut config = DriverConfig::default().entries(crate::probe::SERVER_RING_ENTRIES);
+    let mut config = DriverConfig::default().entries(crate::cmd::probe::SERVER_RING_ENTRIES);
     let bytes = (args.chunk as u64).saturating_mul(args.in_flight as u64);
     if let Err(why) = fits_memlock(bytes, &format!("{} chunk buffers", args.in_flight)) {
         log(format_args!(
@@ -177,7 +179,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| crate::net::listen_error(args.listen)(e.into()))?;
         let addr = listener.local_addr()?;
         let announce = move || announce(addr);
-        crate::fanout_rt::run(
+        crate::cmd::fanout::rt::run(
             file,
             listener,
             opts,

@@ -1,4 +1,4 @@
-//! `ringpool fanout --rt`: the [`fanout`](crate::fanout) server on the async layer
+//! `ringpool fanout --rt`: the [`fanout`](crate::cmd::fanout) server on the async layer
 //! (`ringpool::rt`): the same rounds, `--in-flight` bound and laggard rule, written as tasks
 //! and futures instead of a hand-written completion loop.
 //!
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ringpool::rt::{self, File, LeaseGroup, LeaseMember, TcpListener, TcpStream};
 use ringpool::{DriverStats, FixedBuf, ZcStats};
 
-use crate::fanout::{Options, Summary};
+use crate::cmd::fanout::{Options, Summary};
 use crate::net::{set_nodelay, set_reset_on_close};
 
 /// Serves `file` on `listener` on a runtime of its own until `stop()` says so; `announce` is
@@ -249,7 +249,7 @@ async fn round(file: &File, server: &Rc<Server>, clients: Vec<Client>) -> ringpo
                 offset += n as u64;
                 // Only a 0-byte read is the end; a short one is the end only if it reached
                 // the file's size (which spares the extra read).
-                eof = n < chunk_len && crate::fanout::at_end(&server.file_fd, offset);
+                eof = n < chunk_len && crate::cmd::fanout::at_end(&server.file_fd, offset);
             }
             Err(e) => {
                 eprintln!("reading the file: {e}");

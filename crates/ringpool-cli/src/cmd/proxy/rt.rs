@@ -23,11 +23,11 @@ use std::time::Duration;
 use ringpool::rt::{self, TcpListener, TcpStream};
 use ringpool::{BufChain, BufGroup, DriverConfig, Error, ZcConfig};
 
+use crate::cmd::proxy::{Args, Summary, Upstream};
 use crate::net::{
     abort_connection, log, nofile_limit, out_of_descriptors, peer_left, set_nodelay,
     set_reset_on_close, AcceptLog, ConnectTimeoutLog, CONNECT_WATCH,
 };
-use crate::proxy::{Args, Summary, Upstream};
 use crate::signals;
 
 /// Counters shared by the connection tasks.
@@ -51,11 +51,11 @@ struct Counters {
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
     let cfg = DriverConfig::default()
-        .entries(crate::probe::SERVER_RING_ENTRIES)
-        .zerocopy(ZcConfig::default().mode(crate::proxy::zerocopy_mode(&args)))
+        .entries(crate::cmd::probe::SERVER_RING_ENTRIES)
+        .zerocopy(ZcConfig::default().mode(crate::cmd::proxy::zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
     rt::block_on_with(cfg, async move {
-        let group = rt::buf_group(crate::proxy::group_config(&args)?)
+        let group = rt::buf_group(crate::cmd::proxy::group_config(&args)?)
             .map_err(crate::net::group_error(args.bufs, args.buf_size))?;
         let listener = TcpListener::bind(args.listen)
             .map_err(|e| crate::net::listen_error(args.listen)(e.into()))?;
@@ -115,7 +115,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             connect_timeouts: counters.connect_timeouts.get(),
             left_connecting: counters.left_connecting.get(),
         };
-        rt::with_driver(|d| crate::proxy::report(&summary, &group, d, "rt"));
+        rt::with_driver(|d| crate::cmd::proxy::report(&summary, &group, d, "rt"));
         Ok::<(), Box<dyn std::error::Error>>(())
     })?
 }
@@ -285,7 +285,7 @@ async fn forward(pair: Rc<Pair>, group: BufGroup, counters: Rc<Counters>, up: bo
 fn fair_share(group: &BufGroup, counters: &Counters) -> usize {
     let live = counters.live.get().max(1);
     let total = group.stats().total as u64;
-    let share = (total / (2 * live)).min(total / crate::proxy::MAX_SHARE_DIVISOR as u64);
+    let share = (total / (2 * live)).min(total / crate::cmd::proxy::MAX_SHARE_DIVISOR as u64);
     share.saturating_sub(1).max(2) as usize
 }
 
