@@ -136,3 +136,50 @@ fn a_zero_connect_timeout_is_refused_naming_the_flag() {
         "{err}"
     );
 }
+
+/// An upstream echo server (in the test process).
+fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut s, &mut w);
+            });
+        }
+    });
+    addr
+}
+
+/// Regression (found by the soak): a client that left was reset by the connect watch after
+/// its connect had completed but before that completion was handled, and the handler then
+/// used the reset pair's sockets (a panic: the proxy died). Clients that connect and close at
+/// once, against an upstream that answers, hit that window.
+#[test]
+fn regression_a_client_gone_as_its_connect_completes_leaves_the_proxy_running() {
+    use std::io::Write;
+    let upstream = echo_upstream();
+    for rt in [false, true] {
+        let mut server = proxy(upstream, "5", rt);
+        for round in 0..20 {
+            let clients: Vec<TcpStream> = (0..50)
+                .map(|_| TcpStream::connect(server.addr).unwrap())
+                .collect();
+            // Let the proxy accept them and start their connects, then leave.
+            std::thread::sleep(Duration::from_millis(round % 5 * 10));
+            drop(clients);
+            assert!(server.running(), "rt={rt}: the proxy died in round {round}");
+        }
+        let mut c = TcpStream::connect(server.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping", "rt={rt}");
+        drop(c);
+        let stats = server.stop();
+        assert_eq!(stats["in_kernel"], stats["total"], "rt={rt}: {stats}");
+    }
+}

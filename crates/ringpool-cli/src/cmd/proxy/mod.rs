@@ -352,6 +352,9 @@ pub fn serve(
                 pair.live_ops -= 1;
             }
             match (tag, c.event) {
+                // Reset by the connect watch after the connect completed, before this: the
+                // sockets are gone and the pair ends with this completion.
+                (CONNECT, Event::Connected) if pair.aborted => {}
                 (CONNECT, Event::Connected) => {
                     pair.connecting_since = None;
                     connects.log.connected();
