@@ -338,3 +338,38 @@ fn unknown_workload_is_a_clear_error() {
         "stderr: {stderr}"
     );
 }
+
+/// Issue 18: an `--html` path the report cannot be written to fails before any workload runs
+/// (it used to be found only after the whole run), naming the path.
+#[test]
+fn an_unwritable_html_path_fails_before_the_run() {
+    let start = std::time::Instant::now();
+    let out = run_bench(&["--quick", "--html", "/no/such/dir/report.html"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--html /no/such/dir/report.html"),
+        "the error must name the flag and path: {stderr}"
+    );
+    assert!(
+        !stderr.contains("round"),
+        "no workload may run before the check: {stderr}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+}
+
+/// Issue 18: `bench --help` says what `--quick` does per workload (file and fanout run three
+/// rounds per side, not one).
+#[test]
+fn bench_help_says_file_and_fanout_run_three_quick_rounds() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args(["bench", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).replace('\n', " ");
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains("`file` and `fanout` 3 rounds per side"),
+        "{help}"
+    );
+}

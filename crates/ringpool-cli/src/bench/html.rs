@@ -36,6 +36,27 @@ pub fn default_path() -> PathBuf {
     }
 }
 
+/// Fails at once, naming `path`, when the report could not be written there: checked before
+/// the run, so that a mistyped or unwritable `--html` does not cost a whole run. A file this
+/// check creates is removed again.
+pub fn check_writable(path: &Path) -> BenchResult<()> {
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| {
+            format!(
+                "--html {}: the report cannot be written there: {e}",
+                path.display()
+            )
+        })?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
 /// Renders the reports and writes them to `path`; returns the path written, made absolute
 /// where possible so that it can be opened from anywhere.
 pub fn write(path: &Path, reports: &[WorkloadReport]) -> BenchResult<PathBuf> {

@@ -36,9 +36,10 @@ pub type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 /// Arguments of `ringpool bench`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// One round per side and a 1 s measurement window instead of 3 rounds of 3 s (`send`: one
-    /// round of 128 MiB per run instead of 3 rounds of 1 GiB; `proxy`: one round of 250 ms
-    /// windows instead of 3 rounds of 1 s).
+    /// A shorter run: `idle-heavy` one round per side with a 1 s window instead of 3 rounds of
+    /// 3 s; `send` one round of 128 MiB per run instead of 3 rounds of 1 GiB; `proxy` one round
+    /// of 250 ms windows instead of 3 rounds of 1 s; `file` and `fanout` 3 rounds per side on
+    /// a 32 MiB file instead of 9 rounds on 256 MiB.
     #[arg(long)]
     quick: bool,
     /// Run only this workload (default: all of them).
@@ -123,6 +124,8 @@ const WORKLOADS: &[WorkloadDef] = &[
 /// Runs `ringpool bench`.
 pub fn run(args: Args) -> BenchResult<()> {
     let selected = select(args.workload.as_deref())?;
+    let html_path = args.html.clone().unwrap_or_else(html::default_path);
+    html::check_writable(&html_path)?;
     let nofile = sys::raise_nofile_limit()?;
     let opts = Options::new(args.quick);
     eprintln!(
@@ -139,7 +142,6 @@ pub fn run(args: Args) -> BenchResult<()> {
     } else {
         report::print_table(&reports);
     }
-    let html_path = args.html.unwrap_or_else(html::default_path);
     let written = html::write(&html_path, &reports)?;
     eprintln!("report: {}", written.display());
     let unverified: Vec<&str> = reports
