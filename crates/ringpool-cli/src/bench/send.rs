@@ -358,12 +358,20 @@ fn send_ringpool(
     let mut driver = Driver::new(DriverConfig::default().zerocopy(ZcConfig::default().mode(mode)))?;
     let fd = Fd::from(stream);
     let size = pattern.len();
-    let depth = depth(size);
-    let pool = if zc {
+    let mut depth = depth(size);
+    let mut pool = if zc {
         (ZC_POOL_BYTES / size).max(2 * depth)
     } else {
         depth
     };
+    // Zero-copy from plain memory pins every buffer in flight against RLIMIT_MEMLOCK (per
+    // user): under a finite limit (an ordinary user's 8 MiB) the pool gets a quarter of it, so
+    // the sends fit instead of failing with ENOMEM.
+    if let (true, ringpool::sys::Memlock::Limited(limit)) = (zc, ringpool::sys::Memlock::current())
+    {
+        pool = pool.min(((limit / 4) as usize / size).max(2));
+        depth = depth.min((pool / 2).max(1));
+    }
     // A stack: the most recently returned (cache-warm) buffer goes out next.
     let mut free: Vec<Vec<u8>> = (0..pool).map(|_| pattern.to_vec()).collect();
     let (mut next, mut done, mut in_flight) = (0u64, 0u64, 0usize);

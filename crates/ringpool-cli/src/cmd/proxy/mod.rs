@@ -221,22 +221,28 @@ pub(crate) fn group_config(args: &Args) -> Result<BufGroupConfig, String> {
     Ok(BufGroupConfig::new(args.buf_size, args.bufs).registration(Registration::Preferred))
 }
 
-/// The zero-copy mode to run with: `--zerocopy`, except that forced zero-copy (`on`) whose
-/// buffer group does not fit the memlock limit falls back to plain sends (with a log line): the
+/// The zero-copy mode to run with: `--zerocopy`, except that zero-copy (`on`, or `auto`, which
+/// sends zero-copy from 16 KiB) whose buffer group does not fit the memlock limit falls back to
+/// plain sends (with a log line): the
 /// group is then plain memory, and every zero-copy send from plain memory is charged to the
 /// same limit, so past it sends would fail with `ENOMEM` and streams be reset for our own
 /// shortage. `auto` sends plainly below 16 KiB and stops zero-copy where the kernel copies.
 pub(crate) fn zerocopy_mode(args: &Args) -> ZcMode {
-    if args.zerocopy != ZcMode::On {
-        return args.zerocopy;
+    if args.zerocopy == ZcMode::Off {
+        return ZcMode::Off;
     }
     let bytes = (args.buf_size as u64).saturating_mul(args.bufs as u64);
     match crate::net::fits_memlock(bytes, "the buffer group's --bufs x --buf-size") {
-        Ok(()) => ZcMode::On,
+        Ok(()) => args.zerocopy,
         Err(why) => {
             crate::net::log(format_args!(
-                "proxy: --zerocopy on: {why}: sending plainly (zero-copy off); raise `ulimit -l` \
-                 or lower --bufs/--buf-size for zero-copy from a registered region"
+                "proxy: --zerocopy {}: {why}: sending plainly (zero-copy off); raise `ulimit -l` \
+                 or lower --bufs/--buf-size for zero-copy from a registered region",
+                if args.zerocopy == ZcMode::On {
+                    "on"
+                } else {
+                    "auto"
+                }
             ));
             ZcMode::Off
         }
