@@ -373,3 +373,32 @@ fn bench_help_says_file_and_fanout_run_three_quick_rounds() {
         "{help}"
     );
 }
+
+/// Issue 18, the report: every metric says which way is better, and counts (requests in the
+/// window, connections served) are not given ratios.
+#[test]
+fn every_metric_says_which_way_is_better_and_counts_have_no_ratio() {
+    let w = quick_json_workload("idle-heavy");
+    let metrics = w["metrics"].as_object().expect("metrics");
+    for (key, m) in metrics {
+        let better = m["better"].as_str().unwrap_or_else(|| panic!("{key}: {m}"));
+        assert!(
+            [
+                "lower is better",
+                "higher is better",
+                "a count, not compared"
+            ]
+            .contains(&better),
+            "{key}: {better}"
+        );
+    }
+    assert_eq!(metrics["cpu_us_per_request"]["better"], "lower is better");
+    assert_eq!(metrics["requests_per_sec"]["better"], "higher is better");
+    for count in ["connections", "requests"] {
+        assert!(
+            metrics[count]["ratio"].is_null(),
+            "{count}: {}",
+            metrics[count]
+        );
+    }
+}

@@ -214,21 +214,31 @@ fn workload(h: &mut String, r: &WorkloadReport) {
         h.push_str("<p>No metrics.</p>\n");
     } else {
         h.push_str("<table>\n<tr><th>metric</th><th>ringpool</th><th>baseline</th>");
-        h.push_str("<th>ratio</th></tr>\n");
+        h.push_str("<th>ratio</th><th>better</th></tr>\n");
         for m in &r.metrics {
             let _ = writeln!(
                 h,
                 "<tr><td title=\"{}\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-                 <td class=\"num\">{}</td></tr>",
+                 <td class=\"num\">{}</td><td>{}</td></tr>",
                 escape(m.key),
                 escape(m.label),
                 escape(&format_value(m.ringpool, m.unit)),
                 escape(&format_value(m.baseline, m.unit)),
-                format_ratio(m.ratio()),
+                match m.reported_ratio() {
+                    Some(r) => format_ratio(r),
+                    None => "-".to_string(),
+                },
+                m.better().words(),
             );
         }
         h.push_str("</table>\n");
-        h.push_str(&Chart::new(&r.metrics).svg(&r.metrics));
+        // Counts are not charted as ratios (the sides need not have done the same work).
+        let compared: Vec<&Metric> = r
+            .metrics
+            .iter()
+            .filter(|m| m.better() != crate::bench::report::Better::NotCompared)
+            .collect();
+        h.push_str(&Chart::new(&compared).svg(&compared));
     }
     if !r.notes.is_empty() {
         h.push_str("<ul class=\"notes\">\n");
@@ -272,7 +282,7 @@ struct Chart {
 impl Chart {
     /// The layout for `metrics`: room for the longest label, a scale that holds every finite
     /// ratio and 1.0.
-    fn new(metrics: &[Metric]) -> Chart {
+    fn new(metrics: &[&Metric]) -> Chart {
         let longest = metrics
             .iter()
             .map(|m| m.label.chars().count())
@@ -280,7 +290,7 @@ impl Chart {
             .unwrap_or(0);
         let top = metrics
             .iter()
-            .map(Metric::ratio)
+            .map(|m| m.ratio())
             .filter(|r| r.is_finite())
             .fold(1.0, f64::max);
         // 5% of headroom, so that the largest bar does not touch the end of the scale.
@@ -323,7 +333,7 @@ impl Chart {
     }
 
     /// The chart as an inline `<svg>` element (no namespace needed inside HTML).
-    fn svg(&self, metrics: &[Metric]) -> String {
+    fn svg(&self, metrics: &[&Metric]) -> String {
         let mut s = String::new();
         let (w, h) = (self.width(), self.height());
         let _ = writeln!(
@@ -496,12 +506,13 @@ mod tests {
 
     #[test]
     fn bars_are_proportional_and_the_one_line_is_on_the_plot() {
-        let metrics = vec![
+        let metrics = [
             metric("buffer bytes", 0.013, 1.0),
             metric("requests/s", 2.0, 1.0),
             metric("fanout GB/s vs sendfile", 2.81, 1.0),
         ];
-        let c = Chart::new(&metrics);
+        let refs: Vec<&Metric> = metrics.iter().collect();
+        let c = Chart::new(&refs);
         // The labels' column holds the longest label.
         assert!(c.label_width >= "fanout GB/s vs sendfile".len() as f64 * CHAR_WIDTH);
         // 0× at the plot's left edge, the scale's end at its right edge.
@@ -539,19 +550,21 @@ mod tests {
 
     #[test]
     fn small_ratios_still_show_the_one_line() {
-        let c = Chart::new(&[metric("a", 0.2, 1.0), metric("b", 0.5, 1.0)]);
+        let (a, b) = (metric("a", 0.2, 1.0), metric("b", 0.5, 1.0));
+        let c = Chart::new(&[&a, &b]);
         assert!(c.max >= 1.0);
         assert!(c.x(1.0) <= c.label_width + PLOT_WIDTH);
     }
 
     #[test]
     fn svg_has_a_bar_per_finite_ratio_and_escapes_labels() {
-        let metrics = vec![
+        let metrics = [
             metric("a <b>", 1.0, 2.0),
             metric("zero baseline", 1.0, 0.0),
             metric("c", 3.0, 1.0),
         ];
-        let svg = Chart::new(&metrics).svg(&metrics);
+        let refs: Vec<&Metric> = metrics.iter().collect();
+        let svg = Chart::new(&refs).svg(&refs);
         assert!(svg.starts_with("<svg "), "{svg}");
         assert!(svg.trim_end().ends_with("</svg>"), "{svg}");
         assert_eq!(svg.matches("<rect class=\"bar\"").count(), 2, "{svg}");

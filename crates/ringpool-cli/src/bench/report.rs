@@ -29,7 +29,48 @@ pub struct Metric {
     pub baseline: f64,
 }
 
+/// Which way a metric is better, as the report says for every row.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Better {
+    /// Lower is better (CPU per unit of work, latency, memory).
+    Lower,
+    /// Higher is better (throughput, rates).
+    Higher,
+    /// A count of what happened in the window (requests, connections served): shown, but not
+    /// compared as a ratio, since the two sides need not have run the same amount of work.
+    NotCompared,
+}
+
+impl Better {
+    /// The words the table, JSON and HTML use.
+    pub fn words(self) -> &'static str {
+        match self {
+            Better::Lower => "lower is better",
+            Better::Higher => "higher is better",
+            Better::NotCompared => "a count, not compared",
+        }
+    }
+}
+
 impl Metric {
+    /// Which way this metric is better, from its unit (and, for plain numbers, its key: a rate
+    /// `*_per_sec` or `iops` is higher-better; any other plain number is a count).
+    pub fn better(&self) -> Better {
+        match self.unit {
+            Unit::SecsPerGb | Unit::Micros | Unit::Bytes => Better::Lower,
+            Unit::GbPerSec => Better::Higher,
+            Unit::Count if self.key.contains("per_sec") || self.key == "iops" => Better::Higher,
+            Unit::Count => Better::NotCompared,
+        }
+    }
+
+    /// The ratio as reported: `None` for a count (not compared) or a zero baseline (the
+    /// baseline did nothing: no ratio can be formed).
+    pub fn reported_ratio(&self) -> Option<f64> {
+        let r = self.ratio();
+        (self.better() != Better::NotCompared && r.is_finite()).then_some(r)
+    }
+
     /// ringpool / baseline (NaN when the baseline is zero).
     pub fn ratio(&self) -> f64 {
         if self.baseline == 0.0 {
@@ -78,6 +119,7 @@ pub fn print_table(reports: &[WorkloadReport]) {
             "ringpool".to_string(),
             "baseline".to_string(),
             "ratio".to_string(),
+            "better".to_string(),
         ]];
         for m in &r.metrics {
             rows.push([
@@ -85,7 +127,12 @@ pub fn print_table(reports: &[WorkloadReport]) {
                 m.label.to_string(),
                 format_value(m.ringpool, m.unit),
                 format_value(m.baseline, m.unit),
-                format!("{:.3}x", m.ratio()),
+                match m.reported_ratio() {
+                    Some(r) => format!("{r:.3}x"),
+                    None if m.better() == Better::NotCompared => "-".to_string(),
+                    None => "none (baseline 0)".to_string(),
+                },
+                m.better().words().to_string(),
             ]);
         }
         print_rows(&rows);
@@ -101,8 +148,8 @@ pub fn print_table(reports: &[WorkloadReport]) {
     }
 }
 
-fn print_rows(rows: &[[String; 5]]) {
-    let mut widths = [0usize; 5];
+fn print_rows(rows: &[[String; 6]]) {
+    let mut widths = [0usize; 6];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -114,7 +161,7 @@ fn print_rows(rows: &[[String; 5]]) {
             .zip(widths)
             .enumerate()
             .map(|(col, (cell, w))| {
-                if col < 2 {
+                if col < 2 || col == 5 {
                     format!("{cell:<w$}")
                 } else {
                     format!("{cell:>w$}")
@@ -154,7 +201,8 @@ pub fn to_json(reports: &[WorkloadReport]) -> serde_json::Value {
                     let v = serde_json::json!({
                         "ringpool": m.ringpool,
                         "baseline": m.baseline,
-                        "ratio": m.ratio(),
+                        "ratio": m.reported_ratio(),
+                        "better": m.better().words(),
                     });
                     (m.key.to_string(), v)
                 })
@@ -194,5 +242,41 @@ mod tests {
             baseline: 4.0,
         };
         assert_eq!(m.ratio(), 0.25);
+    }
+
+    fn metric(key: &'static str, unit: Unit) -> Metric {
+        Metric {
+            key,
+            label: key,
+            unit,
+            ringpool: 2.0,
+            baseline: 4.0,
+        }
+    }
+
+    #[test]
+    fn every_metric_says_which_way_is_better_and_counts_get_no_ratio() {
+        assert_eq!(
+            metric("cpu_s_per_gb", Unit::SecsPerGb).better(),
+            Better::Lower
+        );
+        assert_eq!(
+            metric("cpu_us_per_request", Unit::Micros).better(),
+            Better::Lower
+        );
+        assert_eq!(metric("rss_bytes", Unit::Bytes).better(), Better::Lower);
+        assert_eq!(
+            metric("gb_per_sec", Unit::GbPerSec).better(),
+            Better::Higher
+        );
+        assert_eq!(
+            metric("requests_per_sec", Unit::Count).better(),
+            Better::Higher
+        );
+        assert_eq!(metric("iops", Unit::Count).better(), Better::Higher);
+        let count = metric("connections", Unit::Count);
+        assert_eq!(count.better(), Better::NotCompared);
+        assert_eq!(count.reported_ratio(), None);
+        assert_eq!(metric("iops", Unit::Count).reported_ratio(), Some(0.5));
     }
 }
