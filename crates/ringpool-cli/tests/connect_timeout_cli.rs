@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::echo_upstream;
+
 use common::Server;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -135,22 +137,6 @@ fn a_zero_connect_timeout_is_refused_naming_the_flag() {
         err.contains("--connect-timeout") && err.contains("more than 0"),
         "{err}"
     );
-}
-
-/// An upstream echo server (in the test process).
-fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut s, &mut w);
-            });
-        }
-    });
-    addr
 }
 
 /// Regression (found by the soak): a client that left was reset by the connect watch after

@@ -5,29 +5,14 @@
 
 mod common;
 
+use common::echo_upstream;
+
 use common::Server;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 const LIMIT: &[&str] = &["prlimit", "--nofile=256", "--"];
-
-/// An upstream echo server for the proxy (in the test process, whose limit is high).
-fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut s, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 fn start(kind: &[&str]) -> Server {
     let upstream = echo_upstream().to_string();

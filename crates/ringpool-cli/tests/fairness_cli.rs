@@ -8,9 +8,11 @@
 
 mod common;
 
+use common::echo_upstream;
+
 use common::Server;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,23 +24,6 @@ const P99_BOUND: Duration = Duration::from_millis(50);
 /// A round trip that takes longer than this counts as lost (and ends that client).
 const LOST: Duration = Duration::from_secs(3);
 const BULK_BYTES: u64 = 100 << 20;
-
-/// An upstream echo server for the proxy: copies each connection back until EOF.
-fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut s, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 /// 50 clients doing `ROUNDS` round trips of 64 bytes each, at once; returns every round trip's
 /// time (a lost one as `LOST`).

@@ -5,9 +5,13 @@
 
 mod common;
 
+use common::can_drop_to_nobody;
+
+use common::echo_upstream;
+
 use common::Server;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -18,44 +22,6 @@ const NOBODY: &[&str] = &[
     "--clear-groups",
     "--",
 ];
-
-/// Whether uid 65534 can be used here (we are root and it can run the binary).
-fn can_drop_to_nobody() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: dropping to uid 65534 needs root");
-        return false;
-    }
-    let ok = std::process::Command::new(NOBODY[0])
-        .args(&NOBODY[1..])
-        .arg(env!("CARGO_BIN_EXE_ringpool"))
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!(
-            "skipped: uid 65534 cannot run {} (directory permissions)",
-            env!("CARGO_BIN_EXE_ringpool")
-        );
-    }
-    ok
-}
-
-fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut s, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 #[test]
 fn fanout_as_an_ordinary_user_serves_from_plain_memory() {

@@ -2,8 +2,12 @@
 //! panic every command (rc=101) before it served. Write errors on stdout/stderr are not fatal:
 //! the servers serve, and stop cleanly on SIGINT.
 
+mod common;
+
+use common::echo_upstream;
+
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,22 +17,6 @@ fn free_port() -> SocketAddr {
         .unwrap()
         .local_addr()
         .unwrap()
-}
-
-fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut s, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
 }
 
 #[derive(Clone, Copy, Debug)]

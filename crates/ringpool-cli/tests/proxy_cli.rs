@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::echo_upstream;
+
 use common::Server;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -16,23 +18,6 @@ fn pattern(seed: usize, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| ((i / 7 + seed * 13 + i * 31) % 253) as u8)
         .collect()
-}
-
-/// An upstream echo server: copies each connection back until EOF, then half-closes.
-fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut s, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
 }
 
 /// The two proxies: the event loop (default) and the async layer's (`--rt`).

@@ -28,15 +28,25 @@ impl Server {
     /// Starts `<wrapper...> ringpool <args>` (e.g. `prlimit --nofile=256 --`), collecting its
     /// stderr into [`Server::stderr`].
     pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
+        Server::try_start_wrapped(wrapper, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Server::start_wrapped`], but a server that exits instead of listening is an
+    /// `Err` with its first line and its stderr.
+    pub fn try_start_wrapped(wrapper: &[&str], args: &[&str]) -> Result<Server, String> {
         let mut cmd = Command::new(wrapper[0]);
         cmd.args(&wrapper[1..])
             .arg(env!("CARGO_BIN_EXE_ringpool"))
             .args(args)
             .env("RINGPOOL_FORCE", "");
-        Server::spawn(cmd, true)
+        Server::try_spawn(cmd, true)
     }
 
-    fn spawn(mut cmd: Command, capture_stderr: bool) -> Server {
+    fn spawn(cmd: Command, capture_stderr: bool) -> Server {
+        Server::try_spawn(cmd, capture_stderr).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_spawn(mut cmd: Command, capture_stderr: bool) -> Result<Server, String> {
         cmd.stdout(Stdio::piped());
         if capture_stderr {
             cmd.stderr(Stdio::piped());
@@ -60,24 +70,26 @@ impl Server {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.wait();
+            // The stderr reader ends with the process; give it a moment to collect the rest.
+            std::thread::sleep(Duration::from_millis(50));
+            let err = stderr.lock().unwrap().clone();
+            return Err(format!("unexpected first line {line:?}; stderr: {err}"));
+        };
+        let addr = addr.parse().unwrap();
         let (tx, rest) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut rest = String::new();
             let _ = out.read_to_string(&mut rest);
             let _ = tx.send(rest);
         });
-        Server {
+        Ok(Server {
             child,
             addr,
             rest,
             stderr,
-        }
+        })
     }
 
     /// The server's process id.
@@ -134,4 +146,42 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An upstream echo server in the test process (whose descriptor limit is high): every
+/// connection echoes until its client half-closes, then half-closes back.
+pub fn echo_upstream() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut s, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Whether tests may run the binary as uid 65534 here (we are root, and that uid can run the
+/// binary). When not, says why: a visible skip, and a failure under `RINGPOOL_REQUIRE_ALL=1`.
+pub fn can_drop_to_nobody() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let runs = root
+        && Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_ringpool"))
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !runs {
+        let why = "skipped: needs root and a binary uid 65534 can run";
+        assert!(std::env::var_os("RINGPOOL_REQUIRE_ALL").is_none(), "{why}");
+        eprintln!("{why}");
+    }
+    runs
 }
