@@ -44,6 +44,13 @@ fn idle_heavy_quick_json() {
         .find(|w| w["name"] == "idle-heavy")
         .expect("idle-heavy is reported");
     assert_eq!(w["verified"], true, "bytes not verified: {w:#}");
+    assert_words_not_internal_names(w);
+    assert_eq!(targets_of(w).len(), 3, "{w:#}");
+    let verdict = json["verdict"]["summary"].as_str().expect("a verdict");
+    assert!(
+        verdict.starts_with("verdict: ") && verdict.contains(" of 3 targets met"),
+        "{json:#}"
+    );
 
     let metric = |key: &str, side: &str| -> f64 {
         w["metrics"][key][side]
@@ -83,6 +90,8 @@ fn send_quick_json() {
     let w = quick_json_workload("send");
     assert_eq!(w["name"], "send", "{w:#}");
     assert_eq!(w["verified"], true, "bytes not verified: {w:#}");
+    assert_words_not_internal_names(&w);
+    assert_eq!(targets_of(&w).len(), 6, "{w:#}");
 
     let runs = w["raw_rounds"].as_array().expect("raw_rounds");
     for size in [4096u64, 65536, 1 << 20] {
@@ -133,11 +142,97 @@ fn send_quick_json() {
     }
 }
 
+/// Internal names (option values, opcodes, kernel terms) that the report words for readers and
+/// keeps only in its details lines (issue 18, the report).
+const INTERNAL_NAMES: [&str; 6] = [
+    "ZcMode",
+    "Force::",
+    "SQE",
+    "CQE",
+    "io_uring_enter",
+    "READ_FIXED",
+];
+
+/// Every string of `w` a reader sees (baseline, notes, targets), checked for internal names;
+/// and the details, which name them.
+fn assert_words_not_internal_names(w: &serde_json::Value) {
+    let mut read = vec![w["baseline"].as_str().expect("baseline").to_string()];
+    for key in ["notes", "missing_values"] {
+        for s in w[key].as_array().unwrap_or_else(|| panic!("{key}: {w:#}")) {
+            read.push(s.as_str().expect("a string").to_string());
+        }
+    }
+    for t in w["targets"].as_array().expect("targets") {
+        read.push(t["what"].as_str().expect("what").to_string());
+    }
+    for s in &read {
+        for name in INTERNAL_NAMES {
+            assert!(!s.contains(name), "`{name}` in `{s}`");
+        }
+    }
+    assert!(
+        !w["details"].as_array().expect("details").is_empty(),
+        "{w:#}"
+    );
+}
+
+/// The targets of a workload: each names the issue it comes from, and an outcome that agrees
+/// with its ratio and bound.
+fn targets_of(w: &serde_json::Value) -> Vec<serde_json::Value> {
+    let targets = w["targets"].as_array().expect("targets").clone();
+    for t in &targets {
+        assert!(t["source_issue"].as_u64().is_some(), "{t}");
+        assert!(t["source"].as_str().unwrap().starts_with("issue "), "{t}");
+        let ratio = t["ratio"].as_f64().expect("a ratio in a verified run");
+        let met = match (t["at_most"].as_f64(), t["at_least"].as_f64()) {
+            (Some(b), None) => ratio <= b,
+            (None, Some(b)) => ratio >= b,
+            _ => panic!("one bound: {t}"),
+        };
+        assert_eq!(t["outcome"], if met { "met" } else { "NOT met" }, "{t}");
+    }
+    targets
+}
+
+/// Issue 18, the report: the run's verdict is at the top of the table output and in the JSON;
+/// the targets come as data, with where each comes from; no internal names outside the
+/// details line.
+#[test]
+fn the_report_opens_with_a_verdict_and_words_internal_names() {
+    let out = run_bench(&["--quick", "--workload", "send"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let first = stdout.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("verdict: ") && first.contains(" of 6 targets met"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(from issue 3 (zero-copy send))"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(from issue 19 ("), "{stdout}");
+    for line in stdout.lines().filter(|l| !l.starts_with("details: ")) {
+        for name in INTERNAL_NAMES {
+            assert!(!line.contains(name), "`{name}` outside the details: {line}");
+        }
+    }
+    assert!(
+        stdout.contains("details: ") && stdout.contains("ZcMode::On"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn proxy_quick_json() {
     let w = quick_json_workload("proxy");
     assert_eq!(w["name"], "proxy", "{w:#}");
     assert_eq!(w["verified"], true, "bytes not verified: {w:#}");
+    assert_words_not_internal_names(&w);
+    let targets = targets_of(&w);
+    assert_eq!(targets.len(), 12, "{w:#}");
+    assert!(targets.iter().any(|t| t["source_issue"] == 7), "{w:#}");
+    assert!(targets.iter().any(|t| t["source_issue"] == 19), "{w:#}");
 
     let runs = w["raw_rounds"].as_array().expect("raw_rounds");
     for write in [4096u64, 65536] {
@@ -181,6 +276,11 @@ fn file_quick_json() {
     let w = quick_json_workload("file");
     assert_eq!(w["name"], "file", "{w:#}");
     assert_eq!(w["verified"], true, "blocks not verified: {w:#}");
+    assert_words_not_internal_names(&w);
+    assert!(
+        targets_of(&w).is_empty(),
+        "the file workload reports its ratio, no target"
+    );
     let notes = w["notes"].as_array().expect("notes");
     if let Some(skip) = notes
         .iter()
@@ -217,6 +317,10 @@ fn fanout_quick_json() {
     let w = quick_json_workload("fanout");
     assert_eq!(w["name"], "fanout", "{w:#}");
     assert_eq!(w["verified"], true, "copies not verified: {w:#}");
+    assert_words_not_internal_names(&w);
+    let targets = targets_of(&w);
+    assert_eq!(targets.len(), 1, "{w:#}");
+    assert_eq!(targets[0]["source_issue"], 4, "{w:#}");
 
     let runs = w["raw_rounds"].as_array().expect("raw_rounds");
     for server in ["fanout", "read-per-client", "sendfile"] {

@@ -379,7 +379,9 @@ fn skipped(reason: String) -> BenchResult<WorkloadReport> {
         rounds: 0,
         metrics: Vec::new(),
         raw_rounds: Vec::new(),
+        targets: Vec::new(),
         notes: vec![format!("skipped: {reason}")],
+        details: vec![DETAILS.into()],
     })
 }
 
@@ -394,9 +396,15 @@ fn no_registered_buffers(e: &Error) -> String {
     }
 }
 
-const BASELINE: &str = "the same O_DIRECT reads into unregistered memory (Force::NoFixed: plain \
-                        READ); the `ringpool` column is registered buffers (READ_FIXED); CPU = \
-                        the reading thread";
+const BASELINE: &str = "the same O_DIRECT reads into unregistered memory (plain reads, as \
+                        ringpool does where registered buffers are forced off); the `ringpool` \
+                        column is registered buffers (fixed reads); CPU = the reading thread; \
+                        no target, the ratio is reported";
+
+/// The internal names behind [`BASELINE`]'s words.
+const DETAILS: &str = "unregistered = `Force::NoFixed` (`RINGPOOL_FORCE=no-fixed`), \
+                       `IORING_OP_READ`; registered = `FixedBuf::read_fixed`, \
+                       `IORING_OP_READ_FIXED`; CPU = `getrusage(RUSAGE_THREAD)`";
 
 impl Reader {
     /// A driver and [`DEPTH`] buffers for `mem`. `Ok(Err(reason))` when registered memory is
@@ -716,7 +724,9 @@ fn summarize(runs: &[SideRun], rounds: usize, setup: &Setup, check_ns: f64) -> W
         rounds,
         metrics,
         raw_rounds: runs.iter().map(SideRun::to_json).collect(),
+        targets: Vec::new(),
         notes,
+        details: vec![DETAILS.into()],
     }
 }
 

@@ -19,7 +19,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::report::{format_value, Metric, WorkloadReport};
+use super::report::{
+    format_value, missing_values, ratio_cell, verdict, Better, Metric, Outcome, WorkloadReport,
+};
 use super::BenchResult;
 
 /// The report's file name, in `target/` or the current directory.
@@ -156,7 +158,7 @@ svg{max-width:100%;height:auto;display:block;margin:.5em 0}\
 svg text{font:12px system-ui,sans-serif;fill:#1d2330}svg .bar{fill:#4a78b5}\
 svg .one{stroke:#b42318;stroke-width:1.5}svg .value{paint-order:stroke;stroke:#fff;stroke-width:3px;\
 stroke-linejoin:round}svg .grid{stroke:#e3e6eb}svg .tick{fill:#6b7385}\
-ul.notes{color:#4a5263}";
+ul.notes{color:#4a5263}p.details{color:#6b7385;font-size:12px}p.verdict{font-size:1.1em}";
 
 /// The whole page.
 pub fn render(about: &About, reports: &[WorkloadReport]) -> String {
@@ -175,6 +177,7 @@ pub fn render(about: &About, reports: &[WorkloadReport]) -> String {
         env!("CARGO_PKG_VERSION"),
         escape(&about.command),
     );
+    verdict_section(&mut h, reports);
     h.push_str(
         "<p>Each workload alternates ringpool and its baseline; the values are medians over \
          the rounds, and ratio = ringpool / baseline (below 1.0×, ringpool's value is the \
@@ -196,6 +199,35 @@ pub fn render(about: &About, reports: &[WorkloadReport]) -> String {
     }
     h.push_str("</body>\n</html>\n");
     h
+}
+
+/// The overall verdict and every target, those not met first, each with its source.
+fn verdict_section(h: &mut String, reports: &[WorkloadReport]) {
+    let _ = writeln!(
+        h,
+        "<p class=\"verdict\"><strong>{}</strong></p>",
+        escape(&verdict(reports))
+    );
+    if reports.iter().all(|r| r.targets.is_empty()) {
+        return;
+    }
+    h.push_str("<table>\n<tr><th>workload</th><th>target</th><th>outcome</th></tr>\n");
+    for outcome in [Outcome::NotMet, Outcome::NoFigure, Outcome::Met] {
+        for r in reports {
+            for t in r.targets.iter().filter(|t| t.outcome() == outcome) {
+                let class = if outcome == Outcome::Met { "yes" } else { "no" };
+                let _ = writeln!(
+                    h,
+                    "<tr><td><a href=\"#{name}\">{name}</a></td><td>{}</td>\
+                     <td><span class=\"{class}\">{}</span></td></tr>",
+                    escape(&t.line()),
+                    outcome.words(),
+                    name = escape(r.name),
+                );
+            }
+        }
+    }
+    h.push_str("</table>\n");
 }
 
 /// One workload's section.
@@ -226,7 +258,7 @@ fn workload(h: &mut String, r: &WorkloadReport) {
                 escape(&format_value(m.baseline, m.unit)),
                 match m.reported_ratio() {
                     Some(r) => format_ratio(r),
-                    None => "-".to_string(),
+                    None => ratio_cell(m),
                 },
                 m.better().words(),
             );
@@ -236,16 +268,29 @@ fn workload(h: &mut String, r: &WorkloadReport) {
         let compared: Vec<&Metric> = r
             .metrics
             .iter()
-            .filter(|m| m.better() != crate::bench::report::Better::NotCompared)
+            .filter(|m| m.better() != Better::NotCompared)
             .collect();
         h.push_str(&Chart::new(&compared).svg(&compared));
     }
-    if !r.notes.is_empty() {
-        h.push_str("<ul class=\"notes\">\n");
-        for note in &r.notes {
-            let _ = writeln!(h, "<li>{}</li>", escape(note));
-        }
-        h.push_str("</ul>\n");
+    let lines = |prefix: &str, items: &[String]| {
+        items
+            .iter()
+            .map(|i| format!("<li>{prefix}{}</li>\n", escape(i)))
+            .collect::<String>()
+    };
+    let targets: Vec<String> = r.targets.iter().map(|t| t.line()).collect();
+    let items = lines("Target: ", &targets)
+        + &lines("No value: ", &missing_values(r))
+        + &lines("", &r.notes);
+    if !items.is_empty() {
+        let _ = write!(h, "<ul class=\"notes\">\n{items}</ul>\n");
+    }
+    if !r.details.is_empty() {
+        let _ = writeln!(
+            h,
+            "<p class=\"details\">Details: {}</p>",
+            escape(&r.details.join("; "))
+        );
     }
     h.push_str("</section>\n");
 }
@@ -455,7 +500,9 @@ mod tests {
             rounds: 1,
             metrics,
             raw_rounds: Vec::new(),
+            targets: Vec::new(),
             notes: vec!["a <note> & more".to_string()],
+            details: vec!["`Force::NoFixed`".to_string()],
         }
     }
 
@@ -590,8 +637,34 @@ mod tests {
         assert!(html.contains("<section id=\"file\">"));
         assert!(html.contains("tokio &lt;copy&gt; &amp; &quot;friends&quot;"));
         assert!(html.contains("<li>a &lt;note&gt; &amp; more</li>"));
+        assert!(html.contains("Details: `Force::NoFixed`"));
+        assert!(html.contains("verdict: no workload run here has a target"));
         assert_eq!(html.matches("<svg ").count(), 1, "no chart without metrics");
         assert!(!html.contains("http://") && !html.contains("https://"));
         assert!(!html.contains("<script") && !html.contains("<link"));
+    }
+
+    #[test]
+    fn the_page_opens_with_the_verdict_and_unmet_targets_first() {
+        use super::super::report::{Bound, Target, FOUNDATION, PERFORMANCE};
+        let rss = Metric {
+            unit: Unit::Bytes,
+            ..metric("rss", 3.0, f64::NAN)
+        };
+        let mut r = report("idle-heavy", vec![metric("cpu", 1.0, 2.0), rss]);
+        r.targets = vec![
+            Target::on(&r.metrics, "cpu", Bound::AtMost(0.75), FOUNDATION),
+            Target::on(&r.metrics, "cpu", Bound::AtMost(0.4), PERFORMANCE),
+        ];
+        let html = render(&about(), &[r]);
+        let verdict = html.find("verdict: 1 of 2 targets met; 1 NOT met").unwrap();
+        let missed = html
+            .find("cpu 0.500x, target at most 0.4x: NOT met")
+            .unwrap();
+        let met = html.find("cpu 0.500x, target at most 0.75x: met").unwrap();
+        let section = html.find("<section id=\"idle-heavy\">").unwrap();
+        assert!(verdict < missed && missed < met && met < section, "{html}");
+        assert!(html.contains("No value: rss: no baseline value"), "{html}");
+        assert!(html.contains("none (no value)"), "{html}");
     }
 }

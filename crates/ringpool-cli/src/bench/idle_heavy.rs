@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::progress::Progress;
-use super::report::{median, Metric, Unit, WorkloadReport};
+use super::report::{median, Bound, Metric, Target, Unit, WorkloadReport, FOUNDATION, PERFORMANCE};
 use super::server::Server;
 use super::{load, sys, BenchResult, Options, Side, WorkloadDef};
 
@@ -343,6 +343,23 @@ fn print_progress(progress: &mut Progress, r: &Round, i: usize, rounds: usize, h
     ));
 }
 
+/// Issue 2's bounds (buffer bytes, requests/s) and issue 19's (CPU per request).
+fn targets(metrics: &[Metric]) -> Vec<Target> {
+    vec![
+        Target::on(metrics, "buffer_bytes", Bound::AtMost(0.05), FOUNDATION)
+            .named("buffer bytes, vs tokio"),
+        Target::on(metrics, "requests_per_sec", Bound::AtLeast(1.0), FOUNDATION)
+            .named("requests/s, vs tokio"),
+        Target::on(
+            metrics,
+            "cpu_us_per_request",
+            Bound::AtMost(0.75),
+            PERFORMANCE,
+        )
+        .named("server CPU/request, vs tokio"),
+    ]
+}
+
 /// Medians per side of every metric.
 fn summarize(rounds: &[Round], per_side: usize, hz: u64) -> WorkloadReport {
     let side_median = |side: Side, f: &dyn Fn(&Round) -> f64| {
@@ -384,9 +401,16 @@ fn summarize(rounds: &[Round], per_side: usize, hz: u64) -> WorkloadReport {
         baseline: "tokio current_thread echo, 16 KiB buffer per connection",
         verified: rounds.iter().all(Round::verified),
         rounds: per_side,
+        targets: targets(&metrics),
         metrics,
         raw_rounds: rounds.iter().map(|r| r.to_json(hz)).collect(),
         notes: notes(rounds),
+        details: vec![
+            "buffer bytes = what the servers report holding for receives: ringpool's buffer \
+             group, tokio's per-connection buffers; CPU = the server process's user + system \
+             time (`/proc/PID/stat`)"
+                .into(),
+        ],
     }
 }
 
