@@ -188,61 +188,7 @@ impl Driver {
             op.msg.msg_name = (addr as *const libc::sockaddr_storage).cast_mut().cast();
             op.msg.msg_namelen = *len;
         }
-        let fd = types::Fd(
-            op.fd
-                .as_ref()
-                .expect("a send owns its socket until its result")
-                .as_raw_fd(),
-        );
-        let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
-        let usage = if ladder.zc_report_usage {
-            sys::IORING_SEND_ZC_REPORT_USAGE
-        } else {
-            0
-        };
-        let msg_ptr: *const libc::msghdr = &op.msg;
-        let mut linked = link;
-        let sqe = if !zc {
-            self.zc_stats.plain_sends += op.zc as u64;
-            opcode::SendMsg::new(fd, msg_ptr)
-                .flags(flags as u32)
-                .build()
-        } else if ladder.zc == ZcRung::SendmsgZc && (op.iov.len() > 1 || fixed_slot.is_none()) {
-            self.zc_stats.zc_sends += 1;
-            // Registered iovecs in SENDMSG_ZC came with the vectored fixed ops (6.15).
-            match fixed_slot.filter(|_| ladder.vectored_fixed) {
-                Some(slot) => {
-                    self.zc_stats.fixed_sends += 1;
-                    let mut sqe = opcode::SendMsgZc::new(fd, msg_ptr)
-                        .ioprio(usage | sys::IORING_RECVSEND_FIXED_BUF)
-                        .flags(flags as u32)
-                        .build();
-                    sys::sqe_set_buf_index(&mut sqe, slot);
-                    sqe
-                }
-                None => opcode::SendMsgZc::new(fd, msg_ptr)
-                    .ioprio(usage)
-                    .flags(flags as u32)
-                    .build(),
-            }
-        } else {
-            self.zc_stats.zc_sends += 1;
-            linked &= op.iov.len() <= 1;
-            let (ptr, len) = op.iov.first().map_or((std::ptr::null(), 0), |v| {
-                (v.iov_base as *const u8, v.iov_len as u32)
-            });
-            let mut b = opcode::SendZc::new(fd, ptr, len)
-                .zc_flags(usage)
-                .buf_index(fixed_slot)
-                .flags(flags);
-            self.zc_stats.fixed_sends += fixed_slot.is_some() as u64;
-            if let Some((addr, alen)) = &op.dest {
-                b = b
-                    .dest_addr((addr as *const libc::sockaddr_storage).cast())
-                    .dest_addr_len(*alen);
-            }
-            b.build()
-        };
+        let (sqe, linked) = send_sqe(op, zc, fixed_slot, ladder, link, &mut self.zc_stats);
         let sqe = if linked {
             sqe.flags(squeue::Flags::IO_LINK)
         } else {
@@ -363,45 +309,60 @@ impl Driver {
 
     /// A CQE of a send: its result, or a zero-copy notification.
     pub(super) fn send_completion(&mut self, key: usize, attempt: u32, res: i32, flags: u32) {
+        if cqueue::notif(flags) {
+            self.send_notified(key, attempt, res);
+        } else {
+            self.send_result(key, attempt, res, flags);
+        }
+    }
+
+    /// A zero-copy notification of attempt `attempt`: the kernel let go of the memory. The
+    /// last one after the result frees the send (and hands a `GiveBack::Later` buffer back).
+    fn send_notified(&mut self, key: usize, attempt: u32, res: i32) {
         let slot = &mut self.ops[key];
-        let (token, id, cancelled) = (
-            slot.token,
-            OpId::new(key, slot.gen, self.ring_id),
-            slot.cancel,
-        );
+        let (token, id) = (slot.token, OpId::new(key, slot.gen, self.ring_id));
         let OpKind::Send(op) = &mut slot.kind else {
             unreachable!("send_completion on a send")
         };
         let lane_key = op.lane;
-        if cqueue::notif(flags) {
-            let copied = res as u32 & sys::IORING_NOTIF_USAGE_ZC_COPIED != 0;
-            self.zc_stats.notifications += 1;
-            self.zc_stats.zc_copied += copied as u64;
-            if self.ladder.zc_report_usage {
-                if let Some(lane) = self.lanes.get_mut(&lane_key) {
-                    lane.policy.notified(copied);
-                    self.zc_backing_off = lane.policy.backing_off();
-                }
+        let copied = res as u32 & sys::IORING_NOTIF_USAGE_ZC_COPIED != 0;
+        self.zc_stats.notifications += 1;
+        self.zc_stats.zc_copied += copied as u64;
+        if self.ladder.zc_report_usage {
+            if let Some(lane) = self.lanes.get_mut(&lane_key) {
+                lane.policy.notified(copied);
+                self.zc_backing_off = lane.policy.backing_off();
             }
-            op.notif_attempts.retain(|&a| a != attempt);
-            if op.notif_attempts.is_empty() && op.reported {
-                self.internal -= 1;
-                let buf = op.buf.take();
-                let give_back = op.give_back;
-                self.free_send(key);
-                match (give_back, buf) {
-                    (GiveBack::Later, Some(buf)) => self.ready.push_back(Completion {
-                        token,
-                        op: id,
-                        event: Event::Returned(buf),
-                        more: false,
-                    }),
-                    // Pooled buffers go home here; owned bytes are freed.
-                    (_, buf) => drop(buf),
-                }
-            }
-            return;
         }
+        op.notif_attempts.retain(|&a| a != attempt);
+        if op.notif_attempts.is_empty() && op.reported {
+            self.internal -= 1;
+            let buf = op.buf.take();
+            let give_back = op.give_back;
+            self.free_send(key);
+            match (give_back, buf) {
+                (GiveBack::Later, Some(buf)) => self.ready.push_back(Completion {
+                    token,
+                    op: id,
+                    event: Event::Returned(buf),
+                    more: false,
+                }),
+                // Pooled buffers go home here; owned bytes are freed.
+                (_, buf) => drop(buf),
+            }
+        }
+    }
+
+    /// The result of attempt `attempt`: a short send goes again in order, a broken chain
+    /// shares its error, and a finished send is reported (its memory kept while a
+    /// notification is still due).
+    fn send_result(&mut self, key: usize, attempt: u32, res: i32, flags: u32) {
+        let slot = &mut self.ops[key];
+        let cancelled = slot.cancel;
+        let OpKind::Send(op) = &mut slot.kind else {
+            unreachable!("send_completion on a send")
+        };
+        let lane_key = op.lane;
         if cqueue::more(flags) {
             op.notif_attempts.push(attempt);
         }
@@ -462,10 +423,7 @@ impl Driver {
         }
         match outcome {
             Some(result) => self.report_send(key, result),
-            None => {
-                let _ = token;
-                self.ops[key].state = SlotState::Queued;
-            }
+            None => self.ops[key].state = SlotState::Queued,
         }
     }
 }
@@ -480,4 +438,74 @@ pub(super) fn check_send_range(buf: &SendBuf) -> Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// The SQE of one attempt of a send: `SENDMSG` where zero-copy does not pay (or is forced off),
+/// `SENDMSG_ZC` for several iovecs or plain memory where the kernel has it, else `SEND_ZC`
+/// (registered memory by `buf_index`). Also says whether it may be linked to the next send of
+/// its lane (a `SEND_ZC` of one buffer of several may not: its rest goes after it).
+fn send_sqe(
+    op: &mut SendOp,
+    zc: bool,
+    fixed_slot: Option<u16>,
+    ladder: Ladder,
+    link: bool,
+    stats: &mut ZcStats,
+) -> (squeue::Entry, bool) {
+    let fd = types::Fd(
+        op.fd
+            .as_ref()
+            .expect("a send owns its socket until its result")
+            .as_raw_fd(),
+    );
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
+    let usage = if ladder.zc_report_usage {
+        sys::IORING_SEND_ZC_REPORT_USAGE
+    } else {
+        0
+    };
+    let msg_ptr: *const libc::msghdr = &op.msg;
+    let mut linked = link;
+    let sqe = if !zc {
+        stats.plain_sends += op.zc as u64;
+        opcode::SendMsg::new(fd, msg_ptr)
+            .flags(flags as u32)
+            .build()
+    } else if ladder.zc == ZcRung::SendmsgZc && (op.iov.len() > 1 || fixed_slot.is_none()) {
+        stats.zc_sends += 1;
+        // Registered iovecs in SENDMSG_ZC came with the vectored fixed ops (6.15).
+        match fixed_slot.filter(|_| ladder.vectored_fixed) {
+            Some(slot) => {
+                stats.fixed_sends += 1;
+                let mut sqe = opcode::SendMsgZc::new(fd, msg_ptr)
+                    .ioprio(usage | sys::IORING_RECVSEND_FIXED_BUF)
+                    .flags(flags as u32)
+                    .build();
+                sys::sqe_set_buf_index(&mut sqe, slot);
+                sqe
+            }
+            None => opcode::SendMsgZc::new(fd, msg_ptr)
+                .ioprio(usage)
+                .flags(flags as u32)
+                .build(),
+        }
+    } else {
+        stats.zc_sends += 1;
+        linked &= op.iov.len() <= 1;
+        let (ptr, len) = op.iov.first().map_or((std::ptr::null(), 0), |v| {
+            (v.iov_base as *const u8, v.iov_len as u32)
+        });
+        let mut b = opcode::SendZc::new(fd, ptr, len)
+            .zc_flags(usage)
+            .buf_index(fixed_slot)
+            .flags(flags);
+        stats.fixed_sends += fixed_slot.is_some() as u64;
+        if let Some((addr, alen)) = &op.dest {
+            b = b
+                .dest_addr((addr as *const libc::sockaddr_storage).cast())
+                .dest_addr_len(*alen);
+        }
+        b.build()
+    };
+    (sqe, linked)
 }
