@@ -1,7 +1,13 @@
-//! Cancellation: by op, by descriptor, by token, and all of it at drop. Cancelling only asks the
-//! kernel to stop; memory is released at the op's final completion (the ownership rule).
+//! Cancelling ops: by id, descriptor, token, or all of them. A cancel only asks: an op in the
+//! kernel gets an `ASYNC_CANCEL` and is freed at its final CQE; a parked receive or a send still
+//! in its lane ends at once; lease members waiting for their leader end here.
 
-use super::*;
+use io_uring::opcode;
+
+use crate::error::Error;
+
+use super::op::{OpId, OpKind, OpSlot, SlotState, IGNORED};
+use super::{Driver, Event, Fd};
 
 impl Driver {
     /// Asks the kernel to stop `op`. Its final completion still comes (usually
@@ -21,25 +27,7 @@ impl Driver {
         match slot.state {
             SlotState::Parked => self.finish_parked(op.key(), Event::Error(Error::Cancelled)),
             SlotState::Notif => {}
-            SlotState::Queued => {
-                let OpKind::Send(send) = &slot.kind else {
-                    unreachable!("only sends queue")
-                };
-                let (lane_key, sent) = (send.lane, send.sent);
-                let len = send.buf.as_ref().map_or(0, SendBuf::len);
-                if let Some(lane) = self.lanes.get_mut(&lane_key) {
-                    lane.queue.retain(|&k| k != op.key());
-                    lane.requeue.retain(|&k| k != op.key());
-                }
-                // Between two parts of a send (short, or one buffer at a time): what left is
-                // said, as for a send cancelled in the kernel.
-                let result = if sent > 0 {
-                    Err(Error::ShortSend { sent, len })
-                } else {
-                    Err(Error::Cancelled)
-                };
-                self.report_send(op.key(), result);
-            }
+            SlotState::Queued => self.cancel_queued_send(op.key()),
             SlotState::InKernel => {
                 // A send's SQE carries the generation of its current attempt.
                 let target = match &slot.kind {
@@ -55,7 +43,7 @@ impl Driver {
     /// Cancels every op using `fd` (for closing a connection with receives in flight).
     pub fn cancel_fd(&mut self, fd: &Fd) {
         self.drop_waiting_members(|m| m.fd().same(fd));
-        self.cancel_where(|s| op_fd(&s.kind).is_some_and(|f| f.same(fd)));
+        self.cancel_where(|s| s.kind.fd().is_some_and(|f| f.same(fd)));
     }
 
     /// Cancels every op whose slot `which` picks, as [`Driver::cancel`] does.
@@ -90,40 +78,13 @@ impl Driver {
         // Driver-internal ops have no descriptor (and token 0): never the user's.
         // Bundle ops carry many sends (and token 0): `cancel_fd` stops them.
         self.cancel_where(|s| {
-            s.token == token
-                && op_fd(&s.kind).is_some()
-                && !matches!(s.kind, OpKind::SendBundle { .. })
+            s.token == token && s.kind.fd().is_some() && !matches!(s.kind, OpKind::SendBundle(_))
         });
     }
 
     /// Cancels every op of the user's, as [`Driver::cancel`] does (an `rt` runtime's end).
     pub(crate) fn cancel_all(&mut self) {
         self.drop_waiting_members(|_| true);
-        self.cancel_where(|s| op_fd(&s.kind).is_some());
-    }
-
-    /// Members of lease groups whose leader is still reading are not ops yet: those `which`
-    /// picks end here, with their cancelled completion.
-    pub(super) fn drop_waiting_members(&mut self, which: impl Fn(&Member) -> bool) {
-        let mut dropped = Vec::new();
-        for (_, slot) in self.ops.iter_mut() {
-            if let OpKind::Leader(op) = &mut slot.kind {
-                op.members.retain(|m| {
-                    let drop = which(m);
-                    if drop {
-                        dropped.push(m.clone());
-                    }
-                    !drop
-                });
-            }
-        }
-        for m in dropped {
-            self.ready.push_back(Completion {
-                token: m.token,
-                op: OpId::NONE,
-                event: m.cancelled_event(),
-                more: false,
-            });
-        }
+        self.cancel_where(|s| s.kind.fd().is_some());
     }
 }

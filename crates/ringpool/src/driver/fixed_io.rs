@@ -1,6 +1,68 @@
-//! File I/O on registered memory: `READ_FIXED`/`WRITE_FIXED` and their vectored forms.
+//! Reads and writes on a [`FixedBuf`]: `READ/WRITE_FIXED` on registered memory, the vectored
+//! `READV/WRITEV_FIXED` (6.15), and the plain opcodes on the same memory where the buffer is
+//! not in this ring's table or the kernel lacks the vectored forms. The buffer comes back in
+//! `Event::FixedIo`.
 
-use super::*;
+use std::os::fd::AsRawFd;
+
+use io_uring::{opcode, squeue, types};
+use smallvec::SmallVec;
+
+use crate::error::{Error, Result};
+use crate::fixed::FixedBuf;
+use crate::probe::Ladder;
+
+use super::op::{errno_error, OpId, OpKind};
+use super::submit::OpCqe;
+use super::{Completion, Driver, Event, Fd};
+
+/// A read or write on registered memory. Boxed, so the iovecs the kernel reads stay put.
+pub(super) struct FixedOp {
+    pub(super) fd: Fd,
+    buf: Option<FixedBuf>,
+    write: bool,
+    /// One range: `READ/WRITE(_FIXED)`; several: the vectored forms.
+    iov: SmallVec<[libc::iovec; 1]>,
+    vectored: bool,
+    offset: u64,
+}
+
+impl FixedOp {
+    /// The fixed opcode where the buffer is in this ring's table (`table`: its id), the plain
+    /// one on the same memory otherwise; vectored forms for several ranges.
+    pub(super) fn sqe(&self, ladder: &Ladder, table: Option<usize>) -> squeue::Entry {
+        let fd = types::Fd(self.fd.as_raw_fd());
+        let slot = self.buf.as_ref().and_then(|b| b.slot_in(table));
+        let (iov, n) = (self.iov.as_ptr(), self.iov.len() as u32);
+        let (ptr, len) = (
+            self.iov[0].iov_base.cast::<u8>(),
+            self.iov[0].iov_len as u32,
+        );
+        let offset = self.offset;
+        match (self.vectored, slot, self.write) {
+            (false, Some(i), false) => opcode::ReadFixed::new(fd, ptr, len, i)
+                .offset(offset)
+                .build(),
+            (false, Some(i), true) => opcode::WriteFixed::new(fd, ptr, len, i)
+                .offset(offset)
+                .build(),
+            (false, None, false) => opcode::Read::new(fd, ptr, len).offset(offset).build(),
+            (false, None, true) => opcode::Write::new(fd, ptr, len).offset(offset).build(),
+            (true, Some(i), false) if ladder.vectored_fixed => {
+                opcode::ReadvFixed::new(fd, iov, n, i)
+                    .offset(offset)
+                    .build()
+            }
+            (true, Some(i), true) if ladder.vectored_fixed => {
+                opcode::WritevFixed::new(fd, iov, n, i)
+                    .offset(offset)
+                    .build()
+            }
+            (true, _, false) => opcode::Readv::new(fd, iov, n).offset(offset).build(),
+            (true, _, true) => opcode::Writev::new(fd, iov, n).offset(offset).build(),
+        }
+    }
+}
 
 impl Driver {
     /// Reads from `fd` at `offset` (`u64::MAX`: the file position) into `buf[range]`, with
@@ -23,6 +85,8 @@ impl Driver {
     /// assert!(result? > 0 && buf[0] != 0);
     /// # Ok::<(), ringpool::Error>(())
     /// ```
+    ///
+    /// [`Event::FixedIo`]: crate::Event::FixedIo
     pub fn read_fixed(
         &mut self,
         fd: &Fd,
@@ -37,6 +101,8 @@ impl Driver {
     /// Writes `buf[range]` to `fd` at `offset` (`u64::MAX`: the file position), with
     /// `WRITE_FIXED` on registered memory. One completion, [`Event::FixedIo`]. See
     /// [`Driver::read_fixed`].
+    ///
+    /// [`Event::FixedIo`]: crate::Event::FixedIo
     pub fn write_fixed(
         &mut self,
         fd: &Fd,
@@ -65,6 +131,8 @@ impl Driver {
     /// assert!(result? > 0);
     /// # Ok::<(), ringpool::Error>(())
     /// ```
+    ///
+    /// [`Event::FixedIo`]: crate::Event::FixedIo
     pub fn read_fixed_vectored(
         &mut self,
         fd: &Fd,
@@ -90,7 +158,7 @@ impl Driver {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn start_fixed(
+    fn start_fixed(
         &mut self,
         fd: &Fd,
         buf: FixedBuf,
@@ -129,27 +197,18 @@ impl Driver {
         }));
         Ok(self.start(kind, token))
     }
-}
 
-/// Completions.
-impl Driver {
-    /// A read or write on registered memory completed: the buffer goes back to the user with the result.
-    pub(super) fn complete_fixed_io(&mut self, done: Done) {
-        let Done {
-            key,
-            id,
-            token,
-            res,
-            ..
-        } = done;
-        let OpKind::Fixed(op) = &mut self.ops[key].kind else {
-            unreachable!("routed here by its kind");
+    /// The CQE of a read or write on registered memory: the buffer goes back to the user.
+    pub(super) fn complete_fixed_io(&mut self, c: OpCqe) {
+        let OpKind::Fixed(op) = &mut self.ops[c.key].kind else {
+            unreachable!("complete_fixed_io on a fixed read or write")
         };
         let (write, buf) = (
             op.write,
             op.buf.take().expect("an op in flight owns its buffer"),
         );
-        self.ops.remove(key);
+        self.ops.remove(c.key);
+        let res = c.res;
         let result = if res >= 0 {
             Ok(res as usize)
         } else if res == -libc::ECANCELED {
@@ -158,44 +217,10 @@ impl Driver {
             Err(errno_error(if write { "write" } else { "read" }, res))
         };
         self.ready.push_back(Completion {
-            token,
-            op: id,
+            token: c.token,
+            op: c.id,
             event: Event::FixedIo { buf, result },
             more: false,
         });
-    }
-}
-
-/// A read or write on registered memory: fixed where the buffer is in this ring's table, vectored fixed where the kernel has it, plain otherwise.
-pub(super) fn fixed_io_sqe(
-    kind: &mut OpKind,
-    ladder: Ladder,
-    table: Option<usize>,
-) -> squeue::Entry {
-    let OpKind::Fixed(op) = kind else {
-        unreachable!("routed here by its kind");
-    };
-
-    let fd = types::Fd(op.fd.as_raw_fd());
-    let slot = op.buf.as_ref().and_then(|b| b.slot_in(table));
-    let (iov, n) = (op.iov.as_ptr(), op.iov.len() as u32);
-    let (ptr, len) = (op.iov[0].iov_base.cast::<u8>(), op.iov[0].iov_len as u32);
-    match (op.vectored, slot, op.write) {
-        (false, Some(i), false) => opcode::ReadFixed::new(fd, ptr, len, i)
-            .offset(op.offset)
-            .build(),
-        (false, Some(i), true) => opcode::WriteFixed::new(fd, ptr, len, i)
-            .offset(op.offset)
-            .build(),
-        (false, None, false) => opcode::Read::new(fd, ptr, len).offset(op.offset).build(),
-        (false, None, true) => opcode::Write::new(fd, ptr, len).offset(op.offset).build(),
-        (true, Some(i), false) if ladder.vectored_fixed => opcode::ReadvFixed::new(fd, iov, n, i)
-            .offset(op.offset)
-            .build(),
-        (true, Some(i), true) if ladder.vectored_fixed => opcode::WritevFixed::new(fd, iov, n, i)
-            .offset(op.offset)
-            .build(),
-        (true, _, false) => opcode::Readv::new(fd, iov, n).offset(op.offset).build(),
-        (true, _, true) => opcode::Writev::new(fd, iov, n).offset(op.offset).build(),
     }
 }

@@ -1,11 +1,55 @@
-//! Buffer groups on the ring: registration (buffer rings, incremental rings, legacy
-//! `PROVIDE_BUFFERS`), giving buffers back to the kernel, and reaping groups whose users left.
+//! Buffer groups as the kernel sees them: creating and registering a group (ring, incremental
+//! ring, legacy `PROVIDE_BUFFERS`, registered region), providing legacy buffers again, buffers
+//! given back on other threads (the eventfd read), settling buffers a completion named without
+//! handing out bytes, and forgetting abandoned groups. The groups' own state (rings, bids,
+//! growth) is in `crate::pool`.
 
-use super::*;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use io_uring::{opcode, types};
+
+use crate::error::{Error, Result};
+use crate::pool::{BufGroup, BufGroupConfig, CrossReturns, GroupShared, HandleGuard, Registration};
+use crate::probe::GroupRung;
+use crate::sys;
+
+use super::op::OpKind;
+use super::submit::OpCqe;
+use super::Driver;
+
+/// Internal: `n` buffers from bid `first` provided to a legacy group.
+pub(super) struct ProvideOp {
+    pub(super) group: Rc<GroupShared>,
+    first: u16,
+    n: u32,
+}
+
+/// Whether `g` is an incremental ring (the kernel fills a buffer over several completions).
+pub(super) fn is_incremental(g: &GroupShared) -> bool {
+    matches!(&g.backing, crate::pool::Backing::Ring(r) if r.incremental)
+}
+
+/// What a `PROVIDE_BUFFERS` of `n` buffers that completed with `res` did: how many of the run
+/// (from its first bid) the kernel took, and what the result says of this kernel (`counts`:
+/// whether results count the buffers taken). The kernel adds a run's buffers in order and
+/// stops at the first it cannot allocate for; 5.x kernels return how many it added, later ones
+/// 0 for "at least one". A 0 for a run of several is taken as all of it: the safe direction,
+/// since a buffer provided twice could be handed to two receives at once, while one missing
+/// only waits (runs are sent only to kernels that count, where a 0 does not happen).
+fn provide_outcome(res: i32, n: u32, counts: Option<bool>) -> (u32, Option<bool>) {
+    match res {
+        r if r < 0 => (0, counts),
+        0 => (n, if n == 1 { Some(false) } else { counts }),
+        r => ((r as u32).min(n), Some(true)),
+    }
+}
 
 impl Driver {
     /// Registers `shared`'s buffer ring with the kernel, if it is a ring group.
-    pub(super) fn register_group_ring(
+    fn register_group_ring(
         &mut self,
         shared: &GroupShared,
         bgid: u16,
@@ -41,69 +85,20 @@ impl Driver {
     ///
     /// # Errors
     /// A count that is not a power of two or exceeds 32768, a size of 0 or above
-    /// [`MAX_BUF_SIZE`](crate::MAX_BUF_SIZE), a group id already in use, or memory that cannot be
+    /// [`MAX_BUF_SIZE`], a group id already in use, or memory that cannot be
     /// had.
+    ///
+    /// [`MAX_BUF_SIZE`]: crate::MAX_BUF_SIZE
     pub fn buf_group(&mut self, cfg: BufGroupConfig) -> Result<BufGroup> {
         let max_count = cfg.validate()?;
-        let bgid = match cfg.bgid {
-            Some(id) if self.bgid_used[id as usize] => {
-                return Err(Error::GroupIdInUse { bgid: id })
-            }
-            Some(id) => id,
-            None => self
-                .bgid_used
-                .iter()
-                .position(|u| !u)
-                .ok_or(Error::GroupIdsExhausted)? as u16,
-        };
+        let bgid = self.free_bgid(cfg.bgid)?;
         let (ring, incremental) = match self.ladder.groups {
             GroupRung::Ring { incremental } => (true, cfg.incremental && incremental),
             GroupRung::Legacy => (false, false),
         };
-        let mut shared = Rc::new(GroupShared::new(
-            &cfg,
-            bgid,
-            max_count,
-            ring,
-            incremental,
-            self.cross.clone(),
-            self.ring_id,
-        )?);
-        if let Err(e) = self.register_group_ring(&shared, bgid, incremental) {
-            // The kernel pins a buffer ring's own memory against RLIMIT_MEMLOCK; a legacy
-            // group needs none, so a ring refused for locked memory steps down a rung.
-            if e.raw_os_error() != Some(libc::ENOMEM)
-                || sys::Memlock::current() == sys::Memlock::Unlimited
-            {
-                return Err(e);
-            }
-            shared = Rc::new(GroupShared::new(
-                &cfg,
-                bgid,
-                max_count,
-                false,
-                false,
-                self.cross.clone(),
-                self.ring_id,
-            )?);
-        }
+        let shared = self.new_group(&cfg, bgid, max_count, ring, incremental)?;
         if cfg.registration != Registration::Plain {
-            let registered = {
-                let region = shared.region();
-                self.register_fixed(&region)
-            };
-            match registered {
-                Ok(slot) => shared.set_fixed(slot, self.fixed_table()?),
-                Err(e)
-                    if e.refused_registration() && cfg.registration == Registration::Preferred => {}
-                Err(e) => {
-                    if shared.is_ring() && !self.forget_buf_ring(bgid) {
-                        self.bgid_used[bgid as usize] = true;
-                        self.kept_for_kernel.push(Box::new(shared));
-                    }
-                    return Err(e);
-                }
-            }
+            self.register_region(&cfg, &shared, bgid)?;
         }
         shared.set_registered(true);
         self.bgid_used[bgid as usize] = true;
@@ -122,10 +117,103 @@ impl Driver {
         })
     }
 
-    pub(super) fn providing(&self, g: &Rc<GroupShared>) -> bool {
+    /// The group id to use: `asked` if it is free, else the lowest free one.
+    fn free_bgid(&self, asked: Option<u16>) -> Result<u16> {
+        Ok(match asked {
+            Some(id) if self.bgid_used[id as usize] => {
+                return Err(Error::GroupIdInUse { bgid: id })
+            }
+            Some(id) => id,
+            None => self
+                .bgid_used
+                .iter()
+                .position(|u| !u)
+                .ok_or(Error::GroupIdsExhausted)? as u16,
+        })
+    }
+
+    /// A new group's state, its ring (if `ring`) registered with the kernel.
+    fn new_group(
+        &mut self,
+        cfg: &BufGroupConfig,
+        bgid: u16,
+        max_count: u32,
+        ring: bool,
+        incremental: bool,
+    ) -> Result<Rc<GroupShared>> {
+        let shared = Rc::new(GroupShared::new(
+            cfg,
+            bgid,
+            max_count,
+            ring,
+            incremental,
+            self.cross.clone(),
+            self.ring_id,
+        )?);
+        let Err(e) = self.register_group_ring(&shared, bgid, incremental) else {
+            return Ok(shared);
+        };
+        // The kernel pins a buffer ring's own memory against RLIMIT_MEMLOCK; a legacy
+        // group needs none, so a ring refused for locked memory steps down a rung.
+        if e.raw_os_error() != Some(libc::ENOMEM)
+            || sys::Memlock::current() == sys::Memlock::Unlimited
+        {
+            return Err(e);
+        }
+        Ok(Rc::new(GroupShared::new(
+            cfg,
+            bgid,
+            max_count,
+            false,
+            false,
+            self.cross.clone(),
+            self.ring_id,
+        )?))
+    }
+
+    /// Registers a registered region's memory as one fixed buffer. A `Preferred` registration
+    /// the kernel refuses leaves the group plain; any other failure ends the group: its ring is
+    /// forgotten (or, if the kernel refuses to forget it, kept with its id for the driver's
+    /// life).
+    fn register_region(
+        &mut self,
+        cfg: &BufGroupConfig,
+        shared: &Rc<GroupShared>,
+        bgid: u16,
+    ) -> Result<()> {
+        let registered = {
+            let region = shared.region();
+            self.register_fixed(&region)
+        };
+        match registered {
+            Ok(slot) => shared.set_fixed(slot, self.fixed_table()?),
+            Err(e) if e.refused_registration() && cfg.registration == Registration::Preferred => {}
+            Err(e) => {
+                if shared.is_ring() && !self.forget_buf_ring(bgid) {
+                    self.bgid_used[bgid as usize] = true;
+                    self.kept_for_kernel.push(Box::new(shared.clone()));
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a provide for `g` is in flight.
+    fn providing(&self, g: &Rc<GroupShared>) -> bool {
         self.ops
             .iter()
-            .any(|(_, s)| matches!(&s.kind, OpKind::Provide { group, .. } if Rc::ptr_eq(group, g)))
+            .any(|(_, s)| matches!(&s.kind, OpKind::Provide(op) if Rc::ptr_eq(&op.group, g)))
+    }
+
+    /// Refuses a buffer group or send ring made by another driver (`owner`): its bgid names
+    /// another group here, or none, and the buffer ids this ring's completions carry would be
+    /// taken from the wrong group, memory the other ring's kernel may be writing.
+    pub(super) fn check_owner(&self, owner: u64, what: &'static str) -> Result<()> {
+        if owner == self.ring_id {
+            return Ok(());
+        }
+        Err(Error::NotOurs { what })
     }
 
     /// Asks the kernel to forget the provided buffer ring of `bgid`, and frees the id; true when
@@ -143,6 +231,36 @@ impl Driver {
         }
     }
 
+    /// A handle that wakes this driver from any thread ([`CrossReturns::notify`]): from now on
+    /// the driver keeps a read of its eventfd armed, and a `wait` returns when it completes
+    /// (the async layer's wakers, called on other threads).
+    pub(crate) fn remote_waker(&mut self) -> Arc<CrossReturns> {
+        self.cross.watch();
+        self.cross.clone()
+    }
+
+    /// Gives buffers dropped on other threads back to their groups, and keeps the eventfd read
+    /// armed so that the next such return wakes a waiting driver.
+    pub(super) fn take_cross_returns(&mut self) {
+        for (serial, bid) in self.cross.take() {
+            // A group the driver has forgotten is not selected from any more: nothing to do.
+            if let Some(g) = self.groups.iter().find(|g| g.serial == serial) {
+                g.release(bid);
+            }
+        }
+        if !self.cross_armed && !self.dropping {
+            let mut counter = Box::new(0u64);
+            let sqe = opcode::Read::new(
+                types::Fd(self.cross.wake_fd()),
+                (&raw mut *counter).cast::<u8>(),
+                8,
+            )
+            .build();
+            self.start_internal(OpKind::Wake { _counter: counter }, sqe);
+            self.cross_armed = true;
+        }
+    }
+
     pub(super) fn flush_provides(&mut self) -> Result<()> {
         for gi in 0..self.groups.len() {
             let group = self.groups[gi].clone();
@@ -155,11 +273,11 @@ impl Driver {
                 let sqe =
                     opcode::ProvideBuffers::new(addr, group.buf_size as i32, n, group.bgid, bid)
                         .build();
-                let kind = OpKind::Provide {
+                let kind = OpKind::Provide(ProvideOp {
                     group: group.clone(),
                     first: bid,
                     n: n as u32,
-                };
+                });
                 self.start_internal(kind, sqe);
             }
         }
@@ -175,7 +293,7 @@ impl Driver {
                 && self
                     .ops
                     .iter()
-                    .any(|(_, s)| op_group(&s.kind).is_some_and(|og| Rc::ptr_eq(og, g)));
+                    .any(|(_, s)| s.kind.group().is_some_and(|og| Rc::ptr_eq(og, g)));
             if g.handle_alive.get() || in_use {
                 i += 1;
                 continue;
@@ -195,38 +313,15 @@ impl Driver {
             }
         }
     }
-}
 
-pub(super) fn is_incremental(g: &GroupShared) -> bool {
-    matches!(&g.backing, crate::pool::Backing::Ring(r) if r.incremental)
-}
-
-/// What a `PROVIDE_BUFFERS` of `n` buffers that completed with `res` did: how many of the run
-/// (from its first bid) the kernel took, and what the result says of this kernel (`counts`:
-/// whether results count the buffers taken). The kernel adds a run's buffers in order and
-/// stops at the first it cannot allocate for; 5.x kernels return how many it added, later ones
-/// 0 for "at least one". A 0 for a run of several is taken as all of it: the safe direction,
-/// since a buffer provided twice could be handed to two receives at once, while one missing
-/// only waits (runs are sent only to kernels that count, where a 0 does not happen).
-pub(super) fn provide_outcome(res: i32, n: u32, counts: Option<bool>) -> (u32, Option<bool>) {
-    match res {
-        r if r < 0 => (0, counts),
-        0 => (n, if n == 1 { Some(false) } else { counts }),
-        r => ((r as u32).min(n), Some(true)),
-    }
-}
-
-/// Completions.
-impl Driver {
-    /// A legacy `PROVIDE_BUFFERS` completed: what the kernel did not take is queued again.
-    pub(super) fn complete_provide(&mut self, done: Done) {
-        let Done { key, res, .. } = done;
-        let OpKind::Provide { group, first, n } = &mut self.ops[key].kind else {
-            unreachable!("routed here by its kind");
+    /// The CQE of a provide: what the kernel did not take goes again at the next flush.
+    pub(super) fn complete_provide(&mut self, c: OpCqe) {
+        let OpKind::Provide(op) = &self.ops[c.key].kind else {
+            unreachable!("complete_provide on a provide")
         };
-        let (group, first, n) = (group.clone(), *first, *n);
-        self.finish_internal(key);
-        let (taken, counts) = provide_outcome(res, n, self.provide_counts);
+        let (group, first, n) = (op.group.clone(), op.first, op.n);
+        self.finish_internal(c.key);
+        let (taken, counts) = provide_outcome(c.res, n, self.provide_counts);
         self.provide_counts = counts;
         if taken < n {
             // The kernel did not take these: queue them again for the next flush.
@@ -238,15 +333,74 @@ impl Driver {
         }
     }
 
-    /// A legacy group's `REMOVE_BUFFERS` completed: its group id is free again.
-    pub(super) fn complete_remove(&mut self, done: Done) {
-        let Done { key, .. } = done;
-        let OpKind::Remove { group } = &mut self.ops[key].kind else {
-            unreachable!("routed here by its kind");
+    /// The CQE of a forgotten legacy group's `REMOVE_BUFFERS`: its id is free again.
+    pub(super) fn complete_remove(&mut self, c: OpCqe) {
+        let OpKind::Remove { group } = &self.ops[c.key].kind else {
+            unreachable!("complete_remove on a remove")
         };
         let bgid = group.bgid;
-        self.finish_internal(key);
+        self.finish_internal(c.key);
         self.bgid_used[bgid as usize] = false;
+    }
+
+    /// The eventfd read completed: buffers came back on another thread (or a remote wake-up).
+    pub(super) fn complete_wake(&mut self, c: OpCqe) {
+        // Re-armed at the next flush (which also takes what came back).
+        self.finish_internal(c.key);
+        self.cross_armed = false;
+    }
+
+    /// A completion named `bid` of `group` but handed out no bytes (end of file, an error).
+    /// Whether the kernel let go of the buffer depends on the kernel and the file: a read on a
+    /// pipe at end of file leaves it at the ring head (6.18 does not say so; later kernels set
+    /// `F_BUF_MORE`), a read of a regular file consumed it when it started. A legacy group's
+    /// buffer is always gone from the kernel; a ring's is settled by asking the kernel.
+    pub(super) fn unused_buffer(&mut self, group: &Rc<GroupShared>, bid: u16, flags: u32) {
+        if !group.is_ring() {
+            group.put_back_unused(bid);
+        } else if flags & sys::IORING_CQE_F_BUF_MORE == 0 {
+            self.unsettled.push((group.clone(), bid));
+        }
+        // With `F_BUF_MORE` the kernel keeps the buffer and fills it further.
+    }
+
+    /// A completion handed out `bid` of `group`: the kernel had kept it, so it is settled.
+    pub(super) fn settled_by_take(&mut self, group: &Rc<GroupShared>, bid: u16) {
+        self.unsettled
+            .retain(|(g, b)| !(Rc::ptr_eq(g, group) && *b == bid));
+    }
+
+    /// Decides, for each unsettled buffer, whether the kernel still holds it. The kernel's ring
+    /// head is the witness: a buffer at or past it is in the ring and a later completion will
+    /// name it. One before it was let go, unless an op of ours on the group is still in flight
+    /// (it may have consumed the buffer after the completion that named it, and its own
+    /// completion is still to come): then the buffer waits for the group's ops to end. A buffer
+    /// never goes back twice; at worst it waits.
+    pub(super) fn settle(&mut self) {
+        let fd = self.ring.as_raw_fd();
+        let mut pending = std::mem::take(&mut self.unsettled);
+        pending.retain(|(group, bid)| {
+            if !group.registered() {
+                return false; // the kernel forgot the ring: nothing to give back
+            }
+            match sys::buf_ring_head(fd, group.bgid) {
+                Ok(head) if group.ring_holds(*bid, head) => false,
+                Ok(_) if group.selecting.get() == 0 => {
+                    group.put_back_unused(*bid);
+                    false
+                }
+                Ok(_) => true,
+                // No witness: a kernel before 6.8. Those (and every kernel without incremental
+                // rings before 6.12) consumed each buffer a completion named, at its selection
+                // or its completion, so it is ours again.
+                Err(_) => {
+                    group.put_back_unused(*bid);
+                    false
+                }
+            }
+        });
+        pending.append(&mut self.unsettled);
+        self.unsettled = pending;
     }
 }
 

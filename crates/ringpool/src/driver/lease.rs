@@ -1,7 +1,136 @@
-//! Leased buffers: a leader read fills a buffer and lends it to its members, started in one
-//! batch at the leader's completion; a failed leader cancels them.
+//! Lease groups: a leader reads once into a [`FixedBuf`], and at its completion every member
+//! starts on a `Lease` of the bytes read (sends, writes; or, for a read-in lease, reads into
+//! disjoint ranges of the buffer). Members waiting for their leader are not ops yet: cancelling
+//! them by token or descriptor ends them here. The lease's state (`Lease`, `Member`) is in
+//! `crate::lease`.
 
-use super::*;
+use std::os::fd::AsRawFd;
+
+use io_uring::{opcode, squeue, types};
+
+use crate::buf::SendBuf;
+use crate::error::{Error, Result};
+use crate::fixed::FixedBuf;
+use crate::lease::{Lease, Member, MemberKind};
+
+use super::op::{errno_error, OpId, OpKind};
+use super::send::GiveBack;
+use super::submit::OpCqe;
+use super::{Completion, Driver, Event, Fd};
+
+/// A lease group's leader: reads into `buf`, then starts `members` on what it read.
+pub(super) struct LeaderOp {
+    pub(super) fd: Fd,
+    buf: Option<FixedBuf>,
+    offset: u64,
+    pub(super) members: Vec<Member>,
+}
+
+impl LeaderOp {
+    /// A read into the whole buffer: `READ_FIXED` where it is in this ring's table (`table`).
+    pub(super) fn sqe(&self, table: Option<usize>) -> squeue::Entry {
+        let fd = types::Fd(self.fd.as_raw_fd());
+        let buf = self
+            .buf
+            .as_ref()
+            .expect("a leader in flight owns its buffer");
+        let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+        match buf.slot_in(table) {
+            Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
+                .offset(self.offset)
+                .build(),
+            None => opcode::Read::new(fd, ptr, len).offset(self.offset).build(),
+        }
+    }
+}
+
+/// A lease member writing the leased bytes to `fd` at `offset`.
+pub(super) struct LeaseWriteOp {
+    pub(super) fd: Fd,
+    lease: Lease,
+    offset: u64,
+}
+
+impl LeaseWriteOp {
+    pub(super) fn sqe(&self, table: Option<usize>) -> squeue::Entry {
+        let fd = types::Fd(self.fd.as_raw_fd());
+        let (ptr, len) = (self.lease.as_ptr(), self.lease.len() as u32);
+        match self.lease.fixed_slot_in(table) {
+            Some(i) => opcode::WriteFixed::new(fd, ptr, len, i)
+                .offset(self.offset)
+                .build(),
+            None => opcode::Write::new(fd, ptr, len).offset(self.offset).build(),
+        }
+    }
+}
+
+/// A read-in lease member reading from `fd` at `offset` into its `range` of the buffer.
+pub(super) struct LeaseReadOp {
+    pub(super) fd: Fd,
+    lease: Lease,
+    offset: u64,
+    range: std::ops::Range<usize>,
+}
+
+impl LeaseReadOp {
+    pub(super) fn sqe(&self, table: Option<usize>) -> squeue::Entry {
+        let fd = types::Fd(self.fd.as_raw_fd());
+        // Inside the buffer: `check_read_in` made sure of it.
+        let ptr = self.lease.base_ptr().wrapping_add(self.range.start);
+        let len = self.range.len() as u32;
+        match self.lease.fixed_slot_in(table) {
+            Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
+                .offset(self.offset)
+                .build(),
+            None => opcode::Read::new(fd, ptr, len).offset(self.offset).build(),
+        }
+    }
+}
+
+/// A read-in group has only `read_into` members whose ranges lie inside the buffer and do not
+/// overlap; other groups have none.
+fn check_read_in(members: &[Member], len: usize) -> Result<()> {
+    let read_in = members.iter().filter(|m| m.is_read_into()).count();
+    if read_in == 0 {
+        return Ok(());
+    }
+    if read_in != members.len() {
+        return Err(Error::InvalidArgument {
+            what: "a read-in lease has only read_into members: nobody may read bytes being written",
+        });
+    }
+    let mut ranges: Vec<_> = members
+        .iter()
+        .filter_map(|m| match &m.kind {
+            MemberKind::ReadInto { range, .. } => Some(range.clone()),
+            _ => None,
+        })
+        .collect();
+    ranges.sort_by_key(|r| r.start);
+    let inside = ranges.iter().all(|r| r.start <= r.end && r.end <= len);
+    let disjoint = ranges.windows(2).all(|w| w[0].end <= w[1].start);
+    if !inside || !disjoint {
+        return Err(Error::InvalidArgument {
+            what: "read_into ranges must lie inside the buffer and must not overlap",
+        });
+    }
+    Ok(())
+}
+
+/// A leader read's result; after a short read, zeroes the rest of `buf` so no stale bytes can
+/// be seen through the lease.
+fn buf_result(buf: &mut FixedBuf, res: i32) -> Result<usize> {
+    if res < 0 {
+        return Err(if res == -libc::ECANCELED {
+            Error::Cancelled
+        } else {
+            errno_error("lease leader read", res)
+        });
+    }
+    let n = res as usize;
+    buf[n..].fill(0);
+    Ok(n)
+}
 
 impl Driver {
     /// A **lease group**: the leader reads from `fd` at `offset` (`u64::MAX`: the file position)
@@ -75,18 +204,25 @@ impl Driver {
         Ok(self.start(kind, token))
     }
 
-    /// Refuses a buffer group or send ring made by another driver (`owner`): its bgid names
-    /// another group here, or none, and the buffer ids this ring's completions carry would be
-    /// taken from the wrong group, memory the other ring's kernel may be writing.
-    pub(super) fn check_owner(&self, owner: u64, what: &'static str) -> Result<()> {
-        if owner == self.ring_id {
-            return Ok(());
+    /// The CQE of a lease group's leader: its members start on what it read, or end.
+    pub(super) fn complete_leader(&mut self, c: OpCqe) {
+        let OpKind::Leader(op) = &mut self.ops[c.key].kind else {
+            unreachable!("complete_leader on a leader")
+        };
+        let mut buf = op.buf.take().expect("a leader in flight owns its buffer");
+        let members = std::mem::take(&mut op.members);
+        self.ops.remove(c.key);
+        let mut result = buf_result(&mut buf, c.res);
+        if (c.cancelled || self.dropping) && result.is_ok() {
+            // A cancelled group (or a driver going away) starts no members, even if
+            // the read itself finished before the cancel reached it.
+            result = Err(Error::Cancelled);
         }
-        Err(Error::NotOurs { what })
+        self.leader_done(c.token, c.id, result, buf, members);
     }
 
     /// The leader of a lease group completed: lend its bytes to the members, or cancel them.
-    pub(super) fn leader_done(
+    fn leader_done(
         &mut self,
         token: u64,
         id: OpId,
@@ -96,32 +232,7 @@ impl Driver {
     ) {
         let n = match result {
             Ok(n) => n,
-            Err(e) => {
-                self.ready.push_back(Completion {
-                    token,
-                    op: id,
-                    event: Event::LeaseFilled {
-                        result: Err(e),
-                        lease: None,
-                    },
-                    more: true,
-                });
-                for m in members {
-                    self.ready.push_back(Completion {
-                        token: m.token,
-                        op: OpId::NONE,
-                        event: m.cancelled_event(),
-                        more: false,
-                    });
-                }
-                self.ready.push_back(Completion {
-                    token,
-                    op: id,
-                    event: Event::LeaseReturned(buf),
-                    more: false,
-                });
-                return;
-            }
+            Err(e) => return self.leader_failed(token, id, e, buf, members),
         };
         // A read-in lease's members write into the buffer: nobody may read it meanwhile.
         let read_in = members.iter().any(Member::is_read_into);
@@ -136,218 +247,172 @@ impl Driver {
             more: true,
         });
         for m in members {
-            match m.kind {
-                MemberKind::Send { fd, zc } => {
-                    // Each member says when it let go of the lease: a plain send in its `Sent`
-                    // (which carries its clone), a zero-copy send in a later `Returned`, after
-                    // its notification. A server can tell which member still holds a lease.
-                    let give_back = if zc {
-                        GiveBack::Later
-                    } else {
-                        GiveBack::InSent
-                    };
-                    // A leased range is always inside its buffer: this cannot fail.
-                    let _ = self.start_send(
-                        &fd,
-                        SendBuf::Leased(lease.clone()),
-                        None,
-                        zc,
-                        give_back,
-                        m.token,
-                    );
-                }
-                MemberKind::Write { fd, offset } => {
-                    let kind = OpKind::LeaseWrite {
-                        fd,
-                        lease: lease.clone(),
-                        offset,
-                    };
-                    self.start(kind, m.token);
-                }
-                MemberKind::ReadInto { fd, offset, range } => {
-                    let kind = OpKind::LeaseRead {
-                        fd,
-                        lease: lease.clone(),
-                        offset,
-                        range,
-                    };
-                    self.start(kind, m.token);
-                }
+            self.start_member(m, &lease);
+        }
+    }
+
+    /// A failed (or cancelled) leader: every member ends cancelled, the buffer comes back.
+    fn leader_failed(
+        &mut self,
+        token: u64,
+        id: OpId,
+        e: Error,
+        buf: FixedBuf,
+        members: Vec<Member>,
+    ) {
+        self.ready.push_back(Completion {
+            token,
+            op: id,
+            event: Event::LeaseFilled {
+                result: Err(e),
+                lease: None,
+            },
+            more: true,
+        });
+        for m in members {
+            self.ready.push_back(Completion {
+                token: m.token,
+                op: OpId::NONE,
+                event: m.cancelled_event(),
+                more: false,
+            });
+        }
+        self.ready.push_back(Completion {
+            token,
+            op: id,
+            event: Event::LeaseReturned(buf),
+            more: false,
+        });
+    }
+
+    /// Starts one member on its clone of `lease`.
+    fn start_member(&mut self, m: Member, lease: &Lease) {
+        match m.kind {
+            MemberKind::Send { fd, zc } => {
+                // Each member says when it let go of the lease: a plain send in its `Sent`
+                // (which carries its clone), a zero-copy send in a later `Returned`, after
+                // its notification. A server can tell which member still holds a lease.
+                let give_back = if zc {
+                    GiveBack::Later
+                } else {
+                    GiveBack::InSent
+                };
+                // A leased range is always inside its buffer: this cannot fail.
+                let _ = self.start_send(
+                    &fd,
+                    SendBuf::Leased(lease.clone()),
+                    None,
+                    zc,
+                    give_back,
+                    m.token,
+                );
+            }
+            MemberKind::Write { fd, offset } => {
+                let kind = OpKind::LeaseWrite(LeaseWriteOp {
+                    fd,
+                    lease: lease.clone(),
+                    offset,
+                });
+                self.start(kind, m.token);
+            }
+            MemberKind::ReadInto { fd, offset, range } => {
+                let kind = OpKind::LeaseRead(LeaseReadOp {
+                    fd,
+                    lease: lease.clone(),
+                    offset,
+                    range,
+                });
+                self.start(kind, m.token);
             }
         }
     }
-}
 
-/// A read-in group has only `read_into` members whose ranges lie inside the buffer and do not
-/// overlap; other groups have none.
-pub(super) fn check_read_in(members: &[Member], len: usize) -> Result<()> {
-    let read_in = members.iter().filter(|m| m.is_read_into()).count();
-    if read_in == 0 {
-        return Ok(());
-    }
-    if read_in != members.len() {
-        return Err(Error::InvalidArgument {
-            what: "a read-in lease has only read_into members: nobody may read bytes being written",
-        });
-    }
-    let mut ranges: Vec<_> = members
-        .iter()
-        .filter_map(|m| match &m.kind {
-            MemberKind::ReadInto { range, .. } => Some(range.clone()),
-            _ => None,
-        })
-        .collect();
-    ranges.sort_by_key(|r| r.start);
-    let inside = ranges.iter().all(|r| r.start <= r.end && r.end <= len);
-    let disjoint = ranges.windows(2).all(|w| w[0].end <= w[1].start);
-    if !inside || !disjoint {
-        return Err(Error::InvalidArgument {
-            what: "read_into ranges must lie inside the buffer and must not overlap",
-        });
-    }
-    Ok(())
-}
-
-/// Completions.
-impl Driver {
-    /// A lease's leader read completed: its members start, or are cancelled with it.
-    pub(super) fn complete_leader(&mut self, done: Done) {
-        let Done {
-            key,
-            id,
-            token,
-            cancelled,
-            res,
-            ..
-        } = done;
-        let OpKind::Leader(op) = &mut self.ops[key].kind else {
-            unreachable!("routed here by its kind");
+    /// The CQE of a read-in member: a short read zeroes the rest of its range.
+    pub(super) fn complete_lease_read(&mut self, c: OpCqe) {
+        let OpKind::LeaseRead(op) = &self.ops[c.key].kind else {
+            unreachable!("complete_lease_read on a read-in member")
         };
-        let mut buf = op.buf.take().expect("a leader in flight owns its buffer");
-        let members = std::mem::take(&mut op.members);
-        self.ops.remove(key);
-        let mut result = buf_result(&mut buf, res);
-        if (cancelled || self.dropping) && result.is_ok() {
-            // A cancelled group (or a driver going away) starts no members, even if
-            // the read itself finished before the cancel reached it.
-            result = Err(Error::Cancelled);
-        }
-        self.leader_done(token, id, result, buf, members);
-    }
-
-    /// A member's read into its range of a lease completed (a short read zeroes the rest of the range).
-    pub(super) fn complete_lease_read(&mut self, done: Done) {
-        let Done {
-            key,
-            id,
-            token,
-            res,
-            ..
-        } = done;
-        let OpKind::LeaseRead { lease, range, .. } = &mut self.ops[key].kind else {
-            unreachable!("routed here by its kind");
-        };
+        let (res, range) = (c.res, &op.range);
         if res >= 0 && (res as usize) < range.len() {
             // A short read: zero the rest of the range, so no stale byte comes back.
             let from = range.start + res as usize;
             // SAFETY: `from..range.end` lies inside the buffer (checked at submit); the
-            // kernel is done with this range (its final CQE is here), other members
+            // kernel is done with this range (this is the op's final CQE), other members
             // write only their own disjoint ranges, and a read-in lease is never handed
             // out, so no reference to these bytes exists.
-            unsafe { lease.base_ptr().add(from).write_bytes(0, range.end - from) };
+            unsafe {
+                op.lease
+                    .base_ptr()
+                    .add(from)
+                    .write_bytes(0, range.end - from)
+            };
         }
-        self.ops.remove(key);
+        self.ops.remove(c.key);
         let result = match res {
             r if r >= 0 => Ok(r as usize),
             r if r == -libc::ECANCELED => Err(Error::Cancelled),
             r => Err(errno_error("read", r)),
         };
         self.ready.push_back(Completion {
-            token,
-            op: id,
+            token: c.token,
+            op: c.id,
             event: Event::ReadInto { result },
             more: false,
         });
     }
 
-    /// A member's write from a lease completed.
-    pub(super) fn complete_lease_write(&mut self, done: Done) {
-        let Done {
-            key,
-            id,
-            token,
-            res,
-            ..
-        } = done;
-        self.ops.remove(key);
-        let result = match res {
+    /// The CQE of a write member.
+    pub(super) fn complete_lease_write(&mut self, c: OpCqe) {
+        self.ops.remove(c.key);
+        let result = match c.res {
             r if r >= 0 => Ok(r as usize),
             r if r == -libc::ECANCELED => Err(Error::Cancelled),
             r => Err(errno_error("write", r)),
         };
         self.ready.push_back(Completion {
-            token,
-            op: id,
+            token: c.token,
+            op: c.id,
             event: Event::Written { result },
             more: false,
         });
     }
-}
 
-/// A lease's leader read, fixed where the buffer is in this ring's table.
-pub(super) fn leader_sqe(kind: &mut OpKind, table: Option<usize>) -> squeue::Entry {
-    let OpKind::Leader(op) = kind else {
-        unreachable!("routed here by its kind");
-    };
-
-    let fd = types::Fd(op.fd.as_raw_fd());
-    let buf = op.buf.as_ref().expect("a leader in flight owns its buffer");
-    let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
-    match buf.slot_in(table) {
-        Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
-            .offset(op.offset)
-            .build(),
-        None => opcode::Read::new(fd, ptr, len).offset(op.offset).build(),
+    /// Members of lease groups whose leader is still reading are not ops yet: those `which`
+    /// picks end here, with their cancelled completion.
+    pub(super) fn drop_waiting_members(&mut self, which: impl Fn(&Member) -> bool) {
+        let mut dropped = Vec::new();
+        for (_, slot) in self.ops.iter_mut() {
+            if let OpKind::Leader(op) = &mut slot.kind {
+                op.members.retain(|m| {
+                    let drop = which(m);
+                    if drop {
+                        dropped.push(m.clone());
+                    }
+                    !drop
+                });
+            }
+        }
+        for m in dropped {
+            self.ready.push_back(Completion {
+                token: m.token,
+                op: OpId::NONE,
+                event: m.cancelled_event(),
+                more: false,
+            });
+        }
     }
-}
 
-/// A member's write from the lease.
-pub(super) fn lease_write_sqe(kind: &mut OpKind, table: Option<usize>) -> squeue::Entry {
-    let OpKind::LeaseWrite { fd, lease, offset } = kind else {
-        unreachable!("routed here by its kind");
-    };
-
-    let fd = types::Fd(fd.as_raw_fd());
-    let (ptr, len) = (lease.as_ptr(), lease.len() as u32);
-    match lease.fixed_slot_in(table) {
-        Some(i) => opcode::WriteFixed::new(fd, ptr, len, i)
-            .offset(*offset)
-            .build(),
-        None => opcode::Write::new(fd, ptr, len).offset(*offset).build(),
-    }
-}
-
-/// A member's read into its range of the lease.
-pub(super) fn lease_read_sqe(kind: &mut OpKind, table: Option<usize>) -> squeue::Entry {
-    let OpKind::LeaseRead {
-        fd,
-        lease,
-        offset,
-        range,
-    } = kind
-    else {
-        unreachable!("routed here by its kind");
-    };
-
-    let fd = types::Fd(fd.as_raw_fd());
-    // Inside the buffer: `check_read_in` made sure of it.
-    let ptr = lease.base_ptr().wrapping_add(range.start);
-    let len = range.len() as u32;
-    match lease.fixed_slot_in(table) {
-        Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
-            .offset(*offset)
-            .build(),
-        None => opcode::Read::new(fd, ptr, len).offset(*offset).build(),
+    /// Leases whose last holder let go: their buffers go back to the user.
+    pub(super) fn collect_lease_returns(&mut self) {
+        let mut returns = self.lease_returns.borrow_mut();
+        while let Some((token, buf)) = returns.pop_front() {
+            self.ready.push_back(Completion {
+                token,
+                op: OpId::NONE,
+                event: Event::LeaseReturned(buf),
+                more: false,
+            });
+        }
     }
 }
 
@@ -355,48 +420,89 @@ pub(super) fn lease_read_sqe(kind: &mut OpKind, table: Option<usize>) -> squeue:
 mod tests {
     use super::*;
 
+    /// A descriptor for members that never run: the checks look at kinds and ranges only.
     fn fd() -> Fd {
-        Fd::from(std::os::fd::OwnedFd::from(
-            std::fs::File::open("/dev/null").unwrap(),
-        ))
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        Fd::from(std::os::fd::OwnedFd::from(a))
     }
 
-    fn into(fd: &Fd, range: std::ops::Range<usize>) -> Member {
-        Member::read_into(fd, 0, range, 0)
+    fn read_into(fd: &Fd, range: std::ops::Range<usize>) -> Member {
+        Member::read_into(fd, 0, range, 1)
+    }
+
+    fn refusal(result: Result<()>) -> &'static str {
+        match result {
+            Err(Error::InvalidArgument { what }) => what,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]
-    fn read_in_ranges_inside_and_disjoint_are_accepted_in_any_order() {
+    fn groups_without_read_in_members_are_not_checked() {
         let fd = fd();
-        let members = [into(&fd, 8..16), into(&fd, 0..8), into(&fd, 16..16)];
+        assert!(check_read_in(&[], 0).is_ok());
+        let readers = [
+            Member::send(&fd, 1),
+            Member::send_zc(&fd, 2),
+            Member::write(&fd, 0, 3),
+        ];
+        assert!(check_read_in(&readers, 0).is_ok());
+    }
+
+    #[test]
+    fn disjoint_read_in_ranges_inside_the_buffer_pass_in_any_order() {
+        let fd = fd();
+        let members = [
+            read_into(&fd, 8..16),
+            read_into(&fd, 0..8),
+            read_into(&fd, 16..16),
+        ];
         assert!(check_read_in(&members, 16).is_ok());
-        // No read-in member at all: nothing to check.
-        assert!(check_read_in(&[Member::send(&fd, 1), Member::write(&fd, 0, 2)], 0).is_ok());
+        assert!(check_read_in(&[read_into(&fd, 0..16)], 16).is_ok());
     }
 
     #[test]
-    fn read_in_ranges_that_overlap_or_leave_the_buffer_are_refused() {
+    fn overlapping_read_in_ranges_are_refused() {
         let fd = fd();
-        let refused = |members: &[Member], len| {
-            matches!(
-                check_read_in(members, len),
-                Err(Error::InvalidArgument { what }) if what.contains("inside the buffer")
-            )
-        };
-        assert!(refused(&[into(&fd, 0..9), into(&fd, 8..16)], 16), "overlap");
-        assert!(refused(&[into(&fd, 0..17)], 16), "past the end");
-        #[allow(clippy::reversed_empty_ranges)]
-        let backwards = into(&fd, 9..8);
-        assert!(refused(&[backwards], 16), "start after end");
+        for (a, b) in [(0..8, 7..9), (0..16, 4..8), (4..8, 4..8)] {
+            let members = [read_into(&fd, b.clone()), read_into(&fd, a.clone())];
+            let what = refusal(check_read_in(&members, 16));
+            assert!(what.contains("must not overlap"), "{a:?} {b:?}: {what}");
+        }
     }
 
     #[test]
-    fn a_read_in_lease_has_no_other_members() {
+    fn read_in_ranges_outside_the_buffer_are_refused() {
         let fd = fd();
-        let mixed = [into(&fd, 0..8), Member::send(&fd, 1)];
+        let reversed = std::ops::Range { start: 8, end: 4 };
+        for range in [8..17, 16..17, reversed] {
+            let what = refusal(check_read_in(&[read_into(&fd, range.clone())], 16));
+            assert!(what.contains("inside the buffer"), "{range:?}: {what}");
+        }
+    }
+
+    #[test]
+    fn read_in_members_do_not_mix_with_readers() {
+        let fd = fd();
+        for other in [Member::send(&fd, 2), Member::write(&fd, 0, 2)] {
+            let what = refusal(check_read_in(&[read_into(&fd, 0..8), other], 16));
+            assert!(what.contains("only read_into members"), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_short_leader_read_zeroes_the_rest_of_the_buffer() {
+        let mem = crate::sys::Mmap::anonymous(4096).unwrap();
+        let mut buf = FixedBuf::new(mem, 16, None);
+        buf.fill(0xaa);
+        assert_eq!(buf_result(&mut buf, 5).unwrap(), 5);
+        assert!(buf[..5].iter().all(|&b| b == 0xaa));
+        assert!(buf[5..].iter().all(|&b| b == 0));
         assert!(matches!(
-            check_read_in(&mixed, 16),
-            Err(Error::InvalidArgument { what }) if what.contains("only read_into members")
+            buf_result(&mut buf, -libc::ECANCELED),
+            Err(Error::Cancelled)
         ));
+        let e = buf_result(&mut buf, -libc::EIO).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
     }
 }

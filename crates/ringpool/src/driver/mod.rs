@@ -7,6 +7,38 @@
 //! the final CQE arrives. Dropping the driver cancels everything and waits for those CQEs; memory
 //! whose CQE never came is leaked, never freed under the kernel.
 //!
+//! Everything that enforces the rule is in this module: an SQE names memory only when the op's
+//! slot owns it (each capability's payload type in [`OpKind`]), one function pushes
+//! SQEs (`submit.rs`), a slot is freed only at its op's final CQE (each capability's completion
+//! handler), and `Drop for Driver` leaks what the kernel never gave back ([`leaked_ops`]).
+//!
+//! # Layout
+//! The ring loop and the op lifecycle are apart from what each kind of op does; a capability's
+//! kernel code (its ops' start, SQE and completions) is one file:
+//!
+//! - `mod.rs`: [`Driver`] (its fields grouped by capability), [`DriverConfig`],
+//!   [`DriverStats`], [`Fd`], [`Event`], [`Completion`], setting the ring up, `Drop`.
+//! - `op.rs`: an op's life in the table: [`OpId`], `user_data`, `OpSlot`, `SlotState`,
+//!   `OpKind` (whose variants wrap the capabilities' payload types), starting ops.
+//! - `submit.rs`: the ring loop: `push` (the one place SQEs enter the ring, with its safety
+//!   argument), enter, submit, wait, flush, reap, and the two routers, `arm` (an op's SQE) and
+//!   `dispatch` (a CQE to its capability's handler).
+//! - `recv.rs`: stream receives and reads selecting buffers; `-ENOBUFS` parking and re-arming.
+//! - `group.rs`: buffer groups with the kernel: creation, registration, legacy provides,
+//!   buffers given back on other threads, settling buffers named without bytes, forgetting.
+//! - `udp.rs`: datagram receives (`RECVMSG`); socket addresses.
+//! - `socket.rs`: accept, connect.
+//! - `fixed.rs`: the fixed buffer table: registered memory, tags, a table shared by rings.
+//! - `fixed_io.rs`: reads and writes on registered memory, vectored or not.
+//! - `send.rs`: sends: lanes of linked chains, plain and zero-copy, results, notifications.
+//! - `send_ring.rs`: send rings and send bundles.
+//! - `lease.rs`: lease groups: the leader and its members.
+//! - `cancel.rs`: cancel by id, descriptor, token, or all.
+//!
+//! The capabilities' state that needs no kernel lives beside the driver: `crate::pool` (groups),
+//! `crate::fixed` (the table), `crate::zc` (the zero-copy policy), `crate::lease`,
+//! `crate::send_ring`.
+//!
 //! # Completion loop
 //! The driver is a completion loop in the manner of liburing: start ops (each gets a user token),
 //! call [`Driver::wait`], then take [`Completion`]s with [`Driver::pop`]. It needs no async
@@ -33,34 +65,9 @@
 //! # Ok::<(), ringpool::Error>(())
 //! ```
 
-use std::collections::hash_map::Entry;
-use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::rc::Rc;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use slab::Slab;
-use smallvec::SmallVec;
-
-use crate::buf::{BufChain, Datagram, PooledBuf, SendBuf};
-use crate::coalesce::Coalescing;
-use crate::error::{Error, Result};
-use crate::fixed::{
-    self, FixedBuf, FixedStats, FixedTable, RingRef, MAX_FIXED_LEN, MAX_FIXED_SLOTS,
-};
-use crate::lease::{Lease, Member, MemberKind, ReturnQueue};
-use crate::pool::{BufGroup, BufGroupConfig, CrossReturns, GroupShared, HandleGuard, Registration};
-use crate::probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
-use crate::send_ring::{SendRing, SendRingShared};
-use crate::sys;
-use crate::zc::{Lane, LaneMap, LanePolicy, ZcConfig, ZcStats};
-
-// One file per capability: each holds its ops' start, SQE building and completion handling.
 mod cancel;
+mod fixed;
 mod fixed_io;
-mod fixed_table;
 mod group;
 mod lease;
 mod op;
@@ -71,15 +78,31 @@ mod socket;
 mod submit;
 mod udp;
 
-use group::is_incremental;
-use op::Done;
-use send::check_send_range;
-use udp::sockaddr_to_std;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// User data of CQEs nobody waits for (cancel requests, timeout removals). Such SQEs name no
-/// memory. Its low half equals the fixed table's tag key: `reap` drops these CQEs before
-/// `dispatch` looks for tags.
-const IGNORED: u64 = u64::MAX;
+use io_uring::{cqueue, IoUring};
+use slab::Slab;
+
+use crate::buf::{BufChain, Datagram, SendBuf};
+use crate::coalesce::Coalescing;
+use crate::error::{Error, Result};
+use crate::fixed::{FixedBuf, FixedTable, MAX_FIXED_SLOTS};
+use crate::lease::{Lease, ReturnQueue};
+use crate::pool::{CrossReturns, GroupShared};
+use crate::probe::{Features, Force, Ladder};
+use crate::send_ring::SendRingShared;
+use crate::sys;
+use crate::zc::{LaneMap, ZcConfig, ZcStats};
+
+pub use op::OpId;
+use op::{OpKind, OpSlot};
+pub use recv::RecvMode;
+use send::SendOp;
+pub(crate) use udp::sockaddr;
 
 /// Ops whose memory a dropped driver had to leak because the kernel never posted their final
 /// CQE within the drop's deadline (process-wide). Zero in a healthy program.
@@ -256,83 +279,6 @@ impl Fd {
     }
 }
 
-/// Identifies one op of one driver, for [`Driver::cancel`]. Stale ids (of finished ops) and ids
-/// of another driver's ops are recognised and ignored: an id never reaches an op it does not
-/// name.
-///
-/// # Examples
-/// ```
-/// use ringpool::{BufGroupConfig, Driver, Fd, RecvMode};
-/// let (mut a, mut b) = (Driver::new(Default::default())?, Driver::new(Default::default())?);
-/// let (ga, gb) = (a.buf_group(BufGroupConfig::new(512, 2))?, b.buf_group(BufGroupConfig::new(512, 2))?);
-/// let (x, _px) = std::os::unix::net::UnixStream::pair().unwrap();
-/// let (y, _py) = std::os::unix::net::UnixStream::pair().unwrap();
-/// let (x, y) = (Fd::from(std::os::fd::OwnedFd::from(x)), Fd::from(std::os::fd::OwnedFd::from(y)));
-/// let id_a = a.recv(&x, &ga, RecvMode::Multishot, 1)?;
-/// let id_b = b.recv(&y, &gb, RecvMode::Multishot, 1)?;
-/// assert_ne!(id_a, id_b);
-/// b.cancel(id_a); // not b's op: nothing happens
-/// assert_eq!(b.in_flight(), 1);
-/// # Ok::<(), ringpool::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct OpId {
-    /// The `user_data` of the op's SQEs: slab key and generation.
-    ud: u64,
-    /// The driver's `ring_id` (never 0 for a real op).
-    driver: u64,
-}
-
-impl OpId {
-    /// The id of completions that belong to no op of the user's (lease members that never
-    /// started): it names nothing in any driver.
-    const NONE: OpId = OpId {
-        ud: u64::MAX,
-        driver: 0,
-    };
-
-    fn new(key: usize, gen: u32, driver: u64) -> OpId {
-        OpId {
-            ud: user_data(key, gen),
-            driver,
-        }
-    }
-    fn key(self) -> usize {
-        (self.ud & 0xffff_ffff) as usize
-    }
-    fn gen(self) -> u32 {
-        (self.ud >> 32) as u32
-    }
-}
-
-/// The `user_data` of an op's SQEs: its slab key in the low half, its generation in the high.
-fn user_data(key: usize, gen: u32) -> u64 {
-    key as u64 | (gen as u64) << 32
-}
-
-/// How a receive selects its buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecvMode {
-    /// One completion, one buffer.
-    Once,
-    /// One completion, one or more buffers (6.10 bundles; one buffer where missing).
-    Bundle,
-    /// A stream of completions until end of stream, error or cancel (6.0 multishot; re-armed
-    /// single shots where missing). Running out of buffers pauses it; it resumes by itself.
-    Multishot,
-    /// A multishot stream whose completions may each carry several buffers.
-    MultishotBundle,
-}
-
-impl RecvMode {
-    fn multishot(self) -> bool {
-        matches!(self, RecvMode::Multishot | RecvMode::MultishotBundle)
-    }
-    fn bundle(self) -> bool {
-        matches!(self, RecvMode::Bundle | RecvMode::MultishotBundle)
-    }
-}
-
 /// What happened to an op.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -360,11 +306,15 @@ pub enum Event {
     /// zero-copy notification, or user clone) let go. Carries the group's token.
     LeaseReturned(FixedBuf),
     /// A [`Member::write`] finished.
+    ///
+    /// [`Member::write`]: crate::Member::write
     Written {
         /// Bytes written, or why not.
         result: Result<usize>,
     },
     /// A [`Member::read_into`] finished.
+    ///
+    /// [`Member::read_into`]: crate::Member::read_into
     ReadInto {
         /// Bytes read into its range, or why not.
         result: Result<usize>,
@@ -414,198 +364,6 @@ pub struct Completion {
     pub more: bool,
 }
 
-enum OpKind {
-    Recv {
-        fd: Fd,
-        group: Rc<GroupShared>,
-        mode: RecvMode,
-    },
-    Read {
-        fd: Fd,
-        group: Rc<GroupShared>,
-        offset: u64,
-    },
-    /// Datagram receives (`RECVMSG` selecting buffers).
-    RecvMsg {
-        fd: Fd,
-        group: Rc<GroupShared>,
-        multishot: bool,
-        hdr: Box<MsgHeader>,
-    },
-    Accept {
-        fd: Fd,
-    },
-    Connect {
-        fd: Fd,
-        /// Boxed: the kernel reads the address after the submit, while the table may grow.
-        addr: Box<(libc::sockaddr_storage, libc::socklen_t)>,
-    },
-    Send(Box<SendOp>),
-    Fixed(Box<FixedOp>),
-    /// The leader of a lease group: a read into the buffer to lend.
-    Leader(Box<LeaderOp>),
-    /// A lease member writing the leased bytes.
-    LeaseWrite {
-        fd: Fd,
-        lease: Lease,
-        offset: u64,
-    },
-    /// A send bundle: sends what a send ring holds, in order.
-    SendBundle {
-        fd: Fd,
-        ring: Rc<SendRingShared>,
-    },
-    /// A read-in lease member reading into its range of the buffer.
-    LeaseRead {
-        fd: Fd,
-        lease: Lease,
-        offset: u64,
-        range: std::ops::Range<usize>,
-    },
-    Provide {
-        group: Rc<GroupShared>,
-        first: u16,
-        n: u32,
-    },
-    Remove {
-        group: Rc<GroupShared>,
-    },
-    Timeout {
-        _ts: Box<types::Timespec>,
-    },
-    /// The read of the eventfd that says buffers came back on another thread.
-    Wake {
-        _counter: Box<u64>,
-    },
-}
-
-/// What a datagram receive hands the kernel: the `msghdr` (and the iovec and address storage it
-/// points to). Boxed, so the pointers stay valid while the op table grows; the kernel reads it
-/// when the SQE is issued and (single-shot receives) writes the sender's address and flags back.
-struct MsgHeader {
-    msg: libc::msghdr,
-    iov: libc::iovec,
-    name: libc::sockaddr_storage,
-}
-
-/// Room a datagram receive needs in front of the payload: the kernel's `io_uring_recvmsg_out`
-/// header and the sender's address (sized for IPv6, which also holds IPv4). Single-shot
-/// receives put nothing there but leave the same room, so a group carries the same payload
-/// size on every rung.
-pub(crate) const DATAGRAM_HEADROOM: usize =
-    sys::RECVMSG_OUT_LEN + std::mem::size_of::<libc::sockaddr_in6>();
-
-impl MsgHeader {
-    fn new() -> Box<MsgHeader> {
-        // SAFETY: msghdr, iovec and sockaddr_storage are plain old data; all-zero is valid.
-        Box::new(unsafe { std::mem::zeroed() })
-    }
-
-    /// The sender's address a single-shot receive wrote back (`msg_namelen` bytes of it).
-    fn name_bytes(&self) -> &[u8] {
-        let len =
-            (self.msg.msg_namelen as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
-        // SAFETY: `name` is plain bytes we own, at least `len` long; the single-shot receive
-        // that wrote them has completed, and the next one is not armed while this borrow lives.
-        unsafe { std::slice::from_raw_parts((&raw const self.name).cast::<u8>(), len) }
-    }
-
-    /// Points the header at its own iovec and address storage, for a receive of at most
-    /// `payload` bytes (the kernel overwrites the lengths and flags of single-shot receives).
-    fn reset(&mut self, payload: usize) {
-        self.iov = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: payload,
-        };
-        self.msg.msg_iov = &mut self.iov;
-        self.msg.msg_iovlen = 1;
-        self.msg.msg_name = (&raw mut self.name).cast();
-        self.msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-        self.msg.msg_control = std::ptr::null_mut();
-        self.msg.msg_controllen = 0;
-        self.msg.msg_flags = 0;
-    }
-}
-
-/// A read or write on registered memory. Boxed, so the iovecs the kernel reads stay put.
-struct FixedOp {
-    fd: Fd,
-    buf: Option<FixedBuf>,
-    write: bool,
-    /// One range: `READ/WRITE(_FIXED)`; several: the vectored forms.
-    iov: SmallVec<[libc::iovec; 1]>,
-    vectored: bool,
-    offset: u64,
-}
-
-/// A lease group's leader: reads into `buf`, then starts `members` on what it read.
-struct LeaderOp {
-    fd: Fd,
-    buf: Option<FixedBuf>,
-    offset: u64,
-    members: Vec<Member>,
-}
-
-/// Where a send's buffer goes once the kernel is done with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum GiveBack {
-    /// In the `Sent` completion (plain sends: the kernel is done at the result).
-    InSent,
-    /// In a later `Returned` completion, after the last notification.
-    Later,
-    /// Dropped after the last notification: pooled buffers go home, owned bytes are freed.
-    Never,
-}
-
-/// A send in flight. Boxed, so the `msghdr`, iovecs and address the kernel reads stay put while
-/// the op table grows.
-struct SendOp {
-    /// The socket, until the result is in (the kernel holds its own reference after that, so
-    /// a send waiting only for its notification does not keep the socket open).
-    fd: Option<Fd>,
-    buf: Option<SendBuf>,
-    sent: usize,
-    iov: Vec<libc::iovec>,
-    msg: libc::msghdr,
-    dest: Option<(libc::sockaddr_storage, libc::socklen_t)>,
-    /// `send_zc`: the zero-copy policy applies.
-    zc: bool,
-    give_back: GiveBack,
-    /// Generations of this op's zero-copy attempts whose notification may still come. Each
-    /// attempt (first try, continuation, re-run after a broken chain) has its own `user_data`
-    /// generation, so a notification is matched to its attempt, and one the kernel posts after
-    /// a result without `F_MORE` (6.18 does, for a linked `SEND_ZC` its broken chain cancelled)
-    /// finds no attempt and is ignored instead of landing on a reused slot.
-    notif_attempts: Vec<u32>,
-    /// `user_data` of the SQE in flight (what `cancel` targets).
-    cur_ud: u64,
-    /// The user has seen the result.
-    reported: bool,
-    /// Whether the SQE in flight is a zero-copy one.
-    in_flight_zc: bool,
-    lane: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SlotState {
-    /// The kernel has an SQE of this op.
-    InKernel,
-    /// Out of buffers; waiting for its group to be refilled.
-    Parked,
-    /// A send waiting in its socket's lane.
-    Queued,
-    /// A send whose result was reported, waiting for its zero-copy notifications.
-    Notif,
-}
-
-struct OpSlot {
-    token: u64,
-    gen: u32,
-    kind: OpKind,
-    state: SlotState,
-    cancel: bool,
-}
-
 /// Counters of the driver itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DriverStats {
@@ -629,18 +387,54 @@ pub struct DriverStats {
 /// Owns an io_uring and everything the kernel may touch through it. See the [module
 /// docs](self) for the ownership rule.
 pub struct Driver {
+    // The ring and what every capability shares (declared first, so the ring closes before
+    // the fields below are dropped).
     ring: IoUring,
     ladder: Ladder,
+    /// Names this ring in shared tables, and the ring that made a group or send ring.
+    ring_id: u64,
+    stats: DriverStats,
+    /// Set by `Drop`: no new op may start from a completion (lease members).
+    dropping: bool,
+
+    // The op table and the completion loop (`op.rs`, `submit.rs`).
     ops: Slab<OpSlot>,
     gen: u32,
-    ready: VecDeque<Completion>,
-    groups: Vec<Rc<GroupShared>>,
-    bgid_used: Vec<bool>,
-    parked: Vec<usize>,
-    cqe_buf: Vec<cqueue::Entry>,
     /// Slots of internal ops (provides, removes, timeouts) and of sends waiting only for their
     /// notifications: not counted in `in_flight`.
     internal: usize,
+    ready: VecDeque<Completion>,
+    cqe_buf: Vec<cqueue::Entry>,
+    /// The timeout op bounding the current `wait` (kernels without `EXT_ARG`): armed once per
+    /// `wait`, removed when it returns.
+    wait_timeout: Option<u64>,
+    /// CQEs of the driver's own bookkeeping (timeout ops and their removal, cancels), which
+    /// must not end a wait on their own.
+    cleanup_cqes: u64,
+    /// Receive coalescing, if configured ([`DriverConfig::receive_coalescing`]).
+    coalescing: Option<Coalescing>,
+
+    // Buffer groups and the receives that select from them (`group.rs`, `recv.rs`, `udp.rs`).
+    groups: Vec<Rc<GroupShared>>,
+    bgid_used: Vec<bool>,
+    /// Receives parked on a dry group, oldest first.
+    parked: Vec<usize>,
+    take_buf: Vec<(u16, u32, u32)>,
+    /// Buffers of ring groups that a completion named without handing out bytes, until the
+    /// driver knows whether the kernel kept them in the ring or let go ([`Driver::settle`]).
+    unsettled: Vec<(Rc<GroupShared>, u16)>,
+    /// Whether this kernel's `PROVIDE_BUFFERS` result counts the buffers it took (5.x) or is 0
+    /// for "at least one" (later kernels); `None` until a completion told. Runs of buffers are
+    /// provided only where the count comes back, so no buffer ever drops out of circulation.
+    provide_counts: Option<bool>,
+    /// Buffers given back on other threads (dropped `Bytes`), and whether the read of its
+    /// eventfd is armed.
+    cross: Arc<CrossReturns>,
+    cross_armed: bool,
+    /// Memory of rings the kernel refused to forget: never freed (leaked with the driver).
+    kept_for_kernel: Vec<Box<dyn std::any::Any>>,
+
+    // Sends (`send.rs`) and send rings (`send_ring.rs`).
     /// Send lanes by socket (`Rc` address of the descriptor).
     lanes: LaneMap,
     /// Send ops ready for reuse (their iovec vectors keep their capacity). Boxed on purpose:
@@ -655,46 +449,17 @@ pub struct Driver {
     zc_stats: ZcStats,
     /// Whether the last lane to learn anything found zero-copy copied (seeds new lanes).
     zc_backing_off: bool,
-    take_buf: Vec<(u16, u32, u32)>,
-    stats: DriverStats,
+    /// Send rings, until their handle is gone and nothing of theirs is in flight.
+    send_rings: Vec<Rc<SendRingShared>>,
+
+    // Registered memory (`fixed.rs`, `fixed_io.rs`) and leases (`lease.rs`).
     /// The fixed buffer table, once registered memory was asked for (shared with other rings of
     /// this thread after [`Driver::share_fixed_table`]).
     fixed: Option<Rc<FixedTable>>,
     fixed_slots: u32,
-    /// Names this ring in shared tables.
-    ring_id: u64,
-    /// Buffers given back on other threads (dropped `Bytes`), and whether the read of its
-    /// eventfd is armed.
-    cross: Arc<CrossReturns>,
-    cross_armed: bool,
-    /// The timeout op bounding the current `wait` (kernels without `EXT_ARG`): armed once per
-    /// `wait`, removed when it returns.
-    wait_timeout: Option<u64>,
-    /// CQEs of the driver's own bookkeeping (timeout ops and their removal, cancels), which
-    /// must not end a wait on their own.
-    cleanup_cqes: u64,
     /// Buffers of leases whose last holder let go, for [`Event::LeaseReturned`].
     lease_returns: ReturnQueue,
-    /// Set by `Drop`: no new op may start from a completion (lease members).
-    dropping: bool,
-    /// Send rings, until their handle is gone and nothing of theirs is in flight.
-    send_rings: Vec<Rc<SendRingShared>>,
-    /// Receive coalescing, if configured ([`DriverConfig::receive_coalescing`]).
-    coalescing: Option<Coalescing>,
-    /// Whether this kernel's `PROVIDE_BUFFERS` result counts the buffers it took (5.x) or is 0
-    /// for "at least one" (later kernels); `None` until a completion told. Runs of buffers are
-    /// provided only where the count comes back, so no buffer ever drops out of circulation.
-    provide_counts: Option<bool>,
-    /// Memory of rings the kernel refused to forget: never freed (leaked with the driver).
-    kept_for_kernel: Vec<Box<dyn std::any::Any>>,
-    /// Buffers of ring groups that a completion named without handing out bytes, until the
-    /// driver knows whether the kernel kept them in the ring or let go ([`Driver::settle`]).
-    unsettled: Vec<(Rc<GroupShared>, u16)>,
 }
-
-/// How soon a wait comes back to re-arm parked receives whose group has buffers for them, when
-/// the share it re-armed first does not complete.
-const REARM_PACE: Duration = Duration::from_millis(1);
 
 /// Sets up the ring. Under a finite `RLIMIT_MEMLOCK`, `ENOMEM` is retried for up to 500 ms:
 /// the kernel releases a closed ring's locked-memory charge only when its teardown work has
@@ -750,62 +515,81 @@ fn setup_refused(e: std::io::Error, sq: u32, cq: u32, features: &Features) -> Er
     }
 }
 
+/// Checks `config`, chooses the rungs (the probed features, `RINGPOOL_FORCE` unless ignored,
+/// the config's forced rungs) and sets up the ring on them.
+fn setup(config: &DriverConfig) -> Result<(IoUring, Ladder)> {
+    let entries = config.entries;
+    if entries == 0 || !entries.is_power_of_two() || entries > sys::MAX_RING_ENTRIES {
+        return Err(Error::InvalidRingSize {
+            entries,
+            max: sys::MAX_RING_ENTRIES,
+        });
+    }
+    if config.fixed_slots == 0 || config.fixed_slots > MAX_FIXED_SLOTS {
+        return Err(Error::InvalidArgument {
+            what: "fixed_slots must be between 1 and 16384",
+        });
+    }
+    let features = Features::get();
+    let cq = config
+        .cq_entries
+        .unwrap_or(entries.saturating_mul(8).min(65536));
+    if !features.io_uring {
+        let errno = features.setup_errno.unwrap_or(libc::ENOSYS);
+        return Err(setup_refused(
+            std::io::Error::from_raw_os_error(errno),
+            entries,
+            cq,
+            features,
+        ));
+    }
+    let mut force = if config.ignore_env {
+        Vec::new()
+    } else {
+        Force::from_env()?
+    };
+    force.extend(config.force.iter().copied());
+    let ladder = Ladder::choose(features, &force);
+    let mut builder = IoUring::builder();
+    builder.setup_cqsize(cq).setup_clamp();
+    if ladder.defer_taskrun {
+        builder.setup_single_issuer().setup_defer_taskrun();
+    }
+    let ring =
+        build_ring(&builder, entries).map_err(|e| setup_refused(e, entries, cq, features))?;
+    Ok((ring, ladder))
+}
+
 /// Ids of rings in shared fixed buffer tables.
 static NEXT_RING_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Driver {
     /// Sets up an io_uring with `SINGLE_ISSUER|DEFER_TASKRUN` where the kernel has it.
     pub fn new(config: DriverConfig) -> Result<Driver> {
-        let entries = config.entries;
-        if entries == 0 || !entries.is_power_of_two() || entries > sys::MAX_RING_ENTRIES {
-            return Err(Error::InvalidRingSize {
-                entries,
-                max: sys::MAX_RING_ENTRIES,
-            });
-        }
-        if config.fixed_slots == 0 || config.fixed_slots > MAX_FIXED_SLOTS {
-            return Err(Error::InvalidArgument {
-                what: "fixed_slots must be between 1 and 16384",
-            });
-        }
-        let features = Features::get();
-        let cq = config
-            .cq_entries
-            .unwrap_or(entries.saturating_mul(8).min(65536));
-        if !features.io_uring {
-            let errno = features.setup_errno.unwrap_or(libc::ENOSYS);
-            return Err(setup_refused(
-                std::io::Error::from_raw_os_error(errno),
-                entries,
-                cq,
-                features,
-            ));
-        }
-        let mut force = if config.ignore_env {
-            Vec::new()
-        } else {
-            Force::from_env()?
-        };
-        force.extend(config.force.iter().copied());
-        let ladder = Ladder::choose(features, &force);
-        let mut builder = IoUring::builder();
-        builder.setup_cqsize(cq).setup_clamp();
-        if ladder.defer_taskrun {
-            builder.setup_single_issuer().setup_defer_taskrun();
-        }
-        let ring =
-            build_ring(&builder, entries).map_err(|e| setup_refused(e, entries, cq, features))?;
+        let (ring, ladder) = setup(&config)?;
         Ok(Driver {
             ring,
             ladder,
+            ring_id: NEXT_RING_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            stats: DriverStats::default(),
+            dropping: false,
             ops: Slab::with_capacity(64),
             gen: 0,
+            internal: 0,
             ready: VecDeque::new(),
+            cqe_buf: Vec::with_capacity(256),
+            wait_timeout: None,
+            cleanup_cqes: 0,
+            coalescing: Coalescing::new(config.coalesce),
             groups: Vec::new(),
             bgid_used: vec![false; 1 << 16],
             parked: Vec::new(),
-            cqe_buf: Vec::with_capacity(256),
-            internal: 0,
+            take_buf: Vec::new(),
+            unsettled: Vec::new(),
+            provide_counts: None,
+            cross: Arc::new(CrossReturns::new()?),
+            cross_armed: false,
+            kept_for_kernel: Vec::new(),
             lanes: LaneMap::default(),
             spare_sends: Vec::new(),
             dirty_lanes: Vec::new(),
@@ -813,22 +597,10 @@ impl Driver {
             zc_cfg: config.zc,
             zc_stats: ZcStats::default(),
             zc_backing_off: false,
-            take_buf: Vec::new(),
-            stats: DriverStats::default(),
+            send_rings: Vec::new(),
             fixed: None,
             fixed_slots: config.fixed_slots,
-            coalescing: Coalescing::new(config.coalesce),
-            unsettled: Vec::new(),
-            provide_counts: None,
-            kept_for_kernel: Vec::new(),
-            ring_id: NEXT_RING_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            cross: Arc::new(CrossReturns::new()?),
-            cross_armed: false,
-            wait_timeout: None,
-            cleanup_cqes: 0,
             lease_returns: ReturnQueue::default(),
-            dropping: false,
-            send_rings: Vec::new(),
         })
     }
 
@@ -845,179 +617,6 @@ impl Driver {
     /// The user's ops started and not yet finished (including parked ones).
     pub fn in_flight(&self) -> usize {
         self.ops.len() - self.internal
-    }
-
-    #[doc(hidden)]
-    pub fn debug_state(&self) -> String {
-        let mut out = String::new();
-        for (k, slot) in self.ops.iter() {
-            if let OpKind::Send(op) = &slot.kind {
-                out += &format!(
-                    "[{k} tok {} {:?} sent {} notifs {:?} reported {} zc {}] ",
-                    slot.token,
-                    slot.state,
-                    op.sent,
-                    op.notif_attempts,
-                    op.reported,
-                    op.in_flight_zc
-                );
-            }
-        }
-        for (k, l) in &self.lanes {
-            out += &format!(
-                "lane {k}: q {:?} in_flight {} requeue {:?} err {:?}; ",
-                l.queue, l.in_flight, l.requeue, l.error
-            );
-        }
-        out += &format!("dirty {:?}", self.dirty_lanes);
-        out
-    }
-}
-
-/// The datagram of a `RECVMSG` completion that used `res` bytes of buffer `bid`: the payload as a
-/// pooled buffer (behind the kernel's header and the address, for multishot receives), the
-/// sender, and whether it was cut short.
-///
-/// # Safety
-/// The kernel must have written those bytes (their completion was reaped), and `bid` must not be
-/// handed out elsewhere (the completion gave it to us).
-unsafe fn take_datagram(
-    group: &Rc<GroupShared>,
-    bid: u16,
-    res: u32,
-    hdr: &MsgHeader,
-    multishot: bool,
-    scratch: &mut Vec<(u16, u32, u32)>,
-) -> Datagram {
-    scratch.clear();
-    group.take(bid, res, false, scratch);
-    debug_assert_eq!(scratch.len(), 1, "a datagram is one buffer");
-    let (offset, len, from, truncated) = if multishot {
-        // SAFETY: `res` bytes of buffer `bid` were written by the kernel (the caller's
-        // contract), and no one else reads or writes them until the buffer goes home.
-        let used = unsafe { std::slice::from_raw_parts(group.buf_ptr(bid), res as usize) };
-        match types::RecvMsgOut::parse(used, &hdr.msg) {
-            Ok(out) => {
-                let offset = out.payload_data().as_ptr() as usize - used.as_ptr() as usize;
-                let from = sockaddr_to_std(out.name_data());
-                (
-                    offset as u32,
-                    out.payload_data().len() as u32,
-                    from,
-                    out.is_payload_truncated(),
-                )
-            }
-            // Shorter than the header the kernel always writes: nothing to hand out.
-            Err(()) => (0, 0, None, false),
-        }
-    } else {
-        let truncated = hdr.msg.msg_flags & libc::MSG_TRUNC != 0;
-        (0, res, sockaddr_to_std(hdr.name_bytes()), truncated)
-    };
-    // SAFETY: `offset + len <= res`, inside the buffer the kernel filled (the caller's contract);
-    // `take` marked it as in user hands.
-    let data = unsafe { PooledBuf::new(group.clone(), bid, offset, len) };
-    Datagram {
-        data,
-        from,
-        truncated,
-    }
-}
-
-/// A socket address in the form `sendmsg` takes.
-pub(crate) fn sockaddr(addr: std::net::SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        std::net::SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in>(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        std::net::SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in6>(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
-fn errno_error(op: &'static str, res: i32) -> Error {
-    if res == -libc::ECANCELED {
-        Error::Cancelled
-    } else {
-        Error::from_errno(op, res)
-    }
-}
-
-/// A leader read's result; after a short read, zeroes the rest of `buf` so no stale bytes can
-/// be seen through the lease.
-fn buf_result(buf: &mut FixedBuf, res: i32) -> Result<usize> {
-    if res < 0 {
-        return Err(if res == -libc::ECANCELED {
-            Error::Cancelled
-        } else {
-            errno_error("lease leader read", res)
-        });
-    }
-    let n = res as usize;
-    buf[n..].fill(0);
-    Ok(n)
-}
-
-fn op_fd(kind: &OpKind) -> Option<&Fd> {
-    match kind {
-        OpKind::Recv { fd, .. }
-        | OpKind::Read { fd, .. }
-        | OpKind::RecvMsg { fd, .. }
-        | OpKind::Accept { fd }
-        | OpKind::Connect { fd, .. } => Some(fd),
-        OpKind::Send(op) => op.fd.as_ref(),
-        OpKind::Fixed(op) => Some(&op.fd),
-        OpKind::Leader(op) => Some(&op.fd),
-        OpKind::LeaseWrite { fd, .. }
-        | OpKind::LeaseRead { fd, .. }
-        | OpKind::SendBundle { fd, .. } => Some(fd),
-        _ => None,
-    }
-}
-
-/// The group an op selects buffers from in the kernel (receives and reads).
-fn selecting_group(kind: &OpKind) -> Option<&Rc<GroupShared>> {
-    match kind {
-        OpKind::Recv { group, .. } | OpKind::Read { group, .. } | OpKind::RecvMsg { group, .. } => {
-            Some(group)
-        }
-        _ => None,
-    }
-}
-
-fn op_group(kind: &OpKind) -> Option<&Rc<GroupShared>> {
-    match kind {
-        OpKind::Recv { group, .. }
-        | OpKind::Read { group, .. }
-        | OpKind::RecvMsg { group, .. }
-        | OpKind::Provide { group, .. }
-        | OpKind::Remove { group } => Some(group),
-        _ => None,
     }
 }
 

@@ -1,7 +1,97 @@
-//! Receives with buffer selection: `recv`/`read` from a buffer group, the buffers a completion
-//! names, `-ENOBUFS` parking (backpressure) and the re-arm when the group has buffers again.
+//! Stream receives and buffer-selecting reads: building their SQEs (multishot, bundle, or the
+//! single-shot rungs), handing out the buffers their completions name, and `-ENOBUFS` as
+//! backpressure: an op whose group ran dry parks, and is re-armed at a flush once buffers came
+//! back, a group's share at a time.
 
-use super::*;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+
+use io_uring::{cqueue, opcode, squeue, types};
+
+use crate::buf::{BufChain, PooledBuf};
+use crate::error::{Error, Result};
+use crate::pool::{BufGroup, GroupShared};
+use crate::probe::{Ladder, MultishotRung};
+use crate::sys;
+
+use super::group::is_incremental;
+use super::op::{errno_error, OpId, OpKind, SlotState};
+use super::submit::OpCqe;
+use super::{Completion, Driver, Event, Fd};
+
+/// How a receive selects its buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvMode {
+    /// One completion, one buffer.
+    Once,
+    /// One completion, one or more buffers (6.10 bundles; one buffer where missing).
+    Bundle,
+    /// A stream of completions until end of stream, error or cancel (6.0 multishot; re-armed
+    /// single shots where missing). Running out of buffers pauses it; it resumes by itself.
+    Multishot,
+    /// A multishot stream whose completions may each carry several buffers.
+    MultishotBundle,
+}
+
+impl RecvMode {
+    pub(super) fn multishot(self) -> bool {
+        matches!(self, RecvMode::Multishot | RecvMode::MultishotBundle)
+    }
+    pub(super) fn bundle(self) -> bool {
+        matches!(self, RecvMode::Bundle | RecvMode::MultishotBundle)
+    }
+}
+
+/// A stream receive: its socket and the group the kernel selects from.
+pub(super) struct RecvOp {
+    pub(super) fd: Fd,
+    pub(super) group: Rc<GroupShared>,
+    pub(super) mode: RecvMode,
+}
+
+impl RecvOp {
+    /// Multishot and bundle where the ladder has them (no bundles from an incremental ring),
+    /// else a single receive selecting one buffer.
+    pub(super) fn sqe(&self, ladder: &Ladder) -> squeue::Entry {
+        let fd = types::Fd(self.fd.as_raw_fd());
+        let group = &self.group;
+        let bundle = self.mode.bundle() && ladder.bundle && !is_incremental(group);
+        let bgid = group.bgid;
+        match (
+            self.mode.multishot() && ladder.recv == MultishotRung::Kernel,
+            bundle,
+        ) {
+            (true, true) => opcode::RecvMultiBundle::new(fd, bgid).build(),
+            (true, false) => opcode::RecvMulti::new(fd, bgid).build(),
+            (false, true) => opcode::RecvBundle::new(fd, bgid).build(),
+            (false, false) => opcode::Recv::new(fd, std::ptr::null_mut(), group.buf_size)
+                .buf_group(bgid)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT),
+        }
+    }
+}
+
+/// A read at `offset` into a buffer the kernel selects from `group`.
+pub(super) struct ReadOp {
+    pub(super) fd: Fd,
+    pub(super) group: Rc<GroupShared>,
+    pub(super) offset: u64,
+}
+
+impl ReadOp {
+    pub(super) fn sqe(&self) -> squeue::Entry {
+        opcode::Read::new(
+            types::Fd(self.fd.as_raw_fd()),
+            std::ptr::null_mut(),
+            self.group.buf_size,
+        )
+        .offset(self.offset)
+        .buf_group(self.group.bgid)
+        .build()
+        .flags(squeue::Flags::BUFFER_SELECT)
+    }
+}
 
 impl Driver {
     /// Starts a receive on `fd` into buffers the kernel selects from `group`.
@@ -14,11 +104,11 @@ impl Driver {
     /// that arrives is still delivered); [`Driver::cancel`] or [`Driver::cancel_fd`] does.
     pub fn recv(&mut self, fd: &Fd, group: &BufGroup, mode: RecvMode, token: u64) -> Result<OpId> {
         self.check_owner(group.shared.owner, "a buffer group")?;
-        let kind = OpKind::Recv {
+        let kind = OpKind::Recv(RecvOp {
             fd: fd.clone(),
             group: group.shared.clone(),
             mode,
-        };
+        });
         Ok(self.start(kind, token))
     }
 
@@ -26,98 +116,48 @@ impl Driver {
     /// selects from `group`. One completion: [`Event::Data`], [`Event::Eof`] or [`Event::Error`].
     pub fn read(&mut self, fd: &Fd, group: &BufGroup, offset: u64, token: u64) -> Result<OpId> {
         self.check_owner(group.shared.owner, "a buffer group")?;
-        let kind = OpKind::Read {
+        let kind = OpKind::Read(ReadOp {
             fd: fd.clone(),
             group: group.shared.clone(),
             offset,
-        };
+        });
         Ok(self.start(kind, token))
     }
 
-    /// A completion named `bid` of `group` but handed out no bytes (end of file, an error).
-    /// Whether the kernel let go of the buffer depends on the kernel and the file: a read on a
-    /// pipe at end of file leaves it at the ring head (6.18 does not say so; later kernels set
-    /// `F_BUF_MORE`), a read of a regular file consumed it when it started. A legacy group's
-    /// buffer is always gone from the kernel; a ring's is settled by asking the kernel.
-    pub(super) fn unused_buffer(&mut self, group: &Rc<GroupShared>, bid: u16, flags: u32) {
-        if !group.is_ring() {
-            group.put_back_unused(bid);
-        } else if flags & sys::IORING_CQE_F_BUF_MORE == 0 {
-            self.unsettled.push((group.clone(), bid));
+    /// A CQE of a stream receive: it feeds receive coalescing, then hands out its buffers.
+    pub(super) fn complete_recv(&mut self, c: OpCqe) {
+        let OpKind::Recv(op) = &self.ops[c.key].kind else {
+            unreachable!("complete_recv on a receive")
+        };
+        let (group, multishot) = (op.group.clone(), op.mode.multishot());
+        if let (Some(co), true) = (&mut self.coalescing, c.res > 0) {
+            co.received(c.res as usize, group.buf_size as usize);
         }
-        // With `F_BUF_MORE` the kernel keeps the buffer and fills it further.
+        self.buffer_completion(&c, &group, multishot && !c.cancelled);
     }
 
-    /// A completion handed out `bid` of `group`: the kernel had kept it, so it is settled.
-    pub(super) fn settled_by_take(&mut self, group: &Rc<GroupShared>, bid: u16) {
-        self.unsettled
-            .retain(|(g, b)| !(Rc::ptr_eq(g, group) && *b == bid));
+    /// The CQE of a buffer-selecting read.
+    pub(super) fn complete_read(&mut self, c: OpCqe) {
+        let OpKind::Read(op) = &self.ops[c.key].kind else {
+            unreachable!("complete_read on a read")
+        };
+        let group = op.group.clone();
+        self.buffer_completion(&c, &group, false);
     }
 
-    /// A completion of an op that selected a buffer (recv, read).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn buffer_completion(
-        &mut self,
-        key: usize,
-        id: OpId,
-        token: u64,
-        group: &Rc<GroupShared>,
-        res: i32,
-        flags: u32,
-        rearm: bool,
-    ) {
-        let more = cqueue::more(flags);
+    /// A completion of an op that selected a buffer (recv, read; datagrams without one).
+    pub(super) fn buffer_completion(&mut self, c: &OpCqe, group: &Rc<GroupShared>, rearm: bool) {
+        let (res, flags, more) = (c.res, c.flags, c.more());
         if res > 0 {
-            let bid = cqueue::buffer_select(flags)
-                .expect("a selected-buffer completion names its buffer");
-            let mut parts = std::mem::take(&mut self.take_buf);
-            parts.clear();
-            group.take(
-                bid,
-                res as u32,
-                flags & sys::IORING_CQE_F_BUF_MORE != 0,
-                &mut parts,
-            );
-            if !self.unsettled.is_empty() {
-                for &(b, _, _) in &parts {
-                    self.settled_by_take(group, b);
-                }
-            }
-            let bufs = parts
-                .iter()
-                // SAFETY: the kernel wrote these bytes before posting this CQE, and `take` marked
-                // the buffers as in user hands, so nothing hands them out again before they drop.
-                .map(|&(b, off, len)| unsafe { PooledBuf::new(group.clone(), b, off, len) })
-                .collect();
-            self.take_buf = parts;
-            let event = Event::Data(BufChain::from_bufs(bufs));
-            self.deliver(key, id, token, event, more, rearm);
+            let event = Event::Data(self.take_received(group, res as u32, flags));
+            self.deliver(c, event, more, rearm);
             return;
         }
         if let Some(bid) = cqueue::buffer_select(flags) {
             self.unused_buffer(group, bid, flags);
         }
         if res == -libc::ENOBUFS && !more {
-            group.enobufs.set(group.enobufs.get() + 1);
-            if self.ops[key].cancel {
-                self.ops.remove(key);
-                self.ready.push_back(Completion {
-                    token,
-                    op: id,
-                    event: Event::Error(Error::Cancelled),
-                    more: false,
-                });
-                return;
-            }
-            if group.report_exhaustion {
-                self.ready.push_back(Completion {
-                    token,
-                    op: id,
-                    event: Event::Error(Error::PoolExhausted { bgid: group.bgid }),
-                    more: true,
-                });
-            }
-            self.park(key, group);
+            self.ran_dry(c, group);
             return;
         }
         if more {
@@ -129,13 +169,67 @@ impl Driver {
             r if r == -libc::ECANCELED => Event::Error(Error::Cancelled),
             r => Event::Error(errno_error("recv", r)),
         };
-        self.ops.remove(key);
+        self.ops.remove(c.key);
         self.ready.push_back(Completion {
-            token,
-            op: id,
+            token: c.token,
+            op: c.id,
             event,
             more: false,
         });
+    }
+
+    /// The buffers a completion of `res` bytes filled (one, or a bundle's run of ring entries),
+    /// taken out of `group` into the user's hands.
+    fn take_received(&mut self, group: &Rc<GroupShared>, res: u32, flags: u32) -> BufChain {
+        let bid =
+            cqueue::buffer_select(flags).expect("a selected-buffer completion names its buffer");
+        let mut parts = std::mem::take(&mut self.take_buf);
+        parts.clear();
+        group.take(
+            bid,
+            res,
+            flags & sys::IORING_CQE_F_BUF_MORE != 0,
+            &mut parts,
+        );
+        if !self.unsettled.is_empty() {
+            for &(b, _, _) in &parts {
+                self.settled_by_take(group, b);
+            }
+        }
+        let bufs = parts
+            .iter()
+            // SAFETY: the kernel wrote these bytes before posting the CQE that named them (`res`,
+            // `flags`: reaped, so the kernel is done with them), and `take` marked the buffers
+            // as in user hands, so nothing hands them out again before they drop.
+            .map(|&(b, off, len)| unsafe { PooledBuf::new(group.clone(), b, off, len) })
+            .collect();
+        self.take_buf = parts;
+        BufChain::from_bufs(bufs)
+    }
+
+    /// The op's last CQE said `-ENOBUFS`: a cancelled op ends; any other parks (telling the
+    /// user first if the group reports exhaustion).
+    fn ran_dry(&mut self, c: &OpCqe, group: &Rc<GroupShared>) {
+        group.enobufs.set(group.enobufs.get() + 1);
+        if self.ops[c.key].cancel {
+            self.ops.remove(c.key);
+            self.ready.push_back(Completion {
+                token: c.token,
+                op: c.id,
+                event: Event::Error(Error::Cancelled),
+                more: false,
+            });
+            return;
+        }
+        if group.report_exhaustion {
+            self.ready.push_back(Completion {
+                token: c.token,
+                op: c.id,
+                event: Event::Error(Error::PoolExhausted { bgid: group.bgid }),
+                more: true,
+            });
+        }
+        self.park(c.key, group);
     }
 
     /// Whether parked receives wait to be re-armed on groups that have buffers for them.
@@ -146,33 +240,25 @@ impl Driver {
     /// Delivers an event that carries received buffers. After the op's last CQE (`!more`), a
     /// receive that must go on (`rearm`: multishot mode on a single-shot rung) is armed again,
     /// any other is forgotten.
-    pub(super) fn deliver(
-        &mut self,
-        key: usize,
-        id: OpId,
-        token: u64,
-        event: Event,
-        more: bool,
-        rearm: bool,
-    ) {
+    pub(super) fn deliver(&mut self, c: &OpCqe, event: Event, more: bool, rearm: bool) {
         let keep = more || rearm;
         self.ready.push_back(Completion {
-            token,
-            op: id,
+            token: c.token,
+            op: c.id,
             event,
             more: keep,
         });
         if !more {
             if keep {
-                self.arm(key);
+                self.arm(c.key);
             } else {
-                self.ops.remove(key);
+                self.ops.remove(c.key);
             }
         }
     }
 
     /// The op's group ran dry: grow it if allowed, else wait for buffers to come back.
-    pub(super) fn park(&mut self, key: usize, group: &Rc<GroupShared>) {
+    fn park(&mut self, key: usize, group: &Rc<GroupShared>) {
         self.ops[key].state = SlotState::Parked;
         self.parked.push(key);
         if let Ok(Some((first, n))) = group.grow() {
@@ -184,6 +270,45 @@ impl Driver {
         }
     }
 
+    /// Re-arms parked ops whose group got buffers back (at a flush, before entering the kernel).
+    ///
+    /// Snapshot (and clear) which groups got buffers back *before* re-arming: a refill noticed
+    /// while we re-arm stays set for the next flush instead of being lost. Each refilled group
+    /// re-arms at most as many parked ops as it has buffers for, oldest first: re-arming every
+    /// parked op at each refill sent thousands of receives after a few buffers, nearly all of
+    /// them to fail with ENOBUFS again (a busy loop under load, and no order among the
+    /// waiting). If some must wait, the group stays refilled, so the next flush (after these
+    /// ops' completions) re-arms the next ones.
+    pub(super) fn rearm_parked(&mut self) {
+        let mut budgets: Vec<(*const GroupShared, u32)> = self
+            .groups
+            .iter()
+            .filter(|g| g.refilled.replace(false))
+            .map(|g| (Rc::as_ptr(g), g.stats().in_kernel.max(1)))
+            .collect();
+        let parked = std::mem::take(&mut self.parked);
+        for key in parked {
+            let group = self.ops[key]
+                .kind
+                .selecting_group()
+                .expect("only buffer-selecting ops park")
+                .clone();
+            match budgets.iter_mut().find(|(g, _)| *g == Rc::as_ptr(&group)) {
+                Some((_, budget)) if *budget > 0 => {
+                    *budget -= 1;
+                    group.rearms.set(group.rearms.get() + 1);
+                    self.arm(key);
+                }
+                Some(_) => {
+                    group.refilled.set(true);
+                    self.parked.push(key);
+                }
+                None => self.parked.push(key),
+            }
+        }
+    }
+
+    /// A parked op ends without going back to the kernel (cancelled while parked).
     pub(super) fn finish_parked(&mut self, key: usize, event: Event) {
         self.parked.retain(|&k| k != key);
         let slot = self.ops.remove(key);
@@ -194,84 +319,4 @@ impl Driver {
             more: false,
         });
     }
-}
-
-/// Completions.
-impl Driver {
-    /// A receive from a buffer group completed: its buffers go to the user, or it parks on `-ENOBUFS`.
-    pub(super) fn complete_recv(&mut self, done: Done) {
-        let Done {
-            key,
-            id,
-            token,
-            cancelled,
-            res,
-            flags,
-            ..
-        } = done;
-        let OpKind::Recv { group, mode, .. } = &mut self.ops[key].kind else {
-            unreachable!("routed here by its kind");
-        };
-        let (group, multishot) = (group.clone(), mode.multishot());
-        if let (Some(c), true) = (&mut self.coalescing, res > 0) {
-            c.received(res as usize, group.buf_size as usize);
-        }
-        self.buffer_completion(key, id, token, &group, res, flags, multishot && !cancelled);
-    }
-
-    /// A read from a buffer group completed.
-    pub(super) fn complete_read(&mut self, done: Done) {
-        let Done {
-            key,
-            id,
-            token,
-            res,
-            flags,
-            ..
-        } = done;
-        let OpKind::Read { group, .. } = &mut self.ops[key].kind else {
-            unreachable!("routed here by its kind");
-        };
-        let group = group.clone();
-        self.buffer_completion(key, id, token, &group, res, flags, false);
-    }
-}
-
-/// A receive selecting from its group: multishot and/or bundle where the ladder has them.
-pub(super) fn recv_sqe(kind: &mut OpKind, ladder: Ladder) -> squeue::Entry {
-    let OpKind::Recv { fd, group, mode } = kind else {
-        unreachable!("routed here by its kind");
-    };
-
-    let fd = types::Fd(fd.as_raw_fd());
-    let bundle = mode.bundle() && ladder.bundle && !is_incremental(group);
-    let bgid = group.bgid;
-    match (
-        mode.multishot() && ladder.recv == MultishotRung::Kernel,
-        bundle,
-    ) {
-        (true, true) => opcode::RecvMultiBundle::new(fd, bgid).build(),
-        (true, false) => opcode::RecvMulti::new(fd, bgid).build(),
-        (false, true) => opcode::RecvBundle::new(fd, bgid).build(),
-        (false, false) => opcode::Recv::new(fd, std::ptr::null_mut(), group.buf_size)
-            .buf_group(bgid)
-            .build()
-            .flags(squeue::Flags::BUFFER_SELECT),
-    }
-}
-
-/// A read selecting from its group.
-pub(super) fn read_sqe(kind: &mut OpKind) -> squeue::Entry {
-    let OpKind::Read { fd, group, offset } = kind else {
-        unreachable!("routed here by its kind");
-    };
-    opcode::Read::new(
-        types::Fd(fd.as_raw_fd()),
-        std::ptr::null_mut(),
-        group.buf_size,
-    )
-    .offset(*offset)
-    .buf_group(group.bgid)
-    .build()
-    .flags(squeue::Flags::BUFFER_SELECT)
 }

@@ -1,7 +1,217 @@
-//! Sends: plain and zero-copy, per-socket lanes that keep order, the adaptive zero-copy policy,
-//! and the notification that hands a buffer home (one user completion per send).
+//! Sends ([`Driver::send`], `send_zc`, `send_zc_returning`, `send_zc_to`, lease members):
+//! every send queues in its socket's lane and leaves in order, as `IOSQE_IO_LINK` chains that
+//! never split across submits (`flush_lanes`). Each attempt is plain `SENDMSG`, `SENDMSG_ZC` or
+//! `SEND_ZC` as the ladder and the lane's zero-copy policy (`crate::zc`) say (`arm_send`). A
+//! result (`send_completion`, `send_outcome`) ends the send, or requeues its rest or a chain a
+//! short send broke; zero-copy notifications (`send_notified`) teach the policy and free or
+//! return the memory after the last one.
 
-use super::*;
+use std::collections::hash_map::Entry;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+
+use io_uring::{cqueue, opcode, squeue, types};
+
+use crate::buf::SendBuf;
+use crate::error::{Error, Result};
+use crate::fixed::FixedTable;
+use crate::probe::{Ladder, ZcRung};
+use crate::sys;
+use crate::zc::{Lane, LanePolicy, ZcStats};
+
+use super::op::{errno_error, user_data, OpId, OpKind, OpSlot, SlotState};
+use super::udp::sockaddr;
+use super::{Completion, Driver, Event, Fd};
+
+/// Where a send's buffer goes once the kernel is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GiveBack {
+    /// In the `Sent` completion (plain sends: the kernel is done at the result).
+    InSent,
+    /// In a later `Returned` completion, after the last notification.
+    Later,
+    /// Dropped after the last notification: pooled buffers go home, owned bytes are freed.
+    Never,
+}
+
+/// A send in flight. Boxed, so the `msghdr`, iovecs and address the kernel reads stay put while
+/// the op table grows.
+pub(super) struct SendOp {
+    /// The socket, until the result is in (the kernel holds its own reference after that, so
+    /// a send waiting only for its notification does not keep the socket open).
+    pub(super) fd: Option<Fd>,
+    pub(super) buf: Option<SendBuf>,
+    pub(super) sent: usize,
+    pub(super) iov: Vec<libc::iovec>,
+    pub(super) msg: libc::msghdr,
+    pub(super) dest: Option<(libc::sockaddr_storage, libc::socklen_t)>,
+    /// `send_zc`: the zero-copy policy applies.
+    pub(super) zc: bool,
+    pub(super) give_back: GiveBack,
+    /// Generations of this op's zero-copy attempts whose notification may still come. Each
+    /// attempt (first try, continuation, re-run after a broken chain) has its own `user_data`
+    /// generation, so a notification is matched to its attempt, and one the kernel posts after
+    /// a result without `F_MORE` (6.18 does, for a linked `SEND_ZC` its broken chain cancelled)
+    /// finds no attempt and is ignored instead of landing on a reused slot.
+    pub(super) notif_attempts: Vec<u32>,
+    /// `user_data` of the SQE in flight (what `cancel` targets).
+    pub(super) cur_ud: u64,
+    /// The user has seen the result.
+    pub(super) reported: bool,
+    /// Whether the SQE in flight is a zero-copy one.
+    pub(super) in_flight_zc: bool,
+    pub(super) lane: usize,
+}
+
+impl SendOp {
+    /// Points the iovecs (and the `msghdr`, with the destination of an unconnected socket) at
+    /// what is left to send. Returns the buffer's slot in this ring's table (`table`: its id)
+    /// where a fixed send may use it, and the bytes left.
+    fn prepare(&mut self, ladder: &Ladder, table: Option<usize>) -> (Option<u16>, usize) {
+        let buf = self.buf.as_ref().expect("a send in flight owns its buffer");
+        buf.iovecs(self.sent, &mut self.iov);
+        // An empty send goes plainly: SEND_ZC of nothing from a fixed buffer is EFAULT.
+        let fixed_slot = if ladder.fixed && buf.len() > self.sent {
+            buf.fixed_slot_in(table)
+        } else {
+            None
+        };
+        let remaining = buf.len() - self.sent;
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = self.iov.len();
+        if let Some((addr, len)) = &self.dest {
+            self.msg.msg_name = (addr as *const libc::sockaddr_storage).cast_mut().cast();
+            self.msg.msg_namelen = *len;
+        }
+        (fixed_slot, remaining)
+    }
+
+    /// The attempt's SQE: plain `SENDMSG` unless `zc`; `SENDMSG_ZC` where the kernel has it,
+    /// for several buffers or unregistered memory; else `SEND_ZC` of the first buffer, after
+    /// which a chain cannot go on (the second value says whether it may link).
+    fn sqe(
+        &self,
+        ladder: &Ladder,
+        zc: bool,
+        fixed_slot: Option<u16>,
+        stats: &mut ZcStats,
+    ) -> (squeue::Entry, bool) {
+        let fd = types::Fd(
+            self.fd
+                .as_ref()
+                .expect("a send owns its socket until its result")
+                .as_raw_fd(),
+        );
+        let flags = (libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32;
+        let usage = if ladder.zc_report_usage {
+            sys::IORING_SEND_ZC_REPORT_USAGE
+        } else {
+            0
+        };
+        let msg_ptr: *const libc::msghdr = &self.msg;
+        if !zc {
+            stats.plain_sends += self.zc as u64;
+            return (opcode::SendMsg::new(fd, msg_ptr).flags(flags).build(), true);
+        }
+        stats.zc_sends += 1;
+        if ladder.zc == ZcRung::SendmsgZc && (self.iov.len() > 1 || fixed_slot.is_none()) {
+            // Registered iovecs in SENDMSG_ZC came with the vectored fixed ops (6.15).
+            let sqe = match fixed_slot.filter(|_| ladder.vectored_fixed) {
+                Some(slot) => {
+                    stats.fixed_sends += 1;
+                    let mut sqe = opcode::SendMsgZc::new(fd, msg_ptr)
+                        .ioprio(usage | sys::IORING_RECVSEND_FIXED_BUF)
+                        .flags(flags)
+                        .build();
+                    sys::sqe_set_buf_index(&mut sqe, slot);
+                    sqe
+                }
+                None => opcode::SendMsgZc::new(fd, msg_ptr)
+                    .ioprio(usage)
+                    .flags(flags)
+                    .build(),
+            };
+            return (sqe, true);
+        }
+        let (ptr, len) = self.iov.first().map_or((std::ptr::null(), 0), |v| {
+            (v.iov_base as *const u8, v.iov_len as u32)
+        });
+        let mut b = opcode::SendZc::new(fd, ptr, len)
+            .zc_flags(usage)
+            .buf_index(fixed_slot)
+            .flags(flags as i32);
+        stats.fixed_sends += fixed_slot.is_some() as u64;
+        if let Some((addr, alen)) = &self.dest {
+            b = b
+                .dest_addr((addr as *const libc::sockaddr_storage).cast())
+                .dest_addr_len(*alen);
+        }
+        (b.build(), self.iov.len() <= 1)
+    }
+}
+
+/// What a send's result CQE (`res`, the send's `op` already counted the bytes) means for it:
+/// `None` if it goes again (the rest of a short send, or a re-run after a chain broken by a
+/// short send before it: `lane` requeues it), else its final result. A real error breaks the
+/// lane's chain: the sends cancelled behind it share it.
+fn send_outcome(
+    op: &SendOp,
+    lane: &mut Lane,
+    key: usize,
+    res: i32,
+    cancelled: bool,
+) -> Option<Result<usize>> {
+    let total = op.buf.as_ref().map_or(0, SendBuf::len);
+    if res >= 0 && op.sent < total && res > 0 && !cancelled {
+        // A short send, or one buffer of several through SEND_ZC: the rest goes next.
+        lane.requeue.push(key);
+        None
+    } else if res == -libc::ECANCELED && !cancelled {
+        match lane.error {
+            // The chain broke on a real error: this send shares it.
+            Some(errno) => Some(Err(Error::from_errno("send", errno))),
+            // The chain broke on a short send before us: run again, in order.
+            None => {
+                lane.requeue.push(key);
+                None
+            }
+        }
+    } else if res < 0 {
+        if res != -libc::ECANCELED {
+            lane.error = Some(-res);
+        }
+        if op.sent > 0 {
+            // Earlier parts went: the caller must know how much, or its stream breaks.
+            Some(Err(Error::ShortSend {
+                sent: op.sent,
+                len: total,
+            }))
+        } else {
+            Some(Err(errno_error("send", res)))
+        }
+    } else if op.sent < total {
+        // Cancelled part-way (the kernel reports the bytes it sent before the cancel), or a
+        // send of no bytes: never `Ok`, which says all of it left.
+        Some(Err(Error::ShortSend {
+            sent: op.sent,
+            len: total,
+        }))
+    } else {
+        Some(Ok(op.sent))
+    }
+}
+
+/// A fixed buffer's range must lie inside it (every send path checks before it queues).
+pub(super) fn check_send_range(buf: &SendBuf) -> Result<()> {
+    match buf {
+        SendBuf::Fixed { buf, range } if range.start > range.end || range.end > buf.len() => {
+            Err(Error::InvalidArgument {
+                what: "send range outside the registered buffer",
+            })
+        }
+        _ => Ok(()),
+    }
+}
 
 impl Driver {
     /// Sends all of `buf` on `fd` with a plain send (the kernel copies), continuing short
@@ -36,6 +246,8 @@ impl Driver {
     /// freed). Sends on one socket complete in order.
     ///
     /// Zero-copy send is 6.0+ (`SENDMSG_ZC` 6.1+); older kernels send plainly.
+    ///
+    /// [`ZcConfig`]: crate::ZcConfig
     pub fn send_zc(&mut self, fd: &Fd, buf: impl Into<SendBuf>, token: u64) -> Result<OpId> {
         self.start_send(fd, buf.into(), None, true, GiveBack::Never, token)
     }
@@ -80,29 +292,7 @@ impl Driver {
     ) -> Result<OpId> {
         check_send_range(&buf)?;
         let lane_key = Rc::as_ptr(&fd.0) as usize;
-        let backing_off = self.zc_backing_off;
         let gen = self.next_gen();
-        if self.lanes.len() > self.lane_sweep_at {
-            // Forget lanes of sockets that are gone (amortised: the bound doubles with the map).
-            self.lanes
-                .retain(|_, l| !(l.idle() && l.fd.strong_count() == 0));
-            self.lane_sweep_at = (self.lanes.len() * 2).max(1024);
-        }
-        let policy = if backing_off {
-            LanePolicy::backed_off()
-        } else {
-            LanePolicy::default()
-        };
-        let lane = match self.lanes.entry(lane_key) {
-            Entry::Occupied(e) if e.get().fd.strong_count() > 0 => e.into_mut(),
-            // A socket at the address of a gone one, whose lane is idle (its sends kept it alive
-            // while they ran): start afresh.
-            Entry::Occupied(mut e) => {
-                e.insert(Lane::new(Rc::downgrade(&fd.0), policy));
-                e.into_mut()
-            }
-            Entry::Vacant(e) => e.insert(Lane::new(Rc::downgrade(&fd.0), policy)),
-        };
         let op = SendOp {
             fd: Some(fd.clone()),
             buf: Some(buf),
@@ -119,25 +309,88 @@ impl Driver {
             in_flight_zc: false,
             lane: lane_key,
         };
+        let op = self.boxed_send(op);
         let key = self.ops.insert(OpSlot {
             token,
             gen,
-            kind: OpKind::Send(match self.spare_sends.pop() {
-                Some(mut spare) => {
-                    let iov = std::mem::take(&mut spare.iov);
-                    *spare = SendOp { iov, ..op };
-                    spare
-                }
-                None => Box::new(op),
-            }),
+            kind: OpKind::Send(op),
             state: SlotState::Queued,
             cancel: false,
         });
-        if lane.queue.is_empty() && lane.in_flight == 0 {
+        let lane = self.lane_for(fd);
+        let idle = lane.queue.is_empty() && lane.in_flight == 0;
+        lane.queue.push_back(key);
+        if idle {
             self.dirty_lanes.push(lane_key);
         }
-        lane.queue.push_back(key);
         Ok(OpId::new(key, gen, self.ring_id))
+    }
+
+    /// The lane of `fd`'s socket, made if it has none (or has the idle lane of a gone socket
+    /// that had the same address). New lanes start with the zero-copy policy the last lane
+    /// learned.
+    fn lane_for(&mut self, fd: &Fd) -> &mut Lane {
+        let lane_key = Rc::as_ptr(&fd.0) as usize;
+        if self.lanes.len() > self.lane_sweep_at {
+            // Forget lanes of sockets that are gone (amortised: the bound doubles with the map).
+            self.lanes
+                .retain(|_, l| !(l.idle() && l.fd.strong_count() == 0));
+            self.lane_sweep_at = (self.lanes.len() * 2).max(1024);
+        }
+        let policy = if self.zc_backing_off {
+            LanePolicy::backed_off()
+        } else {
+            LanePolicy::default()
+        };
+        match self.lanes.entry(lane_key) {
+            Entry::Occupied(e) if e.get().fd.strong_count() > 0 => e.into_mut(),
+            // A socket at the address of a gone one, whose lane is idle (its sends kept it alive
+            // while they ran): start afresh.
+            Entry::Occupied(mut e) => {
+                e.insert(Lane::new(Rc::downgrade(&fd.0), policy));
+                e.into_mut()
+            }
+            Entry::Vacant(e) => e.insert(Lane::new(Rc::downgrade(&fd.0), policy)),
+        }
+    }
+
+    /// `op`, in the allocation of a finished send if one is spare (its iovec vector keeps its
+    /// capacity).
+    fn boxed_send(&mut self, op: SendOp) -> Box<SendOp> {
+        match self.spare_sends.pop() {
+            Some(mut spare) => {
+                let iov = std::mem::take(&mut spare.iov);
+                *spare = SendOp { iov, ..op };
+                spare
+            }
+            None => Box::new(op),
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn debug_state(&self) -> String {
+        let mut out = String::new();
+        for (k, slot) in self.ops.iter() {
+            if let OpKind::Send(op) = &slot.kind {
+                out += &format!(
+                    "[{k} tok {} {:?} sent {} notifs {:?} reported {} zc {}] ",
+                    slot.token,
+                    slot.state,
+                    op.sent,
+                    op.notif_attempts,
+                    op.reported,
+                    op.in_flight_zc
+                );
+            }
+        }
+        for (k, l) in &self.lanes {
+            out += &format!(
+                "lane {k}: q {:?} in_flight {} requeue {:?} err {:?}; ",
+                l.queue, l.in_flight, l.requeue, l.error
+            );
+        }
+        out += &format!("dirty {:?}", self.dirty_lanes);
+        out
     }
 
     /// Zero-copy statistics.
@@ -161,15 +414,7 @@ impl Driver {
             unreachable!("arm_send on a send")
         };
         let op = &mut **op;
-        let buf = op.buf.as_ref().expect("a send in flight owns its buffer");
-        buf.iovecs(op.sent, &mut op.iov);
-        // An empty send goes plainly: SEND_ZC of nothing from a fixed buffer is EFAULT.
-        let fixed_slot = if ladder.fixed && buf.len() > op.sent {
-            buf.fixed_slot_in(table)
-        } else {
-            None
-        };
-        let remaining = buf.len() - op.sent;
+        let (fixed_slot, remaining) = op.prepare(&ladder, table);
         let lane = self
             .lanes
             .get_mut(&op.lane)
@@ -182,13 +427,8 @@ impl Driver {
                 .wants_zc(&cfg, ladder.zc_report_usage, remaining);
         op.in_flight_zc = zc;
         op.cur_ud = ud;
-        op.msg.msg_iov = op.iov.as_mut_ptr();
-        op.msg.msg_iovlen = op.iov.len();
-        if let Some((addr, len)) = &op.dest {
-            op.msg.msg_name = (addr as *const libc::sockaddr_storage).cast_mut().cast();
-            op.msg.msg_namelen = *len;
-        }
-        let (sqe, linked) = send_sqe(op, zc, fixed_slot, ladder, link, &mut self.zc_stats);
+        let (sqe, may_link) = op.sqe(&ladder, zc, fixed_slot, &mut self.zc_stats);
+        let linked = link && may_link;
         let sqe = if linked {
             sqe.flags(squeue::Flags::IO_LINK)
         } else {
@@ -237,6 +477,27 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Cancels a send waiting in its lane: it leaves the lane's queue and ends at once.
+    pub(super) fn cancel_queued_send(&mut self, key: usize) {
+        let OpKind::Send(send) = &self.ops[key].kind else {
+            unreachable!("only sends queue")
+        };
+        let (lane_key, sent) = (send.lane, send.sent);
+        let len = send.buf.as_ref().map_or(0, SendBuf::len);
+        if let Some(lane) = self.lanes.get_mut(&lane_key) {
+            lane.queue.retain(|&k| k != key);
+            lane.requeue.retain(|&k| k != key);
+        }
+        // Between two parts of a send (short, or one buffer at a time): what left is
+        // said, as for a send cancelled in the kernel.
+        let result = if sent > 0 {
+            Err(Error::ShortSend { sent, len })
+        } else {
+            Err(Error::Cancelled)
+        };
+        self.report_send(key, result);
     }
 
     /// A send's result is final: tell the user, and free the slot unless notifications are
@@ -299,7 +560,7 @@ impl Driver {
     }
 
     /// Frees a finished send's slot and keeps its op for reuse.
-    pub(super) fn free_send(&mut self, key: usize) {
+    fn free_send(&mut self, key: usize) {
         if let OpKind::Send(op) = self.ops.remove(key).kind {
             if self.spare_sends.len() < 1024 {
                 self.spare_sends.push(op);
@@ -307,29 +568,76 @@ impl Driver {
         }
     }
 
-    /// A CQE of a send: its result, or a zero-copy notification.
-    pub(super) fn send_completion(&mut self, key: usize, attempt: u32, res: i32, flags: u32) {
-        if cqueue::notif(flags) {
-            self.send_notified(key, attempt, res);
+    /// A CQE of a send, from [`Driver::dispatch`]: handled if it belongs to the attempt in
+    /// flight (a result) or to an attempt whose notification is due; anything else is stray.
+    pub(super) fn complete_send(&mut self, id: OpId, res: i32, flags: u32) {
+        let slot = &self.ops[id.key()];
+        let OpKind::Send(op) = &slot.kind else {
+            unreachable!("complete_send on a send")
+        };
+        let known = if cqueue::notif(flags) {
+            op.notif_attempts.contains(&id.gen())
         } else {
-            self.send_result(key, attempt, res, flags);
+            op.cur_ud == id.ud && slot.state == SlotState::InKernel
+        };
+        if known {
+            self.send_completion(id.key(), id.gen(), res, flags);
+        } else {
+            self.stats.stray_cqes += 1;
         }
     }
 
-    /// A zero-copy notification of attempt `attempt`: the kernel let go of the memory. The
-    /// last one after the result frees the send (and hands a `GiveBack::Later` buffer back).
+    /// A CQE of a send: its result, or a zero-copy notification.
+    fn send_completion(&mut self, key: usize, attempt: u32, res: i32, flags: u32) {
+        if cqueue::notif(flags) {
+            self.send_notified(key, attempt, res);
+            return;
+        }
+        let cancelled = self.ops[key].cancel;
+        let OpKind::Send(op) = &mut self.ops[key].kind else {
+            unreachable!("send_completion on a send")
+        };
+        let lane_key = op.lane;
+        if cqueue::more(flags) {
+            op.notif_attempts.push(attempt);
+        }
+        if res > 0 {
+            op.sent += res as usize;
+            if op.in_flight_zc {
+                self.zc_stats.zc_bytes += res as u64;
+            } else if op.zc {
+                self.zc_stats.plain_bytes += res as u64;
+            }
+        }
+        let lane = self
+            .lanes
+            .get_mut(&lane_key)
+            .expect("a send's lane lives while it has sends");
+        lane.in_flight -= 1;
+        let outcome = send_outcome(op, lane, key, res, cancelled);
+        if lane.in_flight == 0 {
+            lane.chain_done();
+            self.dirty_lanes.push(lane_key);
+        }
+        match outcome {
+            Some(result) => self.report_send(key, result),
+            None => self.ops[key].state = SlotState::Queued,
+        }
+    }
+
+    /// A zero-copy notification of a send's `attempt`: the lane's policy learns whether the
+    /// kernel copied, and after the last one the memory goes home (or back to the user).
     fn send_notified(&mut self, key: usize, attempt: u32, res: i32) {
         let slot = &mut self.ops[key];
         let (token, id) = (slot.token, OpId::new(key, slot.gen, self.ring_id));
         let OpKind::Send(op) = &mut slot.kind else {
-            unreachable!("send_completion on a send")
+            unreachable!("send_notified on a send")
         };
-        let lane_key = op.lane;
         let copied = res as u32 & sys::IORING_NOTIF_USAGE_ZC_COPIED != 0;
         self.zc_stats.notifications += 1;
         self.zc_stats.zc_copied += copied as u64;
         if self.ladder.zc_report_usage {
-            if let Some(lane) = self.lanes.get_mut(&lane_key) {
+            if let Some(lane) = self.lanes.get_mut(&op.lane) {
                 lane.policy.notified(copied);
                 self.zc_backing_off = lane.policy.backing_off();
             }
@@ -352,160 +660,113 @@ impl Driver {
             }
         }
     }
-
-    /// The result of attempt `attempt`: a short send goes again in order, a broken chain
-    /// shares its error, and a finished send is reported (its memory kept while a
-    /// notification is still due).
-    fn send_result(&mut self, key: usize, attempt: u32, res: i32, flags: u32) {
-        let slot = &mut self.ops[key];
-        let cancelled = slot.cancel;
-        let OpKind::Send(op) = &mut slot.kind else {
-            unreachable!("send_completion on a send")
-        };
-        let lane_key = op.lane;
-        if cqueue::more(flags) {
-            op.notif_attempts.push(attempt);
-        }
-        if res > 0 {
-            op.sent += res as usize;
-            if op.in_flight_zc {
-                self.zc_stats.zc_bytes += res as u64;
-            } else if op.zc {
-                self.zc_stats.plain_bytes += res as u64;
-            }
-        }
-        let total = op.buf.as_ref().map_or(0, SendBuf::len);
-        let lane = self
-            .lanes
-            .get_mut(&lane_key)
-            .expect("a send's lane lives while it has sends");
-        lane.in_flight -= 1;
-        let outcome = if res >= 0 && op.sent < total && res > 0 && !cancelled {
-            // A short send, or one buffer of several through SEND_ZC: the rest goes next.
-            lane.requeue.push(key);
-            None
-        } else if res == -libc::ECANCELED && !cancelled {
-            match lane.error {
-                // The chain broke on a real error: this send shares it.
-                Some(errno) => Some(Err(Error::from_errno("send", errno))),
-                // The chain broke on a short send before us: run again, in order.
-                None => {
-                    lane.requeue.push(key);
-                    None
-                }
-            }
-        } else if res < 0 {
-            if res != -libc::ECANCELED {
-                lane.error = Some(-res);
-            }
-            if op.sent > 0 {
-                // Earlier parts went: the caller must know how much, or its stream breaks.
-                Some(Err(Error::ShortSend {
-                    sent: op.sent,
-                    len: total,
-                }))
-            } else {
-                Some(Err(errno_error("send", res)))
-            }
-        } else if op.sent < total {
-            // Cancelled part-way (the kernel reports the bytes it sent before the cancel), or a
-            // send of no bytes: never `Ok`, which says all of it left.
-            Some(Err(Error::ShortSend {
-                sent: op.sent,
-                len: total,
-            }))
-        } else {
-            Some(Ok(op.sent))
-        };
-        if lane.in_flight == 0 {
-            lane.chain_done();
-            self.dirty_lanes.push(lane_key);
-        }
-        match outcome {
-            Some(result) => self.report_send(key, result),
-            None => self.ops[key].state = SlotState::Queued,
-        }
-    }
 }
 
-/// A fixed buffer's range must lie inside it (every send path checks before it queues).
-pub(super) fn check_send_range(buf: &SendBuf) -> Result<()> {
-    match buf {
-        SendBuf::Fixed { buf, range } if range.start > range.end || range.end > buf.len() => {
-            Err(Error::InvalidArgument {
-                what: "send range outside the registered buffer",
-            })
-        }
-        _ => Ok(()),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixed::FixedBuf;
 
-/// The SQE of one attempt of a send: `SENDMSG` where zero-copy does not pay (or is forced off),
-/// `SENDMSG_ZC` for several iovecs or plain memory where the kernel has it, else `SEND_ZC`
-/// (registered memory by `buf_index`). Also says whether it may be linked to the next send of
-/// its lane (a `SEND_ZC` of one buffer of several may not: its rest goes after it).
-fn send_sqe(
-    op: &mut SendOp,
-    zc: bool,
-    fixed_slot: Option<u16>,
-    ladder: Ladder,
-    link: bool,
-    stats: &mut ZcStats,
-) -> (squeue::Entry, bool) {
-    let fd = types::Fd(
-        op.fd
-            .as_ref()
-            .expect("a send owns its socket until its result")
-            .as_raw_fd(),
-    );
-    let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
-    let usage = if ladder.zc_report_usage {
-        sys::IORING_SEND_ZC_REPORT_USAGE
-    } else {
-        0
-    };
-    let msg_ptr: *const libc::msghdr = &op.msg;
-    let mut linked = link;
-    let sqe = if !zc {
-        stats.plain_sends += op.zc as u64;
-        opcode::SendMsg::new(fd, msg_ptr)
-            .flags(flags as u32)
-            .build()
-    } else if ladder.zc == ZcRung::SendmsgZc && (op.iov.len() > 1 || fixed_slot.is_none()) {
-        stats.zc_sends += 1;
-        // Registered iovecs in SENDMSG_ZC came with the vectored fixed ops (6.15).
-        match fixed_slot.filter(|_| ladder.vectored_fixed) {
-            Some(slot) => {
-                stats.fixed_sends += 1;
-                let mut sqe = opcode::SendMsgZc::new(fd, msg_ptr)
-                    .ioprio(usage | sys::IORING_RECVSEND_FIXED_BUF)
-                    .flags(flags as u32)
-                    .build();
-                sys::sqe_set_buf_index(&mut sqe, slot);
-                sqe
-            }
-            None => opcode::SendMsgZc::new(fd, msg_ptr)
-                .ioprio(usage)
-                .flags(flags as u32)
-                .build(),
+    fn fixed(len: usize, range: std::ops::Range<usize>) -> SendBuf {
+        let mem = crate::sys::Mmap::anonymous(len).unwrap();
+        SendBuf::Fixed {
+            buf: FixedBuf::new(mem, len, None),
+            range,
         }
-    } else {
-        stats.zc_sends += 1;
-        linked &= op.iov.len() <= 1;
-        let (ptr, len) = op.iov.first().map_or((std::ptr::null(), 0), |v| {
-            (v.iov_base as *const u8, v.iov_len as u32)
-        });
-        let mut b = opcode::SendZc::new(fd, ptr, len)
-            .zc_flags(usage)
-            .buf_index(fixed_slot)
-            .flags(flags);
-        stats.fixed_sends += fixed_slot.is_some() as u64;
-        if let Some((addr, alen)) = &op.dest {
-            b = b
-                .dest_addr((addr as *const libc::sockaddr_storage).cast())
-                .dest_addr_len(*alen);
+    }
+
+    #[test]
+    fn a_fixed_send_range_must_lie_inside_its_buffer() {
+        assert!(check_send_range(&fixed(4096, 0..4096)).is_ok());
+        assert!(check_send_range(&fixed(4096, 100..200)).is_ok());
+        assert!(check_send_range(&fixed(4096, 4096..4096)).is_ok());
+        assert!(check_send_range(&fixed(4096, 0..4097)).is_err());
+        assert!(check_send_range(&fixed(4096, 5000..5001)).is_err());
+        let reversed = std::ops::Range { start: 9, end: 8 };
+        assert!(check_send_range(&fixed(4096, reversed)).is_err());
+        // Other memory has no range to check.
+        assert!(check_send_range(&SendBuf::from(vec![1, 2, 3])).is_ok());
+    }
+
+    /// A send of `len` owned bytes of which `sent` went (the CQE's bytes already counted).
+    fn send_of(len: usize, sent: usize) -> SendOp {
+        SendOp {
+            fd: None,
+            buf: Some(SendBuf::from(vec![0; len])),
+            sent,
+            iov: Vec::new(),
+            // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+            msg: unsafe { std::mem::zeroed() },
+            dest: None,
+            zc: false,
+            give_back: GiveBack::InSent,
+            notif_attempts: Vec::new(),
+            cur_ud: 0,
+            reported: false,
+            in_flight_zc: false,
+            lane: 0,
         }
-        b.build()
-    };
-    (sqe, linked)
+    }
+
+    fn lane() -> Lane {
+        Lane::new(std::rc::Weak::new(), LanePolicy::default())
+    }
+
+    #[test]
+    fn a_short_send_goes_again_and_a_full_one_is_done() {
+        let mut l = lane();
+        assert!(send_outcome(&send_of(10, 4), &mut l, 7, 4, false).is_none());
+        assert_eq!(l.requeue, [7]);
+        let mut l = lane();
+        assert!(matches!(
+            send_outcome(&send_of(10, 10), &mut l, 7, 6, false),
+            Some(Ok(10))
+        ));
+        assert!(l.requeue.is_empty());
+    }
+
+    #[test]
+    fn a_send_that_ends_part_way_says_how_much_left() {
+        // Cancelled after some bytes went: never `Ok`.
+        let outcome = send_outcome(&send_of(10, 3), &mut lane(), 7, 3, true);
+        assert!(matches!(
+            outcome,
+            Some(Err(Error::ShortSend { sent: 3, len: 10 }))
+        ));
+        // A result of no bytes for a send of some.
+        let outcome = send_outcome(&send_of(10, 0), &mut lane(), 7, 0, false);
+        assert!(matches!(
+            outcome,
+            Some(Err(Error::ShortSend { sent: 0, len: 10 }))
+        ));
+        // An error after earlier parts went.
+        let mut l = lane();
+        let outcome = send_outcome(&send_of(10, 4), &mut l, 7, -libc::EPIPE, false);
+        assert!(matches!(
+            outcome,
+            Some(Err(Error::ShortSend { sent: 4, len: 10 }))
+        ));
+        assert_eq!(l.error, Some(libc::EPIPE));
+    }
+
+    #[test]
+    fn a_broken_chain_reruns_after_a_short_send_and_shares_an_error() {
+        // Cancelled by the kernel because a short send before it broke the chain: run again.
+        let mut l = lane();
+        assert!(send_outcome(&send_of(10, 0), &mut l, 7, -libc::ECANCELED, false).is_none());
+        assert_eq!(l.requeue, [7]);
+        // The chain broke on a real error: this send fails with it.
+        let mut l = lane();
+        let failed = send_outcome(&send_of(10, 0), &mut l, 7, -libc::EPIPE, false);
+        let e = failed.unwrap().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPIPE));
+        let shared = send_outcome(&send_of(10, 0), &mut l, 8, -libc::ECANCELED, false);
+        let e = shared.unwrap().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPIPE));
+        // Cancelled by the user: no rerun.
+        let mut l = lane();
+        let outcome = send_outcome(&send_of(10, 0), &mut l, 7, -libc::ECANCELED, true);
+        assert!(matches!(outcome, Some(Err(Error::Cancelled))));
+        assert!(l.requeue.is_empty() && l.error.is_none());
+    }
 }

@@ -1,7 +1,42 @@
-//! Send bundles from a provided ring: queued sends of one socket leave in order, many buffers
-//! per operation.
+//! Send rings and send bundles (6.10): sends queued on a socket's provided ring leave in order,
+//! as many buffers per `SEND` op as the ring holds; without bundles, each goes as a plain send.
+//! The ring's state (its entries, queue and backlog) is in `crate::send_ring`.
 
-use super::*;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+
+use io_uring::{opcode, squeue, types};
+
+use crate::buf::SendBuf;
+use crate::error::{Error, Result};
+use crate::send_ring::{SendRing, SendRingShared};
+use crate::sys;
+
+use super::op::{errno_error, OpId, OpKind};
+use super::send::{check_send_range, GiveBack};
+use super::submit::OpCqe;
+use super::{Completion, Driver, Event, Fd};
+
+/// A send bundle: sends what `ring` holds on `fd`, in order.
+pub(super) struct BundleOp {
+    pub(super) fd: Fd,
+    ring: Rc<SendRingShared>,
+}
+
+impl BundleOp {
+    /// A bundle `SEND` selecting its buffers from the ring.
+    pub(super) fn sqe(&self) -> squeue::Entry {
+        let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
+        let mut sqe = opcode::Send::new(types::Fd(self.fd.as_raw_fd()), std::ptr::null(), 0)
+            .ioprio(sys::IORING_RECVSEND_BUNDLE)
+            .flags(flags)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT);
+        // `buf_group` shares the SQE field of `buf_index`; the crate's `Send` lacks it.
+        sys::sqe_set_buf_index(&mut sqe, self.ring.bgid);
+        sqe
+    }
+}
 
 impl Driver {
     /// A **send ring** of `entries` ring entries (a power of two, at most 32768) for one socket:
@@ -149,7 +184,8 @@ impl Driver {
             return;
         }
         ring.in_flight.set(true);
-        self.start(OpKind::SendBundle { fd, ring }, 0);
+        self.stats.bundle_ops += 1;
+        self.start(OpKind::SendBundle(BundleOp { fd, ring }), 0);
     }
 
     pub(super) fn report_bundle(&mut self, done: Vec<(u64, usize)>) {
@@ -195,25 +231,39 @@ impl Driver {
             }
         }
     }
-}
 
-/// Completions.
-impl Driver {
-    /// A send bundle completed: the sends it carried are reported, the next bundle starts; on an error every queued send fails and the ring is forgotten.
-    pub(super) fn complete_send_bundle(&mut self, done: Done) {
-        let Done {
-            key,
-            id,
-            cancelled,
-            res,
-            ..
-        } = done;
-        let OpKind::SendBundle { fd, ring } = &mut self.ops[key].kind else {
-            unreachable!("routed here by its kind");
+    /// The CQE of a send bundle: the sends it completed are reported, and the next bundle goes
+    /// if more is queued; after an error (or a cancel) every queued send ends with it.
+    pub(super) fn complete_bundle(&mut self, c: OpCqe) {
+        let OpKind::SendBundle(op) = &self.ops[c.key].kind else {
+            unreachable!("complete_bundle on a send bundle")
         };
-        let (fd, ring) = (fd.clone(), ring.clone());
-        self.ops.remove(key);
+        let (fd, ring) = (op.fd.clone(), op.ring.clone());
+        self.ops.remove(c.key);
         ring.in_flight.set(false);
+        let stop = c.cancelled || self.dropping;
+        match self.bundle_sent(&ring, c.res, stop) {
+            Ok((pieces, done)) => {
+                self.stats.bundle_buffers += pieces as u64;
+                self.report_bundle(done);
+                if !stop && (ring.fill() || !ring.sends.borrow().is_empty()) {
+                    self.start_bundle(fd, ring);
+                }
+            }
+            Err(e) => self.fail_bundle(c.id, &ring, &e),
+        }
+    }
+
+    /// What a bundle that completed with `res` sent: the ring entries it consumed and the sends
+    /// that are complete. A bundle cancelled (`stop`: cancel_fd, the driver going) that finished
+    /// before the cancel reached it: what it sent is reported here, and the sends queued behind
+    /// it end as cancelled (they stranded in the backlog, never completing).
+    fn bundle_sent(
+        &mut self,
+        ring: &SendRingShared,
+        res: i32,
+        stop: bool,
+    ) -> Result<(usize, Vec<(u64, usize)>)> {
         let sent = if res >= 0 {
             ring.consumed(res as usize).map_err(|()| {
                 // The bytes end inside a buffer, which the kernel consumed whole.
@@ -226,11 +276,8 @@ impl Driver {
                 errno_error("send bundle", res)
             })
         };
-        // A bundle cancelled (cancel_fd, the driver going) that finished before the
-        // cancel reached it: what it sent is reported, and the sends queued behind it
-        // end as cancelled (they stranded in the backlog, never completing).
-        let sent = match sent {
-            Ok((pieces, done)) if cancelled || self.dropping => {
+        match sent {
+            Ok((pieces, done)) if stop => {
                 self.stats.bundle_buffers += pieces as u64;
                 self.report_bundle(done);
                 if ring.sends.borrow().is_empty() {
@@ -240,58 +287,34 @@ impl Driver {
                 }
             }
             other => other,
-        };
-        match sent {
-            Ok((pieces, done)) => {
-                self.stats.bundle_buffers += pieces as u64;
-                self.report_bundle(done);
-                if !cancelled && !self.dropping && (ring.fill() || !ring.sends.borrow().is_empty())
-                {
-                    self.start_bundle(fd, ring);
-                }
-            }
-            Err(e) => {
-                let raw = e.raw_os_error().unwrap_or(libc::EIO);
-                // Nothing more is sent: the kernel forgets the ring (no op of ours is
-                // in flight on it), then its queued buffers go home.
-                if !self.forget_buf_ring(ring.bgid) {
-                    self.kept_for_kernel.push(Box::new(ring.clone()));
-                }
-                self.send_rings.retain(|r| !Rc::ptr_eq(r, &ring));
-                ring.in_ring.borrow_mut().clear();
-                ring.backlog.borrow_mut().clear();
-                for token in ring.fail() {
-                    self.ready.push_back(Completion {
-                        token,
-                        op: id,
-                        event: Event::Sent {
-                            result: Err(if raw == libc::ECANCELED {
-                                Error::Cancelled
-                            } else {
-                                Error::from_errno("send bundle", raw)
-                            }),
-                            buf: None,
-                        },
-                        more: false,
-                    });
-                }
-            }
         }
     }
-}
 
-/// A send bundle from the ring `ring.bgid`.
-pub(super) fn send_bundle_sqe(kind: &mut OpKind) -> squeue::Entry {
-    let OpKind::SendBundle { fd, ring } = kind else {
-        unreachable!("routed here by its kind");
-    };
-    let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
-    let mut sqe = opcode::Send::new(types::Fd(fd.as_raw_fd()), std::ptr::null(), 0)
-        .ioprio(sys::IORING_RECVSEND_BUNDLE)
-        .flags(flags)
-        .build()
-        .flags(squeue::Flags::BUFFER_SELECT);
-    // `buf_group` shares the SQE field of `buf_index`; the crate's `Send` lacks it.
-    sys::sqe_set_buf_index(&mut sqe, ring.bgid);
-    sqe
+    /// A bundle failed with `e`: nothing more is sent. The kernel forgets the ring (no op of
+    /// ours is in flight on it), then its queued buffers go home and every send queued on it
+    /// ends with the error.
+    fn fail_bundle(&mut self, id: OpId, ring: &Rc<SendRingShared>, e: &Error) {
+        let raw = e.raw_os_error().unwrap_or(libc::EIO);
+        if !self.forget_buf_ring(ring.bgid) {
+            self.kept_for_kernel.push(Box::new(ring.clone()));
+        }
+        self.send_rings.retain(|r| !Rc::ptr_eq(r, ring));
+        ring.in_ring.borrow_mut().clear();
+        ring.backlog.borrow_mut().clear();
+        for token in ring.fail() {
+            self.ready.push_back(Completion {
+                token,
+                op: id,
+                event: Event::Sent {
+                    result: Err(if raw == libc::ECANCELED {
+                        Error::Cancelled
+                    } else {
+                        Error::from_errno("send bundle", raw)
+                    }),
+                    buf: None,
+                },
+                more: false,
+            });
+        }
+    }
 }

@@ -1,10 +1,52 @@
-//! Sockets: multishot accept and connect.
+//! Sockets: accepts (multishot, 5.19, or single accepts re-armed) and connects.
 
-use super::*;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use io_uring::{opcode, squeue, types};
+
+use crate::error::Result;
+use crate::probe::{Ladder, MultishotRung};
+
+use super::op::{errno_error, OpId, OpKind};
+use super::submit::OpCqe;
+use super::udp::sockaddr;
+use super::{Completion, Driver, Event, Fd};
+
+/// An accept on `listener`: multishot where the ladder has it.
+pub(super) fn accept_sqe(listener: &Fd, ladder: &Ladder) -> squeue::Entry {
+    let fd = types::Fd(listener.as_raw_fd());
+    match ladder.accept {
+        MultishotRung::Kernel => opcode::AcceptMulti::new(fd)
+            .flags(libc::SOCK_CLOEXEC)
+            .build(),
+        MultishotRung::Rearmed => {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        }
+    }
+}
+
+/// A connect of `fd` to `addr`.
+pub(super) struct ConnectOp {
+    pub(super) fd: Fd,
+    /// Boxed: the kernel reads the address after the submit, while the table may grow.
+    addr: Box<(libc::sockaddr_storage, libc::socklen_t)>,
+}
+
+impl ConnectOp {
+    pub(super) fn sqe(&self) -> squeue::Entry {
+        let addr = &self.addr;
+        let ptr: *const libc::sockaddr = (&addr.0 as *const libc::sockaddr_storage).cast();
+        opcode::Connect::new(types::Fd(self.fd.as_raw_fd()), ptr, addr.1).build()
+    }
+}
 
 impl Driver {
     /// Accepts connections on `listener` until cancelled: one [`Event::Accepted`] each
     /// (multishot accept, 5.19; re-armed single accepts where missing).
+    ///
+    /// [`Event::Accepted`]: crate::Event::Accepted
     pub fn accept_multishot(&mut self, listener: &Fd, token: u64) -> Result<OpId> {
         Ok(self.start(
             OpKind::Accept {
@@ -29,29 +71,22 @@ impl Driver {
     /// assert!(matches!(driver.pop().unwrap().event, Event::Connected));
     /// # Ok::<(), ringpool::Error>(())
     /// ```
+    ///
+    /// [`Event::Connected`]: crate::Event::Connected
+    /// [`Event::Error`]: crate::Event::Error
     pub fn connect(&mut self, fd: &Fd, addr: std::net::SocketAddr, token: u64) -> Result<OpId> {
-        let kind = OpKind::Connect {
+        let kind = OpKind::Connect(ConnectOp {
             fd: fd.clone(),
             addr: Box::new(sockaddr(addr)),
-        };
+        });
         Ok(self.start(kind, token))
     }
-}
 
-/// Completions.
-impl Driver {
-    /// An accept completed: a new connection (the multishot accept stays armed), or an error.
-    pub(super) fn complete_accept(&mut self, done: Done) {
-        let Done {
-            key,
-            id,
-            token,
-            cancelled,
-            res,
-            more,
-            ..
-        } = done;
-        let keep = !cancelled && (more || res >= 0 || res == -libc::ECONNABORTED);
+    /// A CQE of an accept: a connection or an error. The op goes on while the kernel says
+    /// more, and is re-armed after a connection (or an aborted one) on the single-shot rung.
+    pub(super) fn complete_accept(&mut self, c: OpCqe) {
+        let (res, more) = (c.res, c.more());
+        let keep = !c.cancelled && (more || res >= 0 || res == -libc::ECONNABORTED);
         let event = if res >= 0 {
             // SAFETY: a successful accept returns a new descriptor that we now own.
             Event::Accepted(Fd::from(unsafe { OwnedFd::from_raw_fd(res) }))
@@ -59,67 +94,31 @@ impl Driver {
             Event::Error(errno_error("accept", res))
         };
         self.ready.push_back(Completion {
-            token,
-            op: id,
+            token: c.token,
+            op: c.id,
             event,
             more: keep,
         });
         if keep && !more {
-            self.arm(key);
+            self.arm(c.key);
         } else if !keep && !more {
-            self.ops.remove(key);
+            self.ops.remove(c.key);
         }
     }
 
-    /// A connect completed.
-    pub(super) fn complete_connect(&mut self, done: Done) {
-        let Done {
-            key,
-            id,
-            token,
-            res,
-            ..
-        } = done;
-        let event = if res == 0 {
+    /// The CQE of a connect.
+    pub(super) fn complete_connect(&mut self, c: OpCqe) {
+        let event = if c.res == 0 {
             Event::Connected
         } else {
-            Event::Error(errno_error("connect", res))
+            Event::Error(errno_error("connect", c.res))
         };
-        self.ops.remove(key);
+        self.ops.remove(c.key);
         self.ready.push_back(Completion {
-            token,
-            op: id,
+            token: c.token,
+            op: c.id,
             event,
             more: false,
         });
     }
-}
-
-/// A (multishot where the kernel has it) accept.
-pub(super) fn accept_sqe(kind: &mut OpKind, ladder: Ladder) -> squeue::Entry {
-    let OpKind::Accept { fd } = kind else {
-        unreachable!("routed here by its kind");
-    };
-
-    let fd = types::Fd(fd.as_raw_fd());
-    match ladder.accept {
-        MultishotRung::Kernel => opcode::AcceptMulti::new(fd)
-            .flags(libc::SOCK_CLOEXEC)
-            .build(),
-        MultishotRung::Rearmed => {
-            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
-                .flags(libc::SOCK_CLOEXEC)
-                .build()
-        }
-    }
-}
-
-/// A connect to the address the op owns.
-pub(super) fn connect_sqe(kind: &mut OpKind) -> squeue::Entry {
-    let OpKind::Connect { fd, addr } = kind else {
-        unreachable!("routed here by its kind");
-    };
-
-    let ptr: *const libc::sockaddr = (&addr.0 as *const libc::sockaddr_storage).cast();
-    opcode::Connect::new(types::Fd(fd.as_raw_fd()), ptr, addr.1).build()
 }

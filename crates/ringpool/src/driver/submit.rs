@@ -1,41 +1,137 @@
-//! The ring loop: building SQEs for started ops (`arm`), the one place SQEs are pushed (`push`),
-//! entering the kernel, waiting (with receive coalescing), reaping CQEs and routing each to its
-//! capability (`dispatch`).
+//! The ring loop: the one place SQEs are pushed ([`Driver::push`], with the safety argument
+//! every op relies on), `io_uring_enter`, waiting, the flush before each enter, reaping, and the
+//! two routers: [`Driver::arm`] builds an op's SQE with its capability's builder, and
+//! [`Driver::dispatch`] hands each CQE to its capability's handler. Neither knows what an op
+//! does; each capability file (`recv.rs`, `send.rs`, ...) holds its ops' SQEs and completions.
 
-use super::*;
+use std::time::{Duration, Instant};
 
-use super::fixed_io::fixed_io_sqe;
-use super::lease::{leader_sqe, lease_read_sqe, lease_write_sqe};
-use super::recv::{read_sqe, recv_sqe};
-use super::send_ring::send_bundle_sqe;
-use super::socket::{accept_sqe, connect_sqe};
-use super::udp::recv_msg_sqe;
+use io_uring::{cqueue, opcode, squeue, types};
+
+use crate::error::{Error, Result};
+use crate::fixed::{FixedTable, TAG_KEY};
+
+use super::op::{user_data, OpId, OpKind, SlotState, IGNORED};
+use super::socket::accept_sqe;
+use super::{Completion, Driver};
+
+/// How soon a wait comes back to re-arm parked receives whose group has buffers for them, when
+/// the share it re-armed first does not complete.
+const REARM_PACE: Duration = Duration::from_millis(1);
+
+/// A CQE of a live op of ours, with what its slot said when it came: what every capability's
+/// completion handler gets from [`Driver::dispatch`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OpCqe {
+    /// The op's slot.
+    pub(super) key: usize,
+    /// The op's id, for the user's completion.
+    pub(super) id: OpId,
+    /// The user's token.
+    pub(super) token: u64,
+    /// The CQE's result.
+    pub(super) res: i32,
+    /// The CQE's flags.
+    pub(super) flags: u32,
+    /// Whether the op was asked to stop before this CQE was dispatched.
+    pub(super) cancelled: bool,
+}
+
+impl OpCqe {
+    /// Whether the kernel will post more CQEs for this op (`IORING_CQE_F_MORE`).
+    pub(super) fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+}
+
+/// An `io_uring_enter`'s outcome: timeouts, interruptions and a busy or full ring are not
+/// errors (the caller's loop goes on).
+fn enter_result(res: std::io::Result<usize>) -> Result<()> {
+    match res {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Error::Os {
+            op: "io_uring_enter",
+            source: e,
+        }),
+    }
+}
 
 impl Driver {
-    /// The next completion, if any is ready.
-    pub fn pop(&mut self) -> Option<Completion> {
-        if self.ready.is_empty() {
-            self.collect_lease_returns();
-        }
-        self.ready.pop_front()
-    }
-
-    /// Leases whose last holder let go: their buffers go back to the user.
-    pub(super) fn collect_lease_returns(&mut self) {
-        let mut returns = self.lease_returns.borrow_mut();
-        while let Some((token, buf)) = returns.pop_front() {
-            self.ready.push_back(Completion {
-                token,
-                op: OpId::NONE,
-                event: Event::LeaseReturned(buf),
-                more: false,
-            });
+    /// Pushes an SQE, submitting first if the queue is full. The only place an SQE enters the
+    /// ring: every capability's SQE gets here, through [`Driver::arm`], [`Driver::arm_send`] or
+    /// [`Driver::start_internal`], or (cancels, timeout removals: no memory) directly.
+    pub(super) fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: every SQE pushed names only memory owned by an op slot (or none), and that
+            // slot lives until the op's final CQE: the driver's ownership rule (`driver/mod.rs`).
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                self.stats.sqes += 1;
+                return;
+            }
+            // The queue is full: hand what is there to the kernel and retry.
+            self.submit_queued();
         }
     }
 
-    /// Completions ready to be popped.
-    pub fn ready(&self) -> usize {
-        self.ready.len()
+    /// Hands the queued SQEs to the kernel without waiting or reaping.
+    pub(super) fn submit_queued(&mut self) {
+        self.stats.enters += 1;
+        while let Err(e) = self.ring.submit() {
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // The completion queue is full: make room, then submit again.
+                Some(libc::EBUSY | libc::EAGAIN) => self.reap(),
+                _ => panic!("io_uring_enter failed while submitting: {e}"),
+            }
+        }
+    }
+
+    /// Calls `io_uring_enter`: submits, runs deferred task work and waits for `want` CQEs.
+    pub(super) fn enter(&mut self, want: usize, timeout: Option<Duration>) -> Result<()> {
+        self.stats.enters += 1;
+        let res = match timeout {
+            Some(t) if want > 0 && self.ladder.ext_arg => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+            Some(t) if want > 0 => {
+                // No timeout argument (before 5.11, or forced): a timeout op bounds the wait
+                // (one per `wait`, however often it enters), removed when `wait` returns if
+                // something else woke it first.
+                if self.wait_timeout.is_none() {
+                    let ts = Box::new(types::Timespec::from(t));
+                    let sqe = opcode::Timeout::new(&*ts).build();
+                    let ud = self.start_internal(OpKind::Timeout { _ts: ts }, sqe);
+                    self.wait_timeout = Some(ud);
+                }
+                self.ring.submit_and_wait(want)
+            }
+            _ if want == 0 && self.ladder.defer_taskrun => {
+                // Deferred task work runs only on an enter with GETEVENTS, even without waiting.
+                let n = self.ring.submission().len() as u32;
+                // SAFETY: no argument is passed; the SQEs in the queue obey the ownership rule.
+                unsafe { self.ring.submitter().enter::<libc::sigset_t>(n, 0, 1, None) }
+            }
+            _ => self.ring.submit_and_wait(want),
+        };
+        enter_result(res)
+    }
+
+    /// Submits queued work and dispatches CQEs that are already there, without waiting.
+    pub fn submit(&mut self) -> Result<usize> {
+        self.flush()?;
+        self.enter(0, None)?;
+        self.reap();
+        Ok(self.ready.len())
     }
 
     /// Submits queued work (re-arming receives whose groups were refilled, providing returned
@@ -99,26 +195,10 @@ impl Driver {
         result
     }
 
-    /// A handle that wakes this driver from any thread ([`CrossReturns::notify`]): from now on
-    /// the driver keeps a read of its eventfd armed, and a `wait` returns when it completes
-    /// (the async layer's wakers, called on other threads).
-    pub(crate) fn remote_waker(&mut self) -> Arc<CrossReturns> {
-        self.cross.watch();
-        self.cross.clone()
-    }
-
-    /// Ops the kernel may complete: not parked, and the eventfd read only while buffers are out
-    /// as `Bytes` (else nothing but a remote wake-up completes it, and a driver whose ops are
-    /// all parked must not sleep on it; a timed wait sleeps anyway).
-    pub(super) fn in_kernel(&self) -> usize {
-        let idle_wake = usize::from(self.cross_armed && !self.cross.outstanding());
-        self.ops.len() - self.parked.len() - idle_wake
-    }
-
     /// How long this `wait` holds for receive coalescing: the delay, within the timeout, if
     /// the last wake-up asked for it and the wait would block at all (no completion ready or
     /// posted, something in the kernel, a timeout that is not zero).
-    pub(super) fn hold_for(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+    fn hold_for(&mut self, timeout: Option<Duration>) -> Option<Duration> {
         let delay = self.coalescing.as_ref()?.hold()?;
         let blocks =
             self.ready.is_empty() && self.ring.completion().is_empty() && self.in_kernel() > 0;
@@ -126,117 +206,17 @@ impl Driver {
         (blocks && !delay.is_zero()).then_some(delay)
     }
 
-    /// Submits queued work and dispatches CQEs that are already there, without waiting.
-    pub fn submit(&mut self) -> Result<usize> {
-        self.flush()?;
-        self.enter(0, None)?;
-        self.reap();
-        Ok(self.ready.len())
-    }
-
-    /// Builds the op's SQE from its slot and pushes it.
-    pub(super) fn arm(&mut self, key: usize) {
-        if matches!(self.ops[key].kind, OpKind::Send(_)) {
-            self.arm_send(key, false);
-            return;
-        }
-        let ladder = self.ladder;
-        // Registered memory of another ring's table goes as plain memory (`fixed::slot_in`).
-        let table = self.fixed.as_ref().map(FixedTable::id);
-        let slot = &mut self.ops[key];
-        let ud = user_data(key, slot.gen);
-        slot.state = SlotState::InKernel;
-        if let Some(group) = selecting_group(&slot.kind) {
-            group.selecting.set(group.selecting.get() + 1);
-        }
-        let kind = &mut slot.kind;
-        let sqe = match kind {
-            OpKind::Recv { .. } => recv_sqe(kind, ladder),
-            OpKind::Read { .. } => read_sqe(kind),
-            OpKind::RecvMsg { .. } => recv_msg_sqe(kind, ladder),
-            OpKind::Accept { .. } => accept_sqe(kind, ladder),
-            OpKind::Connect { .. } => connect_sqe(kind),
-            OpKind::Fixed(_) => fixed_io_sqe(kind, ladder, table),
-            OpKind::Leader(_) => leader_sqe(kind, table),
-            OpKind::LeaseWrite { .. } => lease_write_sqe(kind, table),
-            OpKind::SendBundle { .. } => {
-                self.stats.bundle_ops += 1;
-                send_bundle_sqe(kind)
-            }
-            OpKind::LeaseRead { .. } => lease_read_sqe(kind, table),
-            OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
-            OpKind::Provide { .. }
-            | OpKind::Remove { .. }
-            | OpKind::Timeout { .. }
-            | OpKind::Wake { .. } => {
-                unreachable!("internal ops are pushed where they are built")
-            }
-        };
-        self.push(sqe.user_data(ud));
-    }
-
-    /// Hands the queued SQEs to the kernel without waiting or reaping.
-    pub(super) fn submit_queued(&mut self) {
-        self.stats.enters += 1;
-        while let Err(e) = self.ring.submit() {
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                // The completion queue is full: make room, then submit again.
-                Some(libc::EBUSY | libc::EAGAIN) => self.reap(),
-                _ => panic!("io_uring_enter failed while submitting: {e}"),
-            }
-        }
-    }
-
-    /// Pushes an SQE, submitting first if the queue is full.
-    pub(super) fn push(&mut self, sqe: squeue::Entry) {
-        loop {
-            // SAFETY: every SQE pushed names only memory owned by an op slot (or none), and that
-            // slot lives until the op's final CQE: the ownership rule of this module.
-            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                self.stats.sqes += 1;
-                return;
-            }
-            // The queue is full: hand what is there to the kernel and retry.
-            self.submit_queued();
-        }
-    }
-
-    /// Calls `io_uring_enter`: submits, runs deferred task work and waits for `want` CQEs.
-    pub(super) fn enter(&mut self, want: usize, timeout: Option<Duration>) -> Result<()> {
-        self.stats.enters += 1;
-        let res = match timeout {
-            Some(t) if want > 0 && self.ladder.ext_arg => {
-                let ts = types::Timespec::from(t);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(want, &args)
-            }
-            Some(t) if want > 0 => {
-                // No timeout argument (before 5.11, or forced): a timeout op bounds the wait
-                // (one per `wait`, however often it enters), removed when `wait` returns if
-                // something else woke it first.
-                if self.wait_timeout.is_none() {
-                    let ts = Box::new(types::Timespec::from(t));
-                    let sqe = opcode::Timeout::new(&*ts).build();
-                    let ud = self.start_internal(OpKind::Timeout { _ts: ts }, sqe);
-                    self.wait_timeout = Some(ud);
-                }
-                self.ring.submit_and_wait(want)
-            }
-            _ if want == 0 && self.ladder.defer_taskrun => {
-                // Deferred task work runs only on an enter with GETEVENTS, even without waiting.
-                let n = self.ring.submission().len() as u32;
-                // SAFETY: no argument is passed; the SQEs in the queue obey the ownership rule.
-                unsafe { self.ring.submitter().enter::<libc::sigset_t>(n, 0, 1, None) }
-            }
-            _ => self.ring.submit_and_wait(want),
-        };
-        enter_result(res)
+    /// Ops the kernel may complete: not parked, and the eventfd read only while buffers are out
+    /// as `Bytes` (else nothing but a remote wake-up completes it, and a driver whose ops are
+    /// all parked must not sleep on it; a timed wait sleeps anyway).
+    fn in_kernel(&self) -> usize {
+        let idle_wake = usize::from(self.cross_armed && !self.cross.outstanding());
+        self.ops.len() - self.parked.len() - idle_wake
     }
 
     /// Before entering the kernel: provide returned legacy buffers, re-arm parked receives whose
     /// group has buffers again, unregister abandoned groups.
-    pub(super) fn flush(&mut self) -> Result<()> {
+    fn flush(&mut self) -> Result<()> {
         if self.cross.in_use() {
             self.take_cross_returns();
         }
@@ -248,68 +228,13 @@ impl Driver {
             self.flush_lanes();
         }
         if !self.parked.is_empty() {
-            // Snapshot (and clear) which groups got buffers back *before* re-arming: a refill
-            // noticed while we re-arm stays set for the next flush instead of being lost. Each
-            // refilled group re-arms at most as many parked ops as it has buffers for, oldest
-            // first: re-arming every parked op at each refill sent thousands of receives after
-            // a few buffers, nearly all of them to fail with ENOBUFS again (a busy loop under
-            // load, and no order among the waiting). If some must wait, the group stays
-            // refilled, so the next flush (after these ops' completions) re-arms the next ones.
-            let mut budgets: Vec<(*const GroupShared, u32)> = self
-                .groups
-                .iter()
-                .filter(|g| g.refilled.replace(false))
-                .map(|g| (Rc::as_ptr(g), g.stats().in_kernel.max(1)))
-                .collect();
-            let parked = std::mem::take(&mut self.parked);
-            for key in parked {
-                let group = match &self.ops[key].kind {
-                    OpKind::Recv { group, .. }
-                    | OpKind::Read { group, .. }
-                    | OpKind::RecvMsg { group, .. } => group.clone(),
-                    _ => unreachable!("only buffer-selecting ops park"),
-                };
-                match budgets.iter_mut().find(|(g, _)| *g == Rc::as_ptr(&group)) {
-                    Some((_, budget)) if *budget > 0 => {
-                        *budget -= 1;
-                        group.rearms.set(group.rearms.get() + 1);
-                        self.arm(key);
-                    }
-                    Some(_) => {
-                        group.refilled.set(true);
-                        self.parked.push(key);
-                    }
-                    None => self.parked.push(key),
-                }
-            }
+            self.rearm_parked();
         }
         self.reap_groups();
         if !self.send_rings.is_empty() {
             self.reap_send_rings();
         }
         Ok(())
-    }
-
-    /// Gives buffers dropped on other threads back to their groups, and keeps the eventfd read
-    /// armed so that the next such return wakes a waiting driver.
-    pub(super) fn take_cross_returns(&mut self) {
-        for (serial, bid) in self.cross.take() {
-            // A group the driver has forgotten is not selected from any more: nothing to do.
-            if let Some(g) = self.groups.iter().find(|g| g.serial == serial) {
-                g.release(bid);
-            }
-        }
-        if !self.cross_armed && !self.dropping {
-            let mut counter = Box::new(0u64);
-            let sqe = opcode::Read::new(
-                types::Fd(self.cross.wake_fd()),
-                (&raw mut *counter).cast::<u8>(),
-                8,
-            )
-            .build();
-            self.start_internal(OpKind::Wake { _counter: counter }, sqe);
-            self.cross_armed = true;
-        }
     }
 
     /// Dispatches every CQE in the completion queue.
@@ -331,133 +256,126 @@ impl Driver {
         }
     }
 
-    /// Decides, for each unsettled buffer, whether the kernel still holds it. The kernel's ring
-    /// head is the witness: a buffer at or past it is in the ring and a later completion will
-    /// name it. One before it was let go, unless an op of ours on the group is still in flight
-    /// (it may have consumed the buffer after the completion that named it, and its own
-    /// completion is still to come): then the buffer waits for the group's ops to end. A buffer
-    /// never goes back twice; at worst it waits.
-    pub(super) fn settle(&mut self) {
-        let fd = self.ring.as_raw_fd();
-        let mut pending = std::mem::take(&mut self.unsettled);
-        pending.retain(|(group, bid)| {
-            if !group.registered() {
-                return false; // the kernel forgot the ring: nothing to give back
+    /// Builds the op's SQE from its slot and pushes it. Routes each kind to its capability's
+    /// builder; only the bookkeeping every op shares (its state, the group's count of ops
+    /// selecting from it) is done here.
+    pub(super) fn arm(&mut self, key: usize) {
+        if matches!(self.ops[key].kind, OpKind::Send(_)) {
+            self.arm_send(key, false);
+            return;
+        }
+        let ladder = self.ladder;
+        // Registered memory of another ring's table goes as plain memory (`fixed::slot_in`).
+        let table = self.fixed.as_ref().map(FixedTable::id);
+        let slot = &mut self.ops[key];
+        let ud = user_data(key, slot.gen);
+        slot.state = SlotState::InKernel;
+        if let Some(group) = slot.kind.selecting_group() {
+            group.selecting.set(group.selecting.get() + 1);
+        }
+        let sqe = match &mut slot.kind {
+            OpKind::Recv(op) => op.sqe(&ladder),
+            OpKind::Read(op) => op.sqe(),
+            OpKind::RecvMsg(op) => op.sqe(&ladder),
+            OpKind::Accept { fd } => accept_sqe(fd, &ladder),
+            OpKind::Connect(op) => op.sqe(),
+            OpKind::Fixed(op) => op.sqe(&ladder, table),
+            OpKind::Leader(op) => op.sqe(table),
+            OpKind::LeaseWrite(op) => op.sqe(table),
+            OpKind::LeaseRead(op) => op.sqe(table),
+            OpKind::SendBundle(op) => op.sqe(),
+            OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
+            OpKind::Provide(_)
+            | OpKind::Remove { .. }
+            | OpKind::Timeout { .. }
+            | OpKind::Wake { .. } => {
+                unreachable!("internal ops are pushed where they are built")
             }
-            match sys::buf_ring_head(fd, group.bgid) {
-                Ok(head) if group.ring_holds(*bid, head) => false,
-                Ok(_) if group.selecting.get() == 0 => {
-                    group.put_back_unused(*bid);
-                    false
-                }
-                Ok(_) => true,
-                // No witness: a kernel before 6.8. Those (and every kernel without incremental
-                // rings before 6.12) consumed each buffer a completion named, at its selection
-                // or its completion, so it is ours again.
-                Err(_) => {
-                    group.put_back_unused(*bid);
-                    false
-                }
-            }
-        });
-        pending.append(&mut self.unsettled);
-        self.unsettled = pending;
+        };
+        self.push(sqe.user_data(ud));
     }
 
-    pub(super) fn dispatch(&mut self, cqe: &cqueue::Entry) {
+    /// Hands a CQE to its op's capability: tags of released fixed buffer slots to the table,
+    /// sends (whose attempts and notifications carry their own generations) to `send.rs`,
+    /// every other CQE of a live op to its kind's handler; stale CQEs are counted and dropped.
+    fn dispatch(&mut self, cqe: &cqueue::Entry) {
         let id = OpId {
             ud: cqe.user_data(),
             driver: self.ring_id,
         };
-        if id.ud & fixed::TAG_KEY == fixed::TAG_KEY {
-            // The kernel let go of a released fixed buffer slot.
-            let released = self
-                .fixed
-                .as_ref()
-                .is_some_and(|t| t.tag_done(id.gen() as u16));
-            if !released {
-                self.stats.stray_cqes += 1;
-            }
+        let (res, flags) = (cqe.result(), cqe.flags());
+        if id.ud & TAG_KEY == TAG_KEY {
+            self.complete_tag(id);
             return;
         }
-        let key = id.key();
-        let (res, flags) = (cqe.result(), cqe.flags());
-        let more = cqueue::more(flags);
-        let Some(slot) = self.ops.get_mut(key) else {
-            // A notification the kernel posted after a result without F_MORE, for an op that
-            // has ended (see `SendOp::notif_attempts`): nothing of ours is behind it.
+        if matches!(self.ops.get(id.key()), Some(s) if matches!(s.kind, OpKind::Send(_))) {
+            self.complete_send(id, res, flags);
+            return;
+        }
+        let Some(c) = self.live_cqe(id, res, flags) else {
             self.stats.stray_cqes += 1;
             return;
         };
-        if let OpKind::Send(op) = &slot.kind {
-            let known = if cqueue::notif(flags) {
-                op.notif_attempts.contains(&id.gen())
-            } else {
-                op.cur_ud == id.ud && slot.state == SlotState::InKernel
-            };
-            if known {
-                self.send_completion(key, id.gen(), res, flags);
-            } else {
-                self.stats.stray_cqes += 1;
-            }
-            return;
+        match self.ops[c.key].kind {
+            OpKind::Recv(_) => self.complete_recv(c),
+            OpKind::Read(_) => self.complete_read(c),
+            OpKind::RecvMsg(_) => self.complete_recvmsg(c),
+            OpKind::Accept { .. } => self.complete_accept(c),
+            OpKind::Connect(_) => self.complete_connect(c),
+            OpKind::Fixed(_) => self.complete_fixed_io(c),
+            OpKind::Leader(_) => self.complete_leader(c),
+            OpKind::SendBundle(_) => self.complete_bundle(c),
+            OpKind::LeaseRead(_) => self.complete_lease_read(c),
+            OpKind::LeaseWrite(_) => self.complete_lease_write(c),
+            OpKind::Send(_) => unreachable!("sends are dispatched above"),
+            OpKind::Provide(_) => self.complete_provide(c),
+            OpKind::Remove { .. } => self.complete_remove(c),
+            OpKind::Timeout { .. } => self.complete_timeout(c),
+            OpKind::Wake { .. } => self.complete_wake(c),
         }
-        if slot.gen != id.gen() {
-            self.stats.stray_cqes += 1;
-            return;
-        }
-        let token = slot.token;
-        let cancelled = slot.cancel;
-        if !more {
-            if let Some(group) = selecting_group(&slot.kind) {
+    }
+
+    /// The CQE `id` names, if its op is live: with the slot's token and cancel flag. `None`
+    /// for an op that has ended (a notification the kernel posted after a result without
+    /// `F_MORE`, see `SendOp::notif_attempts`: nothing of ours is behind it) or a slot reused
+    /// since. An op's last CQE ends its selection from its group.
+    fn live_cqe(&mut self, id: OpId, res: i32, flags: u32) -> Option<OpCqe> {
+        let slot = self.ops.get(id.key()).filter(|s| s.gen == id.gen())?;
+        let c = OpCqe {
+            key: id.key(),
+            id,
+            token: slot.token,
+            res,
+            flags,
+            cancelled: slot.cancel,
+        };
+        if !c.more() {
+            if let Some(group) = slot.kind.selecting_group() {
                 group.selecting.set(group.selecting.get() - 1);
             }
         }
-        let done = Done {
-            key,
-            id,
-            token,
-            cancelled,
-            res,
-            flags,
-            more,
-        };
-        match &slot.kind {
-            OpKind::Recv { .. } => self.complete_recv(done),
-            OpKind::Read { .. } => self.complete_read(done),
-            OpKind::RecvMsg { .. } => self.complete_recv_msg(done),
-            OpKind::Accept { .. } => self.complete_accept(done),
-            OpKind::Connect { .. } => self.complete_connect(done),
-            OpKind::Fixed(_) => self.complete_fixed_io(done),
-            OpKind::Leader(_) => self.complete_leader(done),
-            OpKind::SendBundle { .. } => self.complete_send_bundle(done),
-            OpKind::LeaseRead { .. } => self.complete_lease_read(done),
-            OpKind::LeaseWrite { .. } => self.complete_lease_write(done),
-            OpKind::Send(_) => unreachable!("sends are dispatched above"),
-            OpKind::Provide { .. } => self.complete_provide(done),
-            OpKind::Remove { .. } => self.complete_remove(done),
-            OpKind::Timeout { .. } => self.complete_timeout(done),
-            OpKind::Wake { .. } => self.complete_wake(done),
-        }
+        Some(c)
     }
-}
 
-/// An `io_uring_enter`'s outcome: timeouts, interruptions and a busy or full ring are not
-/// errors (the caller's loop goes on).
-pub(super) fn enter_result(res: std::io::Result<usize>) -> Result<()> {
-    match res {
-        Ok(_) => Ok(()),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
-            ) =>
-        {
-            Ok(())
+    /// A wait's timeout op fired (or was removed): bookkeeping, not a completion of the user's.
+    fn complete_timeout(&mut self, c: OpCqe) {
+        self.cleanup_cqes += 1;
+        if self.wait_timeout == Some(c.id.ud) {
+            self.wait_timeout = None; // it fired: nothing to remove
         }
-        Err(e) => Err(Error::Os {
-            op: "io_uring_enter",
-            source: e,
-        }),
+        self.finish_internal(c.key);
+    }
+
+    /// The next completion, if any is ready.
+    pub fn pop(&mut self) -> Option<Completion> {
+        if self.ready.is_empty() {
+            self.collect_lease_returns();
+        }
+        self.ready.pop_front()
+    }
+
+    /// Completions ready to be popped.
+    pub fn ready(&self) -> usize {
+        self.ready.len()
     }
 }

@@ -1,7 +1,30 @@
-//! The fixed buffer table on the ring: registered memory, slots, their release (after the
-//! kernel's tag completion) and sharing the table with the thread's other rings.
+//! The fixed buffer table with the kernel: registered on first use (sparse, 5.19), a slot per
+//! [`FixedBuf`] or registered region, registered with a tag and released with an empty update;
+//! the tag's CQE (`complete_tag`) frees the slot. A table shared by the rings of a thread is
+//! mirrored by cloning slots (6.13) or by registering the memory again. The table's own state
+//! is in `crate::fixed`.
 
-use super::*;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::fixed::{self, FixedBuf, FixedStats, FixedTable, RingRef, MAX_FIXED_LEN};
+use crate::probe::{Features, Force};
+use crate::sys;
+
+use super::op::OpId;
+use super::Driver;
+
+/// Page-aligned memory for a [`FixedBuf`] of `len` bytes.
+fn fixed_mem(len: usize) -> Result<sys::Mmap> {
+    if len == 0 || len > MAX_FIXED_LEN {
+        return Err(Error::InvalidArgument {
+            what: "a registered buffer must hold between 1 byte and 1 GiB",
+        });
+    }
+    sys::Mmap::anonymous(len).map_err(Error::os("allocating registered memory"))
+}
 
 impl Driver {
     /// `len` bytes of page-aligned, zeroed memory registered in the ring's fixed buffer table:
@@ -24,6 +47,8 @@ impl Driver {
     /// }
     /// # Ok::<(), ringpool::Error>(())
     /// ```
+    ///
+    /// [`DriverConfig::fixed_slots`]: crate::DriverConfig::fixed_slots
     pub fn fixed_buf(&mut self, len: usize) -> Result<FixedBuf> {
         let mem = fixed_mem(len)?;
         let slot = self.register_fixed(&mem)?;
@@ -78,7 +103,7 @@ impl Driver {
     }
 
     /// Whether this ring may have a fixed buffer table: the kernel's, or the forced rung's, error.
-    pub(super) fn fixed_available(&self) -> Result<()> {
+    fn fixed_available(&self) -> Result<()> {
         if self.ladder.fixed {
             return Ok(());
         }
@@ -96,7 +121,7 @@ impl Driver {
         })
     }
 
-    pub(super) fn ring_ref(&self) -> RingRef {
+    fn ring_ref(&self) -> RingRef {
         RingRef {
             id: self.ring_id,
             fd: self.ring.as_raw_fd(),
@@ -232,11 +257,7 @@ impl Driver {
 
     /// Empties `slot` in every ring of the table (best effort for the other rings: a failure
     /// there leaves a registration the kernel frees with that ring).
-    pub(super) fn empty_slot_everywhere(
-        &mut self,
-        table: &FixedTable,
-        slot: u16,
-    ) -> std::io::Result<()> {
+    fn empty_slot_everywhere(&mut self, table: &FixedTable, slot: u16) -> std::io::Result<()> {
         let empty = libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
@@ -259,11 +280,7 @@ impl Driver {
 
     /// The table is full: if slots are being released, give the kernel a moment (50 ms at
     /// most) to confirm one whose last op is done.
-    pub(super) fn take_released_slot(
-        &mut self,
-        table: &Rc<FixedTable>,
-        mem: &sys::Mmap,
-    ) -> Result<u16> {
+    fn take_released_slot(&mut self, table: &Rc<FixedTable>, mem: &sys::Mmap) -> Result<u16> {
         let deadline = Instant::now() + Duration::from_millis(50);
         loop {
             if table.stats().releasing == 0 || Instant::now() >= deadline {
@@ -298,14 +315,16 @@ impl Driver {
         }
         Ok(())
     }
-}
 
-/// Page-aligned memory for a [`FixedBuf`] of `len` bytes.
-pub(super) fn fixed_mem(len: usize) -> Result<sys::Mmap> {
-    if len == 0 || len > MAX_FIXED_LEN {
-        return Err(Error::InvalidArgument {
-            what: "a registered buffer must hold between 1 byte and 1 GiB",
-        });
+    /// A tag CQE: the kernel let go of a released fixed buffer slot (its number is in the high
+    /// half of the `user_data`), which is free now.
+    pub(super) fn complete_tag(&mut self, id: OpId) {
+        let released = self
+            .fixed
+            .as_ref()
+            .is_some_and(|t| t.tag_done(id.gen() as u16));
+        if !released {
+            self.stats.stray_cqes += 1;
+        }
     }
-    sys::Mmap::anonymous(len).map_err(Error::os("allocating registered memory"))
 }
