@@ -436,7 +436,35 @@ pub fn serve(
         }
     }
     accept.cancel(driver);
+    drain_at_stop(driver, group, &mut pairs)?;
     Ok(summary)
+}
+
+/// How long a stopping proxy waits for its buffers to come home.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// At stop: every connection's ops are cancelled and the buffers its directions hold are
+/// dropped; then the driver runs until every buffer of the group is home (the kernel's last
+/// zero-copy notifications included), at most [`DRAIN_LIMIT`], so that the statistics read
+/// after this say where each buffer is.
+fn drain_at_stop(
+    driver: &mut Driver,
+    group: &ringpool::BufGroup,
+    pairs: &mut slab::Slab<Pair>,
+) -> ringpool::Result<()> {
+    for (_, pair) in pairs.iter() {
+        for fd in [&pair.client, &pair.upstream].into_iter().flatten() {
+            driver.cancel_fd(fd);
+        }
+    }
+    pairs.clear();
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while group.stats().in_user > 0 && Instant::now() < deadline {
+        driver.wait(Some(Duration::from_millis(10)))?;
+        // What completes now has no connection left to go to: its buffers go home as it drops.
+        while driver.pop().is_some() {}
+    }
+    Ok(())
 }
 
 /// The pairs whose upstream connect is pending, oldest first: each is reset when its connect
