@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fallback ladder on real older kernels: boots Debian's 5.10, 6.1 and 6.12 kernels under QEMU
+# The fallback ladder on real kernels: boots Debian's 5.10, 6.1, 6.12 and 7.3 kernels under QEMU
 # (software emulation, no KVM needed) with the `ringpool` crate's integration tests in an
 # initramfs, runs them there (`kernel_rungs` first: the rung the probe chose for each capability)
 # and fails unless every guest reports success. See docs/KERNEL-MATRIX.md.
@@ -18,14 +18,16 @@ PROJ=$(cd "$HERE/.." && pwd)
 CACHE=${RINGPOOL_MATRIX_CACHE:-/var/cache/ringpool-matrix}
 OUT=${RINGPOOL_MATRIX_OUT:-$PROJ/target/kernel-matrix}
 # Exact package names: Debian drops superseded kernel ABIs from the archive, so pin and cache.
-KERNELS=${KERNELS:-"linux-image-5.10.0-32-cloud-amd64-unsigned linux-image-6.1.0-56-cloud-amd64-unsigned linux-image-6.12.107+deb13-cloud-amd64-unsigned"}
+# From 7.x Debian splits the image: `linux-binary-*` has the kernel (usr/lib/modules/<v>/vmlinuz),
+# `linux-base-*` its config; a `linux-binary-` name here fetches both.
+KERNELS=${KERNELS:-"linux-image-5.10.0-32-cloud-amd64-unsigned linux-image-6.1.0-56-cloud-amd64-unsigned linux-image-6.12.107+deb13-cloud-amd64-unsigned linux-binary-7.3.4+deb13-cloud-amd64"}
 TESTARGS=${TESTARGS:-}          # extra arguments for every test binary in the guest
 # Time bounds. A guest normally boots in 6-11 s and runs the suite in 45-90 s (TCG on a busy
 # 2-core host; the slowest test, backpressure's 64 MiB stream, takes 20-50 s).
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}   # seconds one test may run inside a guest
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-90}    # seconds until the guest must say GUEST-UP
 GUEST_TIMEOUT=${GUEST_TIMEOUT:-300} # seconds one guest may run in all
-MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-840} # seconds all guests together may run (they take 450-650 s)
+MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-1080} # seconds all guests together may run (they take 600-850 s)
 SMP=${SMP:-2}
 # QEMU 7.2 (bookworm) crashed in 7 of 21 boots of 6.12 with -smp 2; QEMU 10 from
 # bookworm-backports, only unpacked (dpkg -x), booted 20 of 20. QEMU_BPO=0 uses the system QEMU.
@@ -60,7 +62,7 @@ SEC=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | gre
 MAIN=${MAIN:-http://deb.debian.org/debian}
 SEC=${SEC:-http://deb.debian.org/debian-security}
 {
-  for suite in bullseye bookworm trixie bookworm-backports; do echo "deb [signed-by=$K] $MAIN $suite main"; done
+  for suite in bullseye bookworm trixie bookworm-backports trixie-backports; do echo "deb [signed-by=$K] $MAIN $suite main"; done
   for suite in bullseye-security bookworm-security trixie-security; do echo "deb [signed-by=$K] $SEC $suite main"; done
 } >"$CACHE/apt/sources.list"
 APTO=(-o Dir::Etc::sourcelist="$CACHE/apt/sources.list" -o Dir::Etc::sourceparts="$CACHE/apt/parts"
@@ -86,18 +88,26 @@ for pkg in $KERNELS; do
   dir="$CACHE/kernels/$pkg"
   if [ ! -f "$dir/vmlinuz" ]; then
     say "downloading $pkg"
-    rm -f "$CACHE/debs/${pkg}"_*.deb
-    if ! fetch "$pkg" || ! ls "$CACHE/debs/${pkg}"_*.deb >/dev/null 2>&1; then
-      say "SKIPPED $pkg: kernel package $pkg unavailable from the archive (not a ringpool test failure)"
+    pkgs=("$pkg")
+    case $pkg in linux-binary-*) pkgs+=("linux-base-${pkg#linux-binary-}") ;; esac
+    got=1
+    for p in "${pkgs[@]}"; do
+      rm -f "$CACHE/debs/${p}"_*.deb
+      if ! fetch "$p" || ! ls "$CACHE/debs/${p}"_*.deb >/dev/null 2>&1; then got=0; fi
+    done
+    if [ $got = 0 ]; then
+      say "SKIPPED $pkg: kernel package ${pkgs[*]} unavailable from the archive (not a ringpool test failure)"
       skipped+=("$pkg")
       continue
     fi
     x="$CACHE/x.$$"
-    rm -rf "$x" && dpkg -x "$CACHE/debs/${pkg}"_*.deb "$x"
+    rm -rf "$x"
+    for p in "${pkgs[@]}"; do dpkg -x "$CACHE/debs/${p}"_*.deb "$x"; done
     mkdir -p "$dir.tmp"
-    cp "$x"/boot/vmlinuz-* "$dir.tmp/vmlinuz"
-    cp "$x"/boot/config-* "$dir.tmp/config"
-    rm -rf "$x" "$CACHE/debs/${pkg}"_*.deb
+    cp "$x"/boot/vmlinuz-* "$dir.tmp/vmlinuz" 2>/dev/null || cp "$x"/usr/lib/modules/*/vmlinuz "$dir.tmp/vmlinuz"
+    cp "$x"/boot/config-* "$dir.tmp/config" 2>/dev/null || cp "$x"/usr/lib/modules/*/config "$dir.tmp/config"
+    rm -rf "$x"
+    for p in "${pkgs[@]}"; do rm -f "$CACHE/debs/${p}"_*.deb; done
     grep -q '^CONFIG_IO_URING=y' "$dir.tmp/config" || die "$pkg: kernel built without CONFIG_IO_URING"
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
   fi

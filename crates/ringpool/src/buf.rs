@@ -362,6 +362,8 @@ pub enum SendBuf {
     },
     /// Leased bytes (a member of a lease group, or a lease lent again).
     Leased(Lease),
+    /// Bytes received into a zero-copy receive area, sent on from the same memory.
+    Zcrx(crate::zcrx::ZcrxBuf),
 }
 
 impl SendBuf {
@@ -372,13 +374,14 @@ impl SendBuf {
             SendBuf::Chain(c) => c.len(),
             SendBuf::Fixed { range, .. } => range.len(),
             SendBuf::Leased(l) => l.len(),
+            SendBuf::Zcrx(b) => b.len(),
         }
     }
 
     /// The fixed table slot the bytes are registered in, if any.
     pub fn fixed_slot(&self) -> Option<u16> {
         match self {
-            SendBuf::Owned(_) => None,
+            SendBuf::Owned(_) | SendBuf::Zcrx(_) => None,
             SendBuf::Chain(c) => c.fixed_slot(),
             SendBuf::Fixed { buf, .. } => buf.slot(),
             SendBuf::Leased(l) => l.fixed_slot(),
@@ -393,7 +396,7 @@ impl SendBuf {
     /// The slot for ops of a ring whose table is `table` ([`crate::fixed::slot_in`]).
     pub(crate) fn fixed_slot_in(&self, table: Option<usize>) -> Option<u16> {
         match self {
-            SendBuf::Owned(_) => None,
+            SendBuf::Owned(_) | SendBuf::Zcrx(_) => None,
             SendBuf::Chain(c) => c.fixed_slot_in(table),
             SendBuf::Fixed { buf, .. } => buf.slot_in(table),
             SendBuf::Leased(l) => l.fixed_slot_in(table),
@@ -420,6 +423,7 @@ impl SendBuf {
             SendBuf::Chain(c) => c.iter().for_each(|b| push(b)),
             SendBuf::Fixed { buf, range } => push(&buf[range.clone()]),
             SendBuf::Leased(l) => push(l),
+            SendBuf::Zcrx(b) => push(b),
         }
     }
 }
@@ -427,6 +431,12 @@ impl SendBuf {
 impl From<Vec<u8>> for SendBuf {
     fn from(v: Vec<u8>) -> Self {
         SendBuf::Owned(v)
+    }
+}
+
+impl From<crate::zcrx::ZcrxBuf> for SendBuf {
+    fn from(b: crate::zcrx::ZcrxBuf) -> Self {
+        SendBuf::Zcrx(b)
     }
 }
 

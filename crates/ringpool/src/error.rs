@@ -184,6 +184,21 @@ pub enum Error {
         /// The forced rung's name.
         rung: &'static str,
     },
+    /// A zero-copy receive area could not be registered; `reason` says why and what would
+    /// make it work. Receiving through buffer groups ([`Driver::recv`](crate::Driver::recv))
+    /// is the fallback.
+    ///
+    /// # Examples
+    /// ```
+    /// use ringpool::{Error, ZcrxRefusal};
+    /// let e = Error::ZcrxUnavailable { reason: ZcrxRefusal::NoCapNetAdmin };
+    /// assert!(e.to_string().contains("CAP_NET_ADMIN"));
+    /// ```
+    #[error("zero-copy receive is not available: {reason}")]
+    ZcrxUnavailable {
+        /// Why.
+        reason: crate::ZcrxRefusal,
+    },
     /// `RINGPOOL_FORCE` or a builder option named an unknown rung.
     #[error("unknown fallback rung {name:?} (known: {known})")]
     UnknownRung {

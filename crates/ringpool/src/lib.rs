@@ -56,6 +56,7 @@ pub mod rt;
 mod send_ring;
 pub mod sys;
 mod zc;
+mod zcrx;
 
 pub use buf::{BufChain, Datagram, PooledBuf, SendBuf};
 pub use driver::{
@@ -65,9 +66,13 @@ pub use error::{Error, Result};
 pub use fixed::{FixedBuf, FixedStats, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
 pub use lease::{Lease, Member};
 pub use pool::{BufGroup, BufGroupConfig, GroupStats, Registration, MAX_BUF_SIZE};
-pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung};
+pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung, ZcrxProbe, ZcrxRung};
 pub use send_ring::SendRing;
 pub use sys::PageBacking;
+pub use zcrx::{
+    ZcrxArea, ZcrxBuf, ZcrxConfig, ZcrxRefusal, ZcrxSource, ZcrxStats, MAX_ZCRX_BUFFERS,
+    ZCRX_BUF_SIZE,
+};
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

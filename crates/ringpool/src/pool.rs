@@ -236,7 +236,7 @@ struct IncState {
     kernel_done: bool,
 }
 
-static NEXT_GROUP_SERIAL: AtomicU64 = AtomicU64::new(1);
+pub(crate) static NEXT_GROUP_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 /// Buffers that went home from other threads (a [`PooledBuf`](crate::PooledBuf) turned into
 /// `bytes::Bytes` was dropped there), per driver. The driver's thread gives them back to their

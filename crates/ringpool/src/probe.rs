@@ -71,6 +71,21 @@ pub struct Features {
     pub ext_arg: bool,
     /// How much memory this process may register.
     pub memlock: Memlock,
+    /// `IORING_OP_RECV_ZC` (6.15): zero-copy receive from a NIC queue.
+    pub zcrx: bool,
+    /// Whether a device-less zero-copy receive area (`ZCRX_REG_NODEV`, 7.1) registers here.
+    pub zcrx_device_less: ZcrxProbe,
+}
+
+/// What registering a device-less zero-copy receive area did when the probe tried it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZcrxProbe {
+    /// It registered.
+    Works,
+    /// The kernel refused this process (`EPERM`: registering needs `CAP_NET_ADMIN`).
+    NoCapNetAdmin,
+    /// The kernel has no device-less mode (before 7.1) or no zero-copy receive at all.
+    NotInKernel,
 }
 
 static FEATURES: OnceLock<Features> = OnceLock::new();
@@ -122,6 +137,8 @@ fn detect() -> Features {
         defer_taskrun: false,
         ext_arg: false,
         memlock,
+        zcrx: false,
+        zcrx_device_less: ZcrxProbe::NotInKernel,
     };
     let mut ring = match IoUring::new(8) {
         Ok(ring) => ring,
@@ -160,7 +177,53 @@ fn detect() -> Features {
     if f.send_zc {
         f.zc_report_usage = try_zc_report_usage(&mut ring).unwrap_or(false);
     }
+    f.zcrx = f.opcode(opcode::RecvZc::CODE);
+    if f.zcrx && f.defer_taskrun {
+        f.zcrx_device_less = try_zcrx_device_less();
+    }
     f
+}
+
+/// Registers a one-buffer device-less zero-copy receive area on a ring of its own (closed
+/// right after, which unregisters it).
+fn try_zcrx_device_less() -> ZcrxProbe {
+    let Ok(ring) = IoUring::<squeue::Entry, cqueue::Entry32>::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(8)
+    else {
+        return ZcrxProbe::NotInKernel;
+    };
+    let (Ok(area), Ok(region)) = (Mmap::anonymous(4096), Mmap::anonymous(4096)) else {
+        return ZcrxProbe::NotInKernel;
+    };
+    let mut area_reg = sys::ZcrxAreaReg {
+        addr: area.as_ptr() as u64,
+        len: 4096,
+        ..Default::default()
+    };
+    let mut region_desc = sys::RegionDesc {
+        user_addr: region.as_ptr() as u64,
+        size: 4096,
+        flags: sys::IORING_MEM_REGION_TYPE_USER,
+        ..Default::default()
+    };
+    let mut reg = sys::ZcrxIfqReg {
+        rq_entries: 1,
+        flags: sys::ZCRX_REG_NODEV,
+        area_ptr: &raw mut area_reg as u64,
+        region_ptr: &raw mut region_desc as u64,
+        ..Default::default()
+    };
+    // SAFETY: a live ring of ours; `area` and `region` stay mapped until after the ring is
+    // closed (dropped explicitly below, before them), which ends the kernel's use of both.
+    let res = unsafe { sys::register_zcrx_ifq(ring.as_raw_fd(), &mut reg) };
+    drop(ring);
+    match res {
+        Ok(()) => ZcrxProbe::Works,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => ZcrxProbe::NoCapNetAdmin,
+        Err(_) => ZcrxProbe::NotInKernel,
+    }
 }
 
 /// Sends one byte with `SEND_ZC | REPORT_USAGE` on loopback TCP and collects both CQEs.
@@ -374,6 +437,8 @@ pub enum Force {
     NoVectoredFixed,
     /// `no-clone`: a shared fixed buffer table registers memory in each ring instead of cloning.
     NoClone,
+    /// `no-zcrx`: no zero-copy receive areas (receives go through buffer groups).
+    NoZcrx,
 }
 
 const FORCE_NAMES: &[(&str, Force)] = &[
@@ -388,9 +453,11 @@ const FORCE_NAMES: &[(&str, Force)] = &[
     ("no-fixed", Force::NoFixed),
     ("no-vectored-fixed", Force::NoVectoredFixed),
     ("no-clone", Force::NoClone),
+    ("no-zcrx", Force::NoZcrx),
 ];
 const FORCE_KNOWN: &str = "legacy-provide, no-incremental, no-bundle, no-multishot, \
-     no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc, no-fixed, no-vectored-fixed, no-clone";
+     no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc, no-fixed, no-vectored-fixed, no-clone, \
+     no-zcrx";
 
 impl Force {
     /// The rung's name as `RINGPOOL_FORCE` spells it.
@@ -466,6 +533,18 @@ pub enum ZcRung {
     Plain,
 }
 
+/// Where received bytes can land without a copy by the application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZcrxRung {
+    /// Zero-copy receive areas, device-less ones included (7.1): any TCP socket.
+    DeviceLess,
+    /// Zero-copy receive from NIC queues only (6.15; the kernel has no device-less mode, or
+    /// this process may not register one: see [`Features::zcrx_device_less`]).
+    NicOnly,
+    /// None: receives go through buffer groups.
+    Groups,
+}
+
 /// The rung of the fallback ladder chosen for each capability, once, at driver start.
 ///
 /// # Examples
@@ -501,6 +580,8 @@ pub struct Ladder {
     /// A shared fixed buffer table clones each registration into the other rings (6.13); else
     /// it registers the same memory in each ring (pinned once per ring).
     pub clone_buffers: bool,
+    /// Zero-copy receive areas (they also need `DEFER_TASKRUN`).
+    pub zcrx: ZcrxRung,
 }
 
 impl Ladder {
@@ -546,6 +627,14 @@ impl Ladder {
                 && f.clone_buffers
                 && !has(Force::NoFixed)
                 && !has(Force::NoClone),
+            zcrx: if !f.zcrx || !f.defer_taskrun || has(Force::NoZcrx) || has(Force::NoDeferTaskrun)
+            {
+                ZcrxRung::Groups
+            } else if f.zcrx_device_less == ZcrxProbe::Works {
+                ZcrxRung::DeviceLess
+            } else {
+                ZcrxRung::NicOnly
+            },
         }
     }
 
@@ -636,6 +725,14 @@ impl Ladder {
                     "enter with timeout argument"
                 } else {
                     "timeout op"
+                },
+            ),
+            (
+                "zero-copy receive",
+                match self.zcrx {
+                    ZcrxRung::DeviceLess => "zcrx areas, device-less included",
+                    ZcrxRung::NicOnly => "zcrx on NIC queues only",
+                    ZcrxRung::Groups => "buffer groups",
                 },
             ),
         ]

@@ -558,3 +558,185 @@ mod tests {
         assert!(Mmap::anonymous(0).is_err());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Zero-copy receive (zcrx): `IORING_REGISTER_ZCRX_IFQ` (6.15), `ZCRX_REG_NODEV` and
+// `IORING_REGISTER_ZCRX_CTRL` (7.1). The layouts are those of the 7.3 uapi header
+// (`linux/io_uring/zcrx.h`); the io-uring crate has an older `io_uring_zcrx_ifq_reg` without
+// `rx_buf_len` and `event_desc`, so ringpool defines its own.
+
+/// `IORING_REGISTER_ZCRX_IFQ` (6.15): registers an interface queue with its area and refill queue.
+pub const IORING_REGISTER_ZCRX_IFQ: u32 = 32;
+/// `IORING_REGISTER_ZCRX_CTRL` (7.1): auxiliary zcrx requests (`ZCRX_CTRL_FLUSH_RQ`, ...).
+pub const IORING_REGISTER_ZCRX_CTRL: u32 = 36;
+/// `ZCRX_REG_NODEV` (7.1): a zcrx instance without a network device; the kernel copies every
+/// received byte into the area, and consumes the refill queue only when flushed.
+pub const ZCRX_REG_NODEV: u32 = 2;
+/// `ZCRX_CTRL_FLUSH_RQ` (7.1): the kernel takes back every buffer in the refill queue now.
+pub const ZCRX_CTRL_FLUSH_RQ: u32 = 0;
+/// `IORING_MEM_REGION_TYPE_USER` (6.13): a region of memory the user mapped.
+pub const IORING_MEM_REGION_TYPE_USER: u32 = 1;
+/// `IORING_ZCRX_AREA_SHIFT` (6.15): a received buffer's offset carries its area's id from this
+/// bit up.
+pub const IORING_ZCRX_AREA_SHIFT: u32 = 48;
+/// Room for the refill queue's header in its region (the kernel's `struct io_uring`: head and
+/// tail, each on its own 64-byte cache line); the entries follow, where the offsets say.
+pub const ZCRX_RQ_HEADER: usize = 128;
+
+/// `struct io_uring_zcrx_rqe` (6.15): one buffer handed back through the refill queue.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZcrxRqe {
+    /// The area's token (`rq_area_token`) or'ed with the buffer's offset in the area.
+    pub off: u64,
+    /// The buffer's length.
+    pub len: u32,
+    /// Zero.
+    pub pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<ZcrxRqe>() == 16);
+
+/// `struct io_uring_zcrx_area_reg` (6.15).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct ZcrxAreaReg {
+    /// Start of the area (page-aligned user memory).
+    pub addr: u64,
+    /// Length of the area (a multiple of the page size).
+    pub len: u64,
+    /// Out: the token to or into refill entries of this area.
+    pub rq_area_token: u64,
+    /// `IORING_ZCRX_AREA_DMABUF` or 0.
+    pub flags: u32,
+    /// The dmabuf, with `IORING_ZCRX_AREA_DMABUF`.
+    pub dmabuf_fd: u32,
+    /// Zero.
+    pub resv2: [u64; 2],
+}
+
+/// `struct io_uring_region_desc` (6.13).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct RegionDesc {
+    /// The memory, with `IORING_MEM_REGION_TYPE_USER`.
+    pub user_addr: u64,
+    /// Its length.
+    pub size: u64,
+    /// `IORING_MEM_REGION_TYPE_USER` or 0 (the kernel allocates; mapped at `mmap_offset`).
+    pub flags: u32,
+    /// Zero.
+    pub id: u32,
+    /// Out: where to map a kernel-allocated region.
+    pub mmap_offset: u64,
+    /// Zero.
+    pub resv: [u64; 4],
+}
+
+/// `struct io_uring_zcrx_offsets` (6.15): where the refill queue's parts are in its region.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ZcrxOffsets {
+    /// The kernel's head (`u32`).
+    pub head: u32,
+    /// The user's tail (`u32`).
+    pub tail: u32,
+    /// The entries.
+    pub rqes: u32,
+    /// Zero.
+    pub resv2: u32,
+    /// Zero.
+    pub resv: [u64; 2],
+}
+
+/// `struct io_uring_zcrx_ifq_reg` (7.1 layout).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct ZcrxIfqReg {
+    /// Interface index (0 with `ZCRX_REG_NODEV`).
+    pub if_idx: u32,
+    /// Receive queue of the interface.
+    pub if_rxq: u32,
+    /// Refill queue entries (a power of two; the kernel may round it, and writes back the size).
+    pub rq_entries: u32,
+    /// `ZCRX_REG_*`.
+    pub flags: u32,
+    /// A `ZcrxAreaReg`.
+    pub area_ptr: u64,
+    /// A `RegionDesc` for the refill queue.
+    pub region_ptr: u64,
+    /// Out: the refill queue's layout.
+    pub offsets: ZcrxOffsets,
+    /// Out: the instance's id, for `RECV_ZC` and control requests.
+    pub zcrx_id: u32,
+    /// Receive buffer length (0: the page size; the only choice with `ZCRX_REG_NODEV`).
+    pub rx_buf_len: u32,
+    /// A `zcrx_event_desc`, or 0.
+    pub event_desc: u64,
+    /// Zero.
+    pub resv: [u64; 2],
+}
+const _: () = assert!(std::mem::size_of::<ZcrxIfqReg>() == 96);
+
+/// `struct zcrx_ctrl` (7.1) with its 48-byte union zeroed (what `ZCRX_CTRL_FLUSH_RQ` takes).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct ZcrxCtrl {
+    zcrx_id: u32,
+    op: u32,
+    resv: [u64; 2],
+    args: [u64; 6],
+}
+const _: () = assert!(std::mem::size_of::<ZcrxCtrl>() == 72);
+
+/// Registers a zcrx interface queue on `ring`: `reg` names the area and the refill queue's
+/// region; the kernel fills in the offsets, the id and the area's token.
+///
+/// # Safety
+/// `ring` must be a live io_uring descriptor. The area and the region `reg` points to must stay
+/// mapped for as long as the ring lives (the kernel pins them and writes received bytes into
+/// the area, its head into the region).
+pub unsafe fn register_zcrx_ifq(ring: std::os::fd::RawFd, reg: &mut ZcrxIfqReg) -> io::Result<()> {
+    // SAFETY: io_uring_register reads and writes one `struct io_uring_zcrx_ifq_reg` (and the
+    // area and region descriptors it points to, which the caller keeps alive across the call);
+    // the caller vouches for the descriptor and the memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring,
+            IORING_REGISTER_ZCRX_IFQ,
+            reg as *mut ZcrxIfqReg,
+            1,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Asks the kernel to take back every buffer in the refill queue of zcrx instance `zcrx_id`
+/// (`ZCRX_CTRL_FLUSH_RQ`, 7.1; a device-less instance takes them back only so).
+pub fn zcrx_flush_rq(ring: std::os::fd::RawFd, zcrx_id: u32) -> io::Result<()> {
+    let ctrl = ZcrxCtrl {
+        zcrx_id,
+        op: ZCRX_CTRL_FLUSH_RQ,
+        ..ZcrxCtrl::default()
+    };
+    // SAFETY: io_uring_register reads one `struct zcrx_ctrl` from `ctrl`, which lives across the
+    // call; it names no memory. A descriptor that is not a ring is refused with an error.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring,
+            IORING_REGISTER_ZCRX_CTRL,
+            &ctrl as *const ZcrxCtrl,
+            0,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

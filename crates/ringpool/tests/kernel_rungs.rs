@@ -1,15 +1,15 @@
 //! The rung of the fallback ladder the probe must choose on each kernel we test on.
 //!
 //! One row per kernel series (major.minor): what the probe must find and the ladder it must
-//! choose. `ci/kernel-matrix.sh` boots Debian's 5.10, 6.1 and 6.12 kernels under QEMU and runs
+//! choose. `ci/kernel-matrix.sh` boots Debian's 5.10, 6.1, 6.12 and 7.3 kernels under QEMU and runs
 //! this test first in each guest; the host (6.18) runs it with the workspace's tests. The rows are
 //! what those kernels really reported, and agree with the kernel versions that introduced each
 //! feature (see `docs/KERNEL-MATRIX.md`).
 //!
 //! A kernel without a row is skipped visibly; with `RINGPOOL_REQUIRE_ALL=1`, a kernel newer than
-//! the host's row is held to the host's row and an older unknown one fails.
+//! the host's row is held to the newest row below it and an older unknown one fails.
 
-use ringpool::{Features, GroupRung, Ladder, MultishotRung, ZcRung};
+use ringpool::{Features, GroupRung, Ladder, MultishotRung, ZcRung, ZcrxProbe, ZcrxRung};
 
 /// What one kernel series must report and the ladder the probe must choose on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,10 @@ struct Row {
     defer_taskrun: bool,
     /// `IORING_FEAT_EXT_ARG` (5.11).
     ext_arg: bool,
+    /// `IORING_OP_RECV_ZC` (6.15).
+    zcrx: bool,
+    /// A device-less zero-copy receive area registers (`ZCRX_REG_NODEV`, 7.1; as root).
+    zcrx_device_less: ZcrxProbe,
     /// The rungs `Ladder::choose(features, &[])` must pick.
     ladder: Rungs,
 }
@@ -61,6 +65,7 @@ struct Rungs {
     fixed: bool,
     vectored_fixed: bool,
     clone_buffers: bool,
+    zcrx: ZcrxRung,
 }
 
 impl From<Ladder> for Rungs {
@@ -77,6 +82,7 @@ impl From<Ladder> for Rungs {
             fixed: l.fixed,
             vectored_fixed: l.vectored_fixed,
             clone_buffers: l.clone_buffers,
+            zcrx: l.zcrx,
         }
     }
 }
@@ -102,6 +108,8 @@ const K5_10: Row = Row {
     clone_buffers: false,
     defer_taskrun: false,
     ext_arg: true,
+    zcrx: false,
+    zcrx_device_less: ZcrxProbe::NotInKernel,
     ladder: Rungs {
         groups: GroupRung::Legacy,
         bundle: false,
@@ -114,6 +122,7 @@ const K5_10: Row = Row {
         fixed: false,
         vectored_fixed: false,
         clone_buffers: false,
+        zcrx: ZcrxRung::Groups,
     },
 };
 
@@ -136,6 +145,8 @@ const K6_1: Row = Row {
     clone_buffers: false,
     defer_taskrun: true,
     ext_arg: true,
+    zcrx: false,
+    zcrx_device_less: ZcrxProbe::NotInKernel,
     ladder: Rungs {
         groups: GroupRung::Ring { incremental: false },
         bundle: false,
@@ -148,6 +159,7 @@ const K6_1: Row = Row {
         fixed: true,
         vectored_fixed: false,
         clone_buffers: false,
+        zcrx: ZcrxRung::Groups,
     },
 };
 
@@ -168,6 +180,8 @@ const K6_12: Row = Row {
     clone_buffers: false,
     defer_taskrun: true,
     ext_arg: true,
+    zcrx: false,
+    zcrx_device_less: ZcrxProbe::NotInKernel,
     ladder: Rungs {
         groups: GroupRung::Ring { incremental: true },
         bundle: true,
@@ -180,27 +194,45 @@ const K6_12: Row = Row {
         fixed: true,
         vectored_fixed: false,
         clone_buffers: false,
+        zcrx: ZcrxRung::Groups,
     },
 };
 
-/// The development host's 6.18: everything.
+/// The development host's 6.18: everything but device-less zero-copy receive (7.1): zcrx on
+/// NIC queues only (loopback and virtio_net cannot).
 const HOST: Row = Row {
     vectored_fixed: true,
     clone_buffers: true,
+    zcrx: true,
+    zcrx_device_less: ZcrxProbe::NotInKernel,
     ladder: Rungs {
         vectored_fixed: true,
         clone_buffers: true,
+        zcrx: ZcrxRung::NicOnly,
         ..K6_12.ladder
     },
     ..K6_12
 };
 
-/// The rows, by (major, minor).
+/// Debian trixie-backports' 7.3 (7.3.4): the host's rungs, and device-less zero-copy receive
+/// areas (as root).
+const K7_3: Row = Row {
+    zcrx_device_less: ZcrxProbe::Works,
+    ladder: Rungs {
+        zcrx: ZcrxRung::DeviceLess,
+        ..HOST.ladder
+    },
+    ..HOST
+};
+
+/// The rows, by (major, minor). The host's row is the one `RINGPOOL_REQUIRE_ALL=1` holds an
+/// untabled newer kernel to.
 const TABLE: &[((u32, u32), Row)] = &[
     ((5, 10), K5_10),
     ((6, 1), K6_1),
     ((6, 12), K6_12),
     ((6, 18), HOST),
+    ((7, 3), K7_3),
 ];
 
 fn require_all() -> bool {
@@ -212,18 +244,23 @@ fn row_for(major: u32, minor: u32) -> Option<Row> {
     if let Some((_, row)) = TABLE.iter().find(|(k, _)| *k == (major, minor)) {
         return Some(*row);
     }
-    let host = TABLE.last().expect("the table has a host row").0;
+    let host = (6, 18);
     if require_all() {
         assert!(
             (major, minor) >= host,
             "no rung table entry for kernel {major}.{minor} and RINGPOOL_REQUIRE_ALL=1"
         );
+        let (k, row) = TABLE
+            .iter()
+            .rev()
+            .find(|(k, _)| *k <= (major, minor))
+            .expect("the host row is below");
         eprintln!(
             "kernel {major}.{minor} has no rung table entry; RINGPOOL_REQUIRE_ALL=1: using the \
-             host entry ({}.{})",
-            host.0, host.1
+             newest entry below it ({}.{})",
+            k.0, k.1
         );
-        return Some(HOST);
+        return Some(*row);
     }
     eprintln!("skipped: no rung table entry for kernel {major}.{minor}");
     None
@@ -246,6 +283,8 @@ fn observed(f: &Features) -> Row {
         clone_buffers: f.clone_buffers,
         defer_taskrun: f.defer_taskrun,
         ext_arg: f.ext_arg,
+        zcrx: f.zcrx,
+        zcrx_device_less: f.zcrx_device_less,
         ladder: Ladder::choose(f, &[]).into(),
     }
 }
@@ -281,6 +320,8 @@ fn differences(want: &Row, got: &Row) -> Vec<String> {
     field!(clone_buffers);
     field!(defer_taskrun);
     field!(ext_arg);
+    field!(zcrx);
+    field!(zcrx_device_less);
     field!(ladder.groups);
     field!(ladder.bundle);
     field!(ladder.recv);
@@ -292,6 +333,7 @@ fn differences(want: &Row, got: &Row) -> Vec<String> {
     field!(ladder.fixed);
     field!(ladder.vectored_fixed);
     field!(ladder.clone_buffers);
+    field!(ladder.zcrx);
     out
 }
 
@@ -320,6 +362,8 @@ fn probe_chooses_the_tabled_rungs_for_this_kernel() {
         ("vectored_fixed", got.vectored_fixed),
         ("defer_taskrun", got.defer_taskrun),
         ("ext_arg", got.ext_arg),
+        ("zcrx", got.zcrx),
+        ("zcrx_device_less", got.zcrx_device_less == ZcrxProbe::Works),
     ] {
         eprintln!("  feature {name}: {}", if value { "yes" } else { "no" });
     }
@@ -361,6 +405,8 @@ fn rows_follow_the_ladder_rules() {
         f.clone_buffers = row.clone_buffers;
         f.defer_taskrun = row.defer_taskrun;
         f.ext_arg = row.ext_arg;
+        f.zcrx = row.zcrx;
+        f.zcrx_device_less = row.zcrx_device_less;
         let diff = differences(row, &observed(&f));
         assert!(
             diff.is_empty(),

@@ -246,6 +246,8 @@ impl Driver {
             // A group the driver has forgotten is not selected from any more: nothing to do.
             if let Some(g) = self.groups.iter().find(|g| g.serial == serial) {
                 g.release(bid);
+            } else if let Some(a) = self.zcrx_areas.iter().find(|a| a.serial == serial) {
+                a.give_back(bid as u32 * crate::zcrx::ZCRX_BUF_SIZE as u32);
             }
         }
         if !self.cross_armed && !self.dropping {

@@ -72,11 +72,13 @@ mod group;
 mod lease;
 mod op;
 mod recv;
+mod ring;
 mod send;
 mod send_ring;
 mod socket;
 mod submit;
 mod udp;
+mod zcrx;
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -84,7 +86,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, IoUring};
+use io_uring::IoUring;
 use slab::Slab;
 
 use crate::buf::{BufChain, Datagram, SendBuf};
@@ -101,6 +103,7 @@ use crate::zc::{LaneMap, ZcConfig, ZcStats};
 pub use op::OpId;
 use op::{OpKind, OpSlot};
 pub use recv::RecvMode;
+use ring::{Cqe, Ring};
 use send::SendOp;
 pub(crate) use udp::sockaddr;
 
@@ -138,6 +141,7 @@ pub struct DriverConfig {
     ignore_env: bool,
     fixed_slots: u32,
     coalesce: Duration,
+    zcrx: bool,
 }
 
 impl Default for DriverConfig {
@@ -150,6 +154,7 @@ impl Default for DriverConfig {
             ignore_env: false,
             fixed_slots: 1024,
             coalesce: Duration::ZERO,
+            zcrx: false,
         }
     }
 }
@@ -211,6 +216,21 @@ impl DriverConfig {
     /// ```
     pub fn receive_coalescing(mut self, delay: Duration) -> Self {
         self.coalesce = delay;
+        self
+    }
+
+    /// Sets the ring up for zero-copy receive (default: off): 32-byte completions and
+    /// `DEFER_TASKRUN`, which [`Driver::zcrx_area`] needs. Completions then take twice the
+    /// memory, so only rings that receive this way should ask.
+    ///
+    /// # Examples
+    /// ```
+    /// let driver = ringpool::Driver::new(ringpool::DriverConfig::default().zero_copy_receive(true))?;
+    /// # drop(driver);
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn zero_copy_receive(mut self, on: bool) -> Self {
+        self.zcrx = on;
         self
     }
 
@@ -312,6 +332,9 @@ pub enum Event {
         /// Bytes written, or why not.
         result: Result<usize>,
     },
+    /// Bytes arrived through a zero-copy receive ([`Driver::recv_zc`]): one buffer of the
+    /// area, in order.
+    ZcrxData(crate::ZcrxBuf),
     /// A [`Member::read_into`] finished.
     ///
     /// [`Member::read_into`]: crate::Member::read_into
@@ -389,7 +412,7 @@ pub struct DriverStats {
 pub struct Driver {
     // The ring and what every capability shares (declared first, so the ring closes before
     // the fields below are dropped).
-    ring: IoUring,
+    ring: Ring,
     ladder: Ladder,
     /// Names this ring in shared tables, and the ring that made a group or send ring.
     ring_id: u64,
@@ -404,7 +427,7 @@ pub struct Driver {
     /// notifications: not counted in `in_flight`.
     internal: usize,
     ready: VecDeque<Completion>,
-    cqe_buf: Vec<cqueue::Entry>,
+    cqe_buf: Vec<Cqe>,
     /// The timeout op bounding the current `wait` (kernels without `EXT_ARG`): armed once per
     /// `wait`, removed when it returns.
     wait_timeout: Option<u64>,
@@ -459,13 +482,24 @@ pub struct Driver {
     fixed_slots: u32,
     /// Buffers of leases whose last holder let go, for [`Event::LeaseReturned`].
     lease_returns: ReturnQueue,
+
+    // Zero-copy receive (`zcrx.rs`).
+    /// Areas registered with this ring (they live as long as it does).
+    zcrx_areas: Vec<Rc<crate::zcrx::ZcrxShared>>,
+    /// Zero-copy receives paused on a full area, oldest first.
+    zcrx_parked: Vec<usize>,
+    /// Whether the config asked for a ring zero-copy receive can use.
+    zcrx_asked: bool,
 }
 
 /// Sets up the ring. Under a finite `RLIMIT_MEMLOCK`, `ENOMEM` is retried for up to 500 ms:
 /// the kernel releases a closed ring's locked-memory charge only when its teardown work has
 /// run, and the feature probe of this very process (`Features::get`, run just before) has
 /// just closed several rings, which would otherwise take a tight limit's room.
-fn build_ring(builder: &io_uring::Builder, entries: u32) -> std::io::Result<IoUring> {
+fn build_ring<C: io_uring::cqueue::EntryMarker>(
+    builder: &io_uring::Builder<io_uring::squeue::Entry, C>,
+    entries: u32,
+) -> std::io::Result<IoUring<io_uring::squeue::Entry, C>> {
     let mut tries = 0;
     loop {
         match builder.build(entries) {
@@ -517,7 +551,7 @@ fn setup_refused(e: std::io::Error, sq: u32, cq: u32, features: &Features) -> Er
 
 /// Checks `config`, chooses the rungs (the probed features, `RINGPOOL_FORCE` unless ignored,
 /// the config's forced rungs) and sets up the ring on them.
-fn setup(config: &DriverConfig) -> Result<(IoUring, Ladder)> {
+fn setup(config: &DriverConfig) -> Result<(Ring, Ladder)> {
     let entries = config.entries;
     if entries == 0 || !entries.is_power_of_two() || entries > sys::MAX_RING_ENTRIES {
         return Err(Error::InvalidRingSize {
@@ -550,13 +584,22 @@ fn setup(config: &DriverConfig) -> Result<(IoUring, Ladder)> {
     };
     force.extend(config.force.iter().copied());
     let ladder = Ladder::choose(features, &force);
-    let mut builder = IoUring::builder();
-    builder.setup_cqsize(cq).setup_clamp();
-    if ladder.defer_taskrun {
+    let refused = |e| setup_refused(e, entries, cq, features);
+    // Zero-copy receive needs 32-byte completions, and DEFER_TASKRUN (without it, the ring
+    // stays narrow and `zcrx_area` says why).
+    let ring = if config.zcrx && ladder.defer_taskrun {
+        let mut builder = IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry32>::builder();
+        builder.setup_cqsize(cq).setup_clamp();
         builder.setup_single_issuer().setup_defer_taskrun();
-    }
-    let ring =
-        build_ring(&builder, entries).map_err(|e| setup_refused(e, entries, cq, features))?;
+        Ring::Wide(build_ring(&builder, entries).map_err(refused)?)
+    } else {
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(cq).setup_clamp();
+        if ladder.defer_taskrun {
+            builder.setup_single_issuer().setup_defer_taskrun();
+        }
+        Ring::Narrow(build_ring(&builder, entries).map_err(refused)?)
+    };
     Ok((ring, ladder))
 }
 
@@ -601,6 +644,9 @@ impl Driver {
             fixed: None,
             fixed_slots: config.fixed_slots,
             lease_returns: ReturnQueue::default(),
+            zcrx_areas: Vec::new(),
+            zcrx_parked: Vec::new(),
+            zcrx_asked: config.zcrx,
         })
     }
 
@@ -625,7 +671,8 @@ impl Drop for Driver {
     /// came is leaked on purpose: the kernel may still write to it.
     fn drop(&mut self) {
         self.dropping = true;
-        let parked: Vec<usize> = std::mem::take(&mut self.parked);
+        let mut parked: Vec<usize> = std::mem::take(&mut self.parked);
+        parked.append(&mut self.zcrx_parked);
         for key in parked {
             self.ops.remove(key);
         }
@@ -656,6 +703,11 @@ impl Drop for Driver {
             // This ring's registrations go with its close; in a shared table they stay in the
             // other rings (once no ring is left, released memory is freed at once).
             table.remove_ring(self.ring_id);
+        }
+        for area in &self.zcrx_areas {
+            // The ring's close takes the kernel's instance with it: buffers dropped later
+            // have no queue to go back to.
+            area.orphaned.set(true);
         }
         // Rings the kernel would not forget: their memory stays where the kernel may look.
         std::mem::forget(std::mem::take(&mut self.kept_for_kernel));

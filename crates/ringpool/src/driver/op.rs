@@ -17,6 +17,7 @@ use super::send::SendOp;
 use super::send_ring::BundleOp;
 use super::socket::ConnectOp;
 use super::udp::RecvMsgOp;
+use super::zcrx::RecvZcOp;
 use super::{Driver, Fd};
 
 /// User data of CQEs nobody waits for (cancel requests, timeout removals). Such SQEs name no
@@ -113,6 +114,8 @@ pub(super) enum OpKind {
     SendBundle(BundleOp),
     /// A read-in lease member reading into its range of the buffer (`lease.rs`).
     LeaseRead(LeaseReadOp),
+    /// A zero-copy receive into an area (`zcrx.rs`).
+    RecvZc(RecvZcOp),
     /// Internal: buffers provided to a legacy group (`group.rs`).
     Provide(ProvideOp),
     /// Internal: a legacy group's buffers taken back before its id is reused (`group.rs`).
@@ -140,6 +143,7 @@ impl OpKind {
             OpKind::LeaseWrite(op) => Some(&op.fd),
             OpKind::LeaseRead(op) => Some(&op.fd),
             OpKind::SendBundle(op) => Some(&op.fd),
+            OpKind::RecvZc(op) => Some(&op.fd),
             _ => None,
         }
     }

@@ -311,6 +311,7 @@ impl Driver {
     /// A parked op ends without going back to the kernel (cancelled while parked).
     pub(super) fn finish_parked(&mut self, key: usize, event: Event) {
         self.parked.retain(|&k| k != key);
+        self.zcrx_parked.retain(|&k| k != key);
         let slot = self.ops.remove(key);
         self.ready.push_back(Completion {
             token: slot.token,

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::fixed::{FixedTable, TAG_KEY};
 
 use super::op::{user_data, OpId, OpKind, SlotState, IGNORED};
+use super::ring::Cqe;
 use super::socket::accept_sqe;
 use super::{Completion, Driver};
 
@@ -35,6 +36,8 @@ pub(super) struct OpCqe {
     pub(super) flags: u32,
     /// Whether the op was asked to stop before this CQE was dispatched.
     pub(super) cancelled: bool,
+    /// The second half of a 32-byte CQE (zero-copy receive: where the bytes are), else zeros.
+    pub(super) big: [u64; 2],
 }
 
 impl OpCqe {
@@ -200,8 +203,7 @@ impl Driver {
     /// posted, something in the kernel, a timeout that is not zero).
     fn hold_for(&mut self, timeout: Option<Duration>) -> Option<Duration> {
         let delay = self.coalescing.as_ref()?.hold()?;
-        let blocks =
-            self.ready.is_empty() && self.ring.completion().is_empty() && self.in_kernel() > 0;
+        let blocks = self.ready.is_empty() && self.ring.completions_empty() && self.in_kernel() > 0;
         let delay = delay.min(timeout.unwrap_or(Duration::MAX));
         (blocks && !delay.is_zero()).then_some(delay)
     }
@@ -211,7 +213,7 @@ impl Driver {
     /// all parked must not sleep on it; a timed wait sleeps anyway).
     fn in_kernel(&self) -> usize {
         let idle_wake = usize::from(self.cross_armed && !self.cross.outstanding());
-        self.ops.len() - self.parked.len() - idle_wake
+        self.ops.len() - self.parked.len() - self.zcrx_parked.len() - idle_wake
     }
 
     /// Before entering the kernel: provide returned legacy buffers, re-arm parked receives whose
@@ -230,6 +232,9 @@ impl Driver {
         if !self.parked.is_empty() {
             self.rearm_parked();
         }
+        if !self.zcrx_areas.is_empty() {
+            self.flush_zcrx();
+        }
         self.reap_groups();
         if !self.send_rings.is_empty() {
             self.reap_send_rings();
@@ -241,10 +246,10 @@ impl Driver {
     pub(super) fn reap(&mut self) {
         let mut cqes = std::mem::take(&mut self.cqe_buf);
         cqes.clear();
-        cqes.extend(self.ring.completion());
+        self.ring.reap_into(&mut cqes);
         self.stats.cqes += cqes.len() as u64;
         for cqe in &cqes {
-            if cqe.user_data() == IGNORED {
+            if cqe.user_data == IGNORED {
                 self.cleanup_cqes += 1;
             } else {
                 self.dispatch(cqe);
@@ -284,6 +289,7 @@ impl Driver {
             OpKind::LeaseWrite(op) => op.sqe(table),
             OpKind::LeaseRead(op) => op.sqe(table),
             OpKind::SendBundle(op) => op.sqe(),
+            OpKind::RecvZc(op) => op.sqe(),
             OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
             OpKind::Provide(_)
             | OpKind::Remove { .. }
@@ -298,12 +304,12 @@ impl Driver {
     /// Hands a CQE to its op's capability: tags of released fixed buffer slots to the table,
     /// sends (whose attempts and notifications carry their own generations) to `send.rs`,
     /// every other CQE of a live op to its kind's handler; stale CQEs are counted and dropped.
-    fn dispatch(&mut self, cqe: &cqueue::Entry) {
+    fn dispatch(&mut self, cqe: &Cqe) {
         let id = OpId {
-            ud: cqe.user_data(),
+            ud: cqe.user_data,
             driver: self.ring_id,
         };
-        let (res, flags) = (cqe.result(), cqe.flags());
+        let (res, flags) = (cqe.res, cqe.flags);
         if id.ud & TAG_KEY == TAG_KEY {
             self.complete_tag(id);
             return;
@@ -312,7 +318,7 @@ impl Driver {
             self.complete_send(id, res, flags);
             return;
         }
-        let Some(c) = self.live_cqe(id, res, flags) else {
+        let Some(c) = self.live_cqe(id, res, flags, cqe.big) else {
             self.stats.stray_cqes += 1;
             return;
         };
@@ -327,6 +333,7 @@ impl Driver {
             OpKind::SendBundle(_) => self.complete_bundle(c),
             OpKind::LeaseRead(_) => self.complete_lease_read(c),
             OpKind::LeaseWrite(_) => self.complete_lease_write(c),
+            OpKind::RecvZc(_) => self.complete_recv_zc(c),
             OpKind::Send(_) => unreachable!("sends are dispatched above"),
             OpKind::Provide(_) => self.complete_provide(c),
             OpKind::Remove { .. } => self.complete_remove(c),
@@ -339,7 +346,7 @@ impl Driver {
     /// for an op that has ended (a notification the kernel posted after a result without
     /// `F_MORE`, see `SendOp::notif_attempts`: nothing of ours is behind it) or a slot reused
     /// since. An op's last CQE ends its selection from its group.
-    fn live_cqe(&mut self, id: OpId, res: i32, flags: u32) -> Option<OpCqe> {
+    fn live_cqe(&mut self, id: OpId, res: i32, flags: u32, big: [u64; 2]) -> Option<OpCqe> {
         let slot = self.ops.get(id.key()).filter(|s| s.gen == id.gen())?;
         let c = OpCqe {
             key: id.key(),
@@ -348,6 +355,7 @@ impl Driver {
             res,
             flags,
             cancelled: slot.cancel,
+            big,
         };
         if !c.more() {
             if let Some(group) = slot.kind.selecting_group() {
