@@ -618,3 +618,79 @@ fn an_area_belongs_to_its_driver() {
     let e = b.recv_zc(&Fd::from(s), &area, 1).unwrap_err();
     assert!(matches!(e, Error::NotOurs { .. }), "{e}");
 }
+
+/// An `rt` echo server on one connection: receives through `area` (or, without one, the
+/// fallback group's multishot stream) and sends each piece back from the same memory.
+fn rt_echo(zcrx: bool, len: usize) -> Option<(Vec<u8>, u32)> {
+    use ringpool::rt;
+    let cfg = DriverConfig::default().ignore_env().zero_copy_receive(true);
+    rt::block_on_with(cfg, async move {
+        let area = if zcrx {
+            match rt::zcrx_area(ZcrxConfig::device_less(32 * 4096)) {
+                Ok(a) => Some(a),
+                Err(Error::ZcrxUnavailable { reason }) if !device_less_expected() => {
+                    eprintln!("skipped: rt zero-copy receive not available here: {reason}");
+                    return None;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        } else {
+            None
+        };
+        let group = rt::buf_group(BufGroupConfig::new(4096, 32)).unwrap();
+        let listener = rt::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let c = TcpStream::connect(addr).unwrap();
+            let mut r = c.try_clone().unwrap();
+            let w = writer(c, 21, len);
+            r.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut got = vec![0u8; len];
+            std::io::Read::read_exact(&mut r, &mut got).unwrap();
+            w.join().unwrap();
+            got
+        });
+        let s = listener.accept().await.unwrap();
+        match &area {
+            Some(area) => {
+                let mut rx = s.recv_zc_stream(area).unwrap();
+                while let Some(got) = rx.next().await.unwrap() {
+                    s.send_zc(got).await.unwrap();
+                }
+            }
+            None => {
+                let mut rx = s.recv_stream(&group).unwrap();
+                while let Some(chain) = rx.next().await.unwrap() {
+                    s.send_zc(chain).await.unwrap();
+                }
+            }
+        }
+        let echoed = client.join().unwrap();
+        // The last notifications bring the last buffers home.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let in_user = || match &area {
+            Some(a) => a.stats().in_user,
+            None => group.stats().in_user,
+        };
+        while in_user() > 0 && Instant::now() < deadline {
+            rt::sleep(Duration::from_millis(10)).await;
+        }
+        Some((echoed, in_user()))
+    })
+    .unwrap()
+}
+
+#[test]
+fn an_rt_echo_through_a_zcrx_area_returns_every_byte_and_the_area_is_full_again() {
+    const LEN: usize = 4 << 20;
+    for zcrx in [true, false] {
+        let Some((echoed, in_user)) = rt_echo(zcrx, LEN) else {
+            continue;
+        };
+        assert!(
+            echoed == pattern_vec(21, 0, LEN),
+            "zcrx {zcrx}: the echo differs"
+        );
+        assert_eq!(in_user, 0, "zcrx {zcrx}");
+    }
+}

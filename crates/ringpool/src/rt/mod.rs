@@ -100,7 +100,7 @@ pub use executor::{block_on, block_on_with, launch, spawn, JoinHandle};
 pub use fs::File;
 pub use io::{Reader, Writer};
 pub use lease::{lease_group, LeaseGroup, LeaseMember};
-pub use tcp::{RecvStream, TcpListener, TcpStream};
+pub use tcp::{Received, RecvStream, TcpListener, TcpStream, ZcrxStream};
 pub use time::{sleep, timeout};
 pub use udp::{DatagramStream, UdpSocket};
 
@@ -127,6 +127,27 @@ pub fn with_driver<T>(f: impl FnOnce(&mut Driver) -> T) -> T {
 /// As [`Driver::buf_group`].
 pub fn buf_group(cfg: BufGroupConfig) -> Result<BufGroup> {
     runtime().driver.borrow_mut().buf_group(cfg)
+}
+
+/// A zero-copy receive area on this thread's driver, for [`TcpStream::recv_zc_stream`]. The
+/// runtime must have been started with a ring set up for it
+/// ([`block_on_with`]`(DriverConfig::default().zero_copy_receive(true), ..)`).
+///
+/// # Errors
+/// As [`Driver::zcrx_area`].
+///
+/// # Examples
+/// ```no_run
+/// use ringpool::{DriverConfig, ZcrxConfig};
+/// ringpool::rt::block_on_with(DriverConfig::default().zero_copy_receive(true), async {
+///     let area = ringpool::rt::zcrx_area(ZcrxConfig::device_less(16 << 20))?;
+///     println!("{:?}", area.stats());
+///     Ok::<(), ringpool::Error>(())
+/// })??;
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+pub fn zcrx_area(cfg: crate::ZcrxConfig) -> Result<crate::ZcrxArea> {
+    runtime().driver.borrow_mut().zcrx_area(cfg)
 }
 
 /// Registered memory on this thread's driver (plain memory where it cannot be registered:

@@ -326,3 +326,113 @@ pub(super) fn local_addr(fd: &Fd) -> Result<SocketAddr> {
     });
     l.local_addr().map_err(Error::os("getsockname"))
 }
+
+/// Bytes a [`ZcrxStream`] handed out: one buffer of the zero-copy receive area, or (bytes a
+/// dropped group receive of the same socket had taken) a chain of group buffers.
+///
+/// # Examples
+/// ```no_run
+/// # async fn f(s: &ringpool::rt::TcpStream, got: ringpool::rt::Received) -> ringpool::Result<()> {
+/// println!("{} bytes", got.len());
+/// s.send_zc(got).await?; // from the same memory
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub enum Received {
+    /// A buffer of the area.
+    Zcrx(crate::ZcrxBuf),
+    /// Buffers of a group.
+    Chain(BufChain),
+}
+
+impl Received {
+    /// Bytes received.
+    pub fn len(&self) -> usize {
+        match self {
+            Received::Zcrx(b) => b.len(),
+            Received::Chain(c) => c.len(),
+        }
+    }
+
+    /// Whether no bytes came (never, for a stream's items).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, copied.
+    pub fn to_vec(&self) -> Vec<u8> {
+        match self {
+            Received::Zcrx(b) => b.to_vec(),
+            Received::Chain(c) => c.to_vec(),
+        }
+    }
+}
+
+impl From<Received> for SendBuf {
+    fn from(r: Received) -> SendBuf {
+        match r {
+            Received::Zcrx(b) => SendBuf::from(b),
+            Received::Chain(c) => SendBuf::from(c),
+        }
+    }
+}
+
+/// The buffers of a multishot zero-copy receive ([`TcpStream::recv_zc_stream`]).
+pub struct ZcrxStream(MultishotEvents);
+
+impl ZcrxStream {
+    /// The next bytes received; `None` at end of stream. A full area pauses the receive until
+    /// buffers are dropped.
+    ///
+    /// # Errors
+    /// The receive error (e.g. a reset); the stream has ended then.
+    pub async fn next(&mut self) -> Result<Option<Received>> {
+        self.0.next(received_of).await
+    }
+
+    /// Bytes already received, without waiting (`None` if there are none now).
+    ///
+    /// # Errors
+    /// As [`ZcrxStream::next`].
+    pub fn try_next(&mut self) -> Result<Option<Received>> {
+        self.0.try_next(received_of)
+    }
+}
+
+fn received_of(event: Event) -> Option<Received> {
+    match event {
+        Event::ZcrxData(b) => Some(Received::Zcrx(b)),
+        Event::Data(chain) => Some(Received::Chain(chain)),
+        _ => None,
+    }
+}
+
+impl TcpStream {
+    /// A multishot zero-copy receive into `area` (registered on this runtime's driver with
+    /// [`rt::zcrx_area`](super::zcrx_area)): the bytes land in the area and come out as
+    /// [`Received::Zcrx`] buffers, which go back to the kernel when dropped. Dropping the
+    /// stream stops the receive; what it had received and not handed out goes to the socket's
+    /// next receive.
+    ///
+    /// # Errors
+    /// The op could not start ([`Error::NotOurs`] for another runtime's area).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn f(s: &ringpool::rt::TcpStream, area: &ringpool::ZcrxArea) -> ringpool::Result<()> {
+    /// let mut rx = s.recv_zc_stream(area)?;
+    /// while let Some(bytes) = rx.next().await? {
+    ///     s.send_zc(bytes).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn recv_zc_stream(&self, area: &crate::ZcrxArea) -> Result<ZcrxStream> {
+        let (fd, area, leftovers) = (self.fd.clone(), area.clone(), self.leftovers.clone());
+        let start = Box::new(move || {
+            let mut op = Op::start(|d, t| d.recv_zc(&fd, &area, t).map(Some))?;
+            op.set_stream(&leftovers);
+            Ok(op)
+        });
+        Ok(ZcrxStream(MultishotEvents::new(&self.leftovers, start)?))
+    }
+}
