@@ -33,11 +33,12 @@
 //! - `send.rs`: sends: lanes of linked chains, plain and zero-copy, results, notifications.
 //! - `send_ring.rs`: send rings and send bundles.
 //! - `lease.rs`: lease groups: the leader and its members.
+//! - `pipe_lease.rs`: pages leases: splice, tee and splice through pooled pipes.
 //! - `cancel.rs`: cancel by id, descriptor, token, or all.
 //!
 //! The capabilities' state that needs no kernel lives beside the driver: `crate::pool` (groups),
 //! `crate::fixed` (the table), `crate::zc` (the zero-copy policy), `crate::lease`,
-//! `crate::send_ring`.
+//! `crate::pages` (pipes), `crate::send_ring`.
 //!
 //! # Completion loop
 //! The driver is a completion loop in the manner of liburing: start ops (each gets a user token),
@@ -71,6 +72,7 @@ mod fixed_io;
 mod group;
 mod lease;
 mod op;
+mod pipe_lease;
 mod recv;
 mod send;
 mod send_ring;
@@ -305,6 +307,12 @@ pub enum Event {
     /// A lease group's buffer is back: its leader failed, or its last holder (member op,
     /// zero-copy notification, or user clone) let go. Carries the group's token.
     LeaseReturned(FixedBuf),
+    /// A pages lease group ([`Driver::lease`] with [`LeaseBacking::Pages`]) is over: its
+    /// leader failed or lent nothing, or its last member finished; its pipes are drained and
+    /// back in the driver's pool. Carries the group's token.
+    ///
+    /// [`LeaseBacking::Pages`]: crate::LeaseBacking::Pages
+    PagesReturned,
     /// A [`Member::write`] finished.
     ///
     /// [`Member::write`]: crate::Member::write
@@ -459,6 +467,8 @@ pub struct Driver {
     fixed_slots: u32,
     /// Buffers of leases whose last holder let go, for [`Event::LeaseReturned`].
     lease_returns: ReturnQueue,
+    /// Pages leases: the pipe pool, groups that ended, sinks' lines (`pipe_lease.rs`).
+    pages: pipe_lease::PagesState,
 }
 
 /// Sets up the ring. Under a finite `RLIMIT_MEMLOCK`, `ENOMEM` is retried for up to 500 ms:
@@ -601,6 +611,7 @@ impl Driver {
             fixed: None,
             fixed_slots: config.fixed_slots,
             lease_returns: ReturnQueue::default(),
+            pages: Default::default(),
         })
     }
 
