@@ -139,6 +139,36 @@ pub enum Error {
         /// The op that needs more room.
         what: &'static str,
     },
+    /// A pages lease ([`LeaseBacking::Pages`](crate::LeaseBacking::Pages)) on a descriptor
+    /// `splice(2)` cannot read from or write to, such as a directory.
+    ///
+    /// # Examples
+    /// ```
+    /// let e = ringpool::Error::NotSpliceable { role: "leader", kind: "a directory" };
+    /// assert!(e.to_string().contains("directory"));
+    /// ```
+    #[error("a pages lease's {role} cannot splice: its descriptor is {kind} (splice needs a regular file, a socket or a pipe)")]
+    NotSpliceable {
+        /// Which part of the lease: `"leader"` or `"member"`.
+        role: &'static str,
+        /// What the descriptor is.
+        kind: &'static str,
+    },
+    /// A pages lease longer than its pipe can hold: a pipe holds at most
+    /// `/proc/sys/fs/pipe-max-size` bytes, one page per slot.
+    ///
+    /// # Examples
+    /// ```
+    /// let e = ringpool::Error::LeaseTooLong { len: 2 << 20, max: 1 << 20 };
+    /// assert!(e.to_string().contains("1048576"));
+    /// ```
+    #[error("a pages lease of {len} bytes does not fit a pipe: at most {max} bytes from this offset (/proc/sys/fs/pipe-max-size); lease shorter chunks")]
+    LeaseTooLong {
+        /// Bytes asked for.
+        len: usize,
+        /// The longest lease that fits, from the offset asked for.
+        max: usize,
+    },
     /// An argument that cannot be used this way.
     #[error("invalid argument: {what}")]
     InvalidArgument {

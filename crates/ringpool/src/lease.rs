@@ -100,6 +100,77 @@ impl std::fmt::Debug for Lease {
     }
 }
 
+/// What a lease group lends its members, chosen per group
+/// ([`Driver::lease`](crate::Driver::lease), [`rt::lease`](crate::rt::lease)):
+///
+/// - **`Memory`**: the leader reads into a [`FixedBuf`] (registered memory: `READ_FIXED`), and
+///   members send or write those bytes; the bytes can be looked at ([`Lease`]), zero-copy sends
+///   name registered memory. Where the kernel copies zero-copy sends anyway (loopback, veth,
+///   most virtual NICs) every member's send copies the chunk once more.
+/// - **`Pages`**: the leader `SPLICE`s `len` bytes from a file (page-cache pages) or a socket into
+///   a pipe, and each member gets the same **page references** by `TEE` into its own pipe and
+///   `SPLICE`s them to its socket or file: no copy in user space and no user memory at all, so
+///   nothing can read or change the bytes (read-only by construction); a file's pages are sent
+///   by reference, so a write to that range of the file before they leave may show through, as
+///   with `sendfile(2)`. `len` is bounded by `/proc/sys/fs/pipe-max-size`
+///   ([`Error::LeaseTooLong`](crate::Error::LeaseTooLong)). Needs `IORING_OP_SPLICE` (5.7) and
+///   `IORING_OP_TEE` (5.8).
+///
+/// # Examples
+/// ```
+/// use ringpool::{Driver, LeaseBacking};
+/// let mut driver = Driver::new(Default::default())?;
+/// let memory = LeaseBacking::Memory(driver.fixed_buf_or_plain(64 << 10)?);
+/// let pages = LeaseBacking::Pages { len: 64 << 10 };
+/// assert_eq!(memory.len(), pages.len());
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+#[derive(Debug)]
+pub enum LeaseBacking {
+    /// The leader reads into this buffer; members use its bytes.
+    Memory(FixedBuf),
+    /// The leader splices up to `len` bytes into a pipe; members get its page references.
+    Pages {
+        /// Bytes to splice from the leader's descriptor.
+        len: usize,
+    },
+}
+
+impl LeaseBacking {
+    /// The most bytes the leader may read: the buffer's length, or the pages lease's `len`.
+    ///
+    /// # Examples
+    /// ```
+    /// assert_eq!(ringpool::LeaseBacking::Pages { len: 4096 }.len(), 4096);
+    /// ```
+    pub fn len(&self) -> usize {
+        match self {
+            LeaseBacking::Memory(buf) => buf.len(),
+            LeaseBacking::Pages { len } => *len,
+        }
+    }
+
+    /// Whether the leader may read nothing at all (a zero length).
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(ringpool::LeaseBacking::Pages { len: 0 }.is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether this is a pages lease.
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(ringpool::LeaseBacking::Pages { len: 1 }.is_pages());
+    /// ```
+    pub fn is_pages(&self) -> bool {
+        matches!(self, LeaseBacking::Pages { .. })
+    }
+}
+
 /// One member of a lease group: what it does with the leased bytes, and the token its own
 /// completion carries.
 ///

@@ -50,6 +50,7 @@ mod error;
 mod fixed;
 mod hash;
 mod lease;
+mod pages;
 mod pool;
 mod probe;
 pub mod rt;
@@ -64,7 +65,8 @@ pub use driver::{
 };
 pub use error::{Error, Result};
 pub use fixed::{FixedBuf, FixedStats, MAX_FIXED_LEN, MAX_FIXED_SLOTS};
-pub use lease::{Lease, Member};
+pub use lease::{Lease, LeaseBacking, Member};
+pub use pages::PipeStats;
 pub use pool::{BufGroup, BufGroupConfig, GroupStats, Registration, MAX_BUF_SIZE};
 pub use probe::{Features, Force, GroupRung, Ladder, MultishotRung, ZcRung, ZcrxProbe, ZcrxRung};
 pub use send_ring::SendRing;

@@ -382,15 +382,21 @@ impl Driver {
     pub(super) fn drop_waiting_members(&mut self, which: impl Fn(&Member) -> bool) {
         let mut dropped = Vec::new();
         for (_, slot) in self.ops.iter_mut() {
-            if let OpKind::Leader(op) = &mut slot.kind {
-                op.members.retain(|m| {
-                    let drop = which(m);
-                    if drop {
-                        dropped.push(m.clone());
-                    }
-                    !drop
-                });
-            }
+            let members = match &mut slot.kind {
+                OpKind::Leader(op) => &mut op.members,
+                OpKind::Pages(op) => match op.waiting_members() {
+                    Some(members) => members,
+                    None => continue,
+                },
+                _ => continue,
+            };
+            members.retain(|m| {
+                let drop = which(m);
+                if drop {
+                    dropped.push(m.clone());
+                }
+                !drop
+            });
         }
         for m in dropped {
             self.ready.push_back(Completion {
@@ -400,6 +406,8 @@ impl Driver {
                 more: false,
             });
         }
+        // Pages members waiting for their turn at a sink are not ops either.
+        self.drop_parked_pages_members(&which);
     }
 
     /// Leases whose last holder let go: their buffers go back to the user.
@@ -413,6 +421,8 @@ impl Driver {
                 more: false,
             });
         }
+        drop(returns);
+        self.collect_pages_returns();
     }
 }
 

@@ -33,11 +33,12 @@
 //! - `send.rs`: sends: lanes of linked chains, plain and zero-copy, results, notifications.
 //! - `send_ring.rs`: send rings and send bundles.
 //! - `lease.rs`: lease groups: the leader and its members.
+//! - `pipe_lease.rs`: pages leases: splice, tee and splice through pooled pipes.
 //! - `cancel.rs`: cancel by id, descriptor, token, or all.
 //!
 //! The capabilities' state that needs no kernel lives beside the driver: `crate::pool` (groups),
 //! `crate::fixed` (the table), `crate::zc` (the zero-copy policy), `crate::lease`,
-//! `crate::send_ring`.
+//! `crate::pages` (pipes), `crate::send_ring`.
 //!
 //! # Completion loop
 //! The driver is a completion loop in the manner of liburing: start ops (each gets a user token),
@@ -71,6 +72,7 @@ mod fixed_io;
 mod group;
 mod lease;
 mod op;
+mod pipe_lease;
 mod recv;
 mod ring;
 mod send;
@@ -325,6 +327,12 @@ pub enum Event {
     /// A lease group's buffer is back: its leader failed, or its last holder (member op,
     /// zero-copy notification, or user clone) let go. Carries the group's token.
     LeaseReturned(FixedBuf),
+    /// A pages lease group ([`Driver::lease`] with [`LeaseBacking::Pages`]) is over: its
+    /// leader failed or lent nothing, or its last member finished; its pipes are drained and
+    /// back in the driver's pool. Carries the group's token.
+    ///
+    /// [`LeaseBacking::Pages`]: crate::LeaseBacking::Pages
+    PagesReturned,
     /// A [`Member::write`] finished.
     ///
     /// [`Member::write`]: crate::Member::write
@@ -490,6 +498,8 @@ pub struct Driver {
     zcrx_parked: Vec<usize>,
     /// Whether the config asked for a ring zero-copy receive can use.
     zcrx_asked: bool,
+    /// Pages leases: the pipe pool, groups that ended, sinks' lines (`pipe_lease.rs`).
+    pages: pipe_lease::PagesState,
 }
 
 /// Sets up the ring. Under a finite `RLIMIT_MEMLOCK`, `ENOMEM` is retried for up to 500 ms:
@@ -647,6 +657,7 @@ impl Driver {
             zcrx_areas: Vec::new(),
             zcrx_parked: Vec::new(),
             zcrx_asked: config.zcrx,
+            pages: Default::default(),
         })
     }
 

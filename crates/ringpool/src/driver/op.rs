@@ -12,6 +12,7 @@ use crate::pool::GroupShared;
 use super::fixed_io::FixedOp;
 use super::group::ProvideOp;
 use super::lease::{LeaderOp, LeaseReadOp, LeaseWriteOp};
+use super::pipe_lease::PagesOp;
 use super::recv::{ReadOp, RecvOp};
 use super::send::SendOp;
 use super::send_ring::BundleOp;
@@ -116,6 +117,8 @@ pub(super) enum OpKind {
     LeaseRead(LeaseReadOp),
     /// A zero-copy receive into an area (`zcrx.rs`).
     RecvZc(RecvZcOp),
+    /// A pages lease's leader or member: splices and tees through pipes (`pipe_lease.rs`).
+    Pages(PagesOp),
     /// Internal: buffers provided to a legacy group (`group.rs`).
     Provide(ProvideOp),
     /// Internal: a legacy group's buffers taken back before its id is reused (`group.rs`).
@@ -144,6 +147,7 @@ impl OpKind {
             OpKind::LeaseRead(op) => Some(&op.fd),
             OpKind::SendBundle(op) => Some(&op.fd),
             OpKind::RecvZc(op) => Some(&op.fd),
+            OpKind::Pages(op) => Some(op.fd()),
             _ => None,
         }
     }

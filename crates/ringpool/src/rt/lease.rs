@@ -1,7 +1,8 @@
 //! Leased buffers on the async layer: [`lease_group`] reads a file chunk once into registered
 //! memory and lends it, read-only, to its [`LeaseMember`]s (sends, zero-copy sends, writes);
-//! the [`LeaseGroup`]'s parts (the leader's result, each member's, the buffer) are awaited
-//! separately, each handed out once. The group has `1 + members` consecutive tokens in the
+//! [`lease`] does the same with either backing ([`LeaseBacking`]: memory, or page references
+//! spliced into pipes); the [`LeaseGroup`]'s parts (the leader's result, each member's, the
+//! end of the group with the buffer) are awaited separately, each handed out once. The group has `1 + members` consecutive tokens in the
 //! op table (`op.rs`); dropping it cancels what still runs, and the runtime drops the late
 //! completions (the buffer is freed once the kernel let go of it).
 
@@ -12,7 +13,48 @@ use std::task::{Context, Poll, Waker};
 use super::executor::{runtime, Runtime};
 use super::fs::File;
 use super::tcp::TcpStream;
-use crate::{Error, Event, Fd, OpId, Result};
+use crate::{Error, Event, Fd, LeaseBacking, OpId, Result};
+
+/// What a lease's leader reads from on the async layer: a [`File`] or a [`TcpStream`]
+/// (implemented for those two only).
+///
+/// # Examples
+/// ```no_run
+/// # fn f(file: &ringpool::rt::File, stream: &ringpool::rt::TcpStream) {
+/// fn source_fd(s: &impl ringpool::rt::LeaseSource) -> &ringpool::Fd { s.source_fd() }
+/// assert!(!source_fd(file).same(source_fd(stream)));
+/// # }
+/// ```
+pub trait LeaseSource: sealed::Sealed {
+    /// The descriptor the leader reads from.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # fn f(file: &ringpool::rt::File) {
+    /// use ringpool::rt::LeaseSource;
+    /// let fd = file.source_fd();
+    /// # }
+    /// ```
+    fn source_fd(&self) -> &Fd;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::File {}
+    impl Sealed for super::TcpStream {}
+}
+
+impl LeaseSource for File {
+    fn source_fd(&self) -> &Fd {
+        &self.fd
+    }
+}
+
+impl LeaseSource for TcpStream {
+    fn source_fd(&self) -> &Fd {
+        &self.fd
+    }
+}
 
 /// One member of a [`lease_group`]: what it does with the leased bytes. A member only reads
 /// them (no member can write into the lease), so any number run at once.
@@ -134,6 +176,54 @@ pub fn lease_group(
     offset: u64,
     members: Vec<LeaseMember>,
 ) -> Result<LeaseGroup> {
+    lease(file, LeaseBacking::Memory(buf), offset, members)
+}
+
+/// A lease group of either backing ([`Driver::lease`] on this thread's driver): with
+/// [`LeaseBacking::Memory`] it is [`lease_group`]; with [`LeaseBacking::Pages`] the leader
+/// splices up to `len` bytes from `source` (a file at `offset`, `u64::MAX` for its position;
+/// a stream with `u64::MAX`) into a pipe, and every member tees the same page references into
+/// its own pipe and splices them to its socket or file: no copy, no memory of the user's.
+/// The rules are [`lease_group`]'s; a pages group's end ([`LeaseGroup::done`]) gives no
+/// buffer back (`None`): its pipes went back to the driver's pool.
+///
+/// # Errors
+/// As [`Driver::lease`].
+///
+/// # Examples
+/// ```
+/// use ringpool::rt::{self, File, LeaseMember, TcpStream};
+/// use ringpool::{Fd, LeaseBacking};
+/// use std::io::Read;
+///
+/// let (a, mut peer_a) = std::os::unix::net::UnixStream::pair().unwrap();
+/// let (b, mut peer_b) = std::os::unix::net::UnixStream::pair().unwrap();
+/// rt::block_on(async move {
+///     let file = File::from(std::fs::File::open("Cargo.toml").unwrap());
+///     let a = TcpStream::from_fd(Fd::from(std::os::fd::OwnedFd::from(a)));
+///     let b = TcpStream::from_fd(Fd::from(std::os::fd::OwnedFd::from(b)));
+///     let members = vec![LeaseMember::send(&a), LeaseMember::send(&b)];
+///     let group = rt::lease(&file, LeaseBacking::Pages { len: 64 }, 0, members)?;
+///     assert_eq!(group.filled().await?, 64); // spliced once
+///     assert_eq!(group.member(0).await?, 64); // teed and spliced twice
+///     assert_eq!(group.member(1).await?, 64);
+///     assert!(group.done().await.is_none()); // no buffer: the pipes went home
+///     Ok::<(), ringpool::Error>(())
+/// })??;
+/// let (mut x, mut y) = ([0u8; 64], [0u8; 64]);
+/// peer_a.read_exact(&mut x).unwrap();
+/// peer_b.read_exact(&mut y).unwrap();
+/// assert_eq!(x, y);
+/// # Ok::<(), ringpool::Error>(())
+/// ```
+///
+/// [`Driver::lease`]: crate::Driver::lease
+pub fn lease(
+    source: &impl LeaseSource,
+    backing: LeaseBacking,
+    offset: u64,
+    members: Vec<LeaseMember>,
+) -> Result<LeaseGroup> {
     let rt = runtime();
     // The group's token (LeaseFilled, LeaseReturned), then one per member.
     let token = rt.tokens(1 + members.len() as u64);
@@ -142,10 +232,10 @@ pub fn lease_group(
         .zip(token + 1..)
         .map(|(m, t)| m.member(t))
         .collect();
-    let started = rt
-        .driver
-        .borrow_mut()
-        .lease_group(&file.fd, buf, offset, driver_members, token);
+    let started =
+        rt.driver
+            .borrow_mut()
+            .lease(source.source_fd(), backing, offset, driver_members, token);
     match started {
         Ok(leader) => Ok(LeaseGroup {
             token,
@@ -217,9 +307,10 @@ pub struct LeaseGroup {
     leader: OpId,
     /// The runtime that started the group: the only one it touches.
     rt: Weak<Runtime>,
-    /// What the group's token delivered: the leader's result, then the buffer.
+    /// What the group's token delivered: the leader's result, then the group's end (with
+    /// the buffer of a memory lease).
     leader_result: RefCell<Part<Result<usize>>>,
-    buf: RefCell<Part<crate::FixedBuf>>,
+    buf: RefCell<Part<Option<crate::FixedBuf>>>,
     /// Tasks awaiting the leader or the buffer (one token, one waker slot in the runtime:
     /// whoever takes the token's events wakes the others).
     waiters: RefCell<Vec<Waker>>,
@@ -289,9 +380,31 @@ impl LeaseGroup {
     /// # }
     /// ```
     pub async fn returned(&self) -> crate::FixedBuf {
+        self.done()
+            .await
+            .expect("LeaseGroup::returned on a pages lease, which has no buffer: await done()")
+    }
+
+    /// The group's end: its leader failed, or its last member (and its zero-copy
+    /// notification) let go. A memory lease's buffer comes back here (`Some`); a pages
+    /// lease's pipes went back to the driver's pool (`None`).
+    ///
+    /// # Panics
+    /// As [`LeaseGroup::returned`]: if the end was already taken, or the runtime that started
+    /// the group has ended.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn f(g: ringpool::rt::LeaseGroup) {
+    /// if let Some(buf) = g.done().await {
+    ///     println!("the {} byte buffer is back for the next chunk", buf.len());
+    /// }
+    /// # }
+    /// ```
+    pub async fn done(&self) -> Option<crate::FixedBuf> {
         std::future::poll_fn(|cx| self.poll_group(cx, |g| g.buf.borrow_mut().take("the buffer")))
             .await
-            .expect("LeaseGroup::returned awaited after the runtime that started the group ended")
+            .expect("LeaseGroup::done awaited after the runtime that started the group ended")
     }
 
     /// Member `i`'s result (in the order of the members given to [`lease_group`]): the bytes
@@ -391,7 +504,8 @@ impl LeaseGroup {
                 Event::LeaseFilled { result, .. } => {
                     *self.leader_result.borrow_mut() = Part::Ready(result);
                 }
-                Event::LeaseReturned(buf) => *self.buf.borrow_mut() = Part::Ready(buf),
+                Event::LeaseReturned(buf) => *self.buf.borrow_mut() = Part::Ready(Some(buf)),
+                Event::PagesReturned => *self.buf.borrow_mut() = Part::Ready(None),
                 other => unreachable!("lease group: {other:?}"),
             }
         }

@@ -77,7 +77,7 @@
 //   io.rs         Reader, Writer: futures-io's traits; tokio_io.rs: tokio's, beside it
 //   udp.rs        UdpSocket, DatagramStream
 //   fs.rs         File
-//   lease.rs      lease_group, LeaseMember, LeaseGroup
+//   lease.rs      lease, lease_group, LeaseSource, LeaseMember, LeaseGroup
 //   testing.rs    what the unit tests share (a counting waker)
 
 use crate::{BufGroup, BufGroupConfig, Driver, Result};
@@ -99,7 +99,7 @@ mod udp;
 pub use executor::{block_on, block_on_with, launch, spawn, JoinHandle};
 pub use fs::File;
 pub use io::{Reader, Writer};
-pub use lease::{lease_group, LeaseGroup, LeaseMember};
+pub use lease::{lease, lease_group, LeaseGroup, LeaseMember, LeaseSource};
 pub use tcp::{Received, RecvStream, TcpListener, TcpStream, ZcrxStream};
 pub use time::{sleep, timeout};
 pub use udp::{DatagramStream, UdpSocket};
