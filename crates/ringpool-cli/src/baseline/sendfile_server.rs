@@ -147,21 +147,7 @@ fn serve(listener: &TcpListener, file: libc::c_int, clients: usize) -> io::Resul
                 round.push(Some(Client { stream, offset: 0 }));
             }
         }
-        // The listener, then every live client of the round (index + 1 in `fds`).
-        fds.clear();
-        fds.push(libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        for c in &round {
-            fds.push(libc::pollfd {
-                // A negative descriptor is ignored by poll: a finished client.
-                fd: c.as_ref().map_or(-1, |c| c.stream.as_raw_fd()),
-                events: libc::POLLOUT,
-                revents: 0,
-            });
-        }
+        fill_pollfds(&mut fds, listener, &round);
         // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, POLL_MS) };
         s.polls += 1;
@@ -175,30 +161,60 @@ fn serve(listener: &TcpListener, file: libc::c_int, clients: usize) -> io::Resul
         if fds[0].revents != 0 {
             accept_all(listener, &mut waiting);
         }
-        for (slot, pfd) in round.iter_mut().zip(&fds[1..]) {
-            if pfd.revents == 0 {
-                continue;
-            }
-            let Some(c) = slot else { continue };
-            match c.push(file, &mut s) {
-                Push::Full => {}
-                Push::Done => {
-                    let _ = c.stream.shutdown(std::net::Shutdown::Write);
-                    s.clients_done += 1;
-                    *slot = None;
-                }
-                Push::Failed => {
-                    s.clients_lost += 1;
-                    *slot = None;
-                }
-            }
-        }
+        push_ready(&mut round, &fds[1..], file, &mut s);
         if !round.is_empty() && round.iter().all(Option::is_none) {
             s.rounds += 1;
             round.clear();
         }
     }
     Ok(s)
+}
+
+/// The listener, then every live client of the round (index + 1 in `fds`).
+fn fill_pollfds(fds: &mut Vec<libc::pollfd>, listener: &TcpListener, round: &[Option<Client>]) {
+    fds.clear();
+    fds.push(libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    for c in round {
+        fds.push(libc::pollfd {
+            // A negative descriptor is ignored by poll: a finished client.
+            fd: c.as_ref().map_or(-1, |c| c.stream.as_raw_fd()),
+            events: libc::POLLOUT,
+            revents: 0,
+        });
+    }
+}
+
+/// Pushes more of the file to every client that `poll` found writable (`fds`, one per client
+/// of the round); a client served to the end is half-closed, and its entry, like a failed
+/// one's, becomes `None`.
+fn push_ready(
+    round: &mut [Option<Client>],
+    fds: &[libc::pollfd],
+    file: libc::c_int,
+    s: &mut Summary,
+) {
+    for (slot, pfd) in round.iter_mut().zip(fds) {
+        if pfd.revents == 0 {
+            continue;
+        }
+        let Some(c) = slot else { continue };
+        match c.push(file, s) {
+            Push::Full => {}
+            Push::Done => {
+                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                s.clients_done += 1;
+                *slot = None;
+            }
+            Push::Failed => {
+                s.clients_lost += 1;
+                *slot = None;
+            }
+        }
+    }
 }
 
 /// Accepts every pending connection into `waiting`.

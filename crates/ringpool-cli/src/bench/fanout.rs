@@ -706,15 +706,7 @@ fn notes(
     setup: &Setup,
     servers: &[(Kind, Vec<String>, super::server::Stopped)],
 ) -> Vec<String> {
-    let mut notes = vec![format!(
-        "{} MiB file on {} (page-cached), {CLIENTS} clients, {} MiB delivered per round; \
-         ringpool servers: {} KiB chunks, {IN_FLIGHT} in flight (per client on the \
-         read-per-client side)",
-        setup.bytes >> 20,
-        setup.fs,
-        (setup.bytes * CLIENTS as u64) >> 20,
-        CHUNK >> 10,
-    )];
+    let mut notes = vec![setup_note(setup)];
     if runs.iter().any(|r| r.kind == Kind::FanoutRt) {
         notes.push(format!(
             "{RT_VAR}=1: fanout-rt is `ringpool fanout --rt`, the fanout server on the async \
@@ -722,73 +714,110 @@ fn notes(
         ));
     }
     for v in comparisons(runs) {
-        let cpu = |kind| median_of(runs, kind, Run::cpu_s_per_gb);
-        let ratio = cpu(v.kind) / cpu(v.other);
-        let paired = paired_ratios(runs, v.kind, v.other, Run::cpu_s_per_gb);
-        let (lo, hi) = paired
-            .iter()
-            .fold((f64::NAN, f64::NAN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-        notes.push(format!(
-            "CPU/GB {}/{} {ratio:.3}x; per round {:.3}x ({lo:.3}..{hi:.3})",
-            v.kind.label(),
-            v.other.label(),
-            median(&paired),
-        ));
-        if v.other == Kind::Fanout {
-            let rate = |kind| median_of(runs, kind, Run::gb_per_sec);
-            let paired = paired_ratios(runs, v.kind, v.other, Run::gb_per_sec);
-            notes.push(format!(
-                "GB/s {}/{} {:.3}x; per round {:.3}x",
-                v.kind.label(),
-                v.other.label(),
-                rate(v.kind) / rate(v.other),
-                median(&paired),
-            ));
-        }
+        ratio_notes(&mut notes, runs, v);
     }
     for (kind, _, stopped) in servers {
-        let Some(stats) = &stopped.stats else {
-            notes.push(format!("{} server printed no `stats` line", kind.label()));
-            continue;
-        };
-        let num = |key: &str| stats.get(key).and_then(serde_json::Value::as_f64);
-        let Some(sent) = num("bytes_sent").filter(|&b| b > 0.0) else {
-            continue;
-        };
-        let keys: &[(&str, &str)] = match kind {
-            Kind::Sendfile => &[
-                ("sendfile_calls", "sendfile calls"),
-                ("eagain", "would-block returns"),
-                ("polls", "polls"),
-            ],
-            _ => &[
-                ("chunks_read", "chunk reads"),
-                ("enters", "kernel entries"),
-                ("sqes", "operations submitted"),
-                ("zc_sends", "zero-copy sends"),
-                ("fixed_sends", "of them from registered memory"),
-                ("zc_copied", "copied by the kernel anyway"),
-                ("plain_sends", "plain sends"),
-            ],
-        };
-        let per_gb: Vec<String> = keys
-            .iter()
-            .filter_map(|&(key, what)| Some(format!("{:.0} {what}", num(key)? / (sent / 1e9))))
-            .collect();
-        notes.push(format!(
-            "{} server per GB delivered (whole life): {}",
-            kind.label(),
-            per_gb.join(", ")
-        ));
-        if stopped.killed {
-            notes.push(format!("{}: ignored SIGTERM and was killed", kind.label()));
-        } else if !stopped.status.success() {
-            notes.push(format!("{}: exited with {}", kind.label(), stopped.status));
-        }
-        if let Some(lost) = num("clients_lost").filter(|&l| l > 0.0) {
-            notes.push(format!("{}: lost {lost} client(s)", kind.label()));
-        }
+        server_notes(&mut notes, *kind, stopped);
     }
+    machine_bound_notes(&mut notes, runs);
+    for r in runs.iter().filter(|r| !r.verified()) {
+        unverified_note(&mut notes, r);
+    }
+    notes
+}
+
+/// The file, the clients and the servers' chunking.
+fn setup_note(setup: &Setup) -> String {
+    format!(
+        "{} MiB file on {} (page-cached), {CLIENTS} clients, {} MiB delivered per round; \
+         ringpool servers: {} KiB chunks, {IN_FLIGHT} in flight (per client on the \
+         read-per-client side)",
+        setup.bytes >> 20,
+        setup.fs,
+        (setup.bytes * CLIENTS as u64) >> 20,
+        CHUNK >> 10,
+    )
+}
+
+/// One comparison's CPU per GB (and, against fanout, GB/s): medians and per-round ratios.
+fn ratio_notes(notes: &mut Vec<String>, runs: &[Run], v: &Versus) {
+    let cpu = |kind| median_of(runs, kind, Run::cpu_s_per_gb);
+    let ratio = cpu(v.kind) / cpu(v.other);
+    let paired = paired_ratios(runs, v.kind, v.other, Run::cpu_s_per_gb);
+    let (lo, hi) = paired
+        .iter()
+        .fold((f64::NAN, f64::NAN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    notes.push(format!(
+        "CPU/GB {}/{} {ratio:.3}x; per round {:.3}x ({lo:.3}..{hi:.3})",
+        v.kind.label(),
+        v.other.label(),
+        median(&paired),
+    ));
+    if v.other == Kind::Fanout {
+        let rate = |kind| median_of(runs, kind, Run::gb_per_sec);
+        let paired = paired_ratios(runs, v.kind, v.other, Run::gb_per_sec);
+        notes.push(format!(
+            "GB/s {}/{} {:.3}x; per round {:.3}x",
+            v.kind.label(),
+            v.other.label(),
+            rate(v.kind) / rate(v.other),
+            median(&paired),
+        ));
+    }
+}
+
+/// The `stats` keys of a server worth a note per GB, with their words.
+fn per_gb_keys(kind: Kind) -> &'static [(&'static str, &'static str)] {
+    match kind {
+        Kind::Sendfile => &[
+            ("sendfile_calls", "sendfile calls"),
+            ("eagain", "would-block returns"),
+            ("polls", "polls"),
+        ],
+        _ => &[
+            ("chunks_read", "chunk reads"),
+            ("enters", "kernel entries"),
+            ("sqes", "operations submitted"),
+            ("zc_sends", "zero-copy sends"),
+            ("fixed_sends", "of them from registered memory"),
+            ("zc_copied", "copied by the kernel anyway"),
+            ("plain_sends", "plain sends"),
+        ],
+    }
+}
+
+/// What one server did per GB delivered, how it ended and whether it lost clients (nothing
+/// past a missing `stats` line or one without bytes sent).
+fn server_notes(notes: &mut Vec<String>, kind: Kind, stopped: &super::server::Stopped) {
+    let Some(stats) = &stopped.stats else {
+        notes.push(format!("{} server printed no `stats` line", kind.label()));
+        return;
+    };
+    let num = |key: &str| stats.get(key).and_then(serde_json::Value::as_f64);
+    let Some(sent) = num("bytes_sent").filter(|&b| b > 0.0) else {
+        return;
+    };
+    let per_gb: Vec<String> = per_gb_keys(kind)
+        .iter()
+        .filter_map(|&(key, what)| Some(format!("{:.0} {what}", num(key)? / (sent / 1e9))))
+        .collect();
+    notes.push(format!(
+        "{} server per GB delivered (whole life): {}",
+        kind.label(),
+        per_gb.join(", ")
+    ));
+    if stopped.killed {
+        notes.push(format!("{}: ignored SIGTERM and was killed", kind.label()));
+    } else if !stopped.status.success() {
+        notes.push(format!("{}: exited with {}", kind.label(), stopped.status));
+    }
+    if let Some(lost) = num("clients_lost").filter(|&l| l > 0.0) {
+        notes.push(format!("{}: lost {lost} client(s)", kind.label()));
+    }
+}
+
+/// Servers whose runs kept the whole machine busy: their GB/s is the machine's.
+fn machine_bound_notes(notes: &mut Vec<String>, runs: &[Run]) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for kind in Kind::this_run() {
         let busy = median_of(runs, kind, |r| {
@@ -803,24 +832,25 @@ fn notes(
             ));
         }
     }
-    for r in runs.iter().filter(|r| !r.verified()) {
-        let errors: Vec<&str> = r
-            .copies
-            .iter()
-            .filter_map(|c| c.error.as_deref())
-            .take(3)
-            .collect();
-        notes.push(format!(
-            "round {} {}: {}/{CLIENTS} copies verified, {} of {} bytes delivered; {}",
-            r.round,
-            r.kind.label(),
-            r.verified_copies,
-            r.delivered(),
-            r.expected_bytes,
-            errors.join("; ")
-        ));
-    }
-    notes
+}
+
+/// A round whose copies did not all verify: how many did, the bytes, the first errors.
+fn unverified_note(notes: &mut Vec<String>, r: &Run) {
+    let errors: Vec<&str> = r
+        .copies
+        .iter()
+        .filter_map(|c| c.error.as_deref())
+        .take(3)
+        .collect();
+    notes.push(format!(
+        "round {} {}: {}/{CLIENTS} copies verified, {} of {} bytes delivered; {}",
+        r.round,
+        r.kind.label(),
+        r.verified_copies,
+        r.delivered(),
+        r.expected_bytes,
+        errors.join("; ")
+    ));
 }
 
 #[cfg(test)]

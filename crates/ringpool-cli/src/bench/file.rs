@@ -458,21 +458,7 @@ impl Reader {
         pattern: &Pattern,
     ) -> BenchResult<SideRun> {
         let mut rng = SplitMix64(seed);
-        let mut run = SideRun {
-            round,
-            mem: self.mem,
-            reads: 0,
-            mismatches: 0,
-            first_mismatch: None,
-            short_reads: 0,
-            cpu: Duration::ZERO,
-            process_cpu: Duration::ZERO,
-            wall: Duration::ZERO,
-            registered_bufs: self.free.iter().filter(|b| b.is_registered()).count(),
-            enters: 0,
-            sqes: 0,
-            cqes: 0,
-        };
+        let mut run = self.empty_run(round);
         let mut in_flight = 0usize;
         let stats_before = self.driver.stats();
         let process_before = sys::process_cpu_time()?;
@@ -482,38 +468,17 @@ impl Reader {
         let mut last_progress = start;
         loop {
             if open {
-                while let Some(buf) = self.free.pop() {
-                    let block = rng.next() % blocks;
-                    let offset = block * BLOCK as u64;
-                    self.driver.read_fixed(fd, buf, 0..BLOCK, offset, block)?;
-                    in_flight += 1;
-                }
+                in_flight += self.start_reads(fd, &mut rng, blocks)?;
             }
             if in_flight == 0 {
                 break;
             }
             self.driver.wait(Some(Duration::from_millis(500)))?;
-            let mut progressed = false;
-            while let Some(c) = self.driver.pop() {
-                progressed = true;
-                let Event::FixedIo { buf, result } = c.event else {
-                    return Err(format!("unexpected completion: {:?}", c.event).into());
-                };
-                in_flight -= 1;
-                let block = c.token;
-                let n = result.map_err(|e| format!("read of block {block} failed: {e}"))?;
-                if n != BLOCK {
-                    run.short_reads += 1;
-                } else if !pattern.check(block, &buf) {
-                    run.mismatches += 1;
-                    run.first_mismatch.get_or_insert(block);
-                }
-                run.reads += 1;
-                self.free.push(buf);
-            }
+            let reaped = self.reap(&mut run, pattern)?;
+            in_flight -= reaped;
             let now = Instant::now();
             open = open && now - start < window;
-            if progressed {
+            if reaped > 0 {
                 last_progress = now;
             } else if now - last_progress > STALL {
                 return Err(format!(
@@ -533,6 +498,62 @@ impl Reader {
         run.sqes = stats.sqes - stats_before.sqes;
         run.cqes = stats.cqes - stats_before.cqes;
         Ok(run)
+    }
+
+    /// A round of this side with nothing counted yet.
+    fn empty_run(&self, round: usize) -> SideRun {
+        SideRun {
+            round,
+            mem: self.mem,
+            reads: 0,
+            mismatches: 0,
+            first_mismatch: None,
+            short_reads: 0,
+            cpu: Duration::ZERO,
+            process_cpu: Duration::ZERO,
+            wall: Duration::ZERO,
+            registered_bufs: self.free.iter().filter(|b| b.is_registered()).count(),
+            enters: 0,
+            sqes: 0,
+            cqes: 0,
+        }
+    }
+
+    /// Starts a read at a random block into every free buffer; how many it started.
+    #[inline]
+    fn start_reads(&mut self, fd: &Fd, rng: &mut SplitMix64, blocks: u64) -> BenchResult<usize> {
+        let mut started = 0;
+        while let Some(buf) = self.free.pop() {
+            let block = rng.next() % blocks;
+            let offset = block * BLOCK as u64;
+            self.driver.read_fixed(fd, buf, 0..BLOCK, offset, block)?;
+            started += 1;
+        }
+        Ok(started)
+    }
+
+    /// Takes every completion the driver holds, checks its block and frees its buffer; how
+    /// many it took.
+    #[inline]
+    fn reap(&mut self, run: &mut SideRun, pattern: &Pattern) -> BenchResult<usize> {
+        let mut reaped = 0;
+        while let Some(c) = self.driver.pop() {
+            reaped += 1;
+            let Event::FixedIo { buf, result } = c.event else {
+                return Err(format!("unexpected completion: {:?}", c.event).into());
+            };
+            let block = c.token;
+            let n = result.map_err(|e| format!("read of block {block} failed: {e}"))?;
+            if n != BLOCK {
+                run.short_reads += 1;
+            } else if !pattern.check(block, &buf) {
+                run.mismatches += 1;
+                run.first_mismatch.get_or_insert(block);
+            }
+            run.reads += 1;
+            self.free.push(buf);
+        }
+        Ok(reaped)
     }
 }
 
@@ -657,6 +678,25 @@ fn describe_ratios(ratios: &[f64]) -> String {
 }
 
 fn summarize(runs: &[SideRun], rounds: usize, setup: &Setup, check_ns: f64) -> WorkloadReport {
+    let mut notes = setup_notes(runs, setup, check_ns);
+    for r in runs {
+        round_notes(&mut notes, r);
+    }
+    WorkloadReport {
+        name: WORKLOAD.name,
+        baseline: BASELINE,
+        verified: !runs.is_empty() && runs.iter().all(SideRun::verified),
+        rounds,
+        metrics: metrics(runs),
+        raw_rounds: runs.iter().map(SideRun::to_json).collect(),
+        targets: Vec::new(),
+        notes,
+        details: vec![DETAILS.into()],
+    }
+}
+
+/// CPU per read (thread and process) and IOPS, registered against unregistered.
+fn metrics(runs: &[SideRun]) -> Vec<Metric> {
     let metric = |key, label, unit, f: fn(&SideRun) -> f64| Metric {
         key,
         label,
@@ -664,7 +704,7 @@ fn summarize(runs: &[SideRun], rounds: usize, setup: &Setup, check_ns: f64) -> W
         ringpool: median_of(runs, Mem::Registered, f),
         baseline: median_of(runs, Mem::Unregistered, f),
     };
-    let metrics = vec![
+    vec![
         metric(
             "cpu_us_per_io",
             "CPU per 4 KiB read (thread)",
@@ -678,8 +718,12 @@ fn summarize(runs: &[SideRun], rounds: usize, setup: &Setup, check_ns: f64) -> W
             SideRun::process_cpu_us_per_io,
         ),
         metric("iops", "IOPS (4 KiB, QD 32)", Unit::Count, SideRun::iops),
-    ];
-    let mut notes = vec![
+    ]
+}
+
+/// The test file, the per-round ratios and the cost of checking a block.
+fn setup_notes(runs: &[SideRun], setup: &Setup, check_ns: f64) -> Vec<String> {
+    vec![
         format!(
             "test file: {} MiB on {} ({}), written and fsync'd in {:.2} s, read with O_DIRECT \
              (page cache bypassed: every read reaches the virtual disk)",
@@ -699,34 +743,25 @@ fn summarize(runs: &[SideRun], rounds: usize, setup: &Setup, check_ns: f64) -> W
              sides' CPU per read",
             check_ns
         ),
-    ];
-    for r in runs {
-        let what = format!("round {} {}", r.round, r.mem.label());
-        if r.mismatches > 0 || r.short_reads > 0 {
-            notes.push(format!(
-                "{what}: {} blocks did not match (first: block {:?}), {} short reads",
-                r.mismatches, r.first_mismatch, r.short_reads
-            ));
-        }
-        let other = r.process_cpu.saturating_sub(r.cpu);
-        if other > r.cpu / 20 && other > Duration::from_millis(10) {
-            notes.push(format!(
-                "{what}: {:.3} s of process CPU outside the reading thread (thread {:.3} s)",
-                other.as_secs_f64(),
-                r.cpu.as_secs_f64()
-            ));
-        }
+    ]
+}
+
+/// Anything abnormal in one round: bad or short blocks, CPU spent outside the reading thread.
+fn round_notes(notes: &mut Vec<String>, r: &SideRun) {
+    let what = format!("round {} {}", r.round, r.mem.label());
+    if r.mismatches > 0 || r.short_reads > 0 {
+        notes.push(format!(
+            "{what}: {} blocks did not match (first: block {:?}), {} short reads",
+            r.mismatches, r.first_mismatch, r.short_reads
+        ));
     }
-    WorkloadReport {
-        name: WORKLOAD.name,
-        baseline: BASELINE,
-        verified: !runs.is_empty() && runs.iter().all(SideRun::verified),
-        rounds,
-        metrics,
-        raw_rounds: runs.iter().map(SideRun::to_json).collect(),
-        targets: Vec::new(),
-        notes,
-        details: vec![DETAILS.into()],
+    let other = r.process_cpu.saturating_sub(r.cpu);
+    if other > r.cpu / 20 && other > Duration::from_millis(10) {
+        notes.push(format!(
+            "{what}: {:.3} s of process CPU outside the reading thread (thread {:.3} s)",
+            other.as_secs_f64(),
+            r.cpu.as_secs_f64()
+        ));
     }
 }
 

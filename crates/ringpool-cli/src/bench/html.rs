@@ -245,33 +245,51 @@ fn workload(h: &mut String, r: &WorkloadReport) {
     if r.metrics.is_empty() {
         h.push_str("<p>No metrics.</p>\n");
     } else {
-        h.push_str("<table>\n<tr><th>metric</th><th>ringpool</th><th>baseline</th>");
-        h.push_str("<th>ratio</th><th>better</th></tr>\n");
-        for m in &r.metrics {
-            let _ = writeln!(
-                h,
-                "<tr><td title=\"{}\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-                 <td class=\"num\">{}</td><td>{}</td></tr>",
-                escape(m.key),
-                escape(m.label),
-                escape(&format_value(m.ringpool, m.unit)),
-                escape(&format_value(m.baseline, m.unit)),
-                match m.reported_ratio() {
-                    Some(r) => format_ratio(r),
-                    None => ratio_cell(m),
-                },
-                m.better().words(),
-            );
-        }
-        h.push_str("</table>\n");
-        // Counts are not charted as ratios (the sides need not have done the same work).
-        let compared: Vec<&Metric> = r
-            .metrics
-            .iter()
-            .filter(|m| m.better() != Better::NotCompared)
-            .collect();
-        h.push_str(&Chart::new(&compared).svg(&compared));
+        metrics_table(h, r);
     }
+    notes_list(h, r);
+    if !r.details.is_empty() {
+        let _ = writeln!(
+            h,
+            "<p class=\"details\">Details: {}</p>",
+            escape(&r.details.join("; "))
+        );
+    }
+    h.push_str("</section>\n");
+}
+
+/// A workload's metrics: the table, then the chart of the compared ones.
+fn metrics_table(h: &mut String, r: &WorkloadReport) {
+    h.push_str("<table>\n<tr><th>metric</th><th>ringpool</th><th>baseline</th>");
+    h.push_str("<th>ratio</th><th>better</th></tr>\n");
+    for m in &r.metrics {
+        let _ = writeln!(
+            h,
+            "<tr><td title=\"{}\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td>{}</td></tr>",
+            escape(m.key),
+            escape(m.label),
+            escape(&format_value(m.ringpool, m.unit)),
+            escape(&format_value(m.baseline, m.unit)),
+            match m.reported_ratio() {
+                Some(r) => format_ratio(r),
+                None => ratio_cell(m),
+            },
+            m.better().words(),
+        );
+    }
+    h.push_str("</table>\n");
+    // Counts are not charted as ratios (the sides need not have done the same work).
+    let compared: Vec<&Metric> = r
+        .metrics
+        .iter()
+        .filter(|m| m.better() != Better::NotCompared)
+        .collect();
+    h.push_str(&Chart::new(&compared).svg(&compared));
+}
+
+/// A workload's targets, values it could not produce, and notes, as one list (none if empty).
+fn notes_list(h: &mut String, r: &WorkloadReport) {
     let lines = |prefix: &str, items: &[String]| {
         items
             .iter()
@@ -285,14 +303,6 @@ fn workload(h: &mut String, r: &WorkloadReport) {
     if !items.is_empty() {
         let _ = write!(h, "<ul class=\"notes\">\n{items}</ul>\n");
     }
-    if !r.details.is_empty() {
-        let _ = writeln!(
-            h,
-            "<p class=\"details\">Details: {}</p>",
-            escape(&r.details.join("; "))
-        );
-    }
-    h.push_str("</section>\n");
 }
 
 /// Estimated width of one character of a 12 px label, on the generous side.
@@ -387,47 +397,11 @@ impl Chart {
              aria-label=\"ratio ringpool / baseline per metric\">"
         );
         let bottom = self.plot_bottom();
-        for t in self.ticks() {
-            let x = self.x(t);
-            let _ = writeln!(
-                s,
-                "<line class=\"grid\" x1=\"{x:.1}\" y1=\"{TOP:.1}\" x2=\"{x:.1}\" \
-                 y2=\"{bottom:.1}\"/><text class=\"tick\" x=\"{x:.1}\" y=\"{:.1}\" \
-                 text-anchor=\"middle\">{}×</text>",
-                bottom + 16.0,
-                format_tick(t),
-            );
-        }
+        self.grid(&mut s, bottom);
         // Bars and labels, then the 1.0× line over the bars, then the ratios over the line.
         let mut values = String::new();
         for (i, m) in metrics.iter().enumerate() {
-            let y = self.bar_y(i);
-            let text_y = y + BAR_HEIGHT - 3.0;
-            let _ = writeln!(
-                s,
-                "<text x=\"{:.1}\" y=\"{text_y:.1}\" text-anchor=\"end\">{}</text>",
-                self.label_width - 8.0,
-                escape(m.label),
-            );
-            let ratio = m.ratio();
-            let x0 = self.x(0.0);
-            if ratio.is_finite() {
-                let _ = writeln!(
-                    s,
-                    "<rect class=\"bar\" x=\"{x0:.1}\" y=\"{y:.1}\" width=\"{:.1}\" \
-                     height=\"{BAR_HEIGHT:.1}\"><title>{}: {}</title></rect>",
-                    self.x(ratio) - x0,
-                    escape(m.label),
-                    format_ratio(ratio),
-                );
-            }
-            let end = if ratio.is_finite() { self.x(ratio) } else { x0 };
-            let _ = writeln!(
-                values,
-                "<text class=\"value\" x=\"{:.1}\" y=\"{text_y:.1}\">{}</text>",
-                end + 4.0,
-                format_ratio(ratio),
-            );
+            self.bar(&mut s, &mut values, i, m);
         }
         let one = self.x(1.0);
         let _ = writeln!(
@@ -439,6 +413,52 @@ impl Chart {
         s.push_str(&values);
         s.push_str("</svg>\n");
         s
+    }
+
+    /// The vertical grid lines and their tick labels, down to `bottom`.
+    fn grid(&self, s: &mut String, bottom: f64) {
+        for t in self.ticks() {
+            let x = self.x(t);
+            let _ = writeln!(
+                s,
+                "<line class=\"grid\" x1=\"{x:.1}\" y1=\"{TOP:.1}\" x2=\"{x:.1}\" \
+                 y2=\"{bottom:.1}\"/><text class=\"tick\" x=\"{x:.1}\" y=\"{:.1}\" \
+                 text-anchor=\"middle\">{}×</text>",
+                bottom + 16.0,
+                format_tick(t),
+            );
+        }
+    }
+
+    /// Metric `i`'s label and bar into `s`, its ratio into `values` (drawn last, on top).
+    fn bar(&self, s: &mut String, values: &mut String, i: usize, m: &Metric) {
+        let y = self.bar_y(i);
+        let text_y = y + BAR_HEIGHT - 3.0;
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{text_y:.1}\" text-anchor=\"end\">{}</text>",
+            self.label_width - 8.0,
+            escape(m.label),
+        );
+        let ratio = m.ratio();
+        let x0 = self.x(0.0);
+        if ratio.is_finite() {
+            let _ = writeln!(
+                s,
+                "<rect class=\"bar\" x=\"{x0:.1}\" y=\"{y:.1}\" width=\"{:.1}\" \
+                 height=\"{BAR_HEIGHT:.1}\"><title>{}: {}</title></rect>",
+                self.x(ratio) - x0,
+                escape(m.label),
+                format_ratio(ratio),
+            );
+        }
+        let end = if ratio.is_finite() { self.x(ratio) } else { x0 };
+        let _ = writeln!(
+            values,
+            "<text class=\"value\" x=\"{:.1}\" y=\"{text_y:.1}\">{}</text>",
+            end + 4.0,
+            format_ratio(ratio),
+        );
     }
 }
 

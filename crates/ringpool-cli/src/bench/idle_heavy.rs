@@ -423,36 +423,47 @@ fn notes(rounds: &[Round]) -> Vec<String> {
         ));
     }
     for r in rounds {
-        let side = r.side.label();
-        if r.killed {
-            notes.push(format!("{side} server ignored SIGTERM and was killed"));
-        }
-        if !r.killed && !r.exit.success() {
-            notes.push(format!("{side} server exited with {}", r.exit));
-        }
-        if r.stats.is_none() {
-            notes.push(format!("{side} server printed no `stats` line"));
-        }
-        if r.busy.mismatches > 0 || r.busy.errors > 0 {
+        server_notes(&mut notes, r);
+        traffic_notes(&mut notes, r);
+    }
+    notes
+}
+
+/// How one round's server ended, and whether it printed its statistics.
+fn server_notes(notes: &mut Vec<String>, r: &Round) {
+    let side = r.side.label();
+    if r.killed {
+        notes.push(format!("{side} server ignored SIGTERM and was killed"));
+    }
+    if !r.killed && !r.exit.success() {
+        notes.push(format!("{side} server exited with {}", r.exit));
+    }
+    if r.stats.is_none() {
+        notes.push(format!("{side} server printed no `stats` line"));
+    }
+}
+
+/// One round's bad replies, disagreeing byte counts and failed idle connections.
+fn traffic_notes(notes: &mut Vec<String>, r: &Round) {
+    let side = r.side.label();
+    if r.busy.mismatches > 0 || r.busy.errors > 0 {
+        notes.push(format!(
+            "{side}: {} mismatched replies, {} failed/timed-out exchanges on busy connections",
+            r.busy.mismatches, r.busy.errors
+        ));
+    }
+    if let Some(server) = r.stat("bytes_echoed") {
+        if server != r.client_bytes as f64 {
             notes.push(format!(
-                "{side}: {} mismatched replies, {} failed/timed-out exchanges on busy connections",
-                r.busy.mismatches, r.busy.errors
-            ));
-        }
-        if let Some(server) = r.stat("bytes_echoed") {
-            if server != r.client_bytes as f64 {
-                notes.push(format!(
-                    "{side} server counted {server} bytes echoed, the client {}",
-                    r.client_bytes
-                ));
-            }
-        }
-        if r.idle.failed > 0 {
-            notes.push(format!(
-                "{side}: {} idle connections failed the final check",
-                r.idle.failed
+                "{side} server counted {server} bytes echoed, the client {}",
+                r.client_bytes
             ));
         }
     }
-    notes
+    if r.idle.failed > 0 {
+        notes.push(format!(
+            "{side}: {} idle connections failed the final check",
+            r.idle.failed
+        ));
+    }
 }

@@ -578,23 +578,7 @@ async fn drive(
 
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
-    let mut tasks = JoinSet::new();
-    for (id, (client, server)) in clients.into_iter().zip(servers).enumerate() {
-        let (client_r, client_w) = client.into_split();
-        let (server_r, server_w) = server.into_split();
-        for (dir, r, w) in [(UP, server_r, client_w), (DOWN, client_r, server_w)] {
-            let start = start_of(id, dir);
-            let (pattern, stop) = (Arc::clone(&p.pattern), Arc::clone(&stop));
-            let write = p.write;
-            tasks.spawn(async move {
-                TaskOut::Wrote(dir, write_stream(w, start, write, &pattern, &stop).await)
-            });
-            let (pattern, received) = (Arc::clone(&p.pattern), Arc::clone(&received));
-            tasks.spawn(async move {
-                TaskOut::Read(id, dir, read_stream(r, start, &pattern, &received).await)
-            });
-        }
-    }
+    let tasks = spawn_streams(clients, servers, p, &stop, &received);
 
     tokio::time::sleep(p.warmup).await;
     let before = Snapshot::take(&received, clock, pid)?;
@@ -602,29 +586,51 @@ async fn drive(
     let after = Snapshot::take(&received, clock, pid)?;
     stop.store(true, Ordering::Relaxed);
 
+    let totals = collect_streams(tasks).await;
+    Ok(Measured {
+        window: after.at - before.at,
+        window_bytes: after.bytes - before.bytes,
+        cpu: after.cpu.saturating_sub(before.cpu),
+        cpu_ticks: after.ticks.saturating_sub(before.ticks),
+        loadgen_cpu: after.loadgen.saturating_sub(before.loadgen),
+        totals,
+    })
+}
+
+/// Starts a writer and a reader per direction of every stream.
+fn spawn_streams(
+    clients: Vec<TcpStream>,
+    servers: Vec<TcpStream>,
+    p: &Params,
+    stop: &Arc<AtomicBool>,
+    received: &Arc<AtomicU64>,
+) -> JoinSet<TaskOut> {
+    let mut tasks = JoinSet::new();
+    for (id, (client, server)) in clients.into_iter().zip(servers).enumerate() {
+        let (client_r, client_w) = client.into_split();
+        let (server_r, server_w) = server.into_split();
+        for (dir, r, w) in [(UP, server_r, client_w), (DOWN, client_r, server_w)] {
+            let start = start_of(id, dir);
+            let (pattern, stop) = (Arc::clone(&p.pattern), Arc::clone(stop));
+            let write = p.write;
+            tasks.spawn(async move {
+                TaskOut::Wrote(dir, write_stream(w, start, write, &pattern, &stop).await)
+            });
+            let (pattern, received) = (Arc::clone(&p.pattern), Arc::clone(received));
+            tasks.spawn(async move {
+                TaskOut::Read(id, dir, read_stream(r, start, &pattern, &received).await)
+            });
+        }
+    }
+    tasks
+}
+
+/// Waits (at most [`STALL`]) for every stream task and adds up what they did.
+async fn collect_streams(mut tasks: JoinSet<TaskOut>) -> Totals {
     let mut totals = Totals::default();
     let collect = async {
         while let Some(done) = tasks.join_next().await {
-            match done {
-                Ok(TaskOut::Wrote(dir, Ok(n))) => totals.written[dir] += n,
-                Ok(TaskOut::Wrote(dir, Err(e))) => {
-                    totals.errors.push(format!("{} writer: {e}", dir_name(dir)))
-                }
-                Ok(TaskOut::Read(id, dir, r)) => {
-                    totals.read[dir] += r.bytes;
-                    totals.mismatches += r.mismatches;
-                    if let (None, Some(at)) = (totals.first_mismatch, r.first_mismatch) {
-                        totals.first_mismatch = Some((id, dir, at));
-                    }
-                    totals.no_eof += u64::from(!r.eof);
-                    if let Some(e) = r.error {
-                        totals
-                            .errors
-                            .push(format!("stream {id} {} reader: {e}", dir_name(dir)));
-                    }
-                }
-                Err(e) => totals.errors.push(format!("a stream task failed: {e}")),
-            }
+            totals.add(done);
         }
     };
     if tokio::time::timeout(STALL, collect).await.is_err() {
@@ -634,14 +640,32 @@ async fn drive(
             tasks.len()
         ));
     }
-    Ok(Measured {
-        window: after.at - before.at,
-        window_bytes: after.bytes - before.bytes,
-        cpu: after.cpu.saturating_sub(before.cpu),
-        cpu_ticks: after.ticks.saturating_sub(before.ticks),
-        loadgen_cpu: after.loadgen.saturating_sub(before.loadgen),
-        totals,
-    })
+    totals
+}
+
+impl Totals {
+    /// Adds what one stream task did (or how it failed).
+    fn add(&mut self, done: Result<TaskOut, tokio::task::JoinError>) {
+        match done {
+            Ok(TaskOut::Wrote(dir, Ok(n))) => self.written[dir] += n,
+            Ok(TaskOut::Wrote(dir, Err(e))) => {
+                self.errors.push(format!("{} writer: {e}", dir_name(dir)))
+            }
+            Ok(TaskOut::Read(id, dir, r)) => {
+                self.read[dir] += r.bytes;
+                self.mismatches += r.mismatches;
+                if let (None, Some(at)) = (self.first_mismatch, r.first_mismatch) {
+                    self.first_mismatch = Some((id, dir, at));
+                }
+                self.no_eof += u64::from(!r.eof);
+                if let Some(e) = r.error {
+                    self.errors
+                        .push(format!("stream {id} {} reader: {e}", dir_name(dir)));
+                }
+            }
+            Err(e) => self.errors.push(format!("a stream task failed: {e}")),
+        }
+    }
 }
 
 /// Connects `n` clients through the proxy and accepts their upstream sides, paired by the
@@ -918,7 +942,23 @@ fn targets(metrics: &[Metric]) -> Vec<Target> {
 
 /// Where ringpool's proxy spends its CPU, the per-round spread, and anything abnormal.
 fn notes(runs: &[Run], placement: Option<Placement>) -> Vec<String> {
-    let mut notes = vec![match placement {
+    let mut notes = vec![placement_note(placement)];
+    extra_args_notes(&mut notes);
+    let kinds = Kind::all();
+    for (i, c) in CONFIGS.iter().enumerate() {
+        cpu_ratio_notes(&mut notes, runs, &kinds, i, c);
+        op_count_notes(&mut notes, runs, &kinds, i, c);
+        loadgen_notes(&mut notes, runs, &kinds, i, c);
+    }
+    for r in runs {
+        round_notes(&mut notes, r);
+    }
+    notes
+}
+
+/// Where the proxies and the load generator ran.
+fn placement_note(placement: Option<Placement>) -> String {
+    match placement {
         Some(p) => format!(
             "placement: load generator and upstream sink pinned to CPU {}, every proxy to CPU {} \
              ({PIN_VAR}=0 leaves them unpinned)",
@@ -927,119 +967,135 @@ fn notes(runs: &[Run], placement: Option<Placement>) -> Vec<String> {
         None => {
             "placement: unpinned (the scheduler places the proxy and the load generator)".to_owned()
         }
-    }];
+    }
+}
+
+/// The extra proxy arguments given through the environment, if any.
+fn extra_args_notes(notes: &mut Vec<String>) {
     for var in [EXTRA_ARGS_VAR, VARIANT_ARGS_VAR] {
         if let Ok(extra) = std::env::var(var) {
             notes.push(format!("{var}: {extra}"));
         }
     }
-    let kinds = Kind::all();
-    for (i, c) in CONFIGS.iter().enumerate() {
-        let cpu = |kind| median_of(runs, i, kind, Run::cpu_s_per_gb);
-        let ratio = cpu(Kind::Ringpool) / cpu(Kind::Tokio);
-        let paired = |kind, other| paired_ratios(runs, i, kind, other, Run::cpu_s_per_gb);
+}
+
+/// One configuration's CPU per GB against tokio and std (and the variant against ringpool),
+/// with the per-round spread.
+fn cpu_ratio_notes(notes: &mut Vec<String>, runs: &[Run], kinds: &[Kind], i: usize, c: &Config) {
+    let cpu = |kind| median_of(runs, i, kind, Run::cpu_s_per_gb);
+    let ratio = cpu(Kind::Ringpool) / cpu(Kind::Tokio);
+    let paired = |kind, other| paired_ratios(runs, i, kind, other, Run::cpu_s_per_gb);
+    notes.push(format!(
+        "{}: CPU/GB ringpool/tokio {ratio:.3}x, per round {}; ringpool/std {:.3}x, per \
+         round {}",
+        c.label,
+        spread(&paired(Kind::Ringpool, Kind::Tokio)),
+        cpu(Kind::Ringpool) / cpu(Kind::Std),
+        spread(&paired(Kind::Ringpool, Kind::Std)),
+    ));
+    if kinds.contains(&Kind::Variant) {
+        let rate = paired_ratios(runs, i, Kind::Variant, Kind::Ringpool, Run::gb_per_sec);
         notes.push(format!(
-            "{}: CPU/GB ringpool/tokio {ratio:.3}x, per round {}; ringpool/std {:.3}x, per \
-             round {}",
+            "{}: variant/ringpool per round: CPU/GB {}, GB/s {}",
             c.label,
-            spread(&paired(Kind::Ringpool, Kind::Tokio)),
-            cpu(Kind::Ringpool) / cpu(Kind::Std),
-            spread(&paired(Kind::Ringpool, Kind::Std)),
+            spread(&paired(Kind::Variant, Kind::Ringpool)),
+            spread(&rate),
         ));
-        if kinds.contains(&Kind::Variant) {
-            let rate = paired_ratios(runs, i, Kind::Variant, Kind::Ringpool, Run::gb_per_sec);
-            notes.push(format!(
-                "{}: variant/ringpool per round: CPU/GB {}, GB/s {}",
-                c.label,
-                spread(&paired(Kind::Variant, Kind::Ringpool)),
-                spread(&rate),
-            ));
+    }
+}
+
+/// One configuration's kernel entries, operations and sends per GB, for each ringpool proxy.
+fn op_count_notes(notes: &mut Vec<String>, runs: &[Run], kinds: &[Kind], i: usize, c: &Config) {
+    for kind in [Kind::Ringpool, Kind::Variant] {
+        if !kinds.contains(&kind) {
+            continue;
         }
-        for kind in [Kind::Ringpool, Kind::Variant] {
-            if !kinds.contains(&kind) {
-                continue;
-            }
-            let per_gb: Vec<String> = [
-                ("enters", "kernel entries"),
-                ("sqes", "operations submitted"),
-                ("cqes", "completions"),
-                ("zc_sends", "zero-copy sends"),
-                ("fixed_sends", "of them from registered memory"),
-                ("plain_sends", "plain sends"),
-            ]
+        let per_gb: Vec<String> = [
+            ("enters", "kernel entries"),
+            ("sqes", "operations submitted"),
+            ("cqes", "completions"),
+            ("zc_sends", "zero-copy sends"),
+            ("fixed_sends", "of them from registered memory"),
+            ("plain_sends", "plain sends"),
+        ]
+        .iter()
+        .map(|&(key, what)| (median_of(runs, i, kind, |r| r.stat_per_gb(key)), what))
+        .filter(|(v, _)| !v.is_nan())
+        .map(|(v, what)| format!("{v:.0} {what}"))
+        .collect();
+        notes.push(format!(
+            "{}: {} per GB forwarded (median, whole life): {}",
+            c.label,
+            kind.proxy_name(),
+            per_gb.join(", ")
+        ));
+    }
+}
+
+/// One configuration's load generator CPU share, noted where it may have bounded a proxy.
+fn loadgen_notes(notes: &mut Vec<String>, runs: &[Run], kinds: &[Kind], i: usize, c: &Config) {
+    let busy: Vec<(Kind, f64)> = kinds
+        .iter()
+        .map(|&kind| {
+            let share = median_of(runs, i, kind, |r| {
+                r.loadgen_cpu.as_secs_f64() / r.window.as_secs_f64()
+            });
+            (kind, share)
+        })
+        .collect();
+    if busy.iter().any(|&(_, share)| share > 0.9) {
+        let shares: Vec<String> = busy
             .iter()
-            .map(|&(key, what)| (median_of(runs, i, kind, |r| r.stat_per_gb(key)), what))
-            .filter(|(v, _)| !v.is_nan())
-            .map(|(v, what)| format!("{v:.0} {what}"))
+            .map(|(kind, share)| format!("{:.0}% ({} runs)", share * 100.0, kind.label()))
             .collect();
+        notes.push(format!(
+            "{}: the load generator used {} of a core: where near 100%, that proxy's GB/s \
+             is bounded by the load generator, not by the proxy",
+            c.label,
+            shares.join(", ")
+        ));
+    }
+}
+
+/// Anything abnormal in one round: its exit, a missing `stats` line, errors, bad bytes, and
+/// byte counts the proxy and the streams disagree on.
+fn round_notes(notes: &mut Vec<String>, r: &Run) {
+    let what = format!(
+        "round {} {} {}",
+        r.round,
+        r.config().label,
+        r.kind.proxy_name()
+    );
+    let t = &r.totals;
+    if r.killed {
+        notes.push(format!("{what}: ignored SIGTERM and was killed"));
+    } else if !r.exit.success() {
+        notes.push(format!("{what}: exited with {}", r.exit));
+    }
+    if r.stats.is_none() {
+        notes.push(format!("{what}: printed no `stats` line"));
+    }
+    for e in t.errors.iter().take(3) {
+        notes.push(format!("{what}: {e}"));
+    }
+    if t.mismatches > 0 || t.no_eof > 0 || t.read != t.written {
+        notes.push(format!(
+            "{what}: {} mismatching reads (first: stream, direction, offset {:?}), {} reads \
+             without EOF, read {:?} of {:?} bytes written (up, down)",
+            t.mismatches, t.first_mismatch, t.no_eof, t.read, t.written
+        ));
+    }
+    let headers = (r.config().streams * HEADER) as f64;
+    let ours = [t.written[UP] as f64 + headers, t.written[DOWN] as f64];
+    if let (Some(up), Some(down)) = (r.stat("bytes_up"), r.stat("bytes_down")) {
+        if [up, down] != ours && r.verified() {
             notes.push(format!(
-                "{}: {} per GB forwarded (median, whole life): {}",
-                c.label,
-                kind.proxy_name(),
-                per_gb.join(", ")
-            ));
-        }
-        let busy: Vec<(Kind, f64)> = kinds
-            .iter()
-            .map(|&kind| {
-                let share = median_of(runs, i, kind, |r| {
-                    r.loadgen_cpu.as_secs_f64() / r.window.as_secs_f64()
-                });
-                (kind, share)
-            })
-            .collect();
-        if busy.iter().any(|&(_, share)| share > 0.9) {
-            let shares: Vec<String> = busy
-                .iter()
-                .map(|(kind, share)| format!("{:.0}% ({} runs)", share * 100.0, kind.label()))
-                .collect();
-            notes.push(format!(
-                "{}: the load generator used {} of a core: where near 100%, that proxy's GB/s \
-                 is bounded by the load generator, not by the proxy",
-                c.label,
-                shares.join(", ")
+                "{what}: the proxy counted {up} bytes up and {down} down, the streams {} \
+                 and {}",
+                ours[0], ours[1]
             ));
         }
     }
-    for r in runs {
-        let what = format!(
-            "round {} {} {}",
-            r.round,
-            r.config().label,
-            r.kind.proxy_name()
-        );
-        let t = &r.totals;
-        if r.killed {
-            notes.push(format!("{what}: ignored SIGTERM and was killed"));
-        } else if !r.exit.success() {
-            notes.push(format!("{what}: exited with {}", r.exit));
-        }
-        if r.stats.is_none() {
-            notes.push(format!("{what}: printed no `stats` line"));
-        }
-        for e in t.errors.iter().take(3) {
-            notes.push(format!("{what}: {e}"));
-        }
-        if t.mismatches > 0 || t.no_eof > 0 || t.read != t.written {
-            notes.push(format!(
-                "{what}: {} mismatching reads (first: stream, direction, offset {:?}), {} reads \
-                 without EOF, read {:?} of {:?} bytes written (up, down)",
-                t.mismatches, t.first_mismatch, t.no_eof, t.read, t.written
-            ));
-        }
-        let headers = (r.config().streams * HEADER) as f64;
-        let ours = [t.written[UP] as f64 + headers, t.written[DOWN] as f64];
-        if let (Some(up), Some(down)) = (r.stat("bytes_up"), r.stat("bytes_down")) {
-            if [up, down] != ours && r.verified() {
-                notes.push(format!(
-                    "{what}: the proxy counted {up} bytes up and {down} down, the streams {} \
-                     and {}",
-                    ours[0], ours[1]
-                ));
-            }
-        }
-    }
-    notes
 }
 
 #[cfg(test)]

@@ -351,92 +351,28 @@ fn send_ringpool(
     pattern: &[u8],
     count: u64,
 ) -> BenchResult<Sent> {
-    let mode = match variant {
-        Variant::Policy => ZcMode::Auto,
-        Variant::Forced => ZcMode::On,
-        Variant::Plain | Variant::Tokio => ZcMode::Off,
-    };
-    let zc = variant != Variant::Plain;
-    let mut driver = Driver::new(DriverConfig::default().zerocopy(ZcConfig::default().mode(mode)))?;
-    let fd = Fd::from(stream);
-    let size = pattern.len();
-    let mut depth = depth(size);
-    let mut pool = if zc {
-        (ZC_POOL_BYTES / size).max(2 * depth)
-    } else {
-        depth
-    };
-    // Zero-copy from plain memory pins every buffer in flight against RLIMIT_MEMLOCK (per
-    // user): under a finite limit (an ordinary user's 8 MiB) the pool gets a quarter of it, so
-    // the sends fit instead of failing with ENOMEM.
-    if let (true, ringpool::sys::Memlock::Limited(limit)) = (zc, ringpool::sys::Memlock::current())
-    {
-        pool = pool.min(((limit / 4) as usize / size).max(2));
-        depth = depth.min((pool / 2).max(1));
-    }
-    // A stack: the most recently returned (cache-warm) buffer goes out next.
-    let mut free: Vec<Vec<u8>> = (0..pool).map(|_| pattern.to_vec()).collect();
-    let (mut next, mut done, mut in_flight) = (0u64, 0u64, 0usize);
-
+    let mut pipe = SendPipe::new(stream, variant, pattern, count)?;
     let cpu_before = sys::thread_cpu_time()?;
     let start = Instant::now();
     let mut last_progress = start;
     loop {
-        while in_flight < depth && next < count {
-            let Some(mut buf) = free.pop() else { break };
-            stamp(&mut buf, next);
-            if zc {
-                driver.send_zc_returning(&fd, buf, next)?;
-            } else {
-                driver.send(&fd, buf, next)?;
-            }
-            next += 1;
-            in_flight += 1;
-        }
-        if done == count && free.len() == pool {
+        pipe.fill()?;
+        if pipe.done == count && pipe.free.len() == pipe.pool {
             break;
         }
-        driver.wait(Some(Duration::from_millis(500)))?;
-        let mut progressed = false;
-        while let Some(c) = driver.pop() {
-            progressed = true;
-            match c.event {
-                Event::Sent { result, buf } => {
-                    let n = result.map_err(|e| format!("send {} failed: {e}", c.token))?;
-                    if n != size {
-                        return Err(format!("send {} sent {n} of {size} bytes", c.token).into());
-                    }
-                    if c.token != done {
-                        return Err(
-                            format!("send {} completed when {done} was next", c.token).into()
-                        );
-                    }
-                    done += 1;
-                    in_flight -= 1;
-                    if let Some(buf) = buf {
-                        free.push(owned(buf)?);
-                    }
-                }
-                Event::Returned(buf) => free.push(owned(buf)?),
-                other => return Err(format!("unexpected completion: {other:?}").into()),
-            }
-        }
+        pipe.driver.wait(Some(Duration::from_millis(500)))?;
+        let progressed = pipe.reap()?;
         let now = Instant::now();
         if progressed {
             last_progress = now;
         } else if now - last_progress > STALL {
-            return Err(format!(
-                "no completion for {STALL:?}: {done}/{count} sends done, {in_flight} in flight, \
-                 {} buffers out; driver: {}",
-                pool - free.len(),
-                driver.debug_state()
-            )
-            .into());
+            return Err(pipe.stalled());
         }
     }
     let end = Instant::now();
     let cpu = sys::thread_cpu_time()?.saturating_sub(cpu_before);
-    let zc = zc.then(|| driver.zc_stats());
+    let zc = pipe.zc.then(|| pipe.driver.zc_stats());
+    let SendPipe { fd, driver, .. } = pipe;
     drop(fd);
     drop(driver);
     Ok(Sent {
@@ -447,6 +383,145 @@ fn send_ringpool(
         sends: count,
         zc,
     })
+}
+
+/// [`send_ringpool`]'s state: the driver, the socket, the buffers between sends and the
+/// counts. `fd` is declared before `driver` so that it closes first, on every path.
+struct SendPipe {
+    /// A stack: the most recently returned (cache-warm) buffer goes out next.
+    free: Vec<Vec<u8>>,
+    fd: Fd,
+    driver: Driver,
+    /// Zero-copy sends that return their buffer (`send_zc_returning`), or plain sends.
+    zc: bool,
+    size: usize,
+    count: u64,
+    depth: usize,
+    pool: usize,
+    next: u64,
+    done: u64,
+    in_flight: usize,
+}
+
+impl SendPipe {
+    /// The driver for `variant`, and a pool of buffers holding the pattern.
+    fn new(
+        stream: TcpStream,
+        variant: Variant,
+        pattern: &[u8],
+        count: u64,
+    ) -> BenchResult<SendPipe> {
+        let mode = match variant {
+            Variant::Policy => ZcMode::Auto,
+            Variant::Forced => ZcMode::On,
+            Variant::Plain | Variant::Tokio => ZcMode::Off,
+        };
+        let zc = variant != Variant::Plain;
+        let driver = Driver::new(DriverConfig::default().zerocopy(ZcConfig::default().mode(mode)))?;
+        let fd = Fd::from(stream);
+        let size = pattern.len();
+        let mut depth = depth(size);
+        let mut pool = if zc {
+            (ZC_POOL_BYTES / size).max(2 * depth)
+        } else {
+            depth
+        };
+        // Zero-copy from plain memory pins every buffer in flight against RLIMIT_MEMLOCK (per
+        // user): under a finite limit (an ordinary user's 8 MiB) the pool gets a quarter of
+        // it, so the sends fit instead of failing with ENOMEM.
+        if let (true, ringpool::sys::Memlock::Limited(limit)) =
+            (zc, ringpool::sys::Memlock::current())
+        {
+            pool = pool.min(((limit / 4) as usize / size).max(2));
+            depth = depth.min((pool / 2).max(1));
+        }
+        let free = (0..pool).map(|_| pattern.to_vec()).collect();
+        Ok(SendPipe {
+            free,
+            fd,
+            driver,
+            zc,
+            size,
+            count,
+            depth,
+            pool,
+            next: 0,
+            done: 0,
+            in_flight: 0,
+        })
+    }
+
+    /// Starts sends until `depth` are in flight, all are started or no buffer is free.
+    #[inline]
+    fn fill(&mut self) -> BenchResult<()> {
+        while self.in_flight < self.depth && self.next < self.count {
+            let Some(mut buf) = self.free.pop() else {
+                break;
+            };
+            stamp(&mut buf, self.next);
+            if self.zc {
+                self.driver.send_zc_returning(&self.fd, buf, self.next)?;
+            } else {
+                self.driver.send(&self.fd, buf, self.next)?;
+            }
+            self.next += 1;
+            self.in_flight += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes every completion the driver holds; whether there was any.
+    #[inline]
+    fn reap(&mut self) -> BenchResult<bool> {
+        let mut progressed = false;
+        while let Some(c) = self.driver.pop() {
+            progressed = true;
+            self.complete(c.token, c.event)?;
+        }
+        Ok(progressed)
+    }
+
+    /// One completion: a send done in order (its buffer back if it came with it), or a buffer
+    /// back after its notification.
+    #[inline]
+    fn complete(&mut self, token: u64, event: Event) -> BenchResult<()> {
+        let size = self.size;
+        match event {
+            Event::Sent { result, buf } => {
+                let n = result.map_err(|e| format!("send {token} failed: {e}"))?;
+                if n != size {
+                    return Err(format!("send {token} sent {n} of {size} bytes").into());
+                }
+                if token != self.done {
+                    return Err(
+                        format!("send {token} completed when {} was next", self.done).into(),
+                    );
+                }
+                self.done += 1;
+                self.in_flight -= 1;
+                if let Some(buf) = buf {
+                    self.free.push(owned(buf)?);
+                }
+            }
+            Event::Returned(buf) => self.free.push(owned(buf)?),
+            other => return Err(format!("unexpected completion: {other:?}").into()),
+        }
+        Ok(())
+    }
+
+    /// The error when no completion came for [`STALL`].
+    fn stalled(&self) -> Box<dyn std::error::Error> {
+        format!(
+            "no completion for {STALL:?}: {}/{} sends done, {} in flight, {} buffers out; \
+             driver: {}",
+            self.done,
+            self.count,
+            self.in_flight,
+            self.pool - self.free.len(),
+            self.driver.debug_state()
+        )
+        .into()
+    }
 }
 
 /// The bytes of a buffer that came back (they were sent as owned bytes).
@@ -721,76 +796,11 @@ fn targets(metrics: &[Metric]) -> Vec<Target> {
 fn notes(runs: &[Run]) -> Vec<String> {
     let mut notes = Vec::new();
     for size in &SIZES {
-        let cpu = |v| median_of(runs, size.bytes, v, Run::cpu_s_per_gb);
-        let plain = cpu(Variant::Plain);
-        let pct = |v| (cpu(v) / plain - 1.0) * 100.0;
-        let policy = pct(Variant::Policy);
-        notes.push(format!(
-            "{}: CPU/GB vs plain send (ratio of medians): policy {policy:+.1}%, forced \
-             zero-copy {:+.1}%, tokio write_all {:+.1}%",
-            size.label,
-            pct(Variant::Forced),
-            pct(Variant::Tokio),
-        ));
-        let paired: Vec<String> = COMPARED
-            .iter()
-            .map(|&v| {
-                let p = paired_pcts(runs, size.bytes, v);
-                let (lo, hi) = p
-                    .iter()
-                    .fold((f64::NAN, f64::NAN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-                format!("{} {:+.1}% ({lo:+.1}..{hi:+.1})", v.label(), median(&p))
-            })
-            .collect();
-        notes.push(format!(
-            "{}: CPU/GB vs plain send of the same round (median, range): {}",
-            size.label,
-            paired.join(", ")
-        ));
-        for variant in [Variant::Policy, Variant::Forced] {
-            let stat = |f: fn(&ZcStats) -> u64| {
-                median_of(runs, size.bytes, variant, |r| {
-                    r.zc().map_or(f64::NAN, |z| f(&z) as f64)
-                })
-            };
-            notes.push(format!(
-                "{} {}: per run (median) {:.0} zero-copy sends ({:.0} reported copied by the \
-                 kernel, {:.0} notifications) and {:.0} plain sends",
-                size.label,
-                variant.label(),
-                stat(|z| z.zc_sends),
-                stat(|z| z.zc_copied),
-                stat(|z| z.notifications),
-                stat(|z| z.plain_sends),
-            ));
-        }
+        versus_plain_notes(&mut notes, runs, size);
+        policy_notes(&mut notes, runs, size);
     }
     for r in runs {
-        let what = format!("round {} {} B {}", r.round, r.size, r.variant.label());
-        if let Err(e) = &r.sent {
-            notes.push(format!("{what}: sender failed: {e}"));
-        }
-        if let Some(e) = &r.received.error {
-            notes.push(format!("{what}: receiver failed: {e}"));
-        }
-        if r.received.mismatches > 0 || r.received.extra > 0 {
-            notes.push(format!(
-                "{what}: {} mismatching pieces (first at byte {:?}), {} bytes past the end",
-                r.received.mismatches, r.received.first_mismatch, r.received.extra
-            ));
-        }
-        if let Ok(s) = &r.sent {
-            // CPU the sender's loop caused outside its thread (io_uring workers) is not in
-            // RUSAGE_THREAD: say so when it is not negligible.
-            if r.other_cpu > s.cpu / 20 && r.other_cpu > Duration::from_millis(10) {
-                notes.push(format!(
-                    "{what}: {:.3} s of process CPU outside the sender and receiver threads \
-                     (sender loop {:.3} s)",
-                    r.other_cpu.as_secs_f64(),
-                    s.cpu.as_secs_f64()
-                ));
-            }
-        }
+        round_notes(&mut notes, r);
     }
     notes.push(
         "on loopback the kernel copies every zero-copy send (DESIGN: Kernel facts), so forced \
@@ -798,6 +808,86 @@ fn notes(runs: &[Run]) -> Vec<String> {
             .into(),
     );
     notes
+}
+
+/// One size's CPU per GB against plain send: the ratio of medians, then per round.
+fn versus_plain_notes(notes: &mut Vec<String>, runs: &[Run], size: &SizeDef) {
+    let cpu = |v| median_of(runs, size.bytes, v, Run::cpu_s_per_gb);
+    let plain = cpu(Variant::Plain);
+    let pct = |v| (cpu(v) / plain - 1.0) * 100.0;
+    let policy = pct(Variant::Policy);
+    notes.push(format!(
+        "{}: CPU/GB vs plain send (ratio of medians): policy {policy:+.1}%, forced \
+         zero-copy {:+.1}%, tokio write_all {:+.1}%",
+        size.label,
+        pct(Variant::Forced),
+        pct(Variant::Tokio),
+    ));
+    let paired: Vec<String> = COMPARED
+        .iter()
+        .map(|&v| {
+            let p = paired_pcts(runs, size.bytes, v);
+            let (lo, hi) = p
+                .iter()
+                .fold((f64::NAN, f64::NAN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            format!("{} {:+.1}% ({lo:+.1}..{hi:+.1})", v.label(), median(&p))
+        })
+        .collect();
+    notes.push(format!(
+        "{}: CPU/GB vs plain send of the same round (median, range): {}",
+        size.label,
+        paired.join(", ")
+    ));
+}
+
+/// One size's zero-copy decisions, for the policy and for forced zero-copy.
+fn policy_notes(notes: &mut Vec<String>, runs: &[Run], size: &SizeDef) {
+    for variant in [Variant::Policy, Variant::Forced] {
+        let stat = |f: fn(&ZcStats) -> u64| {
+            median_of(runs, size.bytes, variant, |r| {
+                r.zc().map_or(f64::NAN, |z| f(&z) as f64)
+            })
+        };
+        notes.push(format!(
+            "{} {}: per run (median) {:.0} zero-copy sends ({:.0} reported copied by the \
+             kernel, {:.0} notifications) and {:.0} plain sends",
+            size.label,
+            variant.label(),
+            stat(|z| z.zc_sends),
+            stat(|z| z.zc_copied),
+            stat(|z| z.notifications),
+            stat(|z| z.plain_sends),
+        ));
+    }
+}
+
+/// Anything abnormal in one round: a failed end, bad bytes, CPU spent outside the threads.
+fn round_notes(notes: &mut Vec<String>, r: &Run) {
+    let what = format!("round {} {} B {}", r.round, r.size, r.variant.label());
+    if let Err(e) = &r.sent {
+        notes.push(format!("{what}: sender failed: {e}"));
+    }
+    if let Some(e) = &r.received.error {
+        notes.push(format!("{what}: receiver failed: {e}"));
+    }
+    if r.received.mismatches > 0 || r.received.extra > 0 {
+        notes.push(format!(
+            "{what}: {} mismatching pieces (first at byte {:?}), {} bytes past the end",
+            r.received.mismatches, r.received.first_mismatch, r.received.extra
+        ));
+    }
+    if let Ok(s) = &r.sent {
+        // CPU the sender's loop caused outside its thread (io_uring workers) is not in
+        // RUSAGE_THREAD: say so when it is not negligible.
+        if r.other_cpu > s.cpu / 20 && r.other_cpu > Duration::from_millis(10) {
+            notes.push(format!(
+                "{what}: {:.3} s of process CPU outside the sender and receiver threads \
+                 (sender loop {:.3} s)",
+                r.other_cpu.as_secs_f64(),
+                s.cpu.as_secs_f64()
+            ));
+        }
+    }
 }
 
 #[cfg(test)]

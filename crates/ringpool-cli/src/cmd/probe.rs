@@ -17,7 +17,37 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let f = Features::get();
     let forced = Force::from_env()?;
     let ladder = Ladder::choose(f, &forced);
-    let features: Vec<(&str, bool, &str)> = vec![
+    let features = feature_table(f);
+    let memlock = match f.memlock {
+        Memlock::Unlimited => "unlimited".to_string(),
+        Memlock::Limited(b) => format!("{} KiB", b / 1024),
+    };
+    let opcodes = f.opcodes.iter().filter(|&&s| s).count();
+    // What the servers need first: a ring of their size. The feature table alone can read
+    // "supported" while RLIMIT_MEMLOCK leaves no room for that ring.
+    let ring_setup = match Driver::new(DriverConfig::default().entries(SERVER_RING_ENTRIES)) {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("refused: {e}"),
+    };
+    let probe = Probe {
+        f,
+        forced: &forced,
+        ladder: &ladder,
+        features: &features,
+        memlock: &memlock,
+        opcodes,
+        ring_setup: &ring_setup,
+    };
+    if args.json {
+        return probe.print_json();
+    }
+    probe.print_table();
+    Ok(())
+}
+
+/// Each feature: its name, whether this kernel has it, and the kernel that brought it.
+fn feature_table(f: &Features) -> Vec<(&'static str, bool, &'static str)> {
+    vec![
         ("io_uring", f.io_uring, "5.1"),
         ("provide_buffers", f.provide_buffers, "5.7"),
         ("buf_ring", f.buf_ring, "5.19"),
@@ -33,54 +63,65 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ("clone_buffers", f.clone_buffers, "6.13"),
         ("defer_taskrun", f.defer_taskrun, "6.1"),
         ("ext_arg", f.ext_arg, "5.11"),
-    ];
-    let memlock = match f.memlock {
-        Memlock::Unlimited => "unlimited".to_string(),
-        Memlock::Limited(b) => format!("{} KiB", b / 1024),
-    };
-    let opcodes = f.opcodes.iter().filter(|&&s| s).count();
-    // What the servers need first: a ring of their size. The feature table alone can read
-    // "supported" while RLIMIT_MEMLOCK leaves no room for that ring.
-    let ring_setup = match Driver::new(DriverConfig::default().entries(SERVER_RING_ENTRIES)) {
-        Ok(_) => "ok".to_string(),
-        Err(e) => format!("refused: {e}"),
-    };
-    if args.json {
+    ]
+}
+
+/// What `probe` found, to print.
+struct Probe<'a> {
+    f: &'a Features,
+    forced: &'a [Force],
+    ladder: &'a Ladder,
+    features: &'a [(&'static str, bool, &'static str)],
+    memlock: &'a str,
+    opcodes: usize,
+    ring_setup: &'a str,
+}
+
+impl Probe<'_> {
+    /// `--json`.
+    fn print_json(&self) -> Result<(), Box<dyn std::error::Error>> {
+        let (f, forced, ladder, features) = (self.f, self.forced, self.ladder, self.features);
         let json = serde_json::json!({
             "kernel": f.kernel.to_string(),
-            "opcodes_supported": opcodes,
-            "memlock": memlock,
-            "ring_setup": ring_setup,
+            "opcodes_supported": self.opcodes,
+            "memlock": self.memlock,
+            "ring_setup": self.ring_setup,
             "forced": forced.iter().map(|r| r.name()).collect::<Vec<_>>(),
             "features": features.iter().map(|(n, s, _)| (n.to_string(), serde_json::Value::Bool(*s))).collect::<serde_json::Map<_, _>>(),
             "ladder": ladder.describe().into_iter().map(|(c, r)| (c.to_string(), serde_json::Value::String(r.to_string()))).collect::<serde_json::Map<_, _>>(),
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
-        return Ok(());
+        Ok(())
     }
-    println!(
-        "kernel {}   opcodes supported: {}   memlock: {}",
-        f.kernel, opcodes, memlock
-    );
-    println!("ring setup ({SERVER_RING_ENTRIES} entries, as the servers use): {ring_setup}");
-    if !forced.is_empty() {
-        let names: Vec<_> = forced.iter().map(|r| r.name()).collect();
-        println!("forced rungs (RINGPOOL_FORCE): {}", names.join(", "));
-    }
-    println!();
-    println!("{:<22} {:<10} since", "feature", "supported");
-    for (name, supported, since) in &features {
+
+    /// The table.
+    fn print_table(&self) {
         println!(
-            "{:<22} {:<10} {}",
-            name,
-            if *supported { "yes" } else { "no" },
-            since
+            "kernel {}   opcodes supported: {}   memlock: {}",
+            self.f.kernel, self.opcodes, self.memlock
         );
+        println!(
+            "ring setup ({SERVER_RING_ENTRIES} entries, as the servers use): {}",
+            self.ring_setup
+        );
+        if !self.forced.is_empty() {
+            let names: Vec<_> = self.forced.iter().map(|r| r.name()).collect();
+            println!("forced rungs (RINGPOOL_FORCE): {}", names.join(", "));
+        }
+        println!();
+        println!("{:<22} {:<10} since", "feature", "supported");
+        for (name, supported, since) in self.features {
+            println!(
+                "{:<22} {:<10} {}",
+                name,
+                if *supported { "yes" } else { "no" },
+                since
+            );
+        }
+        println!();
+        println!("{:<22} rung in use", "capability");
+        for (capability, rung) in self.ladder.describe() {
+            println!("{capability:<22} {rung}");
+        }
     }
-    println!();
-    println!("{:<22} rung in use", "capability");
-    for (capability, rung) in ladder.describe() {
-        println!("{capability:<22} {rung}");
-    }
-    Ok(())
 }

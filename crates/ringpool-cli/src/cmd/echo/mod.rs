@@ -114,6 +114,13 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         conn_bufs,
         signals::stop_requested,
     )?;
+    report(&summary, &group, &driver, conn_bufs);
+    Ok(())
+}
+
+/// Prints the final summary lines and the `stats {json}` line (read by the bench and the
+/// tests).
+fn report(summary: &Summary, group: &ringpool::BufGroup, driver: &Driver, conn_bufs: u32) {
     let s = group.stats();
     println!(
         "stopped: {} connections served (peak {}), {} bytes echoed",
@@ -139,7 +146,6 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "enobufs": s.enobufs, "rearms": s.rearms, "bytes_received": s.bytes_received,
     });
     println!("stats {json}");
-    Ok(())
 }
 
 /// Serves echo on `listener` until `stop()` says so; a connection holds at most `conn_bufs`
@@ -168,20 +174,7 @@ pub fn serve(
         while let Some(c) = driver.pop() {
             if c.token == ACCEPT {
                 if let Some(fd) = accept.on_completion(c, conns.len()) {
-                    set_nodelay(&fd);
-                    let key = conns.insert(Conn {
-                        fd,
-                        queued: VecDeque::new(),
-                        sending: false,
-                        receiving: false,
-                        recv_done: false,
-                        held: 0,
-                        returns: 0,
-                        paused: false,
-                    });
-                    arm_recv(driver, group, &mut conns[key], key, conn_bufs, &mut summary)?;
-                    summary.connections += 1;
-                    summary.peak_connections = summary.peak_connections.max(conns.len());
+                    on_client(driver, group, &mut conns, fd, conn_bufs, &mut summary)?;
                 }
                 continue;
             }
@@ -189,59 +182,12 @@ pub fn serve(
             let Some(conn) = conns.get_mut(key) else {
                 continue;
             };
-            match c.event {
-                Event::Data(chain) => {
-                    conn.receiving = false;
-                    summary.bytes_echoed += chain.len() as u64;
-                    conn.held += chain.buf_count() as u32;
-                    conn.queued.push_back(chain);
-                }
-                Event::Eof | Event::Error(_) => {
-                    conn.receiving = false;
-                    conn.recv_done = true;
-                }
-                Event::Sent { result, .. } => {
-                    conn.sending = false;
-                    if result.is_err() {
-                        // The peer is gone: stop receiving, drop what is queued (its buffers go
-                        // home now).
-                        for chain in conn.queued.drain(..) {
-                            conn.held -= chain.buf_count() as u32;
-                        }
-                        conn.recv_done = true;
-                        driver.cancel_fd(&conn.fd);
-                    }
-                }
-                Event::Returned(buf) => {
-                    // The kernel is done with a send's buffers: they go home as `buf` drops.
-                    conn.returns -= 1;
-                    if let SendBuf::Chain(chain) = &buf {
-                        conn.held -= chain.buf_count() as u32;
-                    }
-                    drop(buf);
-                }
-                _ => {}
-            }
+            on_event(driver, conn, c.event, &mut summary);
             if !conn.sending {
-                if let Some(mut out) = conn.queued.pop_front() {
-                    while let Some(next) = conn.queued.front() {
-                        if out.buf_count() + next.buf_count() > MAX_IOV {
-                            break;
-                        }
-                        out.append(conn.queued.pop_front().expect("non-empty"));
-                    }
-                    driver.send_zc_returning(&conn.fd, SendBuf::from(out), key as u64)?;
-                    conn.sending = true;
-                    conn.returns += 1;
-                }
+                send_queued(driver, conn, key)?;
             }
             arm_recv(driver, group, conn, key, conn_bufs, &mut summary)?;
-            if conn.recv_done
-                && !conn.receiving
-                && !conn.sending
-                && conn.queued.is_empty()
-                && conn.returns == 0
-            {
+            if conn.finished() {
                 conns.remove(key);
                 accept.freed(driver, &listener)?;
             }
@@ -249,6 +195,104 @@ pub fn serve(
     }
     accept.cancel(driver);
     Ok(summary)
+}
+
+impl Conn {
+    fn new(fd: Fd) -> Conn {
+        Conn {
+            fd,
+            queued: VecDeque::new(),
+            sending: false,
+            receiving: false,
+            recv_done: false,
+            held: 0,
+            returns: 0,
+            paused: false,
+        }
+    }
+
+    /// Nothing left to do and no op of it in the kernel: its key may be reused.
+    #[inline]
+    fn finished(&self) -> bool {
+        self.recv_done
+            && !self.receiving
+            && !self.sending
+            && self.queued.is_empty()
+            && self.returns == 0
+    }
+}
+
+/// A client accepted: a connection, its first receive armed.
+fn on_client(
+    driver: &mut Driver,
+    group: &ringpool::BufGroup,
+    conns: &mut slab::Slab<Conn>,
+    fd: Fd,
+    conn_bufs: u32,
+    summary: &mut Summary,
+) -> ringpool::Result<()> {
+    set_nodelay(&fd);
+    let key = conns.insert(Conn::new(fd));
+    arm_recv(driver, group, &mut conns[key], key, conn_bufs, summary)?;
+    summary.connections += 1;
+    summary.peak_connections = summary.peak_connections.max(conns.len());
+    Ok(())
+}
+
+/// One completion of `conn`'s ops: data queued, the peer done, a send's result, or a send's
+/// buffers back.
+#[inline]
+fn on_event(driver: &mut Driver, conn: &mut Conn, event: Event, summary: &mut Summary) {
+    match event {
+        Event::Data(chain) => {
+            conn.receiving = false;
+            summary.bytes_echoed += chain.len() as u64;
+            conn.held += chain.buf_count() as u32;
+            conn.queued.push_back(chain);
+        }
+        Event::Eof | Event::Error(_) => {
+            conn.receiving = false;
+            conn.recv_done = true;
+        }
+        Event::Sent { result, .. } => {
+            conn.sending = false;
+            if result.is_err() {
+                // The peer is gone: stop receiving, drop what is queued (its buffers go
+                // home now).
+                for chain in conn.queued.drain(..) {
+                    conn.held -= chain.buf_count() as u32;
+                }
+                conn.recv_done = true;
+                driver.cancel_fd(&conn.fd);
+            }
+        }
+        Event::Returned(buf) => {
+            // The kernel is done with a send's buffers: they go home as `buf` drops.
+            conn.returns -= 1;
+            if let SendBuf::Chain(chain) = &buf {
+                conn.held -= chain.buf_count() as u32;
+            }
+            drop(buf);
+        }
+        _ => {}
+    }
+}
+
+/// Sends what `conn` has queued (up to [`MAX_IOV`] buffers) as one send, if anything is.
+#[inline]
+fn send_queued(driver: &mut Driver, conn: &mut Conn, key: usize) -> ringpool::Result<()> {
+    if let Some(mut out) = conn.queued.pop_front() {
+        while let Some(next) = conn.queued.front() {
+            if out.buf_count() + next.buf_count() > MAX_IOV {
+                break;
+            }
+            out.append(conn.queued.pop_front().expect("non-empty"));
+        }
+        driver.send_zc_returning(&conn.fd, SendBuf::from(out), key as u64)?;
+        conn.sending = true;
+        conn.returns += 1;
+    }
+    Ok(())
 }
 
 /// Arms `conn`'s one-buffer receive unless one is armed, its peer is done, or it holds its

@@ -154,26 +154,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         clients: args.clients,
         laggard_timeout: args.laggard_timeout,
     };
-    let announce = |addr: SocketAddr| {
-        println!("listening on {addr}");
-        // A closed stdout is not an error for a server.
-        let _ = std::io::stdout().flush();
-        Ok::<(), std::io::Error>(())
-    };
-    // Registered chunk buffers and zero-copy sends both pin memory against RLIMIT_MEMLOCK:
-    // where the buffers do not fit it, fall back (once, at start) to plain memory and plain
-    // sends rather than fail sends (and drop clients) later.
-    let mut config = DriverConfig::default().entries(crate::cmd::probe::SERVER_RING_ENTRIES);
-    let bytes = (args.chunk as u64).saturating_mul(args.in_flight as u64);
-    if let Err(why) = fits_memlock(bytes, &format!("{} chunk buffers", args.in_flight)) {
-        log(format_args!(
-            "fanout: {why}: serving from plain memory with plain sends (no zero-copy); \
-             raise `ulimit -l` or lower --chunk/--in-flight for registered memory"
-        ));
-        config = config
-            .force(ringpool::Force::NoFixed)
-            .zerocopy(ringpool::ZcConfig::default().mode(ringpool::ZcMode::Off));
-    }
+    let config = driver_config(&args);
     let (summary, z, d) = if args.rt {
         let listener = ringpool::rt::TcpListener::bind(args.listen)
             .map_err(|e| crate::net::listen_error(args.listen)(e.into()))?;
@@ -188,22 +169,63 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             signals::stop_requested,
         )?
     } else {
-        let listener =
-            TcpListener::bind(args.listen).map_err(crate::net::listen_error(args.listen))?;
-        set_backlog(&listener, 4096)?;
-        let addr = listener.local_addr()?;
-        let mut driver = Driver::new(config)?;
-        announce(addr)?;
-        let file = Fd::from(std::os::fd::OwnedFd::from(file));
-        let listener = Fd::from(listener);
-        let stop = signals::stop_requested;
-        let summary = if args.read_per_client {
-            serve_read_per_client(&mut driver, file, listener, &opts, stop)?
-        } else {
-            serve(&mut driver, file, listener, &opts, stop)?
-        };
-        (summary, driver.zc_stats(), driver.stats())
+        run_event_loop(&args, file, &opts, config)?
     };
+    report(&args, &summary, &z, &d);
+    Ok(())
+}
+
+/// The start line: where the server listens.
+fn announce(addr: SocketAddr) -> std::io::Result<()> {
+    println!("listening on {addr}");
+    // A closed stdout is not an error for a server.
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+/// The driver's configuration: registered chunk buffers and zero-copy sends both pin memory
+/// against RLIMIT_MEMLOCK: where the buffers do not fit it, fall back (once, at start) to
+/// plain memory and plain sends rather than fail sends (and drop clients) later.
+fn driver_config(args: &Args) -> DriverConfig {
+    let mut config = DriverConfig::default().entries(crate::cmd::probe::SERVER_RING_ENTRIES);
+    let bytes = (args.chunk as u64).saturating_mul(args.in_flight as u64);
+    if let Err(why) = fits_memlock(bytes, &format!("{} chunk buffers", args.in_flight)) {
+        log(format_args!(
+            "fanout: {why}: serving from plain memory with plain sends (no zero-copy); \
+             raise `ulimit -l` or lower --chunk/--in-flight for registered memory"
+        ));
+        config = config
+            .force(ringpool::Force::NoFixed)
+            .zerocopy(ringpool::ZcConfig::default().mode(ringpool::ZcMode::Off));
+    }
+    config
+}
+
+/// Serves on the driver's completion loop ([`serve`], or [`serve_read_per_client`]).
+fn run_event_loop(
+    args: &Args,
+    file: std::fs::File,
+    opts: &Options,
+    config: DriverConfig,
+) -> Result<(Summary, ringpool::ZcStats, ringpool::DriverStats), Box<dyn std::error::Error>> {
+    let listener = TcpListener::bind(args.listen).map_err(crate::net::listen_error(args.listen))?;
+    set_backlog(&listener, 4096)?;
+    let addr = listener.local_addr()?;
+    let mut driver = Driver::new(config)?;
+    announce(addr)?;
+    let file = Fd::from(std::os::fd::OwnedFd::from(file));
+    let listener = Fd::from(listener);
+    let stop = signals::stop_requested;
+    let summary = if args.read_per_client {
+        serve_read_per_client(&mut driver, file, listener, opts, stop)?
+    } else {
+        serve(&mut driver, file, listener, opts, stop)?
+    };
+    Ok((summary, driver.zc_stats(), driver.stats()))
+}
+
+/// Prints the final summary line and the `stats {json}` line (read by the bench and the tests).
+fn report(args: &Args, summary: &Summary, z: &ringpool::ZcStats, d: &ringpool::DriverStats) {
     println!(
         "stopped: {} rounds, {} clients served, {} lost ({} laggards), {} chunks read, {} bytes sent",
         summary.rounds,
@@ -238,7 +260,6 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     .into();
     println!("stats {json}");
-    Ok(())
 }
 
 /// Tuning of [`serve`].
@@ -257,19 +278,68 @@ pub fn serve(
     opts: &Options,
     stop: impl Fn() -> bool,
 ) -> ringpool::Result<Summary> {
-    let mut summary = Summary::default();
-    let mut free: Vec<FixedBuf> = (0..opts.in_flight.max(1))
+    let free: Vec<FixedBuf> = (0..opts.in_flight.max(1))
         .map(|_| driver.fixed_buf_or_plain(opts.chunk))
         .collect::<ringpool::Result<_>>()?;
-    let total_bufs = free.len();
+    let mut fanout = Fanout::new(&file, opts, free);
     let mut accept = Accept::new(driver, &listener, ACCEPT)?;
-    let mut waiting: Vec<Fd> = Vec::new();
-    let mut round: Option<Round> = None;
-    let mut last_progress = Instant::now();
     while !stop() {
-        if round.is_none() && waiting.len() >= opts.clients.max(1) {
-            round = Some(Round {
-                clients: waiting
+        fanout.start_round();
+        if fanout.step_round(driver)? {
+            continue;
+        }
+        accept.poll(driver, &listener)?;
+        driver.wait(Some(accept.wait_for(Duration::from_millis(100))))?;
+        while let Some(c) = driver.pop() {
+            if c.token == ACCEPT {
+                on_accept(&mut accept, &mut fanout.waiting, c);
+            } else {
+                fanout.on_completion(driver, c);
+            }
+        }
+    }
+    accept.cancel(driver);
+    let mut summary = fanout.summary;
+    summary.buffers_free = fanout.free.len();
+    summary.buffers_total = fanout.total_bufs;
+    Ok(summary)
+}
+
+/// [`serve`]'s state between completions.
+struct Fanout<'a> {
+    file: &'a Fd,
+    opts: &'a Options,
+    summary: Summary,
+    /// Chunk buffers back from every lease, of `total_bufs`.
+    free: Vec<FixedBuf>,
+    total_bufs: usize,
+    /// Clients connected for the next round.
+    waiting: Vec<Fd>,
+    round: Option<Round>,
+    /// When a chunk buffer last came back (or the round or a laggard drop started).
+    last_progress: Instant,
+}
+
+impl<'a> Fanout<'a> {
+    fn new(file: &'a Fd, opts: &'a Options, free: Vec<FixedBuf>) -> Fanout<'a> {
+        Fanout {
+            file,
+            opts,
+            summary: Summary::default(),
+            total_bufs: free.len(),
+            free,
+            waiting: Vec::new(),
+            round: None,
+            last_progress: Instant::now(),
+        }
+    }
+
+    /// Starts a round with the waiting clients when none runs and enough are waiting.
+    fn start_round(&mut self) {
+        if self.round.is_none() && self.waiting.len() >= self.opts.clients.max(1) {
+            self.round = Some(Round {
+                clients: self
+                    .waiting
                     .drain(..)
                     .map(|fd| Client {
                         fd: Some(fd),
@@ -285,115 +355,136 @@ pub fn serve(
                 eof: false,
                 reading: false,
             });
-            last_progress = Instant::now();
+            self.last_progress = Instant::now();
         }
-        if let Some(r) = &mut round {
-            // Read the next chunk into a free buffer and lend it to every live client.
-            if !r.reading && !r.eof && r.clients.iter().any(|c| c.alive) {
-                if let Some(buf) = free.pop() {
-                    let members = r
-                        .clients
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, c)| Some(Member::send_zc(c.fd.as_ref()?, i as u64)))
-                        .collect::<Vec<_>>();
-                    for c in r.clients.iter_mut().filter(|c| c.fd.is_some()) {
-                        c.sends += 1;
-                        c.held += 1;
-                    }
-                    let offset = r.offset;
-                    driver.lease_group(&file, buf, offset, members, CHUNK_TAG | r.next_chunk)?;
-                    r.reading = true;
-                    summary.peak_in_flight = summary.peak_in_flight.max(total_bufs - free.len());
-                }
-            }
-            if free.is_empty() && last_progress.elapsed() > opts.laggard_timeout {
-                drop_laggards(driver, r, &mut summary);
-                last_progress = Instant::now();
-            }
-            if round_finished(r, &mut summary) && free.len() == total_bufs {
-                summary.rounds += 1;
-                round = None;
-                continue;
+    }
+
+    /// Moves the round on: the next chunk lent out, the laggards dropped; whether the round
+    /// just finished.
+    fn step_round(&mut self, driver: &mut Driver) -> ringpool::Result<bool> {
+        let Some(r) = &mut self.round else {
+            return Ok(false);
+        };
+        // Read the next chunk into a free buffer and lend it to every live client.
+        if !r.reading && !r.eof && r.clients.iter().any(|c| c.alive) {
+            if let Some(buf) = self.free.pop() {
+                lend_chunk(driver, self.file, r, buf)?;
+                self.summary.peak_in_flight = self
+                    .summary
+                    .peak_in_flight
+                    .max(self.total_bufs - self.free.len());
             }
         }
-        accept.poll(driver, &listener)?;
-        driver.wait(Some(accept.wait_for(Duration::from_millis(100))))?;
-        while let Some(c) = driver.pop() {
-            match (c.token, c.event) {
-                (ACCEPT, event) => {
-                    let c = ringpool::Completion { event, ..c };
-                    if let Some(fd) = accept.on_completion(c, waiting.len()) {
-                        set_nodelay(&fd);
-                        waiting.push(fd);
-                    }
-                }
-                (_, Event::LeaseFilled { result, lease }) => {
-                    let r = round.as_mut().expect("a lease belongs to the round");
-                    r.reading = false;
-                    drop(lease);
-                    match result {
-                        Ok(0) => r.eof = true,
-                        Ok(n) => {
-                            summary.chunks_read += 1;
-                            summary.bytes_read += n as u64;
-                            r.next_chunk += 1;
-                            r.offset += n as u64;
-                            // Only a 0-byte read is the end; a short one is the end only if it
-                            // reached the file's size (which spares the extra read).
-                            r.eof = n < opts.chunk && at_end(&file, r.offset);
-                        }
-                        Err(e) => {
-                            eprintln!("reading the file: {e}");
-                            r.eof = true;
-                        }
-                    }
-                }
-                (_, Event::LeaseReturned(buf)) => {
-                    free.push(buf);
-                    last_progress = Instant::now();
-                }
-                (i, Event::Sent { result, .. }) => {
-                    let r = round.as_mut().expect("a send belongs to the round");
-                    let client = &mut r.clients[i as usize];
-                    client.sends -= 1;
-                    if !c.more {
-                        client.held -= 1;
-                        client.released += 1;
-                    }
-                    match result {
-                        Ok(n) => {
-                            client.done_chunks += 1;
-                            summary.bytes_sent += n as u64;
-                        }
-                        Err(e) => {
-                            if let Some(fd) = client.fd.take() {
-                                log_lost_client(i, &e);
-                                client.alive = false;
-                                summary.clients_lost += 1;
-                                // Reset, so zero-copy data queued for it is dropped at once.
-                                set_reset_on_close(&fd);
-                                driver.cancel_fd(&fd);
-                            }
-                        }
-                    }
-                }
-                (i, Event::Returned(lease)) => {
-                    // A zero-copy member's notification: it let go of its chunk.
-                    drop(lease);
-                    let r = round.as_mut().expect("a send belongs to the round");
-                    let client = &mut r.clients[i as usize];
-                    client.held -= 1;
-                    client.released += 1;
-                }
-                (_, other) => eprintln!("fanout: unexpected {other:?}"),
+        if self.free.is_empty() && self.last_progress.elapsed() > self.opts.laggard_timeout {
+            drop_laggards(driver, r, &mut self.summary);
+            self.last_progress = Instant::now();
+        }
+        if round_finished(r, &mut self.summary) && self.free.len() == self.total_bufs {
+            self.summary.rounds += 1;
+            self.round = None;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Routes one completion of a round's op: a chunk read, a chunk back, a send's result, a
+    /// member's notification.
+    #[inline]
+    fn on_completion(&mut self, driver: &mut Driver, c: ringpool::Completion) {
+        match (c.token, c.event) {
+            (_, Event::LeaseFilled { result, lease }) => self.filled(result, lease),
+            (_, Event::LeaseReturned(buf)) => {
+                self.free.push(buf);
+                self.last_progress = Instant::now();
+            }
+            (i, Event::Sent { result, .. }) => self.sent(driver, i, c.more, result),
+            (i, Event::Returned(lease)) => {
+                // A zero-copy member's notification: it let go of its chunk.
+                drop(lease);
+                let r = self.round.as_mut().expect("a send belongs to the round");
+                let client = &mut r.clients[i as usize];
+                client.held -= 1;
+                client.released += 1;
+            }
+            (_, other) => eprintln!("fanout: unexpected {other:?}"),
+        }
+    }
+
+    /// The leader read a chunk (`result` bytes): counted, and the end of the file noted.
+    #[inline]
+    fn filled(&mut self, result: ringpool::Result<usize>, lease: Option<ringpool::Lease>) {
+        let r = self.round.as_mut().expect("a lease belongs to the round");
+        r.reading = false;
+        drop(lease);
+        match result {
+            Ok(0) => r.eof = true,
+            Ok(n) => {
+                self.summary.chunks_read += 1;
+                self.summary.bytes_read += n as u64;
+                r.next_chunk += 1;
+                r.offset += n as u64;
+                // Only a 0-byte read is the end; a short one is the end only if it
+                // reached the file's size (which spares the extra read).
+                r.eof = n < self.opts.chunk && at_end(self.file, r.offset);
+            }
+            Err(e) => {
+                eprintln!("reading the file: {e}");
+                r.eof = true;
             }
         }
     }
-    accept.cancel(driver);
-    summary.buffers_free = free.len();
-    summary.buffers_total = total_bufs;
-    Ok(summary)
+
+    /// A send to client `i` completed (`more`: its notification is still due); a failed one
+    /// drops the client (reset).
+    #[inline]
+    fn sent(&mut self, driver: &mut Driver, i: u64, more: bool, result: ringpool::Result<usize>) {
+        let r = self.round.as_mut().expect("a send belongs to the round");
+        let client = &mut r.clients[i as usize];
+        client.sends -= 1;
+        if !more {
+            client.held -= 1;
+            client.released += 1;
+        }
+        match result {
+            Ok(n) => {
+                client.done_chunks += 1;
+                self.summary.bytes_sent += n as u64;
+            }
+            Err(e) => {
+                if let Some(fd) = client.fd.take() {
+                    log_lost_client(i, &e);
+                    client.alive = false;
+                    self.summary.clients_lost += 1;
+                    // Reset, so zero-copy data queued for it is dropped at once.
+                    set_reset_on_close(&fd);
+                    driver.cancel_fd(&fd);
+                }
+            }
+        }
+    }
+}
+
+/// Reads the round's next chunk into `buf` and lends it to every client that has a socket.
+fn lend_chunk(
+    driver: &mut Driver,
+    file: &Fd,
+    r: &mut Round,
+    buf: FixedBuf,
+) -> ringpool::Result<()> {
+    let members = r
+        .clients
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some(Member::send_zc(c.fd.as_ref()?, i as u64)))
+        .collect::<Vec<_>>();
+    for c in r.clients.iter_mut().filter(|c| c.fd.is_some()) {
+        c.sends += 1;
+        c.held += 1;
+    }
+    let offset = r.offset;
+    driver.lease_group(file, buf, offset, members, CHUNK_TAG | r.next_chunk)?;
+    r.reading = true;
+    Ok(())
 }
 
 /// Logs why client `i` is dropped: a send to it failed with `e`. A peer that left is one line;
@@ -534,18 +625,70 @@ pub fn serve_read_per_client(
     opts: &Options,
     stop: impl Fn() -> bool,
 ) -> ringpool::Result<Summary> {
-    let mut summary = Summary::default();
     let per_client = opts.in_flight.max(1);
-    let mut free: Vec<FixedBuf> = (0..per_client * opts.clients.max(1))
+    let free: Vec<FixedBuf> = (0..per_client * opts.clients.max(1))
         .map(|_| driver.fixed_buf_or_plain(opts.chunk))
         .collect::<ringpool::Result<_>>()?;
-    let total_bufs = free.len();
+    let mut s = PerClient {
+        file: &file,
+        opts,
+        summary: Summary::default(),
+        per_client,
+        total_bufs: free.len(),
+        free,
+        waiting: Vec::new(),
+        round: None,
+    };
     let mut accept = Accept::new(driver, &listener, ACCEPT)?;
-    let mut waiting: Vec<Fd> = Vec::new();
-    let mut round: Option<Vec<OwnClient>> = None;
     while !stop() {
-        if round.is_none() && waiting.len() >= opts.clients.max(1) {
-            let clients = waiting.drain(..).map(|fd| OwnClient {
+        s.start_round();
+        if s.step_round(driver)? {
+            continue;
+        }
+        accept.poll(driver, &listener)?;
+        driver.wait(Some(accept.wait_for(Duration::from_millis(100))))?;
+        while let Some(c) = driver.pop() {
+            if c.token == ACCEPT {
+                on_accept(&mut accept, &mut s.waiting, c);
+            } else {
+                s.on_completion(driver, c)?;
+            }
+        }
+    }
+    accept.cancel(driver);
+    let mut summary = s.summary;
+    summary.buffers_free = s.free.len();
+    summary.buffers_total = s.total_bufs;
+    Ok(summary)
+}
+
+/// A client accepted: it waits for the next round.
+fn on_accept(accept: &mut Accept, waiting: &mut Vec<Fd>, c: ringpool::Completion) {
+    if let Some(fd) = accept.on_completion(c, waiting.len()) {
+        set_nodelay(&fd);
+        waiting.push(fd);
+    }
+}
+
+/// [`serve_read_per_client`]'s state between completions.
+struct PerClient<'a> {
+    file: &'a Fd,
+    opts: &'a Options,
+    summary: Summary,
+    /// Buffers one client may hold.
+    per_client: usize,
+    free: Vec<FixedBuf>,
+    total_bufs: usize,
+    /// Clients connected for the next round.
+    waiting: Vec<Fd>,
+    round: Option<Vec<OwnClient>>,
+}
+
+impl PerClient<'_> {
+    /// Starts a round with the waiting clients when none runs and enough are waiting.
+    fn start_round(&mut self) {
+        if self.round.is_none() && self.waiting.len() >= self.opts.clients.max(1) {
+            let clients = self.waiting.drain(..).map(|fd| OwnClient {
                 fd: Some(fd),
                 next_chunk: 0,
                 offset: 0,
@@ -554,99 +697,119 @@ pub fn serve_read_per_client(
                 sends: 0,
                 held: 0,
             });
-            round = Some(clients.collect());
-        }
-        if let Some(clients) = &mut round {
-            for (i, c) in clients.iter_mut().enumerate() {
-                if c.fd.is_none() || c.reading || c.eof || c.held >= per_client {
-                    continue;
-                }
-                let Some(buf) = free.pop() else { break };
-                let offset = c.offset;
-                driver.read_fixed(&file, buf, 0..opts.chunk, offset, READ_TAG | i as u64)?;
-                c.reading = true;
-                c.held += 1;
-            }
-            summary.peak_in_flight = summary.peak_in_flight.max(total_bufs - free.len());
-            let done = |c: &OwnClient| c.fd.is_none() || (c.eof && c.sends == 0 && !c.reading);
-            if clients.iter().all(done) && free.len() == total_bufs {
-                for fd in clients.iter_mut().filter_map(|c| c.fd.take()) {
-                    // SAFETY: shutdown on a socket the round owns.
-                    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
-                    summary.clients_done += 1;
-                }
-                summary.rounds += 1;
-                round = None;
-                continue;
-            }
-        }
-        accept.poll(driver, &listener)?;
-        driver.wait(Some(accept.wait_for(Duration::from_millis(100))))?;
-        while let Some(c) = driver.pop() {
-            match (c.token, c.event) {
-                (ACCEPT, event) => {
-                    let c = ringpool::Completion { event, ..c };
-                    if let Some(fd) = accept.on_completion(c, waiting.len()) {
-                        set_nodelay(&fd);
-                        waiting.push(fd);
-                    }
-                }
-                (t, Event::FixedIo { buf, result }) if t & READ_TAG != 0 => {
-                    let client = client(&mut round, t);
-                    client.reading = false;
-                    let n = match result {
-                        Ok(n) => n,
-                        Err(e) => {
-                            eprintln!("reading the file: {e}");
-                            0
-                        }
-                    };
-                    if n > 0 {
-                        summary.chunks_read += 1;
-                        summary.bytes_read += n as u64;
-                        client.next_chunk += 1;
-                        client.offset += n as u64;
-                    }
-                    // Only a 0-byte read is the end (or a short one that reached the size).
-                    client.eof = n == 0 || n < opts.chunk && at_end(&file, client.offset);
-                    match &client.fd {
-                        Some(fd) if n > 0 => {
-                            let send = SendBuf::Fixed { buf, range: 0..n };
-                            driver.send_zc_returning(fd, send, SEND_TAG | (t & !READ_TAG))?;
-                            client.sends += 1;
-                        }
-                        _ => {
-                            free.push(buf);
-                            client.held -= 1;
-                        }
-                    }
-                }
-                (t, Event::Sent { result, .. }) if t & SEND_TAG != 0 => {
-                    let client = client(&mut round, t);
-                    client.sends -= 1;
-                    match result {
-                        Ok(n) => summary.bytes_sent += n as u64,
-                        Err(e) => {
-                            if let Some(fd) = client.fd.take() {
-                                log_lost_client(t & !SEND_TAG, &e);
-                                summary.clients_lost += 1;
-                                driver.cancel_fd(&fd);
-                            }
-                        }
-                    }
-                }
-                (t, Event::Returned(SendBuf::Fixed { buf, .. })) if t & SEND_TAG != 0 => {
-                    client(&mut round, t).held -= 1;
-                    free.push(buf);
-                }
-                (_, other) => eprintln!("fanout --read-per-client: unexpected {other:?}"),
-            }
+            self.round = Some(clients.collect());
         }
     }
-    accept.cancel(driver);
-    summary.buffers_free = free.len();
-    summary.buffers_total = total_bufs;
-    Ok(summary)
+
+    /// Starts each client's next read where it may, and ends the round (half-closing its
+    /// clients) when every client is done and every buffer back; whether it ended.
+    fn step_round(&mut self, driver: &mut Driver) -> ringpool::Result<bool> {
+        let Some(clients) = &mut self.round else {
+            return Ok(false);
+        };
+        for (i, c) in clients.iter_mut().enumerate() {
+            if c.fd.is_none() || c.reading || c.eof || c.held >= self.per_client {
+                continue;
+            }
+            let Some(buf) = self.free.pop() else { break };
+            let offset = c.offset;
+            let token = READ_TAG | i as u64;
+            driver.read_fixed(self.file, buf, 0..self.opts.chunk, offset, token)?;
+            c.reading = true;
+            c.held += 1;
+        }
+        let summary = &mut self.summary;
+        summary.peak_in_flight = summary
+            .peak_in_flight
+            .max(self.total_bufs - self.free.len());
+        let done = |c: &OwnClient| c.fd.is_none() || (c.eof && c.sends == 0 && !c.reading);
+        if clients.iter().all(done) && self.free.len() == self.total_bufs {
+            for fd in clients.iter_mut().filter_map(|c| c.fd.take()) {
+                // SAFETY: shutdown on a socket the round owns.
+                unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+                summary.clients_done += 1;
+            }
+            summary.rounds += 1;
+            self.round = None;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Routes one completion of a client's op: a read, a send's result, a buffer back.
+    #[inline]
+    fn on_completion(
+        &mut self,
+        driver: &mut Driver,
+        c: ringpool::Completion,
+    ) -> ringpool::Result<()> {
+        match (c.token, c.event) {
+            (t, Event::FixedIo { buf, result }) if t & READ_TAG != 0 => {
+                self.read(driver, t, buf, result)?
+            }
+            (t, Event::Sent { result, .. }) if t & SEND_TAG != 0 => {
+                let client = client(&mut self.round, t);
+                client.sends -= 1;
+                match result {
+                    Ok(n) => self.summary.bytes_sent += n as u64,
+                    Err(e) => {
+                        if let Some(fd) = client.fd.take() {
+                            log_lost_client(t & !SEND_TAG, &e);
+                            self.summary.clients_lost += 1;
+                            driver.cancel_fd(&fd);
+                        }
+                    }
+                }
+            }
+            (t, Event::Returned(SendBuf::Fixed { buf, .. })) if t & SEND_TAG != 0 => {
+                client(&mut self.round, t).held -= 1;
+                self.free.push(buf);
+            }
+            (_, other) => eprintln!("fanout --read-per-client: unexpected {other:?}"),
+        }
+        Ok(())
+    }
+
+    /// A client's read (token `t`) completed: its bytes go to that client alone, or the
+    /// buffer back to the pool when there is nothing to send or no one to send to.
+    #[inline]
+    fn read(
+        &mut self,
+        driver: &mut Driver,
+        t: u64,
+        buf: FixedBuf,
+        result: ringpool::Result<usize>,
+    ) -> ringpool::Result<()> {
+        let client = client(&mut self.round, t);
+        client.reading = false;
+        let n = match result {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("reading the file: {e}");
+                0
+            }
+        };
+        if n > 0 {
+            self.summary.chunks_read += 1;
+            self.summary.bytes_read += n as u64;
+            client.next_chunk += 1;
+            client.offset += n as u64;
+        }
+        // Only a 0-byte read is the end (or a short one that reached the size).
+        client.eof = n == 0 || n < self.opts.chunk && at_end(self.file, client.offset);
+        match &client.fd {
+            Some(fd) if n > 0 => {
+                let send = SendBuf::Fixed { buf, range: 0..n };
+                driver.send_zc_returning(fd, send, SEND_TAG | (t & !READ_TAG))?;
+                client.sends += 1;
+            }
+            _ => {
+                self.free.push(buf);
+                client.held -= 1;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The client of the round that an op's token names.

@@ -222,24 +222,7 @@ async fn round(file: &File, server: &Rc<Server>, clients: Vec<Client>) -> ringpo
             wait_for_change(server, &round).await;
             continue;
         };
-        let (members, indices): (Vec<LeaseMember>, Vec<usize>) = round
-            .clients
-            .borrow()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| Some((LeaseMember::send_zc(c.stream.as_ref()?), i)))
-            .unzip();
-        let group = rt::lease_group(file, buf, offset, members)?;
-        {
-            let mut s = server.summary.borrow_mut();
-            let held = server.total_bufs - server.free.borrow().len();
-            s.peak_in_flight = s.peak_in_flight.max(held);
-        }
-        let chunk = Rc::new(Chunk {
-            group,
-            clients: indices,
-        });
-        round.chunks.borrow_mut().push_back(chunk.clone());
+        let chunk = lend_chunk(file, server, &round, buf, offset)?;
         match chunk.group.filled().await {
             Ok(0) => eof = true,
             Ok(n) => {
@@ -261,6 +244,42 @@ async fn round(file: &File, server: &Rc<Server>, clients: Vec<Client>) -> ringpo
     while server.free.borrow().len() < server.total_bufs {
         wait_for_change(server, &round).await;
     }
+    half_close(server, &round);
+    Ok(())
+}
+
+/// Starts the read of the chunk at `offset` into `buf`, leased to every client of the round
+/// that has a socket; the chunk joins the round's.
+fn lend_chunk(
+    file: &File,
+    server: &Server,
+    round: &Round,
+    buf: FixedBuf,
+    offset: u64,
+) -> ringpool::Result<Rc<Chunk>> {
+    let (members, indices): (Vec<LeaseMember>, Vec<usize>) = round
+        .clients
+        .borrow()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((LeaseMember::send_zc(c.stream.as_ref()?), i)))
+        .unzip();
+    let group = rt::lease_group(file, buf, offset, members)?;
+    {
+        let mut s = server.summary.borrow_mut();
+        let held = server.total_bufs - server.free.borrow().len();
+        s.peak_in_flight = s.peak_in_flight.max(held);
+    }
+    let chunk = Rc::new(Chunk {
+        group,
+        clients: indices,
+    });
+    round.chunks.borrow_mut().push_back(chunk.clone());
+    Ok(chunk)
+}
+
+/// The round is over: its live clients are half-closed and counted as served.
+fn half_close(server: &Server, round: &Round) {
     for c in round.clients.borrow_mut().iter_mut() {
         if let Some(stream) = c.stream.take() {
             // SAFETY: shutdown on a live socket the round owns.
@@ -268,7 +287,6 @@ async fn round(file: &File, server: &Rc<Server>, clients: Vec<Client>) -> ringpo
             server.summary.borrow_mut().clients_done += 1;
         }
     }
-    Ok(())
 }
 
 /// Takes a chunk's member results (a client whose send failed is dropped), then gives its

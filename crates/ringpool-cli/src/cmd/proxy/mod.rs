@@ -292,152 +292,282 @@ pub fn serve(
     upstream: Upstream,
     stop: impl Fn() -> bool,
 ) -> ringpool::Result<Summary> {
-    let mut pairs: slab::Slab<Pair> = slab::Slab::new();
-    let total = group.stats().total;
-    let mut summary = Summary::default();
+    let mut proxy = Proxy::new(group, upstream);
     let mut accept = Accept::new(driver, &listener, ACCEPT)?;
-    let mut connects = PendingConnects::default();
-    // Inside an episode of failing to open upstream sockets (logged once when it starts).
-    let mut starved = false;
-    let upstream_addr = upstream.addr;
     while !stop() {
         accept.poll(driver, &listener)?;
-        let wait = accept.wait_for(connects.wait_for(Duration::from_millis(200)));
+        let wait = accept.wait_for(proxy.connects.wait_for(Duration::from_millis(200)));
         driver.wait(Some(wait))?;
-        connects.sweep(driver, &mut pairs, upstream, &mut summary);
+        proxy
+            .connects
+            .sweep(driver, &mut proxy.pairs, upstream, &mut proxy.summary);
         while let Some(c) = driver.pop() {
             if c.token == ACCEPT {
-                let Some(client) = accept.on_completion(c, pairs.len()) else {
-                    continue;
-                };
-                set_nodelay(&client);
-                let up = match Fd::tcp_socket(upstream_addr) {
-                    Ok(up) => {
-                        if std::mem::take(&mut starved) {
-                            log(format_args!("proxy: upstream sockets available again"));
-                        }
-                        up
-                    }
-                    Err(e) => {
-                        // Out of descriptors (or another resource): refuse this client with
-                        // a reset and go on serving the others.
-                        if !std::mem::replace(&mut starved, true) {
-                            log(format_args!(
-                                "proxy: cannot open a socket to the upstream {}: {e} \
-                                 (RLIMIT_NOFILE {}, {} connections open); refusing new clients \
-                                 with a reset until one closes; logged once until it recovers",
-                                upstream_addr,
-                                nofile_limit(),
-                                pairs.len()
-                            ));
-                        }
-                        abort_connection(&client);
-                        summary.refused += 1;
-                        continue;
-                    }
-                };
-                let key = pairs.insert(Pair {
-                    client: Some(client),
-                    upstream: Some(up.clone()),
-                    dirs: Default::default(),
-                    live_ops: 1,
-                    aborted: false,
-                    connecting_since: Some(Instant::now()),
-                }) as u64;
-                driver.connect(&up, upstream_addr, key << 3 | CONNECT)?;
-                connects.started(key as usize, &pairs[key as usize]);
-                summary.connections += 1;
-                continue;
-            }
-            let (key, tag) = ((c.token >> 3) as usize, c.token & 7);
-            let live_pairs = pairs.len();
-            let Some(pair) = pairs.get_mut(key) else {
-                continue;
-            };
-            if !c.more {
-                pair.live_ops -= 1;
-            }
-            match (tag, c.event) {
-                // Reset by the connect watch after the connect completed, before this: the
-                // sockets are gone and the pair ends with this completion.
-                (CONNECT, Event::Connected) if pair.aborted => {}
-                (CONNECT, Event::Connected) => {
-                    pair.connecting_since = None;
-                    connects.log.connected();
-                    set_nodelay(pair.sockets(0).1);
-                    let share = fair_share(total, live_pairs);
-                    for dir in 0..2 {
-                        arm_recv(driver, group, pair, key, dir, share)?;
-                    }
+                if let Some(client) = accept.on_completion(c, proxy.pairs.len()) {
+                    proxy.on_client(driver, client)?;
                 }
-                (CONNECT, _) => {
-                    pair.connecting_since = None;
-                    abort(driver, pair, &mut summary);
-                }
-                (RECV_CLIENT | RECV_UPSTREAM, Event::Data(chain)) => {
-                    let dir = (tag == RECV_UPSTREAM) as usize;
-                    pair.dirs[dir].receiving = false;
-                    // After an abort the data is dropped (its buffers go home), and the pair
-                    // may now be finished: fall through to that check.
-                    if !pair.aborted {
-                        if dir == 0 {
-                            summary.bytes_up += chain.len() as u64;
-                        } else {
-                            summary.bytes_down += chain.len() as u64;
-                        }
-                        let d = &mut pair.dirs[dir];
-                        d.bufs_out += chain.buf_count() as u32;
-                        if d.sends == 0 {
-                            send(driver, pair, key, dir, chain)?;
-                        } else if let Some(p) = &mut d.pending {
-                            p.append(chain);
-                        } else {
-                            d.pending = Some(chain);
-                        }
-                        arm_recv(driver, group, pair, key, dir, fair_share(total, live_pairs))?;
-                    }
-                }
-                (RECV_CLIENT | RECV_UPSTREAM, Event::Eof) => {
-                    let dir = (tag == RECV_UPSTREAM) as usize;
-                    pair.dirs[dir].receiving = false;
-                    pair.dirs[dir].eof = true;
-                    shut_if_drained(pair, dir);
-                }
-                (RECV_CLIENT | RECV_UPSTREAM, Event::Error(_)) => abort(driver, pair, &mut summary),
-                (SEND_UPSTREAM | SEND_CLIENT, Event::Sent { result, .. }) => {
-                    let dir = (tag == SEND_CLIENT) as usize;
-                    pair.dirs[dir].sends -= 1;
-                    if let Err(e) = &result {
-                        crate::net::log_if_own_shortage("proxy", e);
-                        abort(driver, pair, &mut summary);
-                    } else if let Some(chain) = pair.dirs[dir].pending.take() {
-                        send(driver, pair, key, dir, chain)?;
-                    } else {
-                        shut_if_drained(pair, dir);
-                    }
-                }
-                (SEND_UPSTREAM | SEND_CLIENT, Event::Returned(buf)) => {
-                    // The kernel is done with these buffers: they go home as `buf` drops.
-                    let dir = (tag == SEND_CLIENT) as usize;
-                    let n = match &buf {
-                        ringpool::SendBuf::Chain(chain) => chain.buf_count() as u32,
-                        _ => 0,
-                    };
-                    drop(buf);
-                    pair.dirs[dir].bufs_out -= n;
-                    arm_recv(driver, group, pair, key, dir, fair_share(total, live_pairs))?;
-                }
-                _ => {}
-            }
-            if pair.finished() {
-                pairs.remove(key);
+            } else if proxy.on_pair_completion(driver, c)? {
                 accept.freed(driver, &listener)?;
             }
         }
     }
     accept.cancel(driver);
-    drain_at_stop(driver, group, &mut pairs)?;
-    Ok(summary)
+    drain_at_stop(driver, group, &mut proxy.pairs)?;
+    Ok(proxy.summary)
+}
+
+/// The event loop's state between completions.
+struct Proxy<'g> {
+    group: &'g ringpool::BufGroup,
+    upstream: Upstream,
+    /// The group's buffers (the fair share's numerator).
+    total: u32,
+    pairs: slab::Slab<Pair>,
+    summary: Summary,
+    connects: PendingConnects,
+    /// Inside an episode of failing to open upstream sockets (logged once when it starts).
+    starved: bool,
+}
+
+impl<'g> Proxy<'g> {
+    fn new(group: &'g ringpool::BufGroup, upstream: Upstream) -> Proxy<'g> {
+        Proxy {
+            group,
+            upstream,
+            total: group.stats().total,
+            pairs: slab::Slab::new(),
+            summary: Summary::default(),
+            connects: PendingConnects::default(),
+            starved: false,
+        }
+    }
+
+    /// A client accepted: opens its upstream socket and starts the connect (or refuses the
+    /// client with a reset when no socket can be opened).
+    fn on_client(&mut self, driver: &mut Driver, client: Fd) -> ringpool::Result<()> {
+        set_nodelay(&client);
+        let Some(up) = self.open_upstream(&client) else {
+            return Ok(());
+        };
+        let key = self.pairs.insert(Pair {
+            client: Some(client),
+            upstream: Some(up.clone()),
+            dirs: Default::default(),
+            live_ops: 1,
+            aborted: false,
+            connecting_since: Some(Instant::now()),
+        }) as u64;
+        driver.connect(&up, self.upstream.addr, key << 3 | CONNECT)?;
+        self.connects
+            .started(key as usize, &self.pairs[key as usize]);
+        self.summary.connections += 1;
+        Ok(())
+    }
+
+    /// A socket for `client`'s upstream side; `None` (the client reset, counted as refused)
+    /// when none can be opened. Logs once per episode of failures, and its end.
+    fn open_upstream(&mut self, client: &Fd) -> Option<Fd> {
+        match Fd::tcp_socket(self.upstream.addr) {
+            Ok(up) => {
+                if std::mem::take(&mut self.starved) {
+                    log(format_args!("proxy: upstream sockets available again"));
+                }
+                Some(up)
+            }
+            Err(e) => {
+                // Out of descriptors (or another resource): refuse this client with
+                // a reset and go on serving the others.
+                if !std::mem::replace(&mut self.starved, true) {
+                    log(format_args!(
+                        "proxy: cannot open a socket to the upstream {}: {e} \
+                         (RLIMIT_NOFILE {}, {} connections open); refusing new clients \
+                         with a reset until one closes; logged once until it recovers",
+                        self.upstream.addr,
+                        nofile_limit(),
+                        self.pairs.len()
+                    ));
+                }
+                abort_connection(client);
+                self.summary.refused += 1;
+                None
+            }
+        }
+    }
+
+    /// A completion of a pair's op; whether it ended the pair (then removed).
+    #[inline]
+    fn on_pair_completion(
+        &mut self,
+        driver: &mut Driver,
+        c: ringpool::Completion,
+    ) -> ringpool::Result<bool> {
+        let (key, tag) = ((c.token >> 3) as usize, c.token & 7);
+        let live_pairs = self.pairs.len();
+        let Some(pair) = self.pairs.get_mut(key) else {
+            return Ok(false);
+        };
+        if !c.more {
+            pair.live_ops -= 1;
+        }
+        let mut ev = PairEvent {
+            driver,
+            group: self.group,
+            pair,
+            key,
+            total: self.total,
+            live_pairs,
+            summary: &mut self.summary,
+        };
+        ev.handle(tag, c.event, &mut self.connects.log)?;
+        if ev.pair.finished() {
+            self.pairs.remove(key);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+/// One completion's view of the proxy: its pair, and what handling it may touch.
+struct PairEvent<'a> {
+    driver: &'a mut Driver,
+    group: &'a ringpool::BufGroup,
+    pair: &'a mut Pair,
+    key: usize,
+    /// The group's buffers and the pairs open: the inputs of the fair share.
+    total: u32,
+    live_pairs: usize,
+    summary: &'a mut Summary,
+}
+
+impl PairEvent<'_> {
+    /// Routes the completion (tag, event) of the pair's op to its handling.
+    #[inline]
+    fn handle(
+        &mut self,
+        tag: u64,
+        event: Event,
+        log: &mut ConnectTimeoutLog,
+    ) -> ringpool::Result<()> {
+        match (tag, event) {
+            // Reset by the connect watch after the connect completed, before this: the
+            // sockets are gone and the pair ends with this completion.
+            (CONNECT, Event::Connected) if self.pair.aborted => {}
+            (CONNECT, Event::Connected) => self.connected(log)?,
+            (CONNECT, _) => {
+                self.pair.connecting_since = None;
+                self.abort();
+            }
+            (RECV_CLIENT | RECV_UPSTREAM, Event::Data(chain)) => {
+                self.data((tag == RECV_UPSTREAM) as usize, chain)?
+            }
+            (RECV_CLIENT | RECV_UPSTREAM, Event::Eof) => self.eof((tag == RECV_UPSTREAM) as usize),
+            (RECV_CLIENT | RECV_UPSTREAM, Event::Error(_)) => self.abort(),
+            (SEND_UPSTREAM | SEND_CLIENT, Event::Sent { result, .. }) => {
+                self.sent((tag == SEND_CLIENT) as usize, result)?
+            }
+            (SEND_UPSTREAM | SEND_CLIENT, Event::Returned(buf)) => {
+                self.returned((tag == SEND_CLIENT) as usize, buf)?
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The buffers one direction of this pair may hold now.
+    #[inline]
+    fn share(&self) -> u32 {
+        fair_share(self.total, self.live_pairs)
+    }
+
+    /// [`arm_recv`] for direction `dir` of this pair, within its share.
+    #[inline]
+    fn arm_recv(&mut self, dir: usize) -> ringpool::Result<()> {
+        let share = self.share();
+        arm_recv(self.driver, self.group, self.pair, self.key, dir, share)
+    }
+
+    /// [`abort`] of this pair.
+    #[inline]
+    fn abort(&mut self) {
+        abort(self.driver, self.pair, self.summary);
+    }
+
+    /// The upstream connect completed: both directions start receiving.
+    fn connected(&mut self, log: &mut ConnectTimeoutLog) -> ringpool::Result<()> {
+        self.pair.connecting_since = None;
+        log.connected();
+        set_nodelay(self.pair.sockets(0).1);
+        let share = self.share();
+        for dir in 0..2 {
+            arm_recv(self.driver, self.group, self.pair, self.key, dir, share)?;
+        }
+        Ok(())
+    }
+
+    /// Data received in direction `dir`: sent at once, or appended to the pending chain while
+    /// a send is in flight; then the next receive (within the share).
+    #[inline]
+    fn data(&mut self, dir: usize, chain: ringpool::BufChain) -> ringpool::Result<()> {
+        self.pair.dirs[dir].receiving = false;
+        // After an abort the data is dropped (its buffers go home), and the pair
+        // may now be finished: the caller checks that.
+        if self.pair.aborted {
+            return Ok(());
+        }
+        if dir == 0 {
+            self.summary.bytes_up += chain.len() as u64;
+        } else {
+            self.summary.bytes_down += chain.len() as u64;
+        }
+        let d = &mut self.pair.dirs[dir];
+        d.bufs_out += chain.buf_count() as u32;
+        if d.sends == 0 {
+            send(self.driver, self.pair, self.key, dir, chain)?;
+        } else if let Some(p) = &mut d.pending {
+            p.append(chain);
+        } else {
+            d.pending = Some(chain);
+        }
+        self.arm_recv(dir)
+    }
+
+    /// Direction `dir`'s source ended: the EOF goes on once everything before it left.
+    #[inline]
+    fn eof(&mut self, dir: usize) {
+        self.pair.dirs[dir].receiving = false;
+        self.pair.dirs[dir].eof = true;
+        shut_if_drained(self.pair, dir);
+    }
+
+    /// A send of direction `dir` completed: a failure resets the pair; otherwise the pending
+    /// chain leaves, or the EOF goes on if it is due.
+    #[inline]
+    fn sent(&mut self, dir: usize, result: ringpool::Result<usize>) -> ringpool::Result<()> {
+        self.pair.dirs[dir].sends -= 1;
+        if let Err(e) = &result {
+            crate::net::log_if_own_shortage("proxy", e);
+            self.abort();
+        } else if let Some(chain) = self.pair.dirs[dir].pending.take() {
+            send(self.driver, self.pair, self.key, dir, chain)?;
+        } else {
+            shut_if_drained(self.pair, dir);
+        }
+        Ok(())
+    }
+
+    /// A send's buffers came back (after any notification): they go home, and direction
+    /// `dir` may receive again.
+    #[inline]
+    fn returned(&mut self, dir: usize, buf: ringpool::SendBuf) -> ringpool::Result<()> {
+        // The kernel is done with these buffers: they go home as `buf` drops.
+        let n = match &buf {
+            ringpool::SendBuf::Chain(chain) => chain.buf_count() as u32,
+            _ => 0,
+        };
+        drop(buf);
+        self.pair.dirs[dir].bufs_out -= n;
+        self.arm_recv(dir)
+    }
 }
 
 /// How long a stopping proxy waits for its buffers to come home.

@@ -59,46 +59,9 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map_err(crate::net::group_error(args.bufs, args.buf_size))?;
         let listener = TcpListener::bind(args.listen)
             .map_err(|e| crate::net::listen_error(args.listen)(e.into()))?;
-        println!("listening on {}", listener.local_addr()?);
-        println!(
-            "forwarding to {} on the async layer through buffer group {}: {} x {} B ({}), \
-             zero-copy {:?}",
-            args.upstream,
-            group.id(),
-            args.bufs,
-            args.buf_size,
-            if group.is_registered() {
-                "registered region"
-            } else {
-                "plain memory"
-            },
-            args.zerocopy
-        );
-        let _ = std::io::stdout().flush();
+        print_start(&args, &listener, &group)?;
         let counters = Rc::new(Counters::default());
-        let mut accept_log = AcceptLog::default();
-        while !signals::stop_requested() {
-            match rt::timeout(Duration::from_millis(200), listener.accept()).await {
-                Err(Error::TimedOut) => {}
-                Err(e) | Ok(Err(e)) => {
-                    // Out of descriptors: wait (connections stay in the backlog) instead of
-                    // failing again at once.
-                    let live = counters.live.get() as usize;
-                    rt::sleep(accept_log.failed(&e, live)).await;
-                }
-                Ok(Ok(client)) => {
-                    accept_log.accepted();
-                    set_nodelay(client.fd());
-                    counters.connections.set(counters.connections.get() + 1);
-                    let upstream = Upstream {
-                        addr: args.upstream,
-                        connect_timeout: args.connect_timeout,
-                    };
-                    let task = pair(client, upstream, group.clone(), counters.clone());
-                    drop(rt::spawn(task)); // runs on its own; ends with the runtime
-                }
-            }
-        }
+        accept_until_stopped(&args, &listener, &group, &counters).await;
         // Buffers still held by zero-copy sends come home with their notifications.
         for _ in 0..50 {
             if group.stats().in_user == 0 {
@@ -106,18 +69,78 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
             rt::sleep(Duration::from_millis(10)).await;
         }
-        let summary = Summary {
-            connections: counters.connections.get(),
-            bytes_up: counters.bytes_up.get(),
-            bytes_down: counters.bytes_down.get(),
-            resets: counters.resets.get(),
-            refused: counters.refused.get(),
-            connect_timeouts: counters.connect_timeouts.get(),
-            left_connecting: counters.left_connecting.get(),
-        };
+        let summary = counters.summary();
         rt::with_driver(|d| crate::cmd::proxy::report(&summary, &group, d, "rt"));
         Ok::<(), Box<dyn std::error::Error>>(())
     })?
+}
+
+/// The start lines: where the proxy listens, where it forwards to, through which buffers.
+fn print_start(args: &Args, listener: &TcpListener, group: &BufGroup) -> std::io::Result<()> {
+    println!("listening on {}", listener.local_addr()?);
+    println!(
+        "forwarding to {} on the async layer through buffer group {}: {} x {} B ({}), \
+         zero-copy {:?}",
+        args.upstream,
+        group.id(),
+        args.bufs,
+        args.buf_size,
+        if group.is_registered() {
+            "registered region"
+        } else {
+            "plain memory"
+        },
+        args.zerocopy
+    );
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+/// Accepts clients until a stop is requested, each served by its own [`pair`] task.
+async fn accept_until_stopped(
+    args: &Args,
+    listener: &TcpListener,
+    group: &BufGroup,
+    counters: &Rc<Counters>,
+) {
+    let mut accept_log = AcceptLog::default();
+    while !signals::stop_requested() {
+        match rt::timeout(Duration::from_millis(200), listener.accept()).await {
+            Err(Error::TimedOut) => {}
+            Err(e) | Ok(Err(e)) => {
+                // Out of descriptors: wait (connections stay in the backlog) instead of
+                // failing again at once.
+                let live = counters.live.get() as usize;
+                rt::sleep(accept_log.failed(&e, live)).await;
+            }
+            Ok(Ok(client)) => {
+                accept_log.accepted();
+                set_nodelay(client.fd());
+                counters.connections.set(counters.connections.get() + 1);
+                let upstream = Upstream {
+                    addr: args.upstream,
+                    connect_timeout: args.connect_timeout,
+                };
+                let task = pair(client, upstream, group.clone(), counters.clone());
+                drop(rt::spawn(task)); // runs on its own; ends with the runtime
+            }
+        }
+    }
+}
+
+impl Counters {
+    /// What the proxy did, for [`crate::cmd::proxy::report`].
+    fn summary(&self) -> Summary {
+        Summary {
+            connections: self.connections.get(),
+            bytes_up: self.bytes_up.get(),
+            bytes_down: self.bytes_down.get(),
+            resets: self.resets.get(),
+            refused: self.refused.get(),
+            connect_timeouts: self.connect_timeouts.get(),
+            left_connecting: self.left_connecting.get(),
+        }
+    }
 }
 
 /// One client connection: connect upstream, then both directions at once.
@@ -130,13 +153,38 @@ async fn pair(client: TcpStream, upstream: Upstream, group: BufGroup, counters: 
             .set(counters.left_connecting.get() + 1);
         return;
     };
-    let upstream = match connected.unwrap_or_else(Err) {
+    let Some(upstream) = connect_outcome(&client, upstream, connected, &counters) else {
+        return;
+    };
+    set_nodelay(upstream.fd());
+    let pair = Rc::new(Pair {
+        client,
+        upstream,
+        reset: Cell::new(false),
+    });
+    counters.live.set(counters.live.get() + 1);
+    let up = rt::spawn(forward(pair.clone(), group.clone(), counters.clone(), true));
+    forward(pair, group, counters.clone(), false).await;
+    up.await;
+    counters.live.set(counters.live.get() - 1);
+}
+
+/// The upstream stream of a finished connect, or `None` when it failed: then `client` is set
+/// to reset on close, and the failure counted (timed out, out of descriptors, refused) and
+/// logged once per episode.
+fn connect_outcome(
+    client: &TcpStream,
+    upstream: Upstream,
+    connected: ringpool::Result<ringpool::Result<TcpStream>>,
+    counters: &Counters,
+) -> Option<TcpStream> {
+    match connected.unwrap_or_else(Err) {
         Ok(s) => {
             counters.timeout_log.borrow_mut().connected();
             if counters.starved.replace(false) {
                 log(format_args!("proxy: upstream sockets available again"));
             }
-            s
+            Some(s)
         }
         Err(Error::TimedOut) => {
             let log = &mut counters.timeout_log.borrow_mut();
@@ -145,7 +193,7 @@ async fn pair(client: TcpStream, upstream: Upstream, group: BufGroup, counters: 
                 .connect_timeouts
                 .set(counters.connect_timeouts.get() + 1);
             set_reset_on_close(client.fd());
-            return;
+            None
         }
         Err(e) if out_of_descriptors(&e) => {
             if !counters.starved.replace(true) {
@@ -160,26 +208,15 @@ async fn pair(client: TcpStream, upstream: Upstream, group: BufGroup, counters: 
             }
             set_reset_on_close(client.fd());
             counters.refused.set(counters.refused.get() + 1);
-            return;
+            None
         }
         Err(_) => {
             // The client sees the refusal as a reset.
             set_reset_on_close(client.fd());
             counters.resets.set(counters.resets.get() + 1);
-            return;
+            None
         }
-    };
-    set_nodelay(upstream.fd());
-    let pair = Rc::new(Pair {
-        client,
-        upstream,
-        reset: Cell::new(false),
-    });
-    counters.live.set(counters.live.get() + 1);
-    let up = rt::spawn(forward(pair.clone(), group.clone(), counters.clone(), true));
-    forward(pair, group, counters.clone(), false).await;
-    up.await;
-    counters.live.set(counters.live.get() - 1);
+    }
 }
 
 /// Runs `fut` unless the peer of `client` leaves first (looked at every [`CONNECT_WATCH`],
@@ -268,6 +305,11 @@ async fn forward(pair: Rc<Pair>, group: BufGroup, counters: Rc<Counters>, up: bo
     // socket open, its buffers out and the other task waiting (a leaked session: issue 18).
     // (Not `shutdown`: its FIN could reach the peer before the reset and read as a clean end.)
     drop(recv);
+    reset_both(&pair, src, dst, &counters);
+}
+
+/// Resets both sockets of `pair` (counted once per pair) and cancels their ops.
+fn reset_both(pair: &Pair, src: &TcpStream, dst: &TcpStream, counters: &Counters) {
     if !pair.reset.replace(true) {
         counters.resets.set(counters.resets.get() + 1);
     }
