@@ -33,6 +33,7 @@ mod baseline;
 mod bench;
 mod cmd;
 mod net;
+mod recv;
 mod signals;
 
 use baseline::{sendfile_server, std_proxy, tokio_echo, tokio_proxy};

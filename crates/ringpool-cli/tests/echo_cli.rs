@@ -58,7 +58,7 @@ fn pattern(seed: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn run_echo(force: &str, extra: &[&str]) {
+fn run_echo(force: &str, extra: &[&str]) -> serde_json::Value {
     raise_fd_limit();
     let (mut child, addr, mut out) = start(force, extra);
     let mut conns: Vec<TcpStream> = (0..CONNECTIONS)
@@ -125,11 +125,63 @@ fn run_echo(force: &str, extra: &[&str]) {
         "{force}: buffer memory is the group's"
     );
     eprintln!("{force:?}: {stats}");
+    v
 }
 
 #[test]
 fn echo_serves_thousands_of_connections_from_one_group() {
-    run_echo("", &[]);
+    let v = run_echo("", &["--recv", "groups"]);
+    assert_eq!(v["recv"], "groups");
+}
+
+/// Whether this kernel and process can register a device-less zero-copy receive area.
+fn zcrx_here() -> bool {
+    ringpool::Features::get().zcrx_device_less == ringpool::ZcrxProbe::Works
+}
+
+#[test]
+fn echo_by_default_receives_through_zcrx_where_the_kernel_can_else_the_group() {
+    let v = run_echo("", &[]);
+    let want = if zcrx_here() { "zcrx" } else { "groups" };
+    assert_eq!(v["recv"], want, "{v}");
+}
+
+#[test]
+fn echo_recv_zcrx_serves_where_the_kernel_can_and_says_why_where_it_cannot() {
+    if zcrx_here() {
+        let v = run_echo("", &["--recv", "zcrx"]);
+        assert_eq!(v["recv"], "zcrx");
+        assert!(v["zcrx_refills"].as_u64().unwrap() > 0, "{v}");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args(["echo", "--listen", "127.0.0.1:0", "--recv", "zcrx"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("zero-copy receive is not available"), "{err}");
+    eprintln!("skipped: zcrx echo not possible here; the refusal reads: {err}");
+    // A NIC queue that cannot (loopback) is refused with the device's reason.
+    let out = Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args(["echo", "--listen", "127.0.0.1:0", "--recv", "zcrx=lo:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("zero-copy receive"),
+        "{err}"
+    );
+    // A value that is none of the choices is a usage error naming them.
+    let out = Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args(["echo", "--listen", "127.0.0.1:0", "--recv", "pipes"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("groups, auto, zcrx"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -139,6 +191,6 @@ fn echo_on_legacy_groups_and_rearmed_single_shots() {
 
 #[test]
 fn echo_on_the_async_layer() {
-    run_echo("", &["--rt"]);
+    assert_eq!(run_echo("", &["--rt"])["recv"], "groups");
     run_echo("legacy-provide,no-multishot", &["--rt"]);
 }

@@ -362,8 +362,8 @@ pub enum SendBuf {
     },
     /// Leased bytes (a member of a lease group, or a lease lent again).
     Leased(Lease),
-    /// Bytes received into a zero-copy receive area, sent on from the same memory.
-    Zcrx(crate::zcrx::ZcrxBuf),
+    /// Buffers received into a zero-copy receive area, sent on from the same memory, in order.
+    Zcrx(Vec<crate::zcrx::ZcrxBuf>),
 }
 
 impl SendBuf {
@@ -374,7 +374,7 @@ impl SendBuf {
             SendBuf::Chain(c) => c.len(),
             SendBuf::Fixed { range, .. } => range.len(),
             SendBuf::Leased(l) => l.len(),
-            SendBuf::Zcrx(b) => b.len(),
+            SendBuf::Zcrx(bufs) => bufs.iter().map(|b| b.len()).sum(),
         }
     }
 
@@ -423,7 +423,7 @@ impl SendBuf {
             SendBuf::Chain(c) => c.iter().for_each(|b| push(b)),
             SendBuf::Fixed { buf, range } => push(&buf[range.clone()]),
             SendBuf::Leased(l) => push(l),
-            SendBuf::Zcrx(b) => push(b),
+            SendBuf::Zcrx(bufs) => bufs.iter().for_each(|b| push(b)),
         }
     }
 }
@@ -436,7 +436,13 @@ impl From<Vec<u8>> for SendBuf {
 
 impl From<crate::zcrx::ZcrxBuf> for SendBuf {
     fn from(b: crate::zcrx::ZcrxBuf) -> Self {
-        SendBuf::Zcrx(b)
+        SendBuf::Zcrx(vec![b])
+    }
+}
+
+impl From<Vec<crate::zcrx::ZcrxBuf>> for SendBuf {
+    fn from(bufs: Vec<crate::zcrx::ZcrxBuf>) -> Self {
+        SendBuf::Zcrx(bufs)
     }
 }
 

@@ -694,3 +694,159 @@ fn an_rt_echo_through_a_zcrx_area_returns_every_byte_and_the_area_is_full_again(
         assert_eq!(in_user, 0, "zcrx {zcrx}");
     }
 }
+
+/// A small deterministic generator for the model-based test below.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What the model knows: bytes sent and received, and what the user holds with a copy of it.
+struct Model {
+    sent: usize,
+    received: usize,
+    held: Vec<(Held, Vec<u8>)>,
+    as_bytes: Vec<(bytes::Bytes, Vec<u8>)>,
+    ended: bool,
+}
+
+impl Model {
+    /// Buffers the user holds, as the pool counts them.
+    fn buffers_held(&self) -> u32 {
+        let held: usize = self
+            .held
+            .iter()
+            .map(|(h, _)| match h {
+                Held::Zc(_) => 1,
+                Held::Chain(c) => c.iter().count(),
+            })
+            .sum();
+        (held + self.as_bytes.len()) as u32
+    }
+
+    /// The invariants, after every step: every buffer in one place (the user's count is the
+    /// pool's), a held buffer never changes, bytes arrive once and in order.
+    fn check(&self, rx: &Rx, step: usize, seed: u64) {
+        let (in_user, total, _) = rx.counts();
+        let at = format!("{} seed {seed} step {step}", rx.name());
+        assert_eq!(in_user, self.buffers_held(), "{at}: buffers held");
+        assert!(in_user <= total, "{at}");
+        for (h, copy) in &self.held {
+            assert!(h.to_vec() == *copy, "{at}: a held buffer changed");
+        }
+        for (b, copy) in &self.as_bytes {
+            assert!(b[..] == copy[..], "{at}: held bytes changed");
+        }
+        assert!(self.received <= self.sent, "{at}: more received than sent");
+    }
+
+    fn take(&mut self, h: Held, seed: u64) {
+        let bytes = h.to_vec();
+        assert_eq!(
+            bytes,
+            pattern_vec(seed, self.received as u64, bytes.len()),
+            "seed {seed}: bytes at {} out of order or changed",
+            self.received
+        );
+        self.received += bytes.len();
+        self.held.push((h, bytes));
+    }
+}
+
+/// Collects what completed (waiting up to `ms`; 0: what is there, without waiting).
+fn collect(d: &mut Driver, m: &mut Model, ms: u64, seed: u64) {
+    if ms == 0 {
+        d.submit().unwrap();
+    } else {
+        d.wait(Some(Duration::from_millis(ms))).unwrap();
+    }
+    while let Some(c) = d.pop() {
+        match got(c.event) {
+            Got::Data(h) => m.take(h, seed),
+            Got::End(r) => {
+                r.unwrap();
+                m.ended = true;
+            }
+            Got::Other => {}
+        }
+    }
+}
+
+#[test]
+fn random_sequences_keep_every_buffer_in_one_place_held_bytes_unchanged_and_order() {
+    for seed in 1..=6u64 {
+        for (mut d, rx) in sources(8) {
+            let (s, mut client) = tcp_pair();
+            let fd = Fd::from(s);
+            rx.start(&mut d, &fd, 1);
+            let mut m = Model {
+                sent: 0,
+                received: 0,
+                held: Vec::new(),
+                as_bytes: Vec::new(),
+                ended: false,
+            };
+            let mut rng = Rng(seed * 0x9E37_79B9_7F4A_7C15);
+            let zcrx = matches!(rx, Rx::Zcrx(_));
+            for step in 0..80 {
+                match rng.below(10) {
+                    0..=2 => {
+                        let n = 1 + rng.below(12_000) as usize;
+                        client
+                            .write_all(&pattern_vec(seed, m.sent as u64, n))
+                            .unwrap();
+                        m.sent += n;
+                    }
+                    3..=5 => collect(&mut d, &mut m, rng.below(4), seed),
+                    6 if !m.held.is_empty() => {
+                        let i = rng.below(m.held.len() as u64) as usize;
+                        m.held.swap_remove(i);
+                    }
+                    7 => m.held.clear(),
+                    8 if zcrx && !m.held.is_empty() => {
+                        let i = rng.below(m.held.len() as u64) as usize;
+                        if let (Held::Zc(b), copy) = m.held.swap_remove(i) {
+                            m.as_bytes.push((b.into_bytes(), copy));
+                        }
+                    }
+                    9 if !m.as_bytes.is_empty() => {
+                        // Dropped on another thread: home through the driver's queue.
+                        let (b, _) = m.as_bytes.swap_remove(0);
+                        std::thread::spawn(move || drop(b)).join().unwrap();
+                    }
+                    _ => {}
+                }
+                // What completed is the user's now (the pool counts it as such).
+                collect(&mut d, &mut m, 0, seed);
+                m.check(&rx, step, seed);
+            }
+            // The end: everything dropped, the peer closes, every byte arrives once.
+            m.held.clear();
+            m.as_bytes.clear();
+            drop(client);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !m.ended {
+                assert!(Instant::now() < deadline, "seed {seed}: no end of stream");
+                collect(&mut d, &mut m, 20, seed);
+                m.held.clear();
+            }
+            assert_eq!(m.received, m.sent, "{} seed {seed}", rx.name());
+            d.submit().unwrap();
+            assert_eq!(
+                rx.counts().0,
+                0,
+                "{} seed {seed}: the pool is full again",
+                rx.name()
+            );
+        }
+    }
+}

@@ -5,15 +5,23 @@
 //! received and keeps one send in flight, which carries everything queued so far. Buffers go
 //! back to the group when their send completes. A client that does not read makes the group
 //! run dry; receives then pause (backpressure) until buffers come back.
+//!
+//! With `--recv zcrx` (or `auto` where the kernel can) the bytes land in a zero-copy receive
+//! area instead (`crate::recv`): each connection keeps a multishot zero-copy receive armed while
+//! it holds fewer than its bound of buffers (and cancels it at the bound), and sends the area's
+//! buffers back from the same memory.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use ringpool::{BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, SendBuf};
+use ringpool::{
+    BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, OpId, RecvMode, SendBuf, ZcrxBuf,
+};
 
 use crate::net::{group_error, listen_error, set_backlog, set_nodelay, Accept};
+use crate::recv::{RecvChoice, Source};
 use crate::signals;
 
 mod rt;
@@ -38,6 +46,12 @@ pub struct Args {
     /// driver's event loop.
     #[arg(long)]
     rt: bool,
+    /// Where received bytes land: `groups` (the shared buffer group), `zcrx` (a device-less
+    /// zero-copy receive area of --bufs 4 KiB buffers: Linux 7.1+, CAP_NET_ADMIN),
+    /// `zcrx=IFNAME:QUEUE` (an area fed by that NIC queue), or `auto` (zcrx where the kernel and
+    /// this process can, else groups). The event loop only; --rt receives through groups.
+    #[arg(long, default_value = "auto", value_parser = crate::recv::parse_recv)]
+    recv: RecvChoice,
 }
 
 /// Upper bound of iovecs in one send (the kernel's `UIO_MAXIOV` is 1024).
@@ -47,6 +61,11 @@ const ACCEPT: u64 = u64::MAX;
 struct Conn {
     fd: Fd,
     queued: VecDeque<BufChain>,
+    /// Zero-copy receive: the area's buffers received and not yet sent, and the receive.
+    zc_queued: Vec<ZcrxBuf>,
+    zc_op: Option<OpId>,
+    /// The zero-copy receive was cancelled at the bound (its end is a pause, not the end).
+    pausing: bool,
     sending: bool,
     /// A receive is armed on `fd`.
     receiving: bool,
@@ -82,69 +101,60 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         return Err("--conn-bufs 0: a connection must be able to hold at least one buffer".into());
     }
     if args.rt {
+        if !matches!(args.recv, RecvChoice::Groups | RecvChoice::Auto) {
+            return Err("--recv zcrx: the --rt echo receives through buffer groups only".into());
+        }
         return rt::run(args, conn_bufs);
     }
     signals::install();
     let listener = TcpListener::bind(args.listen).map_err(listen_error(args.listen))?;
     set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
-    let mut driver =
-        Driver::new(DriverConfig::default().entries(crate::cmd::probe::SERVER_RING_ENTRIES))?;
-    let group = driver
-        .buf_group(BufGroupConfig::new(args.buf_size, args.bufs))
-        .map_err(group_error(args.bufs, args.buf_size))?;
+    let config = DriverConfig::default().entries(crate::cmd::probe::SERVER_RING_ENTRIES);
+    let mut driver = Driver::new(args.recv.config(config))?;
+    let (bufs, buf_size) = (args.bufs, args.buf_size);
+    let source = crate::recv::source(&mut driver, &args.recv, bufs, |d| {
+        d.buf_group(BufGroupConfig::new(buf_size, bufs))
+            .map_err(group_error(bufs, buf_size))
+    })?;
     println!("listening on {addr}");
-    println!(
-        "buffer group {}: {} x {} B = {} B ({}), shared by all connections",
-        group.id(),
-        args.bufs,
-        args.buf_size,
-        group.buffer_bytes(),
-        if group.is_ring() {
-            "buffer ring"
-        } else {
-            "legacy provided buffers"
-        }
-    );
+    println!("{}", source.describe());
     let _ = std::io::stdout().flush();
     let summary = serve(
         &mut driver,
-        &group,
+        &source,
         Fd::from(listener),
         conn_bufs,
         signals::stop_requested,
     )?;
-    report(&summary, &group, &driver, conn_bufs);
+    report(&summary, &source, &driver, conn_bufs);
     Ok(())
 }
 
 /// Prints the final summary lines and the `stats {json}` line (read by the bench and the
 /// tests).
-fn report(summary: &Summary, group: &ringpool::BufGroup, driver: &Driver, conn_bufs: u32) {
-    let s = group.stats();
+fn report(summary: &Summary, source: &Source, driver: &Driver, conn_bufs: u32) {
     println!(
         "stopped: {} connections served (peak {}), {} bytes echoed",
         summary.connections, summary.peak_connections, summary.bytes_echoed
     );
-    println!(
-        "group stats: total {} in_kernel {} in_user {} enobufs {} rearms {} grows {} bytes_received {}",
-        s.total, s.in_kernel, s.in_user, s.enobufs, s.rearms, s.grows, s.bytes_received
-    );
+    let (line, mut json) = source.report();
+    println!("{line}");
     let ds = driver.stats();
     println!(
         "driver stats: enters {} sqes {} cqes {} stray_cqes {}",
         ds.enters, ds.sqes, ds.cqes, ds.stray_cqes
     );
-    let json = serde_json::json!({
+    let own = serde_json::json!({
         "enters": ds.enters, "sqes": ds.sqes, "cqes": ds.cqes,
         "connections": summary.connections,
         "peak_connections": summary.peak_connections,
         "bytes_echoed": summary.bytes_echoed,
         "paused": summary.paused, "conn_bufs": conn_bufs,
-        "buffer_bytes": group.buffer_bytes(),
-        "total": s.total, "in_kernel": s.in_kernel, "in_user": s.in_user,
-        "enobufs": s.enobufs, "rearms": s.rearms, "bytes_received": s.bytes_received,
     });
+    if let (Some(all), serde_json::Value::Object(own)) = (json.as_object_mut(), own) {
+        all.extend(own);
+    }
     println!("stats {json}");
 }
 
@@ -160,7 +170,7 @@ fn report(summary: &Summary, group: &ringpool::BufGroup, driver: &Driver, conn_b
 /// group's size one peer can never drain the group that every connection shares.
 pub fn serve(
     driver: &mut Driver,
-    group: &ringpool::BufGroup,
+    source: &Source,
     listener: Fd,
     conn_bufs: u32,
     stop: impl Fn() -> bool,
@@ -174,7 +184,7 @@ pub fn serve(
         while let Some(c) = driver.pop() {
             if c.token == ACCEPT {
                 if let Some(fd) = accept.on_completion(c, conns.len()) {
-                    on_client(driver, group, &mut conns, fd, conn_bufs, &mut summary)?;
+                    on_client(driver, source, &mut conns, fd, conn_bufs, &mut summary)?;
                 }
                 continue;
             }
@@ -182,11 +192,12 @@ pub fn serve(
             let Some(conn) = conns.get_mut(key) else {
                 continue;
             };
-            on_event(driver, conn, c.event, &mut summary);
+            on_event(driver, conn, c.event, c.more, &mut summary);
             if !conn.sending {
                 send_queued(driver, conn, key)?;
             }
-            arm_recv(driver, group, conn, key, conn_bufs, &mut summary)?;
+            bound_zc_recv(driver, conn, conn_bufs);
+            arm_recv(driver, source, conn, key, conn_bufs, &mut summary)?;
             if conn.finished() {
                 conns.remove(key);
                 accept.freed(driver, &listener)?;
@@ -202,6 +213,9 @@ impl Conn {
         Conn {
             fd,
             queued: VecDeque::new(),
+            zc_queued: Vec::new(),
+            zc_op: None,
+            pausing: false,
             sending: false,
             receiving: false,
             recv_done: false,
@@ -218,6 +232,7 @@ impl Conn {
             && !self.receiving
             && !self.sending
             && self.queued.is_empty()
+            && self.zc_queued.is_empty()
             && self.returns == 0
     }
 }
@@ -225,7 +240,7 @@ impl Conn {
 /// A client accepted: a connection, its first receive armed.
 fn on_client(
     driver: &mut Driver,
-    group: &ringpool::BufGroup,
+    source: &Source,
     conns: &mut slab::Slab<Conn>,
     fd: Fd,
     conn_bufs: u32,
@@ -233,7 +248,7 @@ fn on_client(
 ) -> ringpool::Result<()> {
     set_nodelay(&fd);
     let key = conns.insert(Conn::new(fd));
-    arm_recv(driver, group, &mut conns[key], key, conn_bufs, summary)?;
+    arm_recv(driver, source, &mut conns[key], key, conn_bufs, summary)?;
     summary.connections += 1;
     summary.peak_connections = summary.peak_connections.max(conns.len());
     Ok(())
@@ -242,13 +257,27 @@ fn on_client(
 /// One completion of `conn`'s ops: data queued, the peer done, a send's result, or a send's
 /// buffers back.
 #[inline]
-fn on_event(driver: &mut Driver, conn: &mut Conn, event: Event, summary: &mut Summary) {
+fn on_event(driver: &mut Driver, conn: &mut Conn, event: Event, more: bool, summary: &mut Summary) {
     match event {
         Event::Data(chain) => {
             conn.receiving = false;
             summary.bytes_echoed += chain.len() as u64;
             conn.held += chain.buf_count() as u32;
             conn.queued.push_back(chain);
+        }
+        Event::ZcrxData(buf) => {
+            conn.receiving = more;
+            if !more {
+                conn.pausing = false; // ended with this buffer: the cancel found nothing left
+            }
+            summary.bytes_echoed += buf.len() as u64;
+            conn.held += 1;
+            conn.zc_queued.push(buf);
+        }
+        Event::Error(ringpool::Error::Cancelled) if conn.pausing => {
+            // The zero-copy receive stopped at the bound: re-armed when buffers come home.
+            conn.receiving = false;
+            conn.pausing = false;
         }
         Event::Eof | Event::Error(_) => {
             conn.receiving = false;
@@ -262,6 +291,8 @@ fn on_event(driver: &mut Driver, conn: &mut Conn, event: Event, summary: &mut Su
                 for chain in conn.queued.drain(..) {
                     conn.held -= chain.buf_count() as u32;
                 }
+                conn.held -= conn.zc_queued.len() as u32;
+                conn.zc_queued.clear();
                 conn.recv_done = true;
                 driver.cancel_fd(&conn.fd);
             }
@@ -269,8 +300,10 @@ fn on_event(driver: &mut Driver, conn: &mut Conn, event: Event, summary: &mut Su
         Event::Returned(buf) => {
             // The kernel is done with a send's buffers: they go home as `buf` drops.
             conn.returns -= 1;
-            if let SendBuf::Chain(chain) = &buf {
-                conn.held -= chain.buf_count() as u32;
+            match &buf {
+                SendBuf::Chain(chain) => conn.held -= chain.buf_count() as u32,
+                SendBuf::Zcrx(bufs) => conn.held -= bufs.len() as u32,
+                _ => {}
             }
             drop(buf);
         }
@@ -291,15 +324,33 @@ fn send_queued(driver: &mut Driver, conn: &mut Conn, key: usize) -> ringpool::Re
         driver.send_zc_returning(&conn.fd, SendBuf::from(out), key as u64)?;
         conn.sending = true;
         conn.returns += 1;
+    } else if !conn.zc_queued.is_empty() {
+        let n = conn.zc_queued.len().min(MAX_IOV);
+        let out: Vec<ZcrxBuf> = conn.zc_queued.drain(..n).collect();
+        driver.send_zc_returning(&conn.fd, SendBuf::from(out), key as u64)?;
+        conn.sending = true;
+        conn.returns += 1;
     }
     Ok(())
+}
+
+/// A connection's multishot zero-copy receive takes whatever its socket holds: at its bound
+/// of buffers it is cancelled (once), and armed again when they come home.
+#[inline]
+fn bound_zc_recv(driver: &mut Driver, conn: &mut Conn, conn_bufs: u32) {
+    if conn.receiving && !conn.pausing && conn.held >= conn_bufs {
+        if let Some(op) = conn.zc_op {
+            conn.pausing = true;
+            driver.cancel(op);
+        }
+    }
 }
 
 /// Arms `conn`'s one-buffer receive unless one is armed, its peer is done, or it holds its
 /// bound of buffers (then its receive is re-armed when a send's buffers come home).
 fn arm_recv(
     driver: &mut Driver,
-    group: &ringpool::BufGroup,
+    source: &Source,
     conn: &mut Conn,
     key: usize,
     conn_bufs: u32,
@@ -315,7 +366,12 @@ fn arm_recv(
         }
         return Ok(());
     }
-    driver.recv(&conn.fd, group, RecvMode::Once, key as u64)?;
+    match source {
+        Source::Group(group) => {
+            driver.recv(&conn.fd, group, RecvMode::Once, key as u64)?;
+        }
+        Source::Zcrx(area) => conn.zc_op = Some(driver.recv_zc(&conn.fd, area, key as u64)?),
+    }
     conn.receiving = true;
     conn.paused = false;
     Ok(())

@@ -128,7 +128,7 @@ fn report(group: &BufGroup, connections: u64, echoed: u64) {
         "buffer_bytes": group.buffer_bytes(),
         "total": s.total, "in_kernel": s.in_kernel, "in_user": s.in_user,
         "enobufs": s.enobufs, "rearms": s.rearms, "bytes_received": s.bytes_received,
-        "runtime": "rt",
+        "runtime": "rt", "recv": "groups",
     });
     println!("stats {json}");
 }
