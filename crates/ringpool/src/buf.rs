@@ -440,11 +440,6 @@ impl From<crate::zcrx::ZcrxBuf> for SendBuf {
     }
 }
 
-impl From<Vec<crate::zcrx::ZcrxBuf>> for SendBuf {
-    fn from(bufs: Vec<crate::zcrx::ZcrxBuf>) -> Self {
-        SendBuf::Zcrx(bufs)
-    }
-}
 
 impl From<Lease> for SendBuf {
     fn from(l: Lease) -> Self {

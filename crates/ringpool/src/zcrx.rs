@@ -9,7 +9,7 @@
 //! it is refilled, so a held buffer never changes. The area's memory stays mapped while the
 //! driver or any buffer of it is alive.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ops::Deref;
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -259,11 +259,14 @@ impl RefillQueue {
     }
 
     /// Puts one buffer (its refill offset: area token | offset in the area) in the queue and
-    /// publishes it. The queue has an entry for every buffer of the area, and a buffer is in it
-    /// at most once, so it is never full.
-    pub(crate) fn push(&self, off: u64, len: u32) {
+    /// publishes it; false (nothing written) if the queue is full. The queue has an entry for
+    /// every buffer of the area, so it fills only where the kernel handed out one buffer in
+    /// several completions (a NIC area) and has not taken the refills yet.
+    pub(crate) fn push(&self, off: u64, len: u32) -> bool {
+        if self.queued() > self.mask {
+            return false;
+        }
         let t = self.local_tail.get();
-        debug_assert!(self.queued() <= self.mask, "refill queue overflow");
         // SAFETY: `t & mask` indexes one of the queue's `mask + 1` entries inside the region
         // (`new`); the kernel reads an entry only after the tail that covers it is published.
         unsafe {
@@ -276,6 +279,7 @@ impl RefillQueue {
         // SAFETY: a live, aligned u32 of the region (`new`). Release: the entry is visible
         // before the tail that covers it.
         unsafe { &*self.tail }.store(t, Ordering::Release);
+        true
     }
 
     /// Entries published and not yet taken by the kernel.
@@ -325,6 +329,8 @@ pub(crate) struct ZcrxShared {
     pub(crate) flushes: Cell<u64>,
     pub(crate) full: Cell<u64>,
     pub(crate) rearms: Cell<u64>,
+    /// Refill offsets that found the refill queue full, for the next flush.
+    pub(crate) overflow: RefCell<Vec<u64>>,
     /// Buffers given back through `Bytes` on other threads.
     pub(crate) cross: Arc<CrossReturns>,
 }
@@ -364,11 +370,30 @@ impl ZcrxShared {
             return;
         }
         let page = offset as u64 & !(ZCRX_BUF_SIZE as u64 - 1);
-        self.rq.push(self.token | page, ZCRX_BUF_SIZE as u32);
+        if !self.rq.push(self.token | page, ZCRX_BUF_SIZE as u32) {
+            // Full for now: the driver's next flush puts it in once the kernel took some.
+            self.overflow.borrow_mut().push(self.token | page);
+            return;
+        }
         self.refills.set(self.refills.get() + 1);
         if self.device_less {
             // A NIC's queue takes its refills on its own; a device-less one when flushed.
             self.unflushed.set(self.unflushed.get() + 1);
+        }
+    }
+
+    /// Refills that found the queue full, into the queue as far as it has room now.
+    pub(crate) fn retry_overflow(&self) {
+        let mut overflow = self.overflow.borrow_mut();
+        while let Some(&off) = overflow.last() {
+            if !self.rq.push(off, ZCRX_BUF_SIZE as u32) {
+                return;
+            }
+            overflow.pop();
+            self.refills.set(self.refills.get() + 1);
+            if self.device_less {
+                self.unflushed.set(self.unflushed.get() + 1);
+            }
         }
     }
 
@@ -562,13 +587,15 @@ mod tests {
     fn refill_entries_are_published_in_order_and_wrap() {
         let q = queue(4);
         for i in 0..4u64 {
-            q.push(i << 12, 4096);
+            assert!(q.push(i << 12, 4096));
         }
+        assert_eq!(q.queued(), 4);
+        assert!(!q.push(7 << 12, 4096), "full: nothing written");
         assert_eq!(q.queued(), 4);
         assert_eq!(q.entry(0).off, 0);
         assert_eq!(q.entry(3).off, 3 << 12);
         q.set_head(3); // the kernel took three
-        q.push(9 << 12, 100);
+        assert!(q.push(9 << 12, 100));
         assert_eq!(q.queued(), 2);
         assert_eq!(
             q.entry(4).off,
@@ -600,6 +627,92 @@ mod tests {
             RefillQueue::new(mem, offsets, 6).is_err(),
             "not a power of two"
         );
+    }
+
+    /// An area of `total` buffers whose queue has `entries` entries, as the driver builds one
+    /// (the kernel is not asked: nothing reads the queue here).
+    fn area(total: u32, entries: u32) -> Rc<ZcrxShared> {
+        Rc::new(ZcrxShared {
+            owner: 1,
+            serial: 1,
+            id: 0,
+            area: Arc::new(Mmap::anonymous(total as usize * ZCRX_BUF_SIZE).unwrap()),
+            token: 5 << 32,
+            rq: queue(entries),
+            device_less: true,
+            backing: PageBacking::Normal,
+            total,
+            orphaned: Cell::new(false),
+            in_user: Cell::new(0),
+            unflushed: Cell::new(0),
+            bytes_received: Cell::new(0),
+            refills: Cell::new(0),
+            flushes: Cell::new(0),
+            full: Cell::new(0),
+            rearms: Cell::new(0),
+            overflow: RefCell::new(Vec::new()),
+            cross: Arc::new(CrossReturns::new().unwrap()),
+        })
+    }
+
+    #[test]
+    fn a_completion_naming_bytes_outside_the_area_hands_out_nothing() {
+        let a = area(4, 4);
+        assert!(a.take(4 * 4096, 1).is_none(), "past the end");
+        assert!(
+            a.take(3 * 4096 + 100, 4000).is_none(),
+            "across the last page's end"
+        );
+        assert!(
+            a.take(4096 + 4000, 200).is_none(),
+            "across a buffer boundary"
+        );
+        assert!(a.take(1 << 48, 10).is_none(), "another area's id");
+        assert!(a.take(0, 4097).is_none(), "more than a buffer");
+        assert_eq!(a.in_user.get(), 0);
+        let b = a.take(2 * 4096 + 16, 100).expect("inside");
+        assert_eq!((b.offset(), b.len()), (2 * 4096 + 16, 100));
+        assert_eq!(a.in_user.get(), 1);
+    }
+
+    #[test]
+    fn a_dropped_buffer_goes_into_the_refill_queue_once_with_the_areas_token() {
+        let a = area(4, 4);
+        let b = a.take(3 * 4096 + 8, 10).unwrap();
+        drop(b);
+        assert_eq!(a.in_user.get(), 0);
+        assert_eq!(a.rq.queued(), 1);
+        let e = a.rq.entry(0);
+        assert_eq!(
+            e.off,
+            (5 << 32) | (3 * 4096),
+            "the token and the buffer's page"
+        );
+        assert_eq!((a.refills.get(), a.unflushed.get()), (1, 1));
+    }
+
+    #[test]
+    fn refills_that_find_the_queue_full_wait_for_room() {
+        let a = area(8, 2);
+        let bufs: Vec<_> = (0..3).map(|i| a.take(i * 4096, 1).unwrap()).collect();
+        drop(bufs);
+        assert_eq!(a.rq.queued(), 2);
+        assert_eq!(a.overflow.borrow().len(), 1);
+        a.retry_overflow();
+        assert_eq!(a.overflow.borrow().len(), 1, "still no room");
+        a.rq.set_head(1);
+        a.retry_overflow();
+        assert!(a.overflow.borrow().is_empty());
+        assert_eq!(a.refills.get(), 3);
+    }
+
+    #[test]
+    fn buffers_of_an_orphaned_area_just_leave() {
+        let a = area(2, 2);
+        let b = a.take(0, 1).unwrap();
+        a.orphaned.set(true);
+        drop(b);
+        assert_eq!((a.in_user.get(), a.rq.queued()), (0, 0));
     }
 
     #[test]

@@ -175,6 +175,7 @@ impl Driver {
             flushes: Default::default(),
             full: Default::default(),
             rearms: Default::default(),
+            overflow: Default::default(),
             cross: self.cross.clone(),
         });
         self.zcrx_areas.push(shared.clone());
@@ -302,6 +303,9 @@ impl Driver {
     /// receives of areas that have buffers again, at most one per free buffer, oldest first.
     pub(super) fn flush_zcrx(&mut self) {
         for area in &self.zcrx_areas {
+            if !area.overflow.borrow().is_empty() {
+                area.retry_overflow();
+            }
             let unflushed = area.unflushed.get();
             let waiting = !self.zcrx_parked.is_empty();
             if !area.device_less
@@ -328,7 +332,11 @@ impl Driver {
         let mut budgets: Vec<(*const ZcrxShared, u32)> = self
             .zcrx_areas
             .iter()
-            .map(|a| (Rc::as_ptr(a), a.total - a.in_user.get() - a.unflushed.get()))
+            .map(|a| {
+                let waiting =
+                    a.in_user.get() + a.unflushed.get() + a.overflow.borrow().len() as u32;
+                (Rc::as_ptr(a), a.total.saturating_sub(waiting))
+            })
             .collect();
         let parked = std::mem::take(&mut self.zcrx_parked);
         for key in parked {

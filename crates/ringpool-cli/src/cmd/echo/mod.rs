@@ -327,7 +327,8 @@ fn send_queued(driver: &mut Driver, conn: &mut Conn, key: usize) -> ringpool::Re
     } else if !conn.zc_queued.is_empty() {
         let n = conn.zc_queued.len().min(MAX_IOV);
         let out: Vec<ZcrxBuf> = conn.zc_queued.drain(..n).collect();
-        driver.send_zc_returning(&conn.fd, SendBuf::from(out), key as u64)?;
+        // (No `From<Vec<ZcrxBuf>>`: it would make `Vec::new()` ambiguous as a `SendBuf`.)
+        driver.send_zc_returning(&conn.fd, SendBuf::Zcrx(out), key as u64)?;
         conn.sending = true;
         conn.returns += 1;
     }
