@@ -440,7 +440,6 @@ impl From<crate::zcrx::ZcrxBuf> for SendBuf {
     }
 }
 
-
 impl From<Lease> for SendBuf {
     fn from(l: Lease) -> Self {
         SendBuf::Leased(l)

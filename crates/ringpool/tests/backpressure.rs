@@ -1,6 +1,8 @@
 //! `-ENOBUFS` is backpressure, never loss: 64 MiB from several concurrent connections through
 //! multishot receives into a group of 8 × 4 KiB that runs dry again and again. Every byte is
-//! checked against the sender's pattern, and the group is full again at the end.
+//! checked against the sender's pattern, and the group is full again at the end. In the kernel
+//! matrix's emulated guests (`RINGPOOL_KERNEL_MATRIX=1`) each stream carries a quarter of that
+//! (the group still runs dry thousands of times; 64 MiB took 70-90 s of a guest's 5 minutes).
 
 mod common;
 
@@ -13,9 +15,18 @@ use ringpool::{BufChain, BufGroupConfig, Event, Fd, RecvMode};
 
 const CONNS: usize = 4;
 const TOTAL: usize = 64 << 20;
-const PER_CONN: usize = TOTAL / CONNS;
+
+/// Bytes per connection: 16 MiB, or 4 MiB in a kernel-matrix guest.
+fn per_conn() -> usize {
+    if std::env::var_os("RINGPOOL_KERNEL_MATRIX").is_some() {
+        TOTAL / CONNS / 4
+    } else {
+        TOTAL / CONNS
+    }
+}
 
 fn stream_through_a_tiny_group(rung: &Rung, mode: RecvMode) {
+    let per_conn = per_conn();
     let mut d = rung.driver();
     let g = d.buf_group(BufGroupConfig::new(4096, 8)).unwrap();
     let mut socks = Vec::new();
@@ -27,8 +38,8 @@ fn stream_through_a_tiny_group(rung: &Rung, mode: RecvMode) {
         socks.push(s);
         writers.push(std::thread::spawn(move || {
             let mut off = 0;
-            while off < PER_CONN {
-                let n = (64 * 1024).min(PER_CONN - off);
+            while off < per_conn {
+                let n = (64 * 1024).min(per_conn - off);
                 c.write_all(&pattern_vec(conn as u64, off as u64, n))
                     .unwrap();
                 off += n;
@@ -87,7 +98,7 @@ fn stream_through_a_tiny_group(rung: &Rung, mode: RecvMode) {
         w.join().unwrap();
     }
     assert_eq!(
-        received, [PER_CONN; CONNS],
+        received, [per_conn; CONNS],
         "{}: every byte arrived",
         rung.name
     );
@@ -99,7 +110,7 @@ fn stream_through_a_tiny_group(rung: &Rung, mode: RecvMode) {
         "{}: group full again",
         rung.name
     );
-    assert_eq!(s.bytes_received, TOTAL as u64);
+    assert_eq!(s.bytes_received, (per_conn * CONNS) as u64);
     assert!(s.enobufs > 0, "{}: the group ran dry", rung.name);
     assert!(s.rearms > 0, "{}: receives were re-armed", rung.name);
     assert_eq!(d.in_flight(), 0);

@@ -850,3 +850,39 @@ fn random_sequences_keep_every_buffer_in_one_place_held_bytes_unchanged_and_orde
         }
     }
 }
+
+#[test]
+fn a_limited_receive_takes_exactly_its_limit_and_the_next_one_goes_on_in_order() {
+    let mut d = zcrx_driver();
+    let Some(area) = device_less_area(&mut d, 64 * 4096) else {
+        return;
+    };
+    let (s, mut c) = tcp_pair();
+    let fd = Fd::from(s);
+    c.write_all(&pattern_vec(17, 0, 100_000)).unwrap();
+    let mut got = Vec::new();
+    let mut ended = None;
+    d.recv_zc_limited(&fd, &area, 10_000, 1).unwrap();
+    common::pump(&mut d, 10, |c| match c.event {
+        Event::ZcrxData(b) => {
+            got.extend_from_slice(&b);
+            false
+        }
+        e => {
+            ended = Some((e, c.more));
+            true
+        }
+    });
+    let (e, more) = ended.unwrap();
+    assert!(matches!(e, Event::LimitReached) && !more, "{e:?}");
+    assert_eq!(got.len(), 10_000, "exactly the limit");
+    d.recv_zc(&fd, &area, 2).unwrap();
+    common::pump(&mut d, 10, |c| {
+        if let Event::ZcrxData(b) = c.event {
+            got.extend_from_slice(&b);
+        }
+        got.len() == 100_000
+    });
+    assert!(got == pattern_vec(17, 0, 100_000), "in order, once");
+    assert!(d.recv_zc_limited(&fd, &area, 0, 3).is_err(), "a limit of 0");
+}

@@ -343,6 +343,9 @@ pub enum Event {
     /// Bytes arrived through a zero-copy receive ([`Driver::recv_zc`]): one buffer of the
     /// area, in order.
     ZcrxData(crate::ZcrxBuf),
+    /// A limited receive ([`Driver::recv_zc_limited`]) took all the bytes it was allowed: its
+    /// last completion. Start another for more.
+    LimitReached,
     /// A [`Member::read_into`] finished.
     ///
     /// [`Member::read_into`]: crate::Member::read_into

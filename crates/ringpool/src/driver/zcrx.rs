@@ -24,15 +24,34 @@ use super::{Completion, Driver, Event, Fd};
 pub(super) struct RecvZcOp {
     pub(super) fd: Fd,
     pub(super) area: Rc<ZcrxShared>,
+    /// Bytes the receive may take in all (0: no limit), and the bytes it took so far.
+    pub(super) limit: u32,
+    pub(super) taken: u32,
 }
 
 impl RecvZcOp {
-    /// `RECV_ZC`, multishot, as many bytes as come (`len` 0).
+    /// `RECV_ZC`, multishot: as many bytes as come, or (a limited receive) the bytes left of
+    /// its limit: the kernel then ends it with a 0 once it took them.
     pub(super) fn sqe(&self) -> squeue::Entry {
-        opcode::RecvZc::new(types::Fd(self.fd.as_raw_fd()), 0)
+        let len = if self.limit == 0 {
+            0
+        } else {
+            self.limit - self.taken
+        };
+        opcode::RecvZc::new(types::Fd(self.fd.as_raw_fd()), len)
             .ifq(self.area.id)
             .build()
     }
+
+    /// Whether a limited receive took all it may.
+    fn at_limit(&self) -> bool {
+        self.limit != 0 && self.taken >= self.limit
+    }
+}
+
+/// Whether `kind` (a zero-copy receive) took all its limit allows.
+fn op_at_limit(kind: &OpKind) -> bool {
+    matches!(kind, OpKind::RecvZc(op) if op.at_limit())
 }
 
 /// The refusal an errno of `IORING_REGISTER_ZCRX_IFQ` means for an area fed by `source`.
@@ -233,23 +252,66 @@ impl Driver {
     /// # Ok(()) }
     /// ```
     pub fn recv_zc(&mut self, fd: &Fd, area: &ZcrxArea, token: u64) -> Result<OpId> {
+        self.start_recv_zc(fd, area, 0, token)
+    }
+
+    /// Like [`Driver::recv_zc`], but the receive takes at most `max_bytes` in all, then ends
+    /// with [`Event::LimitReached`] (end of stream or an error before that end it as
+    /// `recv_zc` does). A server bounds what one connection can take of a shared area this way
+    /// (in bytes: each completion takes one 4 KiB buffer however few bytes it carries, so
+    /// count buffers too, and cancel at a bound of them).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a limit of 0; as [`Driver::recv_zc`].
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # fn f(driver: &mut ringpool::Driver, area: &ringpool::ZcrxArea, sock: &ringpool::Fd) -> ringpool::Result<()> {
+    /// driver.recv_zc_limited(sock, area, 64 << 10, 1)?; // at most 64 KiB, then LimitReached
+    /// # Ok(()) }
+    /// ```
+    pub fn recv_zc_limited(
+        &mut self,
+        fd: &Fd,
+        area: &ZcrxArea,
+        max_bytes: u32,
+        token: u64,
+    ) -> Result<OpId> {
+        if max_bytes == 0 {
+            return Err(Error::InvalidArgument {
+                what: "a limited zero-copy receive needs a limit above 0",
+            });
+        }
+        self.start_recv_zc(fd, area, max_bytes, token)
+    }
+
+    fn start_recv_zc(&mut self, fd: &Fd, area: &ZcrxArea, limit: u32, token: u64) -> Result<OpId> {
         self.check_owner(area.shared.owner, "a zero-copy receive area")?;
         let kind = OpKind::RecvZc(RecvZcOp {
             fd: fd.clone(),
             area: area.shared.clone(),
+            limit,
+            taken: 0,
         });
         Ok(self.start(kind, token))
     }
 
     /// A CQE of a zero-copy receive: bytes in the area, a full area (pause), or the end.
     pub(super) fn complete_recv_zc(&mut self, c: OpCqe) {
-        let OpKind::RecvZc(op) = &self.ops[c.key].kind else {
+        let OpKind::RecvZc(op) = &mut self.ops[c.key].kind else {
             unreachable!("complete_recv_zc on a zero-copy receive")
         };
         let area = op.area.clone();
         if c.res > 0 {
+            op.taken = op.taken.saturating_add(c.res as u32);
+            let (at_limit, more) = (op.at_limit(), c.more());
             match area.take(c.big[0], c.res as u32) {
-                Some(buf) => self.deliver(&c, Event::ZcrxData(buf), c.more(), !c.cancelled),
+                Some(buf) if at_limit && !more => {
+                    // Its last bytes ended it: they, then the end.
+                    self.deliver(&c, Event::ZcrxData(buf), true, false);
+                    self.end_recv_zc_with(&c, Event::LimitReached);
+                }
+                Some(buf) => self.deliver(&c, Event::ZcrxData(buf), more, !c.cancelled),
                 None => self.end_recv_zc(
                     &c,
                     Error::InvalidArgument {
@@ -269,10 +331,16 @@ impl Driver {
             return;
         }
         let event = match c.res {
+            0 if op_at_limit(&self.ops[c.key].kind) => Event::LimitReached,
             0 => Event::Eof,
             r if r == -libc::ECANCELED || c.cancelled => Event::Error(Error::Cancelled),
             r => Event::Error(errno_error("recv_zc", r)),
         };
+        self.end_recv_zc_with(&c, event);
+    }
+
+    /// The op's last completion: `event`.
+    fn end_recv_zc_with(&mut self, c: &OpCqe, event: Event) {
         self.ops.remove(c.key);
         self.ready.push_back(Completion {
             token: c.token,

@@ -274,6 +274,11 @@ fn on_event(driver: &mut Driver, conn: &mut Conn, event: Event, more: bool, summ
             conn.held += 1;
             conn.zc_queued.push(buf);
         }
+        Event::LimitReached => {
+            // The receive took its bytes' worth of the bound: re-armed below it.
+            conn.receiving = false;
+            conn.pausing = false;
+        }
         Event::Error(ringpool::Error::Cancelled) if conn.pausing => {
             // The zero-copy receive stopped at the bound: re-armed when buffers come home.
             conn.receiving = false;
@@ -371,7 +376,12 @@ fn arm_recv(
         Source::Group(group) => {
             driver.recv(&conn.fd, group, RecvMode::Once, key as u64)?;
         }
-        Source::Zcrx(area) => conn.zc_op = Some(driver.recv_zc(&conn.fd, area, key as u64)?),
+        Source::Zcrx(area) => {
+            // At most the bound's worth of bytes (a buffer per completion, whatever it carries:
+            // `bound_zc_recv` cancels at the bound of buffers too).
+            let room = (conn_bufs - conn.held) * ringpool::ZCRX_BUF_SIZE as u32;
+            conn.zc_op = Some(driver.recv_zc_limited(&conn.fd, area, room, key as u64)?);
+        }
     }
     conn.receiving = true;
     conn.paused = false;
