@@ -26,8 +26,8 @@ TESTARGS=${TESTARGS:-}          # extra arguments for every test binary in the g
 # 2-core host; the slowest test, backpressure's 64 MiB stream, takes 20-50 s).
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}   # seconds one test may run inside a guest
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-90}    # seconds until the guest must say GUEST-UP
-GUEST_TIMEOUT=${GUEST_TIMEOUT:-300} # seconds one guest may run in all
-MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-1080} # seconds all guests together may run (they take 600-850 s)
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-480} # seconds one guest may run in all (150-300 s; more on a loaded host)
+MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-1500} # seconds all guests together may run (they take 600-1100 s)
 SMP=${SMP:-2}
 # QEMU 7.2 (bookworm) crashed in 7 of 21 boots of 6.12 with -smp 2; QEMU 10 from
 # bookworm-backports, only unpacked (dpkg -x), booted 20 of 20. QEMU_BPO=0 uses the system QEMU.

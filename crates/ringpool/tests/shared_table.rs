@@ -126,6 +126,14 @@ fn cloning_pins_nothing_twice_and_the_fallback_registers_again() {
         let base = settled_pins();
         let buf = a.fixed_buf(LEN).unwrap();
         let one = pinned_kib() - base;
+        // Debian's 7.3 (as root, in the kernel matrix) shows no io_uring pins in VmPin at all:
+        // there is nothing to compare, so say so instead of failing.
+        if !common::require_env(
+            one > 0,
+            "VmPin accounting of io_uring's pinned pages (this kernel reports 0 kB after an 8 MiB registration)",
+        ) {
+            return;
+        }
         assert!(
             one >= (LEN / 1024) as u64,
             "rung {rung}: registering pins ({one} KiB)"
