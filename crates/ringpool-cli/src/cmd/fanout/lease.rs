@@ -12,9 +12,9 @@
 //! the kernel anyway: the clients reach the server over loopback, a virtual device (veth,
 //! bridge, tun/tap: no `device` in sysfs) or a virtual NIC (virtio-net, Xen, Hyper-V,
 //! vmxnet3). There every memory-lease member copies the chunk into socket buffers, once per
-//! client, while a pages member passes page references. On loopback the pages server spends
-//! 0.3-0.4× the memory server's CPU per GB (`ringpool bench --workload fanout`, same run; the
-//! README gives the figures). Elsewhere (a physical NIC, where zero-copy send pays and the bytes
+//! client, while a pages member passes page references. On loopback the pages server spent
+//! 0.53× the memory server's CPU per GB (per round 0.35-0.73×; `ringpool bench --workload
+//! fanout`, 9 rounds each, same run; the README gives the figures). Elsewhere (a physical NIC, where zero-copy send pays and the bytes
 //! leave from the registered buffer itself) it picks memory. It also picks memory where pages
 //! cannot serve: a kernel without `IORING_OP_SPLICE`/`IORING_OP_TEE` (5.8), a chunk larger than
 //! the largest pipe (`/proc/sys/fs/pipe-max-size`), or pipes the descriptor limit cannot hold
