@@ -17,7 +17,8 @@
 //! fanout`, 9 rounds each, same run; the README gives the figures). Elsewhere (a physical NIC, where zero-copy send pays and the bytes
 //! leave from the registered buffer itself) it picks memory. It also picks memory where pages
 //! cannot serve: a kernel without `IORING_OP_SPLICE`/`IORING_OP_TEE` (5.8), a chunk larger than
-//! the largest pipe (`/proc/sys/fs/pipe-max-size`), or pipes the descriptor limit cannot hold
+//! the largest pipe (`/proc/sys/fs/pipe-max-size`), pipes past an unprivileged user's pipe
+//! budget (`/proc/sys/fs/pipe-user-pages-soft`), or pipes the descriptor limit cannot hold
 //! (each client's member holds one pipe, two descriptors, per chunk in flight).
 //!
 //! The addresses decide: `--listen` on a specific address looks at the interface holding it;
@@ -161,6 +162,19 @@ fn pages_blocker(plan: &Plan) -> Option<String> {
         ));
     }
     let pipes = pipes_needed(plan.clients, plan.in_flight);
+    // An unprivileged user's pipes together may hold pipe-user-pages-soft pages; past it,
+    // F_SETPIPE_SZ fails (EPERM) and so would the lease. (Root approximates CAP_SYS_RESOURCE.)
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let soft = read_proc_usize("/proc/sys/fs/pipe-user-pages-soft").unwrap_or(0);
+    let pipe_bytes = pipes.saturating_mul(need as u64);
+    if !root && soft > 0 && pipe_bytes > (soft * page_size()) as u64 {
+        return Some(format!(
+            "{pipes} pipes of {need} bytes for {} clients × {} chunks in flight exceed this \
+             user's pipe budget (/proc/sys/fs/pipe-user-pages-soft: {soft} pages)",
+            plan.clients, plan.in_flight
+        ));
+    }
     let limit = nofile_soft_limit();
     if 2 * pipes + plan.clients as u64 + FD_MARGIN > limit {
         return Some(format!(
@@ -189,10 +203,12 @@ fn pipe_bytes_for_chunk(chunk: usize, page: usize) -> usize {
 
 /// `/proc/sys/fs/pipe-max-size` (1 MiB where it cannot be read, the kernel's default).
 fn pipe_max_size() -> usize {
-    std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(1 << 20)
+    read_proc_usize("/proc/sys/fs/pipe-max-size").unwrap_or(1 << 20)
+}
+
+/// A number in a `/proc/sys` file.
+fn read_proc_usize(path: &str) -> Option<usize> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// `RLIMIT_NOFILE`'s soft limit (unlimited where it cannot be read).
