@@ -5,8 +5,9 @@
 //! proxy both forward and verify every configuration, and every ratio is reported. `--workload
 //! file`: `O_DIRECT` reads into registered and into plain buffers both verify every block, and
 //! the ratios are reported (or the workload says why it skipped). `--workload fanout`: the
-//! lease server, the read-per-client server and the sendfile server all deliver verified copies
-//! to 16 clients, each reads the file as often as it claims, and both ratios are reported.
+//! lease server on memory and on pages leases, the read-per-client server and the sendfile
+//! server all deliver verified copies to 16 clients, each reads the file as often as it claims,
+//! every ratio is reported, and the pages targets come from issue 16.
 //! `--html PATH`: the run writes a self-contained HTML report there (inline SVG charts, nothing
 //! fetched) naming every workload it ran, and says where on its last stderr line. Timings are
 //! printed by the bench but never asserted here (noisy VM).
@@ -319,11 +320,19 @@ fn fanout_quick_json() {
     assert_eq!(w["verified"], true, "copies not verified: {w:#}");
     assert_words_not_internal_names(&w);
     let targets = targets_of(&w);
-    assert_eq!(targets.len(), 1, "{w:#}");
+    assert_eq!(targets.len(), 3, "{w:#}");
     assert_eq!(targets[0]["source_issue"], 4, "{w:#}");
+    for (t, bound) in targets[1..].iter().zip([1.0, 0.5]) {
+        assert_eq!(t["source_issue"], 16, "{t:#}");
+        assert_eq!(t["at_most"], bound, "{t:#}");
+        assert!(
+            t["what"].as_str().unwrap().starts_with("pages leases: "),
+            "{t:#}"
+        );
+    }
 
     let runs = w["raw_rounds"].as_array().expect("raw_rounds");
-    for server in ["fanout", "read-per-client", "sendfile"] {
+    for server in ["fanout", "fanout-pages", "read-per-client", "sendfile"] {
         let server_runs: Vec<_> = runs.iter().filter(|r| r["server"] == server).collect();
         assert!(!server_runs.is_empty(), "no {server} round: {w:#}");
         for run in &server_runs {
@@ -345,7 +354,16 @@ fn fanout_quick_json() {
         // 1 MiB chunks: fanout reads each once per round, read-per-client once per client.
         let chunks = rounds * file.div_ceil(1 << 20);
         match server {
-            "fanout" => assert_eq!(stats["chunks_read"], chunks, "{stats:#}"),
+            "fanout" => {
+                assert_eq!(stats["chunks_read"], chunks, "{stats:#}");
+                assert_eq!(stats["lease"], "memory", "{stats:#}");
+            }
+            "fanout-pages" => {
+                assert_eq!(stats["chunks_read"], chunks, "{stats:#}");
+                assert_eq!(stats["lease"], "pages", "{stats:#}");
+                assert_eq!(stats["pipes_in_use"], 0, "{stats:#}");
+                assert_eq!(stats["zc_sends"], 0, "{stats:#}");
+            }
             "read-per-client" => assert_eq!(stats["chunks_read"], 16 * chunks, "{stats:#}"),
             _ => assert!(
                 stats["sendfile_calls"].as_u64().unwrap_or(0) > 0,
@@ -358,6 +376,12 @@ fn fanout_quick_json() {
         "gb_per_sec_vs_read_per_client",
         "cpu_s_per_gb_vs_sendfile",
         "gb_per_sec_vs_sendfile",
+        "cpu_s_per_gb_pages_vs_read_per_client",
+        "gb_per_sec_pages_vs_read_per_client",
+        "cpu_s_per_gb_pages_vs_sendfile",
+        "gb_per_sec_pages_vs_sendfile",
+        "cpu_s_per_gb_pages_vs_memory",
+        "gb_per_sec_pages_vs_memory",
     ] {
         for side in ["ringpool", "baseline", "ratio"] {
             let v = w["metrics"][key][side].as_f64().unwrap_or(0.0);

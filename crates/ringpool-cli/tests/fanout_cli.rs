@@ -2,7 +2,9 @@
 //! leased to every client's send; identical, checksum-verified copies, every chunk buffer back
 //! at the end; a client that disconnects, a file that shrinks, and a laggard that is dropped.
 //! The bench's baseline mode, `--read-per-client` (each client its own reads), delivers the
-//! same identical copies. The server on the async layer (`--rt`) passes the same tests.
+//! same identical copies. The server on the async layer (`--rt`) passes the same tests, and so
+//! do both kinds of lease (`--lease pages`, `--lease memory`); pages leases leak no pipe and no
+//! descriptor, `--lease auto` picks what its rule says, and a bad `--lease` is refused.
 
 mod common;
 
@@ -67,6 +69,14 @@ fn receive(addr: SocketAddr, read_first: Option<usize>) -> std::io::Result<Sum> 
     }
 }
 
+/// The `--lease` value of `extra` (`pages` when none: `auto` picks pages on loopback).
+fn lease_of<'a>(extra: &[&'a str]) -> &'a str {
+    extra
+        .iter()
+        .position(|&a| a == "--lease")
+        .map_or("pages", |i| extra[i + 1])
+}
+
 fn fanout(file: &std::path::Path, extra: &[&str]) -> Server {
     let mut args = vec![
         "fanout",
@@ -81,12 +91,54 @@ fn fanout(file: &std::path::Path, extra: &[&str]) -> Server {
 
 #[test]
 fn a_256_mib_file_to_16_clients_identical_verified_copies() {
-    sixteen_clients_identical_verified_copies(&[], "lease");
+    sixteen_clients_identical_verified_copies(&["--lease", "memory"], "lease");
 }
 
 #[test]
 fn on_the_async_layer_a_256_mib_file_to_16_clients_identical_verified_copies() {
-    sixteen_clients_identical_verified_copies(&["--rt"], "lease-rt");
+    sixteen_clients_identical_verified_copies(&["--rt", "--lease", "memory"], "lease-rt");
+}
+
+/// Issue 16: 256 MiB to 16 clients byte-checked with pages leases; every pipe back in the pool
+/// (none in use), and the server holds no descriptor more than the idle pipes' two each.
+#[test]
+fn pages_leases_serve_256_mib_to_16_clients_leaking_no_pipe_or_descriptor() {
+    sixteen_clients_identical_verified_copies(&["--lease", "pages"], "lease");
+}
+
+#[test]
+fn on_the_async_layer_pages_leases_serve_256_mib_to_16_clients_leaking_no_pipe_or_descriptor() {
+    sixteen_clients_identical_verified_copies(&["--rt", "--lease", "pages"], "lease-rt");
+}
+
+/// The `stats` of a server that used `kind` leases say so; for pages, every pipe is back and
+/// the server's descriptors are those it had before serving plus two per idle pipe (and the
+/// pool's `/dev/null`).
+fn assert_lease_and_no_leak(v: &serde_json::Value, kind: &str, fds_before: usize, fds: usize) {
+    assert_eq!(v["lease"], kind, "{v}");
+    assert_eq!(v["pipes_in_use"], 0, "every pipe back: {v}");
+    let (made, idle, closed) = (
+        v["pipes_made"].as_u64().unwrap(),
+        v["pipes_idle"].as_u64().unwrap(),
+        v["pipes_closed"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        made,
+        idle + closed,
+        "every pipe made is idle or closed: {v}"
+    );
+    // Pages: the pool's `/dev/null`, opened on the first drain of a pipe that held pages.
+    let devnull = usize::from(kind == "pages");
+    assert!(
+        (fds_before + 2 * idle as usize..=fds_before + 2 * idle as usize + devnull).contains(&fds),
+        "descriptors before serving {fds_before}, after {fds}, idle pipes {idle}: {v}"
+    );
+    if kind == "pages" {
+        assert!(made > 0, "{v}");
+        assert_eq!(v["zc_sends"], 0, "pages members splice: {v}");
+    } else {
+        assert_eq!(made, 0, "memory leases use no pipe: {v}");
+    }
 }
 
 fn sixteen_clients_identical_verified_copies(extra: &[&str], mode: &str) {
@@ -96,16 +148,27 @@ fn sixteen_clients_identical_verified_copies(extra: &[&str], mode: &str) {
     let expected = sum_of(&std::fs::read(&path).unwrap());
     let mut args = vec!["--clients", "16", "--in-flight", "8"];
     args.extend_from_slice(extra);
+    let kind = lease_of(extra);
     let server = fanout(&path, &args);
+    let fds_before = server.open_fds();
     let addr = server.addr;
+    let started = std::time::Instant::now();
     let clients: Vec<_> = (0..16)
         .map(|_| std::thread::spawn(move || receive(addr, None)))
         .collect();
     for (i, c) in clients.into_iter().enumerate() {
         assert_eq!(c.join().unwrap().unwrap(), expected, "client {i}");
     }
+    eprintln!(
+        "{kind} leases, {extra:?}: 16 x 256 MiB in {:?}",
+        started.elapsed()
+    );
+    // The round ends (its sockets closed) just after the last client's EOF.
+    std::thread::sleep(Duration::from_millis(300));
+    let fds = server.open_fds();
     let v = server.stop();
     eprintln!("{v}");
+    assert_lease_and_no_leak(&v, kind, fds_before, fds);
     assert_eq!(v["mode"], mode, "{v}");
     assert_eq!(v["rounds"], 1, "{v}");
     assert_eq!(v["clients_done"], 16, "{v}");
@@ -163,12 +226,24 @@ fn read_per_client_mode_delivers_identical_verified_copies() {
 
 #[test]
 fn a_client_that_disconnects_mid_file_does_not_disturb_the_others() {
-    a_client_disconnects(&[]);
+    a_client_disconnects(&["--lease", "memory"]);
 }
 
 #[test]
 fn on_the_async_layer_a_client_that_disconnects_mid_file_does_not_disturb_the_others() {
-    a_client_disconnects(&["--rt"]);
+    a_client_disconnects(&["--rt", "--lease", "memory"]);
+}
+
+/// Issue 16: a client that disconnects mid-splice.
+#[test]
+fn with_pages_leases_a_client_that_disconnects_mid_file_does_not_disturb_the_others() {
+    a_client_disconnects(&["--lease", "pages"]);
+}
+
+#[test]
+fn on_the_async_layer_with_pages_leases_a_client_that_disconnects_mid_file_does_not_disturb_the_others(
+) {
+    a_client_disconnects(&["--rt", "--lease", "pages"]);
 }
 
 fn a_client_disconnects(extra: &[&str]) {
@@ -179,6 +254,7 @@ fn a_client_disconnects(extra: &[&str]) {
     let mut args = vec!["--clients", "3", "--in-flight", "4"];
     args.extend_from_slice(extra);
     let server = fanout(&path, &args);
+    let fds_before = server.open_fds();
     let addr = server.addr;
     let quitter = std::thread::spawn(move || receive(addr, Some(1 << 20)));
     let others: Vec<_> = (0..2)
@@ -188,20 +264,33 @@ fn a_client_disconnects(extra: &[&str]) {
     for c in others {
         assert_eq!(c.join().unwrap().unwrap(), expected);
     }
+    std::thread::sleep(Duration::from_millis(300));
+    let fds = server.open_fds();
     let v = server.stop();
     assert_eq!(v["clients_done"], 2, "{v}");
     assert_eq!(v["clients_lost"], 1, "{v}");
     assert_eq!(v["buffers_free"], v["buffers_total"], "{v}");
+    assert_lease_and_no_leak(&v, lease_of(extra), fds_before, fds);
 }
 
 #[test]
 fn a_file_that_shrinks_while_served_ends_the_round_with_identical_copies() {
-    a_file_shrinks(&[]);
+    a_file_shrinks(&["--lease", "memory"]);
 }
 
 #[test]
 fn on_the_async_layer_a_file_that_shrinks_while_served_ends_the_round_with_identical_copies() {
-    a_file_shrinks(&["--rt"]);
+    a_file_shrinks(&["--rt", "--lease", "memory"]);
+}
+
+#[test]
+fn with_pages_leases_a_file_that_shrinks_while_served_ends_the_round_with_identical_copies() {
+    a_file_shrinks(&["--lease", "pages"]);
+}
+
+#[test]
+fn on_the_async_layer_with_pages_leases_a_file_that_shrinks_ends_the_round_with_identical_copies() {
+    a_file_shrinks(&["--rt", "--lease", "pages"]);
 }
 
 fn a_file_shrinks(extra: &[&str]) {
@@ -240,16 +329,29 @@ fn a_file_shrinks(extra: &[&str]) {
     let v = server.stop();
     assert_eq!(v["clients_done"], 2, "{v}");
     assert_eq!(v["buffers_free"], v["buffers_total"], "{v}");
+    assert_eq!(v["lease"], lease_of(extra), "{v}");
+    assert_eq!(v["pipes_in_use"], 0, "{v}");
 }
 
 #[test]
 fn a_laggard_is_dropped_and_memory_stays_bounded() {
-    a_laggard_is_dropped(&[]);
+    a_laggard_is_dropped(&["--lease", "memory"]);
 }
 
 #[test]
 fn on_the_async_layer_a_laggard_is_dropped_and_memory_stays_bounded() {
-    a_laggard_is_dropped(&["--rt"]);
+    a_laggard_is_dropped(&["--rt", "--lease", "memory"]);
+}
+
+/// Issue 16: a pipe that fills (a client that never reads) under the laggard rule.
+#[test]
+fn with_pages_leases_a_laggard_is_dropped_and_pipes_stay_bounded() {
+    a_laggard_is_dropped(&["--lease", "pages"]);
+}
+
+#[test]
+fn on_the_async_layer_with_pages_leases_a_laggard_is_dropped_and_pipes_stay_bounded() {
+    a_laggard_is_dropped(&["--rt", "--lease", "pages"]);
 }
 
 fn a_laggard_is_dropped(extra: &[&str]) {
@@ -300,6 +402,12 @@ fn a_laggard_is_dropped(extra: &[&str]) {
     assert_eq!(v["laggards"], 1, "{v}");
     assert!(v["peak_in_flight"].as_u64().unwrap() <= 2, "{v}");
     assert_eq!(v["buffers_free"], v["buffers_total"], "{v}");
+    assert_eq!(v["lease"], lease_of(extra), "{v}");
+    assert_eq!(v["pipes_in_use"], 0, "{v}");
+    if lease_of(extra) == "pages" {
+        // 2 chunks in flight, a group pipe and 3 member pipes each.
+        assert!(v["pipes_made"].as_u64().unwrap() <= 8, "{v}");
+    }
 }
 
 /// Runs `ringpool fanout --file PATH` (with `extra`), which must fail at start: its exit status
@@ -379,6 +487,116 @@ fn non_regular_files_are_refused_at_start() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("missing") && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+/// The summary's lease line and the `stats` line of a server started with `extra` that served
+/// one client a small file.
+fn lease_report(extra: &[&str]) -> (String, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_file(dir.path(), (3 << 20) + 5);
+    let expected = sum_of(&std::fs::read(&path).unwrap());
+    let mut server = fanout(&path, extra);
+    let addr = server.addr;
+    assert_eq!(receive(addr, None).unwrap(), expected, "{extra:?}");
+    assert!(server.running());
+    let out = server.stop_output();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("leases: "))
+        .unwrap_or_else(|| panic!("no `leases:` line in {out:?}"))
+        .to_string();
+    let stats = out.lines().find_map(|l| l.strip_prefix("stats ")).unwrap();
+    (line, serde_json::from_str(stats).unwrap())
+}
+
+/// Issue 16, item 3: `auto` (the default) picks pages where zero-copy send would copy: on
+/// loopback; the summary and the `stats` line say which kind and why, with the pipes' use.
+#[test]
+fn auto_picks_pages_on_loopback_and_says_so() {
+    for extra in [&[][..], &["--lease", "auto"][..], &["--rt"][..]] {
+        let (line, v) = lease_report(extra);
+        assert!(
+            line.starts_with(
+                "leases: pages (auto: zero-copy send would copy on the clients' \
+                              path (lo: loopback)); pipes: "
+            ),
+            "{extra:?}: {line}"
+        );
+        assert!(
+            line.contains(" in use, ") && line.contains(" would-block waits"),
+            "{line}"
+        );
+        assert_eq!(v["lease"], "pages", "{v}");
+        assert!(v["lease_why"].as_str().unwrap().contains("loopback"), "{v}");
+        assert!(v["pipes_made"].as_u64().unwrap() >= 2, "{v}");
+        assert_eq!(v["pipes_in_use"], 0, "{v}");
+        assert!(v["pipe_max"].as_u64().unwrap() >= 4096, "{v}");
+    }
+}
+
+/// The largest pipe (`/proc/sys/fs/pipe-max-size`).
+fn pipe_max() -> usize {
+    std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `auto` picks memory where pages cannot serve: a chunk larger than the largest pipe; asked
+/// for explicitly, pages then fail at start with the flag and the reason named. `--lease
+/// memory` is memory, whatever the path.
+#[test]
+fn auto_picks_memory_where_a_chunk_does_not_fit_a_pipe_and_memory_when_asked() {
+    let chunk = (pipe_max() * 2).to_string();
+    let (line, v) = lease_report(&["--chunk", &chunk]);
+    assert!(
+        line.starts_with("leases: memory (auto: pages cannot serve here (a chunk of "),
+        "{line}"
+    );
+    assert!(line.contains("pipe-max-size"), "{line}");
+    assert_eq!(v["lease"], "memory", "{v}");
+    assert_eq!(v["pipes_made"], 0, "{v}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_file(dir.path(), 4096);
+    let (status, err) = fails_at_start(&path, &["--lease", "pages", "--chunk", &chunk]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--lease pages: a chunk of") && err.contains("pipe-max-size"),
+        "{err}"
+    );
+
+    for extra in [
+        &["--lease", "memory"][..],
+        &["--rt", "--lease", "memory"][..],
+    ] {
+        let (line, v) = lease_report(extra);
+        assert!(line.starts_with("leases: memory (asked for (--lease memory)); pipes: 0 made"));
+        assert_eq!(v["lease"], "memory", "{v}");
+        assert_eq!(v["pipes_made"], 0, "{v}");
+    }
+}
+
+/// A bad `--lease` value is refused at start, naming the flag, the value and the choices.
+#[test]
+fn a_bad_lease_value_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_file(dir.path(), 4096);
+    let (status, err) = fails_at_start(&path, &["--lease", "pipes"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("invalid value 'pipes' for '--lease <LEASE>'")
+            && err.contains("[possible values: pages, memory, auto]"),
+        "{err}"
+    );
+    // The baseline reads per client: a lease kind makes no sense with it.
+    let (status, err) = fails_at_start(&path, &["--lease", "pages", "--read-per-client"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--lease") && err.contains("--read-per-client"),
         "{err}"
     );
 }

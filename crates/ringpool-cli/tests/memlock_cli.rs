@@ -1,6 +1,8 @@
 //! Issue 18, item 6: as an ordinary user (uid 65534, memlock 8 MiB here) the servers fall back
 //! to plain memory where their registered memory does not fit, instead of resetting clients
-//! for our own shortage: `fanout`'s default 8 × 1 MiB chunks, `proxy --zerocopy on`.
+//! for our own shortage: `fanout --lease memory`'s default 8 × 1 MiB chunks, `proxy --zerocopy
+//! on`. `fanout`'s default lease (`auto`: pages on loopback) needs no registered memory, and
+//! picks memory where the user's pipe budget cannot hold the pipes.
 //! Needs root (to drop to uid 65534); skipped visibly otherwise.
 
 mod common;
@@ -35,7 +37,10 @@ fn fanout_as_an_ordinary_user_serves_from_plain_memory() {
         .map(|i: usize| (i * 31 % 251) as u8)
         .collect();
     std::fs::write(&path, &data).unwrap();
-    for extra in [&[][..], &["--rt"][..]] {
+    for extra in [
+        &["--lease", "memory"][..],
+        &["--rt", "--lease", "memory"][..],
+    ] {
         let mut args = vec![
             "fanout",
             "--listen",
@@ -68,6 +73,49 @@ fn fanout_as_an_ordinary_user_serves_from_plain_memory() {
         assert_eq!(v["clients_done"], 1, "{v}");
         assert_eq!(v["clients_lost"], 0, "{v}");
     }
+}
+
+/// Issue 16: as an ordinary user, `auto` serves one client from pages (nothing to register),
+/// and 16 clients × 8 chunks in flight (136 pipes of 1 MiB, past the 64 MiB pipe-user-pages-soft
+/// budget) from memory, saying why.
+#[test]
+fn fanout_auto_as_an_ordinary_user_fits_the_pipe_budget() {
+    if !can_drop_to_nobody() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("served.bin");
+    let data: Vec<u8> = (0..(5 << 20)).map(|i: usize| (i * 7 % 253) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let file = path.to_str().unwrap();
+    let args = ["fanout", "--listen", "127.0.0.1:0", "--file", file];
+    let server = Server::start_wrapped(NOBODY, &args);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert!(got == data, "{} bytes of {}", got.len(), data.len());
+    let v = server.stop();
+    assert_eq!(v["lease"], "pages", "{v}");
+    assert_eq!(v["clients_done"], 1, "{v}");
+
+    let soft: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    if soft == 0 || soft * 4096 >= 136 << 20 {
+        eprintln!("skipped: pipe-user-pages-soft {soft} holds 136 pipes of 1 MiB");
+        return;
+    }
+    let many = ["--clients", "16", "--in-flight", "8"];
+    let server = Server::start_wrapped(NOBODY, &[&args[..], &many[..]].concat());
+    std::thread::sleep(Duration::from_millis(200));
+    let err = server.stderr.lock().unwrap().clone();
+    let v = server.stop();
+    assert_eq!(v["lease"], "memory", "{v}");
+    assert!(err.contains("pipe-user-pages-soft"), "{err}");
 }
 
 #[test]

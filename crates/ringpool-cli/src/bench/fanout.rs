@@ -1,6 +1,12 @@
 //! Workload `fanout`: one file to 16 clients at once. The CPU a file server spends per GB it
 //! delivers, and the aggregate GB/s, for `ringpool fanout` (each chunk read once per round and
-//! leased to all 16 clients' sends) against two baselines in the same run:
+//! leased to all 16 clients' sends) on both kinds of lease, against two baselines in the same
+//! run:
+//!
+//! - **fanout** (`--lease memory`): each chunk read into a registered buffer, sent from it to
+//!   every client (zero-copy where the policy says it pays: not on loopback, which copies);
+//! - **fanout-pages** (`--lease pages`, what `auto` picks on loopback): each chunk's page-cache
+//!   pages spliced into a pipe once, teed to every client's pipe and spliced to its socket;
 //!
 //! - **read-per-client**: the same server code path reading the file once per client (the
 //!   hidden `ringpool fanout --read-per-client`: each client its own `READ_FIXED` chunk reads
@@ -8,8 +14,9 @@
 //! - **sendfile**: the hidden `ringpool sendfile-server`, `sendfile(2)` per client from the page
 //!   cache straight into the socket (one thread, non-blocking sockets and `poll(2)`).
 //!
-//! The issue's target: the fanout server's CPU per GB ≤ 0.67× the read-per-client server's;
-//! the ratio to `sendfile` is reported as it is.
+//! The targets: the memory-lease server's CPU per GB ≤ 0.67× the read-per-client server's
+//! (issue 4); the pages-lease server's ≤ 1.0× `sendfile`'s and ≤ 0.5× read-per-client's
+//! (issue 16). The pages / memory ratio (the measurement behind `--lease auto`) is reported.
 //!
 //! With `RINGPOOL_BENCH_FANOUT_RT=1`, a fourth server joins the rotation: **fanout-rt**, the
 //! same fanout server on the async layer (`ringpool fanout --rt`), with two more pairs of rows,
@@ -19,15 +26,15 @@
 //! Setup, once per run: a test file of 64 MiB (16 MiB with `--quick`) in a scratch directory on
 //! a disk filesystem (`./target`, else the system temp dir, as the `file` workload picks it),
 //! every 8-byte word a function of its position; then read back whole, which puts it in the page
-//! cache and gives the checksum every client's copy must match. All three servers read the page
+//! cache and gives the checksum every client's copy must match. All the servers read the page
 //! cache: the fair comparison for a fan-out (a disk would make the read-once side look better
 //! still).
 //!
 //! Each server is a child process of this executable, started once and kept for the whole
 //! workload (setup costs, such as registering buffers, stay out of the measurements), with
 //! 1 MiB chunks and 8 in flight (per client on the read-per-client side). After one unmeasured
-//! warm-up round each, rounds go to the three servers in rotating order (round `r` starts with
-//! server `r mod 3`): 9 rounds per server (3 with `--quick`, whatever the bench's general
+//! warm-up round each, rounds go to the four servers in rotating order (round `r` starts with
+//! server `r mod 4`): 9 rounds per server (3 with `--quick`, whatever the bench's general
 //! round count says).
 //!
 //! One round: 16 client threads in this process connect, read to EOF and checksum their copy
@@ -36,10 +43,10 @@
 //! system of all its threads, io_uring workers included: its process CPU-time clock, as the
 //! `proxy` workload reads it; on loopback the kernel's receive path for what the server sends
 //! mostly runs in the sender's context, so it is charged to the server, the same way for all
-//! three) and the wall time. CPU s/GB = server CPU / (16 × file size), GB/s = 16 × file size /
-//! wall time (10^9 bytes). Medians per server over the rounds; the ratios fanout /
-//! read-per-client and fanout / sendfile, and per round the same ratios of runs that are
-//! adjacent in time (which cancels the VM's slow drift).
+//! of them) and the wall time. CPU s/GB = server CPU / (16 × file size), GB/s = 16 × file size /
+//! wall time (10^9 bytes). Medians per server over the rounds; the ratios of each fanout side
+//! to read-per-client and to sendfile, pages / memory, and per round the same ratios of runs
+//! that are adjacent in time (which cancels the VM's slow drift).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -48,7 +55,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::progress::Progress;
-use super::report::{median, Bound, Metric, Target, Unit, WorkloadReport, LEASES};
+use super::report::{median, Bound, Metric, Target, Unit, WorkloadReport, LEASES, PAGE_LEASES};
 use super::server::Server;
 use super::sys::{fs_kind, fs_magic, ProcessClock};
 use super::{sys, BenchResult, Options, WorkloadDef};
@@ -82,8 +89,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const PIECE: usize = 1 << 20;
 /// Bytes written to the test file per `write`.
 const WRITE_CHUNK: usize = 1 << 20;
-/// The issue's bound on fanout / read-per-client CPU per GB.
+/// Issue 4's bound on fanout (memory leases) / read-per-client CPU per GB.
 const TARGET: f64 = 0.67;
+/// Issue 16's bound on fanout (pages leases) / sendfile CPU per GB.
+const PAGES_VS_SENDFILE: f64 = 1.0;
+/// Issue 16's bound on fanout (pages leases) / read-per-client CPU per GB.
+const PAGES_VS_READ_PER_CLIENT: f64 = 0.5;
 /// Environment variable that adds the `--rt` fanout server to the rotation when set to `1`.
 const RT_VAR: &str = "RINGPOOL_BENCH_FANOUT_RT";
 
@@ -92,8 +103,11 @@ const _: () = assert!(PIECE % 32 == 0 && WRITE_CHUNK % 8 == 0);
 /// The servers under test.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
-    /// `ringpool fanout`: each chunk read once, leased to every client's send.
+    /// `ringpool fanout --lease memory`: each chunk read once into memory, leased to every
+    /// client's send.
     Fanout,
+    /// `ringpool fanout --lease pages`: each chunk's pages spliced once, teed to every client.
+    FanoutPages,
     /// `ringpool fanout --read-per-client`: the same machinery, each client its own reads.
     ReadPerClient,
     /// `ringpool sendfile-server`: `sendfile(2)` per client.
@@ -104,7 +118,12 @@ enum Kind {
 
 impl Kind {
     /// Every server of the default run, in the order of the first round.
-    const ALL: [Kind; 3] = [Kind::Fanout, Kind::ReadPerClient, Kind::Sendfile];
+    const ALL: [Kind; 4] = [
+        Kind::Fanout,
+        Kind::FanoutPages,
+        Kind::ReadPerClient,
+        Kind::Sendfile,
+    ];
 
     /// The servers of this run: [`Kind::ALL`], and [`Kind::FanoutRt`] when [`RT_VAR`] is `1`.
     fn this_run() -> Vec<Kind> {
@@ -119,6 +138,7 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::Fanout => "fanout",
+            Kind::FanoutPages => "fanout-pages",
             Kind::ReadPerClient => "read-per-client",
             Kind::Sendfile => "sendfile",
             Kind::FanoutRt => "fanout-rt",
@@ -130,7 +150,9 @@ impl Kind {
         let file = file.display().to_string();
         let clients = CLIENTS.to_string();
         let mut args: Vec<String> = match self {
-            Kind::Fanout | Kind::ReadPerClient | Kind::FanoutRt => vec!["fanout".into()],
+            Kind::Fanout | Kind::FanoutPages | Kind::ReadPerClient | Kind::FanoutRt => {
+                vec!["fanout".into()]
+            }
             Kind::Sendfile => vec!["sendfile-server".into()],
         };
         args.extend(
@@ -148,11 +170,14 @@ impl Kind {
             let (chunk, in_flight) = (CHUNK.to_string(), IN_FLIGHT.to_string());
             args.extend(["--chunk", &chunk, "--in-flight", &in_flight].map(String::from));
         }
-        match self {
-            Kind::ReadPerClient => args.push("--read-per-client".into()),
-            Kind::FanoutRt => args.push("--rt".into()),
-            Kind::Fanout | Kind::Sendfile => {}
-        }
+        let extra: &[&str] = match self {
+            Kind::ReadPerClient => &["--read-per-client"],
+            Kind::FanoutRt => &["--rt", "--lease", "memory"],
+            Kind::Fanout => &["--lease", "memory"],
+            Kind::FanoutPages => &["--lease", "pages"],
+            Kind::Sendfile => &[],
+        };
+        args.extend(extra.iter().map(|a| a.to_string()));
         args
     }
 }
@@ -295,7 +320,7 @@ struct Child {
     clock: ProcessClock,
 }
 
-/// Runs the workload: setup, the three servers, a warm-up each, then the rounds.
+/// Runs the workload: setup, the servers, a warm-up each, then the rounds.
 fn run(opts: &Options) -> BenchResult<WorkloadReport> {
     let (file_bytes, rounds) = if opts.quick {
         (QUICK_FILE_BYTES, QUICK_ROUNDS)
@@ -585,23 +610,47 @@ struct Versus {
     rate_label: &'static str,
 }
 
-/// The two comparisons, fanout against each baseline.
-const VERSUS: [Versus; 2] = [
+/// The comparisons: each kind of lease against each baseline, and pages against memory.
+const VERSUS: [Versus; 5] = [
     Versus {
         kind: Kind::Fanout,
         other: Kind::ReadPerClient,
         cpu_key: "cpu_s_per_gb_vs_read_per_client",
-        cpu_label: "server CPU/GB, vs read-per-client",
+        cpu_label: "memory leases: server CPU/GB, vs read-per-client",
         rate_key: "gb_per_sec_vs_read_per_client",
-        rate_label: "GB/s, vs read-per-client",
+        rate_label: "memory leases: GB/s, vs read-per-client",
     },
     Versus {
         kind: Kind::Fanout,
         other: Kind::Sendfile,
         cpu_key: "cpu_s_per_gb_vs_sendfile",
-        cpu_label: "server CPU/GB, vs sendfile",
+        cpu_label: "memory leases: server CPU/GB, vs sendfile",
         rate_key: "gb_per_sec_vs_sendfile",
-        rate_label: "GB/s, vs sendfile",
+        rate_label: "memory leases: GB/s, vs sendfile",
+    },
+    Versus {
+        kind: Kind::FanoutPages,
+        other: Kind::ReadPerClient,
+        cpu_key: "cpu_s_per_gb_pages_vs_read_per_client",
+        cpu_label: "pages leases: server CPU/GB, vs read-per-client",
+        rate_key: "gb_per_sec_pages_vs_read_per_client",
+        rate_label: "pages leases: GB/s, vs read-per-client",
+    },
+    Versus {
+        kind: Kind::FanoutPages,
+        other: Kind::Sendfile,
+        cpu_key: "cpu_s_per_gb_pages_vs_sendfile",
+        cpu_label: "pages leases: server CPU/GB, vs sendfile",
+        rate_key: "gb_per_sec_pages_vs_sendfile",
+        rate_label: "pages leases: GB/s, vs sendfile",
+    },
+    Versus {
+        kind: Kind::FanoutPages,
+        other: Kind::Fanout,
+        cpu_key: "cpu_s_per_gb_pages_vs_memory",
+        cpu_label: "pages leases: server CPU/GB, vs memory leases",
+        rate_key: "gb_per_sec_pages_vs_memory",
+        rate_label: "pages leases: GB/s, vs memory leases",
     },
 ];
 
@@ -619,9 +668,9 @@ const VERSUS_RT: [Versus; 2] = [
         kind: Kind::FanoutRt,
         other: Kind::Fanout,
         cpu_key: "cpu_s_per_gb_rt_vs_event_loop",
-        cpu_label: "fanout --rt: server CPU/GB, vs the event loop",
+        cpu_label: "fanout --rt: server CPU/GB, vs the event loop (memory leases)",
         rate_key: "gb_per_sec_rt_vs_event_loop",
-        rate_label: "fanout --rt: GB/s, vs the event loop",
+        rate_label: "fanout --rt: GB/s, vs the event loop (memory leases)",
     },
 ];
 
@@ -635,10 +684,12 @@ fn comparisons(runs: &[Run]) -> Vec<&'static Versus> {
 }
 
 const BASELINE: &str = "`ringpool` column = `ringpool fanout` (each chunk read once, leased to \
-                        all 16 sends); `baseline` column = the same server reading the file once \
-                        per client (`--read-per-client`), or `sendfile(2)` per client (one \
-                        thread, poll); CPU = the server process's user + system time per GB \
-                        delivered (16 copies of the file)";
+                        all 16 sends) on memory leases (`--lease memory`: a registered buffer) \
+                        or pages leases (`--lease pages`: page-cache pages spliced through \
+                        pipes); `baseline` column = the same server reading the file once per \
+                        client (`--read-per-client`), `sendfile(2)` per client (one thread, \
+                        poll), or, for pages, the memory-lease server; CPU = the server \
+                        process's user + system time per GB delivered (16 copies of the file)";
 
 /// Medians per server, fanout against each baseline.
 fn summarize(
@@ -682,19 +733,30 @@ fn summarize(
         baseline: BASELINE,
         verified: !runs.is_empty() && runs.iter().all(Run::verified),
         rounds,
-        targets: vec![Target::on(
-            &metrics,
-            VERSUS[0].cpu_key,
-            Bound::AtMost(TARGET),
-            LEASES,
-        )],
+        targets: vec![
+            Target::on(&metrics, VERSUS[0].cpu_key, Bound::AtMost(TARGET), LEASES),
+            Target::on(
+                &metrics,
+                VERSUS[3].cpu_key,
+                Bound::AtMost(PAGES_VS_SENDFILE),
+                PAGE_LEASES,
+            ),
+            Target::on(
+                &metrics,
+                VERSUS[2].cpu_key,
+                Bound::AtMost(PAGES_VS_READ_PER_CLIENT),
+                PAGE_LEASES,
+            ),
+        ],
         metrics,
         raw_rounds,
         notes: notes(runs, setup, servers),
         details: vec![
-            "kernel entries = `io_uring_enter` calls, operations submitted = SQEs; sendfile \
-             server: `sendfile(2)` on non-blocking sockets, `poll(2)` on `EAGAIN`; CPU = \
-             the server process's CPU-time clock (`clock_getcpuclockid`)"
+            "kernel entries = `io_uring_enter` calls, operations submitted = SQEs; pages \
+             leases: `IORING_OP_SPLICE` file → pipe, `IORING_OP_TEE` pipe → each client's \
+             pipe, `IORING_OP_SPLICE` pipe → socket, would-block waits = `EAGAIN` turned \
+             into a poll; sendfile server: `sendfile(2)` on non-blocking sockets, `poll(2)` on \
+             `EAGAIN`; CPU = the server process's CPU-time clock (`clock_getcpuclockid`)"
                 .into(),
         ],
     }
@@ -773,6 +835,14 @@ fn per_gb_keys(kind: Kind) -> &'static [(&'static str, &'static str)] {
             ("sendfile_calls", "sendfile calls"),
             ("eagain", "would-block returns"),
             ("polls", "polls"),
+        ],
+        Kind::FanoutPages => &[
+            ("chunks_read", "chunk reads"),
+            ("enters", "kernel entries"),
+            ("sqes", "operations submitted"),
+            ("pipes_made", "pipes made"),
+            ("pipes_reused", "pipes reused"),
+            ("eagain_polls", "would-block waits"),
         ],
         _ => &[
             ("chunks_read", "chunk reads"),
@@ -879,7 +949,13 @@ mod tests {
         let p = Path::new("/f");
         assert_eq!(
             Kind::Fanout.args(p).join(" "),
-            "fanout --file /f --listen 127.0.0.1:0 --clients 16 --chunk 1048576 --in-flight 8"
+            "fanout --file /f --listen 127.0.0.1:0 --clients 16 --chunk 1048576 --in-flight 8 \
+             --lease memory"
+        );
+        assert_eq!(
+            Kind::FanoutPages.args(p).join(" "),
+            "fanout --file /f --listen 127.0.0.1:0 --clients 16 --chunk 1048576 --in-flight 8 \
+             --lease pages"
         );
         assert!(Kind::ReadPerClient
             .args(p)
@@ -887,7 +963,8 @@ mod tests {
             .ends_with(" --read-per-client"));
         assert_eq!(
             Kind::FanoutRt.args(p).join(" "),
-            "fanout --file /f --listen 127.0.0.1:0 --clients 16 --chunk 1048576 --in-flight 8 --rt"
+            "fanout --file /f --listen 127.0.0.1:0 --clients 16 --chunk 1048576 --in-flight 8 \
+             --rt --lease memory"
         );
         assert_eq!(
             Kind::Sendfile.args(p).join(" "),

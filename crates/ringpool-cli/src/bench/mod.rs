@@ -6,8 +6,9 @@
 //! this executable, drives the load from this process, and verifies every byte it gets back.
 //! `send` runs its four variants in threads of this process instead (sender and receiver per
 //! connection), and compares each with ringpool's plain send. `proxy` runs the proxy under test
-//! as the child, with the load generator and the upstream in this process. `fanout` runs three
-//! file servers as children (ringpool's and two baselines) and compares ringpool's with each.
+//! as the child, with the load generator and the upstream in this process. `fanout` runs four
+//! file servers as children (ringpool's on memory and on pages leases, and two baselines) and
+//! compares ringpool's with each.
 //!
 //! While a workload runs, [`progress`] shows a bar on a terminal (its per-run lines elsewhere).
 //! After the run, the results go to stdout (tables, or JSON with `--json`) and to a

@@ -112,6 +112,11 @@ pub const LEASES: Source = Source {
     issue: 4,
     about: "leased buffers, fanout",
 };
+/// Kernel-page (pipe-backed) leases: `fanout --lease pages`.
+pub const PAGE_LEASES: Source = Source {
+    issue: 16,
+    about: "kernel-page leases",
+};
 /// Registered buffers and `ringpool proxy`.
 pub const REGISTERED: Source = Source {
     issue: 7,

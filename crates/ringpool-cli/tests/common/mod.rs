@@ -123,20 +123,24 @@ impl Server {
     }
 
     /// Stops the server with SIGINT and returns its final `stats` line.
-    pub fn stop(mut self) -> serde_json::Value {
-        // SAFETY: kill sends a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "server exited with {status}");
-        let out = self
-            .rest
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the server's output");
+    pub fn stop(self) -> serde_json::Value {
+        let out = self.stop_output();
         let stats = out
             .lines()
             .find_map(|l| l.strip_prefix("stats "))
             .unwrap_or_else(|| panic!("no stats in {out:?}"));
         serde_json::from_str(stats).unwrap()
+    }
+
+    /// Stops the server with SIGINT and returns the rest of its stdout (after the first line).
+    pub fn stop_output(mut self) -> String {
+        // SAFETY: kill sends a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "server exited with {status}");
+        self.rest
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the server's output")
     }
 }
 

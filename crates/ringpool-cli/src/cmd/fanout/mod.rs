@@ -1,14 +1,18 @@
 //! `ringpool fanout`: serves one file to every client, reading each chunk **once** and leasing
-//! it to all clients' sends at the same time (`Driver::lease_group`: zero-copy from registered
-//! memory where the policy says it pays, plain sends from the same memory otherwise).
+//! it to all clients' sends at the same time ([`Driver::lease`]). `--lease` picks the kind
+//! ([`lease`]): **pages** (the chunk's page-cache pages spliced into a pipe, teed to every
+//! client's pipe and spliced to its socket: no copy) or **memory** (the chunk read into a
+//! registered buffer, sent from it: zero-copy where the policy says it pays, plain sends from
+//! the same memory otherwise); `auto`, the default, picks pages where zero-copy send would
+//! copy (loopback, virtual devices and NICs) and memory elsewhere.
 //!
 //! Clients are served in rounds: a round starts when `--clients` clients are connected (those
 //! that connect during a round wait for the next one) and sends each of them the whole file,
 //! then half-closes their connections.
 //!
-//! **Memory is bounded** by `--in-flight` chunk buffers: a chunk is read only into a free
-//! buffer, and a buffer is free again only when every client's send of it is done (and its
-//! zero-copy notification is in). **A slow client cannot stall the others forever**: when every
+//! **Memory is bounded** by `--in-flight` chunk buffers (or, for pages, chunk pipes): a chunk
+//! is read only into a free buffer, and a buffer is free again only when every client's send of
+//! it is done (and its zero-copy notification is in). **A slow client cannot stall the others forever**: when every
 //! buffer is held and none came back for `--laggard-timeout` seconds, the clients that still
 //! hold the oldest chunk are disconnected (reset), which frees it; the others go on. Dropping
 //! the laggard (rather than waiting) keeps both memory and the other clients' progress bounded.
@@ -28,12 +32,15 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ringpool::{Driver, DriverConfig, Event, Fd, FixedBuf, Member, SendBuf};
+use ringpool::{Driver, DriverConfig, Event, Fd, FixedBuf, LeaseBacking, Member, SendBuf};
 
 use crate::net::{fits_memlock, log, set_backlog, set_nodelay, set_reset_on_close, Accept};
 use crate::signals;
 
+pub(crate) mod lease;
 pub(crate) mod rt;
+
+use lease::{Choice, LeaseArg, LeaseKind};
 
 /// Arguments of `ringpool fanout`.
 #[derive(clap::Args)]
@@ -65,6 +72,12 @@ pub struct Args {
     /// instead of the hand-written completion loop; same rounds, bound and laggard rule.
     #[arg(long, conflicts_with = "read_per_client")]
     rt: bool,
+    /// The kind of lease: `pages` (page-cache pages spliced to every client through pipes, never
+    /// copied), `memory` (each chunk read into a registered buffer and sent from it), or `auto`:
+    /// pages where zero-copy send would copy (loopback, virtual devices and NICs), memory where
+    /// zero-copy pays (a physical NIC) or pages cannot serve.
+    #[arg(long, value_enum, default_value_t = LeaseArg::Auto, conflicts_with = "read_per_client")]
+    lease: LeaseArg,
 }
 
 /// A count that must be at least 1 (a `clap` value parser).
@@ -148,14 +161,33 @@ struct Round {
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals::install();
     let file = open_regular(&args.file)?;
+    // The baseline reads per client into memory: no lease to choose.
+    let choice = if args.read_per_client {
+        None
+    } else {
+        let plan = lease::Plan {
+            listen: args.listen,
+            chunk: args.chunk,
+            in_flight: args.in_flight,
+            clients: args.clients,
+        };
+        let choice = lease::choose(args.lease, &plan)?;
+        log(format_args!(
+            "fanout: {} leases ({})",
+            choice.kind.label(),
+            choice.why
+        ));
+        Some(choice)
+    };
     let opts = Options {
         chunk: args.chunk,
         in_flight: args.in_flight,
         clients: args.clients,
         laggard_timeout: args.laggard_timeout,
+        lease: choice.as_ref().map_or(LeaseKind::Memory, |c| c.kind),
     };
-    let config = driver_config(&args);
-    let (summary, z, d) = if args.rt {
+    let config = driver_config(&args, opts.lease);
+    let (summary, z, d, p) = if args.rt {
         let listener = ringpool::rt::TcpListener::bind(args.listen)
             .map_err(|e| crate::net::listen_error(args.listen)(e.into()))?;
         let addr = listener.local_addr()?;
@@ -171,7 +203,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         run_event_loop(&args, file, &opts, config)?
     };
-    report(&args, &summary, &z, &d);
+    report(&args, choice.as_ref(), &summary, &z, &d, &p);
     Ok(())
 }
 
@@ -185,9 +217,13 @@ fn announce(addr: SocketAddr) -> std::io::Result<()> {
 
 /// The driver's configuration: registered chunk buffers and zero-copy sends both pin memory
 /// against RLIMIT_MEMLOCK: where the buffers do not fit it, fall back (once, at start) to
-/// plain memory and plain sends rather than fail sends (and drop clients) later.
-fn driver_config(args: &Args) -> DriverConfig {
+/// plain memory and plain sends rather than fail sends (and drop clients) later. Pages leases
+/// have no chunk buffers: nothing to check.
+fn driver_config(args: &Args, kind: LeaseKind) -> DriverConfig {
     let mut config = DriverConfig::default().entries(crate::cmd::probe::SERVER_RING_ENTRIES);
+    if kind == LeaseKind::Pages {
+        return config;
+    }
     let bytes = (args.chunk as u64).saturating_mul(args.in_flight as u64);
     if let Err(why) = fits_memlock(bytes, &format!("{} chunk buffers", args.in_flight)) {
         log(format_args!(
@@ -207,7 +243,7 @@ fn run_event_loop(
     file: std::fs::File,
     opts: &Options,
     config: DriverConfig,
-) -> Result<(Summary, ringpool::ZcStats, ringpool::DriverStats), Box<dyn std::error::Error>> {
+) -> Result<ServerStats, Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(args.listen).map_err(crate::net::listen_error(args.listen))?;
     set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
@@ -221,11 +257,32 @@ fn run_event_loop(
     } else {
         serve(&mut driver, file, listener, opts, stop)?
     };
-    Ok((summary, driver.zc_stats(), driver.stats()))
+    Ok((
+        summary,
+        driver.zc_stats(),
+        driver.stats(),
+        driver.pipe_stats(),
+    ))
 }
 
-/// Prints the final summary line and the `stats {json}` line (read by the bench and the tests).
-fn report(args: &Args, summary: &Summary, z: &ringpool::ZcStats, d: &ringpool::DriverStats) {
+/// What a server reports at stop: its summary and its driver's statistics.
+pub(crate) type ServerStats = (
+    Summary,
+    ringpool::ZcStats,
+    ringpool::DriverStats,
+    ringpool::PipeStats,
+);
+
+/// Prints the final summary lines and the `stats {json}` line (read by the bench and the
+/// tests): the lease kind and, for pages, how the pipes were used.
+fn report(
+    args: &Args,
+    choice: Option<&Choice>,
+    summary: &Summary,
+    z: &ringpool::ZcStats,
+    d: &ringpool::DriverStats,
+    p: &ringpool::PipeStats,
+) {
     println!(
         "stopped: {} rounds, {} clients served, {} lost ({} laggards), {} chunks read, {} bytes sent",
         summary.rounds,
@@ -235,6 +292,20 @@ fn report(args: &Args, summary: &Summary, z: &ringpool::ZcStats, d: &ringpool::D
         summary.chunks_read,
         summary.bytes_sent
     );
+    if let Some(c) = choice {
+        println!(
+            "leases: {} ({}); pipes: {} made, {} reused, {} in use, {} idle, {} closed, \
+             {} would-block waits",
+            c.kind.label(),
+            c.why,
+            p.made,
+            p.reused,
+            p.in_use,
+            p.idle,
+            p.closed,
+            p.eagain_polls
+        );
+    }
     let mut json = serde_json::json!({
         "rounds": summary.rounds, "clients_done": summary.clients_done,
         "clients_lost": summary.clients_lost, "laggards": summary.laggards,
@@ -251,6 +322,15 @@ fn report(args: &Args, summary: &Summary, z: &ringpool::ZcStats, d: &ringpool::D
     json["enters"] = d.enters.into();
     json["sqes"] = d.sqes.into();
     json["cqes"] = d.cqes.into();
+    json["lease"] = choice.map_or(serde_json::Value::Null, |c| c.kind.label().into());
+    json["lease_why"] = choice.map_or(serde_json::Value::Null, |c| c.why.clone().into());
+    json["pipes_made"] = p.made.into();
+    json["pipes_reused"] = p.reused.into();
+    json["pipes_in_use"] = (p.in_use as u64).into();
+    json["pipes_idle"] = (p.idle as u64).into();
+    json["pipes_closed"] = p.closed.into();
+    json["pipe_max"] = (p.max_pipe as u64).into();
+    json["eagain_polls"] = p.eagain_polls.into();
     json["mode"] = if args.read_per_client {
         "read-per-client"
     } else if args.rt {
@@ -268,6 +348,8 @@ pub struct Options {
     pub in_flight: usize,
     pub clients: usize,
     pub laggard_timeout: Duration,
+    /// The kind of lease each chunk goes out on.
+    pub lease: LeaseKind,
 }
 
 /// Serves `file` to the clients of `listener`, round after round, until `stop()` says so.
@@ -278,8 +360,8 @@ pub fn serve(
     opts: &Options,
     stop: impl Fn() -> bool,
 ) -> ringpool::Result<Summary> {
-    let free: Vec<FixedBuf> = (0..opts.in_flight.max(1))
-        .map(|_| driver.fixed_buf_or_plain(opts.chunk))
+    let free: Vec<LeaseBacking> = (0..opts.in_flight.max(1))
+        .map(|_| chunk_backing(opts, || driver.fixed_buf_or_plain(opts.chunk)))
         .collect::<ringpool::Result<_>>()?;
     let mut fanout = Fanout::new(&file, opts, free);
     let mut accept = Accept::new(driver, &listener, ACCEPT)?;
@@ -305,13 +387,24 @@ pub fn serve(
     Ok(summary)
 }
 
+/// A chunk's backing of `opts`' kind: pages of `opts.chunk` bytes, or a buffer from `buf`.
+pub(crate) fn chunk_backing(
+    opts: &Options,
+    buf: impl FnOnce() -> ringpool::Result<FixedBuf>,
+) -> ringpool::Result<LeaseBacking> {
+    Ok(match opts.lease {
+        LeaseKind::Pages => LeaseBacking::Pages { len: opts.chunk },
+        LeaseKind::Memory => LeaseBacking::Memory(buf()?),
+    })
+}
+
 /// [`serve`]'s state between completions.
 struct Fanout<'a> {
     file: &'a Fd,
     opts: &'a Options,
     summary: Summary,
-    /// Chunk buffers back from every lease, of `total_bufs`.
-    free: Vec<FixedBuf>,
+    /// Chunk buffers (for pages: chunk slots) back from every lease, of `total_bufs`.
+    free: Vec<LeaseBacking>,
     total_bufs: usize,
     /// Clients connected for the next round.
     waiting: Vec<Fd>,
@@ -321,7 +414,7 @@ struct Fanout<'a> {
 }
 
 impl<'a> Fanout<'a> {
-    fn new(file: &'a Fd, opts: &'a Options, free: Vec<FixedBuf>) -> Fanout<'a> {
+    fn new(file: &'a Fd, opts: &'a Options, free: Vec<LeaseBacking>) -> Fanout<'a> {
         Fanout {
             file,
             opts,
@@ -394,7 +487,13 @@ impl<'a> Fanout<'a> {
         match (c.token, c.event) {
             (_, Event::LeaseFilled { result, lease }) => self.filled(result, lease),
             (_, Event::LeaseReturned(buf)) => {
-                self.free.push(buf);
+                self.free.push(LeaseBacking::Memory(buf));
+                self.last_progress = Instant::now();
+            }
+            (_, Event::PagesReturned) => {
+                self.free.push(LeaseBacking::Pages {
+                    len: self.opts.chunk,
+                });
                 self.last_progress = Instant::now();
             }
             (i, Event::Sent { result, .. }) => self.sent(driver, i, c.more, result),
@@ -464,25 +563,30 @@ impl<'a> Fanout<'a> {
     }
 }
 
-/// Reads the round's next chunk into `buf` and lends it to every client that has a socket.
+/// Reads the round's next chunk into `backing` (a buffer, or a pipe's worth of pages) and lends
+/// it to every client that has a socket. Pages members splice (`send`: nothing to notify).
 fn lend_chunk(
     driver: &mut Driver,
     file: &Fd,
     r: &mut Round,
-    buf: FixedBuf,
+    backing: LeaseBacking,
 ) -> ringpool::Result<()> {
+    let member = match backing {
+        LeaseBacking::Pages { .. } => Member::send,
+        _ => Member::send_zc,
+    };
     let members = r
         .clients
         .iter()
         .enumerate()
-        .filter_map(|(i, c)| Some(Member::send_zc(c.fd.as_ref()?, i as u64)))
+        .filter_map(|(i, c)| Some(member(c.fd.as_ref()?, i as u64)))
         .collect::<Vec<_>>();
     for c in r.clients.iter_mut().filter(|c| c.fd.is_some()) {
         c.sends += 1;
         c.held += 1;
     }
     let offset = r.offset;
-    driver.lease_group(file, buf, offset, members, CHUNK_TAG | r.next_chunk)?;
+    driver.lease(file, backing, offset, members, CHUNK_TAG | r.next_chunk)?;
     r.reading = true;
     Ok(())
 }

@@ -4,12 +4,13 @@
 //!
 //! - An **accept task** queues new clients for the next round.
 //! - A **round task** starts a round when `--clients` clients wait, then reads chunk after
-//!   chunk, each into a free buffer ([`rt::lease_group`] with a zero-copy send member per live
-//!   client), awaiting each read before the next (so every client gets its chunks in order);
+//!   chunk, each into a free buffer or pipe ([`rt::lease`] with a send member per live client:
+//!   zero-copy from memory, or spliced pages, as `--lease` chose), awaiting each read before the next (so every client gets its chunks in order);
 //!   when no buffer is free it waits for one, and drops the clients that still hold the oldest
 //!   chunk once none came back for `--laggard-timeout`.
 //! - A **chunk task** per chunk awaits its members' results (a failed client is reset and its
-//!   other sends cancelled) and then the buffer, which goes back to the free list.
+//!   other sends cancelled) and then the group's end ([`LeaseGroup::done`]): the buffer (or, for
+//!   pages, the chunk's slot) goes back to the free list.
 //!
 //! The summary and `stats` line are the event loop's, with `"mode": "lease-rt"`.
 
@@ -21,9 +22,9 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use ringpool::rt::{self, File, LeaseGroup, LeaseMember, TcpListener, TcpStream};
-use ringpool::{DriverStats, FixedBuf, ZcStats};
+use ringpool::LeaseBacking;
 
-use crate::cmd::fanout::{Options, Summary};
+use crate::cmd::fanout::{chunk_backing, Options, ServerStats, Summary};
 use crate::net::{set_nodelay, set_reset_on_close};
 
 /// Serves `file` on `listener` on a runtime of its own until `stop()` says so; `announce` is
@@ -35,13 +36,13 @@ pub fn run(
     config: ringpool::DriverConfig,
     announce: impl FnOnce() -> std::io::Result<()>,
     stop: impl Fn() -> bool + 'static,
-) -> Result<(Summary, ZcStats, DriverStats), Box<dyn std::error::Error>> {
+) -> Result<ServerStats, Box<dyn std::error::Error>> {
     let out = rt::block_on_with(config, async move {
         announce()?;
         let raw = std::os::fd::AsRawFd::as_raw_fd(&file);
         let summary = serve(File::from(file), raw, listener, opts, stop).await?;
-        let stats = rt::with_driver(|d| (d.zc_stats(), d.stats()));
-        Ok::<_, Box<dyn std::error::Error>>((summary, stats.0, stats.1))
+        let (z, d, p) = rt::with_driver(|d| (d.zc_stats(), d.stats(), d.pipe_stats()));
+        Ok::<_, Box<dyn std::error::Error>>((summary, z, d, p))
     })??;
     Ok(out)
 }
@@ -81,7 +82,8 @@ impl Notify {
 struct Server {
     opts: Options,
     summary: RefCell<Summary>,
-    free: RefCell<Vec<FixedBuf>>,
+    /// Chunk buffers (for pages: chunk slots) back from every lease.
+    free: RefCell<Vec<LeaseBacking>>,
     total_bufs: usize,
     /// Clients connected since the current round started.
     waiting: RefCell<Vec<TcpStream>>,
@@ -142,7 +144,7 @@ pub async fn serve(
     stop: impl Fn() -> bool,
 ) -> ringpool::Result<Summary> {
     let free = (0..opts.in_flight.max(1))
-        .map(|_| rt::fixed_buf(opts.chunk))
+        .map(|_| chunk_backing(&opts, || rt::fixed_buf(opts.chunk)))
         .collect::<ringpool::Result<Vec<_>>>()?;
     let server = Rc::new(Server {
         opts,
@@ -248,23 +250,28 @@ async fn round(file: &File, server: &Rc<Server>, clients: Vec<Client>) -> ringpo
     Ok(())
 }
 
-/// Starts the read of the chunk at `offset` into `buf`, leased to every client of the round
-/// that has a socket; the chunk joins the round's.
+/// Starts the read of the chunk at `offset` into `backing` (a buffer, or a pipe's worth of
+/// pages), leased to every client of the round that has a socket; the chunk joins the round's.
 fn lend_chunk(
     file: &File,
     server: &Server,
     round: &Round,
-    buf: FixedBuf,
+    backing: LeaseBacking,
     offset: u64,
 ) -> ringpool::Result<Rc<Chunk>> {
+    // Pages members splice: nothing to notify, so a plain send member.
+    let member = match backing {
+        LeaseBacking::Pages { .. } => LeaseMember::send,
+        _ => LeaseMember::send_zc,
+    };
     let (members, indices): (Vec<LeaseMember>, Vec<usize>) = round
         .clients
         .borrow()
         .iter()
         .enumerate()
-        .filter_map(|(i, c)| Some((LeaseMember::send_zc(c.stream.as_ref()?), i)))
+        .filter_map(|(i, c)| Some((member(c.stream.as_ref()?), i)))
         .unzip();
-    let group = rt::lease_group(file, buf, offset, members)?;
+    let group = rt::lease(file, backing, offset, members)?;
     {
         let mut s = server.summary.borrow_mut();
         let held = server.total_bufs - server.free.borrow().len();
@@ -290,7 +297,7 @@ fn half_close(server: &Server, round: &Round) {
 }
 
 /// Takes a chunk's member results (a client whose send failed is dropped), then gives its
-/// buffer back.
+/// buffer (or chunk slot) back.
 async fn finish_chunk(chunk: Rc<Chunk>, round: Rc<Round>, server: Rc<Server>) {
     for (member, &client) in chunk.clients.iter().enumerate() {
         match chunk.group.member(member).await {
@@ -298,9 +305,14 @@ async fn finish_chunk(chunk: Rc<Chunk>, round: Rc<Round>, server: Rc<Server>) {
             Err(_) => round.drop_client(client, false, &server.summary),
         }
     }
-    let buf = chunk.group.returned().await;
+    let backing = match chunk.group.done().await {
+        Some(buf) => LeaseBacking::Memory(buf),
+        None => LeaseBacking::Pages {
+            len: server.opts.chunk,
+        },
+    };
     round.chunks.borrow_mut().retain(|c| !Rc::ptr_eq(c, &chunk));
-    server.free.borrow_mut().push(buf);
+    server.free.borrow_mut().push(backing);
     server.last_progress.set(Instant::now());
     server.changed.notify();
 }
