@@ -120,6 +120,20 @@ impl Source {
         }
     }
 
+    /// (total, in_kernel, in_user) buffers.
+    pub fn counts(&self) -> (u32, u32, u32) {
+        match self {
+            Source::Group(g) => {
+                let s = g.stats();
+                (s.total, s.in_kernel, s.in_user)
+            }
+            Source::Zcrx(a) => {
+                let s = a.stats();
+                (s.total, s.in_kernel, s.in_user)
+            }
+        }
+    }
+
     /// The statistics line printed at stop, and the fields for the `stats {json}` line.
     pub fn report(&self) -> (String, serde_json::Value) {
         match self {

@@ -102,7 +102,60 @@ fn sixty_four_mib_each_way_through_the_async_layer_proxy() {
 
 #[test]
 fn sixty_four_mib_each_way_at_once_with_the_adaptive_policy() {
-    both_directions("auto", "");
+    let v = both_directions_with("auto", "", &["--recv", "groups"]);
+    assert_eq!(v["recv"], "groups", "{v}");
+}
+
+/// Whether this kernel and process can register a device-less zero-copy receive area.
+fn zcrx_here() -> bool {
+    ringpool::Features::get().zcrx_device_less == ringpool::ZcrxProbe::Works
+}
+
+#[test]
+fn the_proxy_receives_through_zcrx_where_the_kernel_can_and_says_why_where_it_cannot() {
+    // The default (`auto`) takes a zero-copy receive area where it can, else the group.
+    let v = both_directions("auto", "");
+    assert_eq!(
+        v["recv"],
+        if zcrx_here() { "zcrx" } else { "groups" },
+        "{v}"
+    );
+    if zcrx_here() {
+        let v = both_directions_with("auto", "", &["--recv", "zcrx"]);
+        assert_eq!(v["recv"], "zcrx", "{v}");
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+            "--recv",
+            "zcrx",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("zero-copy receive is not available"), "{err}");
+    eprintln!("skipped: zcrx proxy not possible here; the refusal reads: {err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+            "--rt",
+            "--recv",
+            "zcrx",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--rt"), "{err}");
 }
 
 #[test]

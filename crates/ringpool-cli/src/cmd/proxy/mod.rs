@@ -33,13 +33,15 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use ringpool::{
-    BufGroupConfig, Driver, DriverConfig, Event, Fd, RecvMode, Registration, ZcConfig, ZcMode,
+    BufChain, BufGroupConfig, Driver, DriverConfig, Event, Fd, OpId, RecvMode, Registration,
+    SendBuf, ZcConfig, ZcMode, ZcrxBuf,
 };
 
 use crate::net::{
     abort_connection, group_error, listen_error, log, nofile_limit, peer_left, set_backlog,
     set_nodelay, Accept, ConnectTimeoutLog, CONNECT_WATCH,
 };
+use crate::recv::{RecvChoice, Source};
 use crate::signals;
 
 pub(crate) mod rt;
@@ -74,6 +76,13 @@ pub struct Args {
     /// (see `rt.rs` beside this file).
     #[arg(long)]
     pub(crate) rt: bool,
+    /// Where received bytes land: `groups` (the shared group or registered region), `zcrx`
+    /// (a device-less zero-copy receive area of --bufs x --buf-size bytes in 4 KiB buffers:
+    /// Linux 7.1+, CAP_NET_ADMIN), `zcrx=IFNAME:QUEUE` (an area fed by that NIC queue), or
+    /// `auto` (zcrx where the kernel and this process can, else groups). The event loop
+    /// only; --rt receives through groups.
+    #[arg(long, default_value = "auto", value_parser = crate::recv::parse_recv)]
+    pub(crate) recv: RecvChoice,
 }
 
 const ACCEPT: u64 = u64::MAX;
@@ -84,6 +93,44 @@ const SEND_UPSTREAM: u64 = 2;
 const SEND_CLIENT: u64 = 3;
 const CONNECT: u64 = 4;
 
+/// Received bytes waiting to be sent: group buffers, or buffers of a zero-copy receive area.
+enum Pending {
+    Chain(BufChain),
+    Zcrx(Vec<ZcrxBuf>),
+}
+
+impl Pending {
+    fn buf_count(&self) -> u32 {
+        match self {
+            Pending::Chain(c) => c.buf_count() as u32,
+            Pending::Zcrx(v) => v.len() as u32,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Pending::Chain(c) => c.len(),
+            Pending::Zcrx(v) => v.iter().map(|b| b.len()).sum(),
+        }
+    }
+
+    /// Appends `more` (of the same kind: a proxy has one receive source).
+    fn append(&mut self, more: Pending) {
+        match (self, more) {
+            (Pending::Chain(c), Pending::Chain(m)) => c.append(m),
+            (Pending::Zcrx(v), Pending::Zcrx(mut m)) => v.append(&mut m),
+            _ => unreachable!("a proxy receives from one source"),
+        }
+    }
+
+    fn into_send_buf(self) -> SendBuf {
+        match self {
+            Pending::Chain(c) => SendBuf::from(c),
+            Pending::Zcrx(v) => SendBuf::Zcrx(v),
+        }
+    }
+}
+
 /// One direction of a pair: bytes from `src` to `dst`.
 #[derive(Default)]
 struct Direction {
@@ -93,7 +140,11 @@ struct Direction {
     sends: u32,
     /// Data received while a send was in flight: it leaves in one send (one `sendmsg` with an
     /// iovec per buffer) when that send completes, so small receives coalesce.
-    pending: Option<ringpool::BufChain>,
+    pending: Option<Pending>,
+    /// A zero-copy receive (`--recv zcrx`): the op, and whether it was cancelled at the share
+    /// (its end is then a pause, not the end of the stream).
+    zc_op: Option<OpId>,
+    pausing: bool,
     /// Buffers of this direction not yet back in the group.
     bufs_out: u32,
     /// A receive on `src` is armed.
@@ -154,6 +205,9 @@ pub struct Summary {
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.rt {
+        if !matches!(args.recv, RecvChoice::Groups | RecvChoice::Auto) {
+            return Err("--recv zcrx: the --rt proxy receives through buffer groups only".into());
+        }
         return crate::cmd::proxy::rt::run(args);
     }
     signals::install();
@@ -164,35 +218,47 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .entries(crate::cmd::probe::SERVER_RING_ENTRIES)
         .zerocopy(ZcConfig::default().mode(zerocopy_mode(&args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us));
-    let mut driver = Driver::new(cfg)?;
+    let mut driver = Driver::new(args.recv.config(cfg))?;
     // A registered region where memlock allows: zero-copy sends then name the memory the
     // kernel received into, with no per-send page pinning.
-    let group = driver
-        .buf_group(group_config(&args)?)
-        .map_err(group_error(args.bufs, args.buf_size))?;
+    let group_cfg = group_config(&args)?;
+    let (bufs, buf_size) = (args.bufs, args.buf_size);
+    let area_bufs = ((bufs as usize * buf_size) / ringpool::ZCRX_BUF_SIZE)
+        .clamp(1, ringpool::MAX_ZCRX_BUFFERS) as u32;
+    let source = crate::recv::source(&mut driver, &args.recv, area_bufs, |d| {
+        d.buf_group(group_cfg).map_err(group_error(bufs, buf_size))
+    })?;
     println!("listening on {addr}");
-    println!(
-        "forwarding to {} through buffer group {}: {} x {} B ({}{}), zero-copy {:?}",
-        args.upstream,
-        group.id(),
-        args.bufs,
-        args.buf_size,
-        if group.is_ring() {
-            "buffer ring"
-        } else {
-            "legacy provided buffers"
-        },
-        if group.is_registered() {
-            ", registered region"
-        } else {
-            ", plain memory"
-        },
-        args.zerocopy
-    );
+    match &source {
+        Source::Group(group) => println!(
+            "forwarding to {} through buffer group {}: {} x {} B ({}{}), zero-copy {:?}",
+            args.upstream,
+            group.id(),
+            args.bufs,
+            args.buf_size,
+            if group.is_ring() {
+                "buffer ring"
+            } else {
+                "legacy provided buffers"
+            },
+            if group.is_registered() {
+                ", registered region"
+            } else {
+                ", plain memory"
+            },
+            args.zerocopy
+        ),
+        Source::Zcrx(_) => println!(
+            "forwarding to {} through {}, zero-copy {:?}",
+            args.upstream,
+            source.describe(),
+            args.zerocopy
+        ),
+    }
     let _ = std::io::stdout().flush();
     let summary = serve(
         &mut driver,
-        &group,
+        &source,
         Fd::from(listener),
         Upstream {
             addr: args.upstream,
@@ -200,7 +266,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         signals::stop_requested,
     )?;
-    report(&summary, &group, &driver, "event-loop");
+    report(&summary, &source, &driver, "event-loop");
     Ok(())
 }
 
@@ -251,28 +317,29 @@ pub(crate) fn zerocopy_mode(args: &Args) -> ZcMode {
 
 /// Prints the final summary line and the `stats {json}` line (read by the bench and the tests)
 /// of a proxy that ran on `driver` with `group`.
-pub(crate) fn report(
-    summary: &Summary,
-    group: &ringpool::BufGroup,
-    driver: &Driver,
-    runtime: &str,
-) {
-    let (s, z, d) = (group.stats(), driver.zc_stats(), driver.stats());
+pub(crate) fn report(summary: &Summary, source: &Source, driver: &Driver, runtime: &str) {
+    let (z, d) = (driver.zc_stats(), driver.stats());
     println!(
         "stopped: {} connections, {} bytes up, {} bytes down, {} resets",
         summary.connections, summary.bytes_up, summary.bytes_down, summary.resets
     );
-    let json = serde_json::json!({
+    let (line, mut json) = source.report();
+    if let Source::Zcrx(_) = source {
+        println!("{line}");
+    }
+    let registered = matches!(source, Source::Group(g) if g.is_registered());
+    let own = serde_json::json!({
         "connections": summary.connections, "bytes_up": summary.bytes_up,
         "bytes_down": summary.bytes_down, "resets": summary.resets, "refused": summary.refused,
         "connect_timeouts": summary.connect_timeouts, "left_connecting": summary.left_connecting,
-        "buffer_bytes": group.buffer_bytes(), "total": s.total, "in_kernel": s.in_kernel,
-        "in_user": s.in_user, "enobufs": s.enobufs, "rearms": s.rearms,
         "zc_sends": z.zc_sends, "zc_copied": z.zc_copied, "plain_sends": z.plain_sends,
-        "fixed_sends": z.fixed_sends, "registered": group.is_registered(),
+        "fixed_sends": z.fixed_sends, "registered": registered,
         "enters": d.enters, "sqes": d.sqes, "cqes": d.cqes, "held_waits": d.held_waits,
         "runtime": runtime,
     });
+    if let (Some(all), serde_json::Value::Object(own)) = (json.as_object_mut(), own) {
+        all.extend(own);
+    }
     println!("stats {json}");
 }
 
@@ -287,12 +354,12 @@ pub struct Upstream {
 /// receive coalescing of `driver`'s configuration).
 pub fn serve(
     driver: &mut Driver,
-    group: &ringpool::BufGroup,
+    source: &Source,
     listener: Fd,
     upstream: Upstream,
     stop: impl Fn() -> bool,
 ) -> ringpool::Result<Summary> {
-    let mut proxy = Proxy::new(group, upstream);
+    let mut proxy = Proxy::new(source, upstream);
     let mut accept = Accept::new(driver, &listener, ACCEPT)?;
     while !stop() {
         accept.poll(driver, &listener)?;
@@ -312,13 +379,13 @@ pub fn serve(
         }
     }
     accept.cancel(driver);
-    drain_at_stop(driver, group, &mut proxy.pairs)?;
+    drain_at_stop(driver, source, &mut proxy.pairs)?;
     Ok(proxy.summary)
 }
 
 /// The event loop's state between completions.
 struct Proxy<'g> {
-    group: &'g ringpool::BufGroup,
+    source: &'g Source,
     upstream: Upstream,
     /// The group's buffers (the fair share's numerator).
     total: u32,
@@ -330,11 +397,11 @@ struct Proxy<'g> {
 }
 
 impl<'g> Proxy<'g> {
-    fn new(group: &'g ringpool::BufGroup, upstream: Upstream) -> Proxy<'g> {
+    fn new(source: &'g Source, upstream: Upstream) -> Proxy<'g> {
         Proxy {
-            group,
+            source,
             upstream,
-            total: group.stats().total,
+            total: source.counts().0,
             pairs: slab::Slab::new(),
             summary: Summary::default(),
             connects: PendingConnects::default(),
@@ -411,7 +478,8 @@ impl<'g> Proxy<'g> {
         }
         let mut ev = PairEvent {
             driver,
-            group: self.group,
+            source: self.source,
+            more: c.more,
             pair,
             key,
             total: self.total,
@@ -430,7 +498,9 @@ impl<'g> Proxy<'g> {
 /// One completion's view of the proxy: its pair, and what handling it may touch.
 struct PairEvent<'a> {
     driver: &'a mut Driver,
-    group: &'a ringpool::BufGroup,
+    source: &'a Source,
+    /// Whether the op delivers more completions after this one.
+    more: bool,
     pair: &'a mut Pair,
     key: usize,
     /// The group's buffers and the pairs open: the inputs of the fair share.
@@ -458,7 +528,18 @@ impl PairEvent<'_> {
                 self.abort();
             }
             (RECV_CLIENT | RECV_UPSTREAM, Event::Data(chain)) => {
-                self.data((tag == RECV_UPSTREAM) as usize, chain)?
+                self.data((tag == RECV_UPSTREAM) as usize, Pending::Chain(chain))?
+            }
+            (RECV_CLIENT | RECV_UPSTREAM, Event::ZcrxData(buf)) => {
+                self.data((tag == RECV_UPSTREAM) as usize, Pending::Zcrx(vec![buf]))?
+            }
+            (RECV_CLIENT | RECV_UPSTREAM, Event::LimitReached) => {
+                self.paused((tag == RECV_UPSTREAM) as usize)?
+            }
+            (RECV_CLIENT | RECV_UPSTREAM, Event::Error(ringpool::Error::Cancelled))
+                if self.pair.dirs[(tag == RECV_UPSTREAM) as usize].pausing =>
+            {
+                self.paused((tag == RECV_UPSTREAM) as usize)?
             }
             (RECV_CLIENT | RECV_UPSTREAM, Event::Eof) => self.eof((tag == RECV_UPSTREAM) as usize),
             (RECV_CLIENT | RECV_UPSTREAM, Event::Error(_)) => self.abort(),
@@ -483,7 +564,15 @@ impl PairEvent<'_> {
     #[inline]
     fn arm_recv(&mut self, dir: usize) -> ringpool::Result<()> {
         let share = self.share();
-        arm_recv(self.driver, self.group, self.pair, self.key, dir, share)
+        arm_recv(self.driver, self.source, self.pair, self.key, dir, share)
+    }
+
+    /// Direction `dir`'s zero-copy receive stopped at its share (its limit, or cancelled at
+    /// the share of buffers): armed again once under it.
+    fn paused(&mut self, dir: usize) -> ringpool::Result<()> {
+        self.pair.dirs[dir].receiving = false;
+        self.pair.dirs[dir].pausing = false;
+        self.arm_recv(dir)
     }
 
     /// [`abort`] of this pair.
@@ -499,7 +588,7 @@ impl PairEvent<'_> {
         set_nodelay(self.pair.sockets(0).1);
         let share = self.share();
         for dir in 0..2 {
-            arm_recv(self.driver, self.group, self.pair, self.key, dir, share)?;
+            arm_recv(self.driver, self.source, self.pair, self.key, dir, share)?;
         }
         Ok(())
     }
@@ -507,8 +596,13 @@ impl PairEvent<'_> {
     /// Data received in direction `dir`: sent at once, or appended to the pending chain while
     /// a send is in flight; then the next receive (within the share).
     #[inline]
-    fn data(&mut self, dir: usize, chain: ringpool::BufChain) -> ringpool::Result<()> {
-        self.pair.dirs[dir].receiving = false;
+    fn data(&mut self, dir: usize, chain: Pending) -> ringpool::Result<()> {
+        // A zero-copy receive goes on (multishot) until it says otherwise.
+        let multishot = matches!(chain, Pending::Zcrx(_));
+        self.pair.dirs[dir].receiving = multishot && self.more;
+        if multishot && !self.more {
+            self.pair.dirs[dir].pausing = false;
+        }
         // After an abort the data is dropped (its buffers go home), and the pair
         // may now be finished: the caller checks that.
         if self.pair.aborted {
@@ -520,7 +614,7 @@ impl PairEvent<'_> {
             self.summary.bytes_down += chain.len() as u64;
         }
         let d = &mut self.pair.dirs[dir];
-        d.bufs_out += chain.buf_count() as u32;
+        d.bufs_out += chain.buf_count();
         if d.sends == 0 {
             send(self.driver, self.pair, self.key, dir, chain)?;
         } else if let Some(p) = &mut d.pending {
@@ -528,6 +622,8 @@ impl PairEvent<'_> {
         } else {
             d.pending = Some(chain);
         }
+        let share = self.share();
+        bound_zc_recv(self.driver, &mut self.pair.dirs[dir], share);
         self.arm_recv(dir)
     }
 
@@ -561,7 +657,8 @@ impl PairEvent<'_> {
     fn returned(&mut self, dir: usize, buf: ringpool::SendBuf) -> ringpool::Result<()> {
         // The kernel is done with these buffers: they go home as `buf` drops.
         let n = match &buf {
-            ringpool::SendBuf::Chain(chain) => chain.buf_count() as u32,
+            SendBuf::Chain(chain) => chain.buf_count() as u32,
+            SendBuf::Zcrx(bufs) => bufs.len() as u32,
             _ => 0,
         };
         drop(buf);
@@ -579,7 +676,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// after this say where each buffer is.
 fn drain_at_stop(
     driver: &mut Driver,
-    group: &ringpool::BufGroup,
+    source: &Source,
     pairs: &mut slab::Slab<Pair>,
 ) -> ringpool::Result<()> {
     for (_, pair) in pairs.iter() {
@@ -589,7 +686,7 @@ fn drain_at_stop(
     }
     pairs.clear();
     let deadline = Instant::now() + DRAIN_LIMIT;
-    while group.stats().in_user > 0 && Instant::now() < deadline {
+    while source.counts().2 > 0 && Instant::now() < deadline {
         driver.wait(Some(Duration::from_millis(10)))?;
         // What completes now has no connection left to go to: its buffers go home as it drops.
         while driver.pop().is_some() {}
@@ -679,7 +776,7 @@ pub(crate) const MAX_SHARE_DIVISOR: u32 = 16;
 /// direction holds its share.
 fn arm_recv(
     driver: &mut Driver,
-    group: &ringpool::BufGroup,
+    source: &Source,
     pair: &mut Pair,
     key: usize,
     dir: usize,
@@ -691,10 +788,33 @@ fn arm_recv(
     }
     let tag = if dir == 0 { RECV_CLIENT } else { RECV_UPSTREAM };
     let (src, _) = pair.sockets(dir);
-    driver.recv(src, group, RecvMode::Once, (key as u64) << 3 | tag)?;
+    let token = (key as u64) << 3 | tag;
+    match source {
+        Source::Group(group) => {
+            driver.recv(src, group, RecvMode::Once, token)?;
+        }
+        Source::Zcrx(area) => {
+            // At most the share's worth of bytes; `bound_zc_recv` cancels at the share of
+            // buffers too (each completion takes a whole buffer, however few bytes it has).
+            let room = (share - d.bufs_out) * ringpool::ZCRX_BUF_SIZE as u32;
+            let op = driver.recv_zc_limited(src, area, room, token)?;
+            pair.dirs[dir].zc_op = Some(op);
+        }
+    }
     pair.dirs[dir].receiving = true;
     pair.live_ops += 1;
     Ok(())
+}
+
+/// A direction's zero-copy receive takes whatever its socket holds, up to its limit: at its
+/// share of buffers it is cancelled (once), and armed again when they come home.
+fn bound_zc_recv(driver: &mut Driver, d: &mut Direction, share: u32) {
+    if d.receiving && !d.pausing && d.bufs_out >= share {
+        if let Some(op) = d.zc_op {
+            d.pausing = true;
+            driver.cancel(op);
+        }
+    }
 }
 
 /// Sends `chain` from direction `dir`'s source to its destination; the buffers come back in
@@ -704,13 +824,13 @@ fn send(
     pair: &mut Pair,
     key: usize,
     dir: usize,
-    chain: ringpool::BufChain,
+    chain: Pending,
 ) -> ringpool::Result<()> {
     let dst = pair.sockets(dir).1.clone();
     let tag = if dir == 0 { SEND_UPSTREAM } else { SEND_CLIENT };
     pair.dirs[dir].sends += 1;
     pair.live_ops += 1;
-    driver.send_zc_returning(&dst, chain, (key as u64) << 3 | tag)?;
+    driver.send_zc_returning(&dst, chain.into_send_buf(), (key as u64) << 3 | tag)?;
     Ok(())
 }
 

@@ -70,7 +70,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             rt::sleep(Duration::from_millis(10)).await;
         }
         let summary = counters.summary();
-        rt::with_driver(|d| crate::cmd::proxy::report(&summary, &group, d, "rt"));
+        let source = crate::recv::Source::Group(group.clone());
+        rt::with_driver(|d| crate::cmd::proxy::report(&summary, &source, d, "rt"));
         Ok::<(), Box<dyn std::error::Error>>(())
     })?
 }
