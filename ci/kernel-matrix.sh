@@ -153,12 +153,21 @@ json=$(RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$OUT/cargo" \
 mapfile -t BINS < <(jq -r 'select(.reason=="compiler-artifact" and .profile.test and .executable!=null
     and (.target.kind|index("test"))) | "\(.target.name) \(.executable)"' <<<"$json")
 [ ${#BINS[@]} -gt 0 ] || { echo "kernel-matrix: no integration test binaries" >&2; exit 1; }
-say "built ${#BINS[@]} test binaries in $((SECONDS - t_build)) s"
+# The `ringpool` command too, as /bin/ringpool: `tests/zcrx_cli.rs` runs it where the kernel has
+# device-less zero-copy receive (the CLI crate's own tests cannot run in a guest).
+cli_json=$(RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$OUT/cargo" \
+  cargo build -p ringpool-cli --release --target x86_64-unknown-linux-gnu \
+  --message-format=json-render-diagnostics) || { echo "kernel-matrix: building the static ringpool command failed" >&2; exit 1; }
+CLI=$(jq -r 'select(.reason=="compiler-artifact" and .executable!=null and .target.name=="ringpool"
+    and (.target.kind|index("bin"))) | .executable' <<<"$cli_json" | tail -n 1)
+[ -x "$CLI" ] || { echo "kernel-matrix: no static ringpool command" >&2; exit 1; }
+say "built ${#BINS[@]} test binaries and the ringpool command in $((SECONDS - t_build)) s"
 
 # 4. initramfs: busybox, /init, the binaries, and /tests/ORDER (kernel_rungs first).
 root="$OUT/root"
 rm -rf "$root" && mkdir -p "$root/bin" "$root/tests"
 cp /bin/busybox "$root/bin/"
+cp "$CLI" "$root/bin/ringpool"
 cp "$HERE/init" "$root/init" && chmod 755 "$root/init"
 names=()
 for b in "${BINS[@]}"; do
