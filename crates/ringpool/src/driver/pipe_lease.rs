@@ -258,7 +258,10 @@ impl Driver {
     /// for data). `send` and `send_zc` both splice (page references, nothing to notify);
     /// `write` splices to its file at its offset. Members of pages leases on one descriptor
     /// splice in the order they started, one at a time, so consecutive chunks arrive whole
-    /// and in order; they are not ordered against other sends on that descriptor.
+    /// and in order; they are not ordered against other sends on that descriptor. A pages
+    /// member's socket is made non-blocking (`O_NONBLOCK`): a splice into a blocking socket
+    /// whose peer does not read sleeps in a kernel worker that some kernels (6.1) do not wake
+    /// for a cancel.
     ///
     /// # Errors
     /// As [`Driver::lease_group`] for memory. For pages: [`Error::Unsupported`] without
@@ -340,6 +343,11 @@ impl Driver {
             });
         }
         let regular = leader_source(fd, offset)?;
+        for m in &members {
+            if let crate::lease::MemberKind::Send { fd, .. } = &m.kind {
+                set_nonblocking(fd)?;
+            }
+        }
         let page = pages::page_size();
         // Where the bytes start inside a page: at an unknown file position, assume the worst.
         let first = match offset {
@@ -771,4 +779,20 @@ mod tests {
         op.member = Member::write(&sock, 0, 2);
         assert!(matches!(op.stopped(), Error::Cancelled));
     }
+}
+
+/// Makes a pages member's socket non-blocking. The kernel runs every splice in an io-wq
+/// worker; a splice into a blocking socket whose peer does not read sleeps there, and on some
+/// kernels (6.1, seen in the kernel matrix) cancelling the op does not wake it, so the lease
+/// could never end. On a non-blocking socket the splice says `EAGAIN` instead, which the
+/// member waits out with a poll, and a poll is always cancellable. (io_uring's own sends and
+/// receives behave the same on blocking and non-blocking sockets.)
+fn set_nonblocking(fd: &Fd) -> Result<()> {
+    let flags = crate::sys::syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))
+        .map_err(Error::os("fcntl(F_GETFL) on a pages member's socket"))?;
+    if flags & libc::O_NONBLOCK == 0 {
+        crate::sys::syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK))
+            .map_err(Error::os("fcntl(F_SETFL, O_NONBLOCK) on a pages member's socket"))?;
+    }
+    Ok(())
 }
