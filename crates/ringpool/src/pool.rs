@@ -619,19 +619,38 @@ impl GroupShared {
                 st.kernel_done = !buf_more;
             }
             Backing::Ring(r) => {
+                // The first buffer is the one the completion names, never the one our mirror
+                // now has at its ring position: that slot may have been refilled since the
+                // kernel consumed it. A read of a regular file the kernel cannot poll (tmpfs,
+                // whose reads go to io-wq) consumes its buffer when it is issued and completes
+                // later, after completions of ops issued behind it: their buffers came home
+                // into the ring slot the read's buffer had
+                // (`core_regression_tmpfs_a_late_file_read_is_handed_a_refilled_ring_slot`).
                 let order = r.order.borrow();
-                let mut pos = r.pos_of.borrow()[bid as usize];
-                let mut left = bytes;
+                let pos_of = r.pos_of.borrow();
+                let first = pos_of[bid as usize];
+                let (mut b, mut pos, mut left) = (bid, first, bytes);
                 loop {
-                    let b = order[(pos & r.mask) as usize];
                     let len = left.min(self.buf_size);
                     out.push((b, 0, len));
                     self.in_user.set(self.in_user.get() + 1);
                     left -= len;
-                    pos = pos.wrapping_add(1);
                     if left == 0 {
                         break;
                     }
+                    // A bundle: its further buffers are the ring entries after the first. The
+                    // kernel consumes a receive bundle's entries when it completes, so their
+                    // completion is reaped before any later one lets us refill those slots;
+                    // if a slot was refilled all the same, the bid there is not the one the
+                    // kernel filled, and handing it out would alias a buffer.
+                    pos = pos.wrapping_add(1);
+                    b = order[(pos & r.mask) as usize];
+                    assert_eq!(
+                        pos_of[b as usize], pos,
+                        "bundle of group {}: ring position {pos} was refilled before its \
+                         completion was reaped",
+                        self.bgid
+                    );
                 }
             }
             Backing::Legacy { .. } => {

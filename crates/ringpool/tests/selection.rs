@@ -433,3 +433,69 @@ fn a_group_id_cannot_be_taken_twice() {
         assert!(reused, "{}: id 42 never became free", rung.name);
     }
 }
+
+/// The regression test of the bug behind the kernel matrix's "open finding (6.1, 6.12)", on the
+/// host: a read of a tmpfs file consumes its ring buffer (bid 0, ring slot 0) when it is issued
+/// and completes from io-wq later. Pipe reads issued behind it complete first; each one's
+/// buffer, dropped at once, goes back into the ring at the next position, which on a 2-buffer
+/// ring is slot 0 again. The file read's completion names bid 0; the driver used to look the
+/// bid up by its ring position and hand out the pipe's buffer a second time (both reads "had"
+/// bid 1, the file's byte came back wrong). Skips visibly without a tmpfs.
+#[test]
+fn a_late_tmpfs_file_read_is_not_handed_a_refilled_ring_slot() {
+    let Some(dir) = common::tmpfs_dir() else {
+        common::require_env(false, "a tmpfs (/dev/shm or the temporary directory)");
+        return;
+    };
+    if !require(Features::get().buf_ring, "provided buffer ring") {
+        return;
+    }
+    let mut d = Driver::new(DriverConfig::default().ignore_env()).unwrap();
+    let g = d.buf_group(BufGroupConfig::new(256, 2)).unwrap();
+    let (mut late, rounds) = (0, 200);
+    for round in 0..rounds {
+        let want = pattern_vec(round, 0, 1);
+        let mut file = tempfile::tempfile_in(&dir).unwrap();
+        file.write_all(&want).unwrap();
+        let file = Fd::from(std::os::fd::OwnedFd::from(file));
+        let (r, mut w) = std::io::pipe().unwrap();
+        let r = Fd::from(std::os::fd::OwnedFd::from(r));
+        d.read(&file, &g, 0, 1).unwrap();
+        d.submit().unwrap();
+        let (mut file_done, mut pipe_reads) = (false, 0u64);
+        while !file_done {
+            // One pipe read at a time beside the file read, its buffer dropped at once.
+            w.write_all(b"p").unwrap();
+            d.read(&r, &g, u64::MAX, 2).unwrap();
+            let mut pipe_done = false;
+            pump(&mut d, 10, |comp| {
+                match (comp.token, comp.event) {
+                    (1, Event::Data(chain)) => {
+                        assert_eq!(
+                            chain.to_vec(),
+                            want,
+                            "round {round}: the file read's byte, after {pipe_reads} pipe reads \
+                             completed beside it (buffers {:?})",
+                            chain.iter().map(|b| b.bid()).collect::<Vec<_>>()
+                        );
+                        if pipe_reads > 0 {
+                            late += 1; // a pipe buffer went home before this completion
+                        }
+                        file_done = true;
+                    }
+                    (2, Event::Data(chain)) => {
+                        assert_eq!(chain.to_vec(), b"p", "round {round}: the pipe's byte");
+                        pipe_reads += 1;
+                        pipe_done = true;
+                    }
+                    (t, other) => panic!("round {round}: token {t}: {other:?}"),
+                }
+                pipe_done
+            });
+        }
+        assert_eq!(g.stats().in_user, 0);
+        assert_eq!(d.in_flight(), 0);
+    }
+    eprintln!("{late} of {rounds} file reads completed after a pipe buffer went home");
+    assert_eq!(g.stats().in_kernel, 2, "the group is full again");
+}

@@ -168,3 +168,25 @@ pub fn fixed_result(d: &mut Driver) -> (FixedBuf, ringpool::Result<usize>) {
     });
     out.unwrap()
 }
+
+/// A directory on tmpfs to create files in: `/dev/shm`, else the temporary directory if it is
+/// tmpfs (the kernel-matrix guests' `/tmp`). Reads of tmpfs files cannot complete without
+/// blocking in the kernel's eyes: io_uring consumes their selected buffer at issue and completes
+/// them from io-wq, after ops issued behind them (ext4 reads of cached pages complete inline).
+pub fn tmpfs_dir() -> Option<std::path::PathBuf> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let is_tmpfs = |p: &std::path::Path| {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: `statfs` is plain old data, for which all zeros is a valid value.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statfs reads the NUL-terminated path `c` and writes one `statfs` into `st`;
+        // both live across the call.
+        let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+        rc == 0 && st.f_type as i64 == TMPFS_MAGIC
+    };
+    [std::path::PathBuf::from("/dev/shm"), std::env::temp_dir()]
+        .into_iter()
+        .find(|p| is_tmpfs(p) && tempfile::tempfile_in(p).is_ok())
+}

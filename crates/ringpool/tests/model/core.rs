@@ -100,10 +100,6 @@ pub struct Avoid {
     pub eof_incremental: bool,
     /// Defect 2: `Driver::cancel` with another driver's `OpId`.
     pub foreign_cancel: bool,
-    /// Kernel quirk, open (6.1 and 6.12 guests; not 6.18): buffer-selecting reads on a ring
-    /// group (a file read beside a pipe read, and pipe reads of two drivers) were handed a
-    /// buffer another read had, or stale bytes. Steers around every buffer-selecting read.
-    pub file_reads_beside_pipe_reads: bool,
     /// Kernel quirk, open (5.10 guest, `docs/KERNEL-MATRIX.md`): a cancelled waiting receive on
     /// a legacy group takes its selected buffer out of circulation without naming it.
     pub cancels_on_legacy_groups: bool,
@@ -116,7 +112,6 @@ impl Avoid {
     pub const NOTHING: Avoid = Avoid {
         eof_incremental: false,
         foreign_cancel: false,
-        file_reads_beside_pipe_reads: false,
         cancels_on_legacy_groups: false,
         forced_legacy_rungs: false,
     };
@@ -206,6 +201,13 @@ pub enum Action {
         d: usize,
     },
     NewFile {
+        d: usize,
+        len: usize,
+    },
+    /// A file like `NewFile`, on tmpfs (`/dev/shm`, else the temporary directory if it is tmpfs,
+    /// else like `NewFile`): its reads consume their buffer at issue and complete from io-wq,
+    /// after ops issued behind them. The generator makes every file of odd length one.
+    NewTmpfsFile {
         d: usize,
         len: usize,
     },
@@ -598,6 +600,26 @@ impl World {
         (!self.groups.is_empty()).then(|| g % self.groups.len())
     }
 
+    /// A file of `len` patterned bytes to read (on tmpfs where asked and there is one).
+    fn new_file(&mut self, d: usize, len: usize, tmpfs: bool) {
+        let d = self.d(d);
+        if self.drivers[d].is_none() {
+            return;
+        }
+        let seed = self.next_seed + 1;
+        let mut f = match tmpfs.then(crate::common::tmpfs_dir).flatten() {
+            Some(dir) => tempfile::tempfile_in(dir).unwrap(),
+            None => tempfile::tempfile().unwrap(),
+        };
+        f.write_all(&pattern_vec(seed, 0, len)).unwrap();
+        self.add_stream(
+            d,
+            Fd::from(OwnedFd::from(f)),
+            Peer::File { len },
+            len as u64,
+        );
+    }
+
     fn do_action(&mut self, a: &Action) -> Outcome {
         match *a {
             NewGroup {
@@ -652,21 +674,8 @@ impl World {
                 let (r, w) = pipe();
                 self.add_stream(d, Fd::from(r), Peer::Pipe(Some(w)), 0);
             }
-            NewFile { d, len } => {
-                let d = self.d(d);
-                if self.drivers[d].is_none() {
-                    return Ok(());
-                }
-                let seed = self.next_seed + 1;
-                let mut f = tempfile::tempfile().unwrap();
-                f.write_all(&pattern_vec(seed, 0, len)).unwrap();
-                self.add_stream(
-                    d,
-                    Fd::from(OwnedFd::from(f)),
-                    Peer::File { len },
-                    len as u64,
-                );
-            }
+            NewFile { d, len } => self.new_file(d, len, false),
+            NewTmpfsFile { d, len } => self.new_file(d, len, true),
             PeerWrite { s, len } => {
                 let Some(i) = self.of_kind(s, Kind::Written) else {
                     return Ok(());
@@ -760,9 +769,6 @@ impl World {
                     && (st.shut || matches!(st.peer, Peer::File { .. }))
                 {
                     // A read that may end at EOF: defect 1.
-                    return Ok(());
-                }
-                if self.avoid.file_reads_beside_pipe_reads {
                     return Ok(());
                 }
                 let Some(group) = self.groups[gi].g.clone() else {
@@ -1991,6 +1997,16 @@ pub fn replay(header: Header, actions: &[Action]) {
 
 pub struct Core;
 
+/// A generated file: on tmpfs when its length is odd (no draw of its own, so a seed still
+/// makes the same cases), else where `tempfile` puts it.
+fn file(d: usize, len: usize) -> Action {
+    if len % 2 == 1 {
+        NewTmpfsFile { d, len }
+    } else {
+        NewFile { d, len }
+    }
+}
+
 impl Machine for Core {
     type Header = Header;
     type Action = Action;
@@ -2050,10 +2066,7 @@ impl Machine for Core {
             a.push(match rng.below(4) {
                 0 | 1 => NewTcp { d },
                 2 => NewPipe { d },
-                _ => NewFile {
-                    d,
-                    len: rng.len().min(20_000),
-                },
+                _ => file(d, rng.len().min(20_000)),
             });
         }
         let steps = 20 + rng.below(80);
@@ -2123,10 +2136,7 @@ impl Machine for Core {
                 79 => NewTcp {
                     d: rng.below(drivers),
                 },
-                80 => NewFile {
-                    d: rng.below(drivers),
-                    len: rng.len().min(20_000),
-                },
+                80 => file(rng.below(drivers), rng.len().min(20_000)),
                 _ => Wait {
                     ms: rng.pick(&[0, 1, 2, 5, 10, 20]),
                 },
@@ -2153,6 +2163,10 @@ impl Machine for Core {
             }
             NewFile { d, len } => {
                 out.extend(smaller(len).into_iter().map(|len| NewFile { d, len }))
+            }
+            NewTmpfsFile { d, len } => {
+                out.push(NewFile { d, len });
+                out.extend(smaller(len).into_iter().map(|len| NewTmpfsFile { d, len }))
             }
             Recv { s, g, mode, keep } => {
                 if mode != Mode::Once {
