@@ -791,8 +791,14 @@ fn set_nonblocking(fd: &Fd) -> Result<()> {
     let flags = crate::sys::syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))
         .map_err(Error::os("fcntl(F_GETFL) on a pages member's socket"))?;
     if flags & libc::O_NONBLOCK == 0 {
-        crate::sys::syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK))
-            .map_err(Error::os("fcntl(F_SETFL, O_NONBLOCK) on a pages member's socket"))?;
+        crate::sys::syscall!(fcntl(
+            fd.as_raw_fd(),
+            libc::F_SETFL,
+            flags | libc::O_NONBLOCK
+        ))
+        .map_err(Error::os(
+            "fcntl(F_SETFL, O_NONBLOCK) on a pages member's socket",
+        ))?;
     }
     Ok(())
 }
