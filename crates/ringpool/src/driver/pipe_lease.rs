@@ -717,6 +717,28 @@ impl Driver {
     }
 }
 
+/// Makes a pages member's socket non-blocking. The kernel runs every splice in an io-wq
+/// worker; a splice into a blocking socket whose peer does not read sleeps there, and on some
+/// kernels (6.1, seen in the kernel matrix) cancelling the op does not wake it, so the lease
+/// could never end. On a non-blocking socket the splice says `EAGAIN` instead, which the
+/// member waits out with a poll, and a poll is always cancellable. (io_uring's own sends and
+/// receives behave the same on blocking and non-blocking sockets.)
+fn set_nonblocking(fd: &Fd) -> Result<()> {
+    let flags = crate::sys::syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))
+        .map_err(Error::os("fcntl(F_GETFL) on a pages member's socket"))?;
+    if flags & libc::O_NONBLOCK == 0 {
+        crate::sys::syscall!(fcntl(
+            fd.as_raw_fd(),
+            libc::F_SETFL,
+            flags | libc::O_NONBLOCK
+        ))
+        .map_err(Error::os(
+            "fcntl(F_SETFL, O_NONBLOCK) on a pages member's socket",
+        ))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -779,26 +801,4 @@ mod tests {
         op.member = Member::write(&sock, 0, 2);
         assert!(matches!(op.stopped(), Error::Cancelled));
     }
-}
-
-/// Makes a pages member's socket non-blocking. The kernel runs every splice in an io-wq
-/// worker; a splice into a blocking socket whose peer does not read sleeps there, and on some
-/// kernels (6.1, seen in the kernel matrix) cancelling the op does not wake it, so the lease
-/// could never end. On a non-blocking socket the splice says `EAGAIN` instead, which the
-/// member waits out with a poll, and a poll is always cancellable. (io_uring's own sends and
-/// receives behave the same on blocking and non-blocking sockets.)
-fn set_nonblocking(fd: &Fd) -> Result<()> {
-    let flags = crate::sys::syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))
-        .map_err(Error::os("fcntl(F_GETFL) on a pages member's socket"))?;
-    if flags & libc::O_NONBLOCK == 0 {
-        crate::sys::syscall!(fcntl(
-            fd.as_raw_fd(),
-            libc::F_SETFL,
-            flags | libc::O_NONBLOCK
-        ))
-        .map_err(Error::os(
-            "fcntl(F_SETFL, O_NONBLOCK) on a pages member's socket",
-        ))?;
-    }
-    Ok(())
 }
