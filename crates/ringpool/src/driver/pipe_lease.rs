@@ -259,7 +259,7 @@ impl Driver {
     /// `write` splices to its file at its offset. Members of pages leases on one descriptor
     /// splice in the order they started, one at a time, so consecutive chunks arrive whole
     /// and in order; they are not ordered against other sends on that descriptor. A pages
-    /// member's socket is made non-blocking (`O_NONBLOCK`): a splice into a blocking socket
+    /// member's socket is made non-blocking (`O_NONBLOCK`, before 7.0): a splice into a blocking socket
     /// whose peer does not read sleeps in a kernel worker that some kernels (6.1) do not wake
     /// for a cancel.
     ///
@@ -343,9 +343,11 @@ impl Driver {
             });
         }
         let regular = leader_source(fd, offset)?;
-        for m in &members {
-            if let crate::lease::MemberKind::Send { fd, .. } = &m.kind {
-                set_nonblocking(fd)?;
+        if nonblocking_members(f.kernel) {
+            for m in &members {
+                if let crate::lease::MemberKind::Send { fd, .. } = &m.kind {
+                    set_nonblocking(fd)?;
+                }
             }
         }
         let page = pages::page_size();
@@ -715,6 +717,14 @@ impl Driver {
             });
         }
     }
+}
+
+/// Whether pages members' sockets are made non-blocking on `kernel`: before 7.0. Needed on
+/// 6.1 (below); on Debian's 7.3 a non-blocking member's chunks stalled instead
+/// (`pages_leases::chunks_leased_back_to_back_reach_each_socket_in_order` timed out in the
+/// kernel matrix), while blocking members pass there, cancel included. An open finding.
+fn nonblocking_members(kernel: crate::sys::KernelVersion) -> bool {
+    kernel.major < 7
 }
 
 /// Makes a pages member's socket non-blocking. The kernel runs every splice in an io-wq
