@@ -129,6 +129,32 @@ fn got(event: Event) -> Got {
     }
 }
 
+/// Waits (at most 10 s) until the receive's buffers hold `n` bytes; returns them, held.
+fn hold_bytes(d: &mut Driver, n: usize) -> Vec<Held> {
+    let (mut held, mut got_n) = (Vec::new(), 0);
+    common::pump(d, 10, |c| {
+        if let Got::Data(h) = got(c.event) {
+            got_n += h.to_vec().len();
+            held.push(h);
+        }
+        got_n == n
+    });
+    held
+}
+
+/// Waits (at most 10 s) for the receive's last completion: Ok at end of stream, or its error.
+fn end_of(d: &mut Driver) -> Result<(), Error> {
+    let mut end = None;
+    common::pump(d, 10, |c| match got(c.event) {
+        Got::End(r) => {
+            end = Some(r);
+            true
+        }
+        _ => false,
+    });
+    end.expect("pump returned at the end")
+}
+
 /// A client thread writing `len` bytes of pattern `seed` in 64 KiB writes, then closing.
 fn writer(mut c: TcpStream, seed: u64, len: usize) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -282,25 +308,9 @@ fn a_peer_reset_with_buffers_held_ends_the_receive_and_the_held_bytes_stay_intac
         let fd = Fd::from(s);
         rx.start(&mut d, &fd, 1);
         c.write_all(&pattern_vec(3, 0, 20_000)).unwrap();
-        let mut held = Vec::new();
-        let mut n = 0;
-        common::pump(&mut d, 10, |c| {
-            if let Got::Data(h) = got(c.event) {
-                n += h.to_vec().len();
-                held.push(h);
-            }
-            n == 20_000
-        });
+        let held = hold_bytes(&mut d, 20_000);
         common::reset(c);
-        let mut end = None;
-        common::pump(&mut d, 10, |c| match got(c.event) {
-            Got::End(r) => {
-                end = Some(r);
-                true
-            }
-            _ => false,
-        });
-        let end = end.unwrap();
+        let end = end_of(&mut d);
         assert!(
             end.is_err(),
             "{}: a reset is an error, got {end:?}",
@@ -321,27 +331,12 @@ fn a_cancelled_receive_and_a_dropped_stream_leave_held_buffers_readable() {
         let fd = Fd::from(s);
         let op = rx.start(&mut d, &fd, 1);
         c.write_all(&pattern_vec(5, 0, 10_000)).unwrap();
-        let mut held = Vec::new();
-        let mut n = 0;
-        common::pump(&mut d, 10, |c| {
-            if let Got::Data(h) = got(c.event) {
-                n += h.to_vec().len();
-                held.push(h);
-            }
-            n == 10_000
-        });
+        let held = hold_bytes(&mut d, 10_000);
         d.cancel(op);
         drop(fd);
-        let mut end = None;
-        common::pump(&mut d, 10, |c| match got(c.event) {
-            Got::End(r) => {
-                end = Some(r);
-                true
-            }
-            _ => false,
-        });
+        let end = end_of(&mut d);
         assert!(
-            matches!(end, Some(Err(Error::Cancelled))),
+            matches!(end, Err(Error::Cancelled)),
             "{}: {end:?}",
             rx.name()
         );
