@@ -4,8 +4,8 @@
 # initramfs, runs them there (`kernel_rungs` first: the rung the probe chose for each capability)
 # and fails unless every guest reports success. See docs/KERNEL-MATRIX.md.
 #
-# Needs: a Debian 12 host, root (apt-get installs qemu-system-x86, busybox-static, cpio, jq when
-# missing), cargo, and the Debian archive. Downloads (kernels, QEMU 10 from bookworm-backports)
+# Needs: a Debian 12 host, root (apt-get installs qemu-system-x86, busybox-static, cpio, jq and
+# binutils when missing), cargo, and the Debian archive. Downloads (kernels, QEMU 10 from bookworm-backports)
 # are cached in $RINGPOOL_MATRIX_CACHE, so a warm run only builds and boots.
 #
 # Exit status: 0 when every guest that ran passed (a kernel package the archive no longer has is
@@ -47,6 +47,7 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v jq >/dev/null || missing+=(jq)
+command -v objcopy >/dev/null || missing+=(binutils)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   apt-get update -qq || die "apt-get update failed"
@@ -141,39 +142,45 @@ fi
 say "$("$QEMU" --version | head -n 1)" || die "$QEMU does not run"
 say "setup took $((SECONDS - t_start)) s"
 
-# 3. Static test binaries of the ringpool crate (crates/ringpool/tests/*.rs), with its `tokio`
-# feature (as the workspace builds it), so that `rt_tokio` has tests. An explicit --target keeps
-# crt-static away from build scripts and proc macros; a target dir of our own keeps the static
-# build from invalidating (or waiting on) the normal one.
+# 3. The `ringpool` crate's integration test binaries (crates/ringpool/tests/*.rs) and the
+# `ringpool` command, from the very build the README's test command made (`cargo test
+# --workspace --release`: the workspace builds ringpool with its `tokio` feature, so `rt_tokio`
+# has tests, and `.ci/run` has built them already, so this step only lists them). They are
+# dynamically linked: step 4 copies their loader and libraries into the initramfs. The command
+# goes in as /bin/ringpool: `tests/zcrx_cli.rs` runs it where the kernel has device-less zero-copy
+# receive (the CLI crate's own tests cannot run in a guest).
 cd "$PROJ"
 t_build=$SECONDS
-json=$(RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$OUT/cargo" \
-  cargo test -p ringpool --features tokio --tests --release --no-run --target x86_64-unknown-linux-gnu \
-  --message-format=json-render-diagnostics) || { echo "kernel-matrix: building the static test binaries failed" >&2; exit 1; }
+json=$(cargo test --workspace --release --no-run --message-format=json-render-diagnostics) ||
+  { echo "kernel-matrix: building the test binaries failed" >&2; exit 1; }
 mapfile -t BINS < <(jq -r 'select(.reason=="compiler-artifact" and .profile.test and .executable!=null
-    and (.target.kind|index("test"))) | "\(.target.name) \(.executable)"' <<<"$json")
+    and (.target.kind|index("test")) and (.manifest_path|endswith("crates/ringpool/Cargo.toml")))
+    | "\(.target.name) \(.executable)"' <<<"$json")
 [ ${#BINS[@]} -gt 0 ] || { echo "kernel-matrix: no integration test binaries" >&2; exit 1; }
-# The `ringpool` command too, as /bin/ringpool: `tests/zcrx_cli.rs` runs it where the kernel has
-# device-less zero-copy receive (the CLI crate's own tests cannot run in a guest).
-cli_json=$(RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$OUT/cargo" \
-  cargo build -p ringpool-cli --release --target x86_64-unknown-linux-gnu \
-  --message-format=json-render-diagnostics) || { echo "kernel-matrix: building the static ringpool command failed" >&2; exit 1; }
+cli_json=$(cargo build -p ringpool-cli --release --message-format=json-render-diagnostics) ||
+  { echo "kernel-matrix: building the ringpool command failed" >&2; exit 1; }
 CLI=$(jq -r 'select(.reason=="compiler-artifact" and .executable!=null and .target.name=="ringpool"
     and (.target.kind|index("bin"))) | .executable' <<<"$cli_json" | tail -n 1)
-[ -x "$CLI" ] || { echo "kernel-matrix: no static ringpool command" >&2; exit 1; }
+[ -x "$CLI" ] || { echo "kernel-matrix: no ringpool command" >&2; exit 1; }
 say "built ${#BINS[@]} test binaries and the ringpool command in $((SECONDS - t_build)) s"
 
 # 4. initramfs: busybox, /init, the binaries, and /tests/ORDER (kernel_rungs first).
 root="$OUT/root"
 rm -rf "$root" && mkdir -p "$root/bin" "$root/tests"
 cp /bin/busybox "$root/bin/"
-cp "$CLI" "$root/bin/ringpool"
+objcopy --strip-debug "$CLI" "$root/bin/ringpool"
 cp "$HERE/init" "$root/init" && chmod 755 "$root/init"
 names=()
 for b in "${BINS[@]}"; do
   name=${b%% *}
-  cp "${b#* }" "$root/tests/$name"
+  # Without debug info (symbols stay, so a panic's backtrace still names functions): a third
+  # of the size, and the emulated guest unpacks it faster.
+  objcopy --strip-debug "${b#* }" "$root/tests/$name"
   names+=("$name")
+done
+# The host's dynamic loader and the libraries the binaries link, at the paths they name.
+for lib in $(ldd "$CLI" "${BINS[@]#* }" | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do
+  mkdir -p "$root$(dirname "$lib")" && cp -L "$lib" "$root$lib"
 done
 { printf '%s\n' "${names[@]}" | grep -x kernel_rungs || { echo "kernel-matrix: no kernel_rungs test" >&2; exit 1; }
   printf '%s\n' "${names[@]}" | grep -vx kernel_rungs | sort; } >"$root/tests/ORDER"

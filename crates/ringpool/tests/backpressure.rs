@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::{pattern, pattern_vec, tcp_pair, Rung, RUNGS};
+use common::{in_emulated_guest, pattern, pattern_vec, tcp_pair, Rung, RUNGS};
 use ringpool::{BufChain, BufGroupConfig, Event, Fd, RecvMode};
 
 const CONNS: usize = 4;
@@ -18,7 +18,7 @@ const TOTAL: usize = 64 << 20;
 
 /// Bytes per connection: 16 MiB, or 4 MiB in a kernel-matrix guest.
 fn per_conn() -> usize {
-    if std::env::var_os("RINGPOOL_KERNEL_MATRIX").is_some() {
+    if in_emulated_guest() {
         TOTAL / CONNS / 4
     } else {
         TOTAL / CONNS

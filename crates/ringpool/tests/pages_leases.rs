@@ -14,7 +14,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use common::{pattern_vec, pump, require, reset, tcp_pair};
+use common::{in_emulated_guest, pattern_vec, pump, require, reset, tcp_pair};
 use ringpool::{Driver, DriverConfig, Error, Event, Fd, Features, LeaseBacking, Member};
 
 /// Whether the kernel has what pages leases need (5.8); a visible skip otherwise.
@@ -792,8 +792,11 @@ fn sixty_four_mib_to_sixteen_clients_byte_checked() {
         return;
     }
     // The kernel-matrix guests emulate their CPU: a smaller file there.
-    let matrix = std::env::var("RINGPOOL_KERNEL_MATRIX").is_ok_and(|v| v == "1");
-    let len: usize = if matrix { 4 << 20 } else { 64 << 20 };
+    let len: usize = if in_emulated_guest() {
+        4 << 20
+    } else {
+        64 << 20
+    };
     const CLIENTS: usize = 16;
     const CHUNK: usize = 256 << 10;
     const IN_FLIGHT: usize = 4;

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::{pattern, pattern_vec, pump, require, reset, tcp_pair};
+use common::{in_emulated_guest, pattern, pattern_vec, pump, require, reset, tcp_pair};
 use ringpool::{
     BufGroupConfig, Driver, DriverConfig, Event, Fd, Features, Force, RecvMode, ZcConfig, ZcMode,
 };
@@ -135,15 +135,24 @@ fn pipelined(force: &[Force], conns: usize, sends: u64) {
 }
 
 #[test]
-fn ten_thousand_pipelined_sends_on_one_connection_every_rung() {
+fn pipelined_sends_on_one_connection_every_rung() {
     for (_, force) in ZC_RUNGS {
-        pipelined(force, 1, 10_000);
+        pipelined(force, 1, pipelined_sends());
     }
 }
 
 #[test]
-fn ten_thousand_pipelined_sends_over_32_connections() {
-    pipelined(&[], 32, 10_000 / 32 + 1);
+fn pipelined_sends_over_32_connections() {
+    pipelined(&[], 32, pipelined_sends() / 32 + 1);
+}
+
+/// 10,000 sends in all; 2,000 in a kernel-matrix guest, where the point is the rung.
+fn pipelined_sends() -> u64 {
+    if in_emulated_guest() {
+        2_000
+    } else {
+        10_000
+    }
 }
 
 #[test]

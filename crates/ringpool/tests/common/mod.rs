@@ -22,6 +22,12 @@ pub fn require(supported: bool, feature: &str) -> bool {
     false
 }
 
+/// Whether the test runs in a kernel-matrix guest (`RINGPOOL_KERNEL_MATRIX=1`): its CPU is
+/// emulated, so volume tests carry less there (the point of a guest is the rung, not the volume).
+pub fn in_emulated_guest() -> bool {
+    std::env::var("RINGPOOL_KERNEL_MATRIX").is_ok_and(|v| v == "1")
+}
+
 /// Like [`require`], for what the test environment (not the kernel) must provide: a disk
 /// filesystem for `O_DIRECT`, root and `setpriv`. The kernel-matrix guests lack some of these.
 pub fn require_env(available: bool, what: &str) -> bool {

@@ -519,7 +519,11 @@ fn pipe() -> (OwnedFd, File) {
 
 /// How long the end of a case may take to drain and settle.
 fn drain_time() -> Duration {
-    Duration::from_secs(if super::gen::in_guest() { 10 } else { 3 })
+    Duration::from_secs(if crate::common::in_emulated_guest() {
+        10
+    } else {
+        3
+    })
 }
 
 fn open_fds() -> usize {

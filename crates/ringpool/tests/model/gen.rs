@@ -133,11 +133,6 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// Whether we run inside a kernel-matrix guest (software-emulated, slow).
-pub fn in_guest() -> bool {
-    std::env::var("RINGPOOL_KERNEL_MATRIX").is_ok_and(|v| v == "1")
-}
-
 /// What a test asked for: cases, seed, wall-clock cap.
 pub struct Budget {
     pub cases: u64,
@@ -149,7 +144,7 @@ impl Budget {
     /// `default_cases` on the host; a sixth of them (at least 3) in a guest;
     /// `RINGPOOL_FUZZ_CASES` / `RINGPOOL_FUZZ_SEED` / `RINGPOOL_FUZZ_SECS` override.
     pub fn from_env(default_cases: u64, default_secs: u64, salt: u64) -> Budget {
-        let (cases, secs) = if in_guest() {
+        let (cases, secs) = if crate::common::in_emulated_guest() {
             ((default_cases / 6).max(3), (default_secs / 3).max(10))
         } else {
             (default_cases, default_secs)
@@ -258,7 +253,11 @@ where
     M::Action: Send + 'static,
 {
     let start = Instant::now();
-    let default = if in_guest() { 30 } else { 120 };
+    let default = if crate::common::in_emulated_guest() {
+        30
+    } else {
+        120
+    };
     let limit = Duration::from_secs(env_u64("RINGPOOL_SHRINK_SECS").unwrap_or(default));
     let tag = failure.tag;
     let mut runs = 0;

@@ -545,7 +545,11 @@ impl State {
         if self.header.avoid.orphan_at_runtime_end {
             // Receives dropped (cancelled) must finish in this runtime (defect 5): wait for
             // their final completions.
-            let ms = if super::gen::in_guest() { 200 } else { 30 };
+            let ms = if crate::common::in_emulated_guest() {
+                200
+            } else {
+                30
+            };
             rt::sleep(Duration::from_millis(ms)).await;
         }
         Ok(())
