@@ -146,6 +146,45 @@ fn echo_by_default_receives_through_zcrx_where_the_kernel_can_else_the_group() {
     assert_eq!(v["recv"], want, "{v}");
 }
 
+/// Regression: `--recv auto` falling back to buffer groups on a kernel without device-less areas
+/// (the 6.18 host) gave "the driver's ring was not set up for it" as the reason, which no ring
+/// could have helped; it names the kernel or the permission now. Where the kernel has them, the
+/// fallback is forced (`no-zcrx`) and the reason says so.
+#[test]
+fn echo_auto_falling_back_to_groups_names_the_kernel_not_the_ring() {
+    let force = if zcrx_here() { "no-zcrx" } else { "" };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args(["echo", "--listen", "127.0.0.1:0"])
+        .env("RINGPOOL_FORCE", force)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening on "), "{line}");
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let why = err
+        .lines()
+        .find_map(|l| l.strip_prefix("receive: buffer groups (zero-copy receive unavailable: "))
+        .unwrap_or_else(|| panic!("no fallback line in: {err}"));
+    assert!(!why.contains("not set up"), "{why}");
+    if zcrx_here() {
+        assert!(why.contains("no-zcrx rung is forced"), "{why}");
+    } else {
+        assert!(
+            why.contains("needs 7.1")
+                || why.contains("CAP_NET_ADMIN")
+                || why.contains("needs 6.15"),
+            "{why}"
+        );
+    }
+}
+
 #[test]
 fn echo_recv_zcrx_serves_where_the_kernel_can_and_says_why_where_it_cannot() {
     if zcrx_here() {

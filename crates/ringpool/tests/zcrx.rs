@@ -13,10 +13,10 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{pattern_vec, tcp_pair};
+use common::{in_emulated_guest, pattern_vec, tcp_pair};
 use ringpool::{
     BufChain, BufGroup, BufGroupConfig, Driver, DriverConfig, Error, Event, Fd, Features, Force,
-    OpId, RecvMode, ZcrxArea, ZcrxBuf, ZcrxConfig, ZcrxRefusal,
+    OpId, RecvMode, ZcrxArea, ZcrxBuf, ZcrxConfig, ZcrxProbe, ZcrxRefusal, ZcrxRung,
 };
 
 /// Whether this kernel and process must be able to register a device-less area: 7.1 or later,
@@ -173,7 +173,7 @@ fn streams_of_64_mib_over_4_connections_arrive_whole_and_the_area_is_full_again(
     for (mut d, rx) in sources(1024) {
         // 16 MiB per connection; in the kernel matrix's emulated guests the fallback half
         // (which every other test of groups covers there) carries 2 MiB, to save minutes.
-        let guest = std::env::var_os("RINGPOOL_KERNEL_MATRIX").is_some();
+        let guest = in_emulated_guest();
         let per: usize = if guest && matches!(rx, Rx::Group(_)) {
             2 << 20
         } else {
@@ -537,7 +537,7 @@ fn without_cap_net_admin_registration_is_refused_with_the_reason() {
 #[test]
 fn a_device_that_cannot_and_a_missing_interface_are_typed_refusals() {
     let mut d = zcrx_driver();
-    let nic_possible = d.ladder().zcrx != ringpool::ZcrxRung::Groups;
+    let nic_possible = d.ladder().zcrx != ZcrxRung::Groups;
     let e = d
         .zcrx_area(ZcrxConfig::nic("ringpool-none0", 0, 1 << 20))
         .unwrap_err();
@@ -566,23 +566,30 @@ fn a_device_that_cannot_and_a_missing_interface_are_typed_refusals() {
 
 #[test]
 fn the_forced_rung_an_unprepared_ring_and_bad_sizes_are_refused_before_the_kernel() {
+    // An unprepared ring, asked for a NIC queue (which every zcrx kernel could try): where the
+    // kernel has zero-copy receive, the ring is the reason.
     let mut d = Driver::new(DriverConfig::default().ignore_env()).unwrap();
-    let e = d.zcrx_area(ZcrxConfig::device_less(1 << 20)).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::ZcrxUnavailable {
-                reason: ZcrxRefusal::RingNotSetUp | ZcrxRefusal::NoDeferTaskrun
-            }
-        ),
-        "{e}"
-    );
+    let e = d.zcrx_area(ZcrxConfig::nic("lo", 0, 1 << 20)).unwrap_err();
+    let Error::ZcrxUnavailable { reason } = e else {
+        panic!("{e}")
+    };
+    if d.ladder().zcrx == ZcrxRung::Groups || !d.ladder().defer_taskrun {
+        assert!(
+            matches!(
+                reason,
+                ZcrxRefusal::KernelTooOld { .. } | ZcrxRefusal::NoDeferTaskrun
+            ),
+            "{reason}"
+        );
+    } else {
+        assert_eq!(reason, ZcrxRefusal::RingNotSetUp);
+    }
     let cfg = DriverConfig::default()
         .ignore_env()
         .zero_copy_receive(true)
         .force(Force::NoZcrx);
     let mut d = Driver::new(cfg).unwrap();
-    assert_eq!(d.ladder().zcrx, ringpool::ZcrxRung::Groups);
+    assert_eq!(d.ladder().zcrx, ZcrxRung::Groups);
     let e = d.zcrx_area(ZcrxConfig::device_less(1 << 20)).unwrap_err();
     if Features::get().zcrx && Features::get().defer_taskrun {
         assert!(
@@ -599,6 +606,31 @@ fn the_forced_rung_an_unprepared_ring_and_bad_sizes_are_refused_before_the_kerne
     for bytes in [0, (128 << 20) + 1] {
         let e = d.zcrx_area(ZcrxConfig::device_less(bytes)).unwrap_err();
         assert!(matches!(e, Error::InvalidArgument { .. }), "{bytes}: {e}");
+    }
+}
+
+/// Regression: on a kernel without device-less areas (the 6.18 host), an unprepared ring asked
+/// for one said "the driver's ring was not set up for it", which `ringpool bench` and `--recv
+/// auto` printed as the reason; a prepared ring would not have helped. The kernel's (or the
+/// process's) reason comes first now.
+#[test]
+fn a_device_less_area_the_kernel_cannot_register_names_the_kernel_not_the_unprepared_ring() {
+    let mut d = Driver::new(DriverConfig::default().ignore_env()).unwrap();
+    let e = d.zcrx_area(ZcrxConfig::device_less(1 << 20)).unwrap_err();
+    let Error::ZcrxUnavailable { reason } = e else {
+        panic!("{e}")
+    };
+    let l = d.ladder();
+    match (l.defer_taskrun, l.zcrx, Features::get().zcrx_device_less) {
+        (false, _, _) => assert_eq!(reason, ZcrxRefusal::NoDeferTaskrun),
+        (true, ZcrxRung::DeviceLess, _) => assert_eq!(reason, ZcrxRefusal::RingNotSetUp),
+        (true, ZcrxRung::NicOnly, ZcrxProbe::NoCapNetAdmin) => {
+            assert_eq!(reason, ZcrxRefusal::NoCapNetAdmin)
+        }
+        (true, ZcrxRung::NicOnly | ZcrxRung::Groups, _) => assert!(
+            matches!(reason, ZcrxRefusal::KernelTooOld { .. }),
+            "{reason}"
+        ),
     }
 }
 

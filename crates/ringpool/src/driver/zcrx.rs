@@ -106,7 +106,8 @@ impl Driver {
     ///
     /// # Errors
     /// [`Error::ZcrxUnavailable`] with the reason (no `CAP_NET_ADMIN`, kernel too old, the
-    /// device cannot, the rung is forced off, the ring was not set up for it, memlock);
+    /// device cannot, the rung is forced off, the ring was not set up for it, memlock; what the
+    /// kernel or the process cannot do is named before what the ring lacks);
     /// [`Error::InvalidArgument`] for an area of no buffers or more than
     /// [`MAX_ZCRX_BUFFERS`](crate::MAX_ZCRX_BUFFERS).
     ///
@@ -208,9 +209,8 @@ impl Driver {
         if !self.ladder.defer_taskrun {
             return Err(ZcrxRefusal::NoDeferTaskrun);
         }
-        if !self.ring.wide() || !self.zcrx_asked {
-            return Err(ZcrxRefusal::RingNotSetUp);
-        }
+        // What the kernel or the process cannot do comes before what the ring lacks: a ring set
+        // up for zero-copy receive would not help there, so "ring not set up" would mislead.
         match self.ladder.zcrx {
             ZcrxRung::Groups if features.zcrx => Err(ZcrxRefusal::Forced),
             ZcrxRung::Groups => Err(ZcrxRefusal::KernelTooOld {
@@ -226,6 +226,7 @@ impl Driver {
                     },
                 })
             }
+            _ if !self.ring.wide() || !self.zcrx_asked => Err(ZcrxRefusal::RingNotSetUp),
             _ => Ok(()),
         }
     }
