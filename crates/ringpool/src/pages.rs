@@ -171,7 +171,7 @@ pub struct PipeStats {
     pub made: u64,
     /// Times an idle pipe was handed out again instead of opening one.
     pub reused: u64,
-    /// Pipes held by pages leases now.
+    /// Pipes held by pages leases and splice streams now.
     pub in_use: usize,
     /// Pipes waiting in the pool, drained.
     pub idle: usize,

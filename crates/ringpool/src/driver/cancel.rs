@@ -43,7 +43,7 @@ impl Driver {
     /// Cancels every op using `fd` (for closing a connection with receives in flight).
     pub fn cancel_fd(&mut self, fd: &Fd) {
         self.drop_waiting_members(|m| m.fd().same(fd));
-        self.cancel_where(|s| s.kind.fd().is_some_and(|f| f.same(fd)));
+        self.cancel_where(|s| s.kind.uses_fd(fd));
     }
 
     /// Cancels every op whose slot `which` picks, as [`Driver::cancel`] does.

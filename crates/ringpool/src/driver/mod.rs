@@ -78,6 +78,7 @@ mod ring;
 mod send;
 mod send_ring;
 mod socket;
+mod splice;
 mod submit;
 mod udp;
 mod zcrx;
@@ -333,6 +334,11 @@ pub enum Event {
     ///
     /// [`LeaseBacking::Pages`]: crate::LeaseBacking::Pages
     PagesReturned,
+    /// Bytes of a [`Driver::splice_stream`] reached its sink, in order (more follow).
+    Spliced {
+        /// How many.
+        bytes: usize,
+    },
     /// A [`Member::write`] finished.
     ///
     /// [`Member::write`]: crate::Member::write

@@ -17,6 +17,7 @@ use super::recv::{ReadOp, RecvOp};
 use super::send::SendOp;
 use super::send_ring::BundleOp;
 use super::socket::ConnectOp;
+use super::splice::SpliceOp;
 use super::udp::RecvMsgOp;
 use super::zcrx::RecvZcOp;
 use super::{Driver, Fd};
@@ -119,6 +120,8 @@ pub(super) enum OpKind {
     RecvZc(RecvZcOp),
     /// A pages lease's leader or member: splices and tees through pipes (`pipe_lease.rs`).
     Pages(PagesOp),
+    /// A splice stream: source to pipe to sink, chunk after chunk (`splice.rs`).
+    Splice(Box<SpliceOp>),
     /// Internal: buffers provided to a legacy group (`group.rs`).
     Provide(ProvideOp),
     /// Internal: a legacy group's buffers taken back before its id is reused (`group.rs`).
@@ -148,7 +151,16 @@ impl OpKind {
             OpKind::SendBundle(op) => Some(&op.fd),
             OpKind::RecvZc(op) => Some(&op.fd),
             OpKind::Pages(op) => Some(op.fd()),
+            OpKind::Splice(op) => Some(&op.from),
             _ => None,
+        }
+    }
+
+    /// Whether the op uses `fd`: its descriptor, or a splice stream's sink.
+    pub(super) fn uses_fd(&self, fd: &Fd) -> bool {
+        match self {
+            OpKind::Splice(op) => op.from.same(fd) || op.sink().same(fd),
+            other => other.fd().is_some_and(|f| f.same(fd)),
         }
     }
 

@@ -33,7 +33,7 @@ use super::{Completion, Driver, Event, Fd};
 /// The driver's pages-lease state.
 #[derive(Default)]
 pub(super) struct PagesState {
-    pool: PipePool,
+    pub(super) pool: PipePool,
     /// Groups whose last member let go ([`Event::PagesReturned`]).
     returns: PagesReturns,
     /// Per sink descriptor, its pages members in the order they started: the first splices,
@@ -343,7 +343,7 @@ impl Driver {
             });
         }
         let regular = leader_source(fd, offset)?;
-        if nonblocking_members(f.kernel) {
+        if nonblocking_sinks(f.kernel) {
             for m in &members {
                 if let crate::lease::MemberKind::Send { fd, .. } = &m.kind {
                     set_nonblocking(fd)?;
@@ -719,32 +719,31 @@ impl Driver {
     }
 }
 
-/// Whether pages members' sockets are made non-blocking on `kernel`: before 7.0. Needed on
+/// Whether the sockets pages members and splice streams splice into are made non-blocking on
+/// `kernel`: before 7.0. Needed on
 /// 6.1 (below); on Debian's 7.3 a non-blocking member's chunks stalled instead
 /// (`pages_leases::chunks_leased_back_to_back_reach_each_socket_in_order` timed out in the
 /// kernel matrix), while blocking members pass there, cancel included. An open finding.
-fn nonblocking_members(kernel: crate::sys::KernelVersion) -> bool {
+pub(super) fn nonblocking_sinks(kernel: crate::sys::KernelVersion) -> bool {
     kernel.major < 7
 }
 
-/// Makes a pages member's socket non-blocking. The kernel runs every splice in an io-wq
+/// Makes a pages member's (or a splice stream's) sink non-blocking. The kernel runs every splice in an io-wq
 /// worker; a splice into a blocking socket whose peer does not read sleeps there, and on some
 /// kernels (6.1, seen in the kernel matrix) cancelling the op does not wake it, so the lease
 /// could never end. On a non-blocking socket the splice says `EAGAIN` instead, which the
 /// member waits out with a poll, and a poll is always cancellable. (io_uring's own sends and
 /// receives behave the same on blocking and non-blocking sockets.)
-fn set_nonblocking(fd: &Fd) -> Result<()> {
+pub(super) fn set_nonblocking(fd: &Fd) -> Result<()> {
     let flags = crate::sys::syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))
-        .map_err(Error::os("fcntl(F_GETFL) on a pages member's socket"))?;
+        .map_err(Error::os("fcntl(F_GETFL) on a splice sink"))?;
     if flags & libc::O_NONBLOCK == 0 {
         crate::sys::syscall!(fcntl(
             fd.as_raw_fd(),
             libc::F_SETFL,
             flags | libc::O_NONBLOCK
         ))
-        .map_err(Error::os(
-            "fcntl(F_SETFL, O_NONBLOCK) on a pages member's socket",
-        ))?;
+        .map_err(Error::os("fcntl(F_SETFL, O_NONBLOCK) on a splice sink"))?;
     }
     Ok(())
 }

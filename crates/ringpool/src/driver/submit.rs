@@ -291,6 +291,7 @@ impl Driver {
             OpKind::SendBundle(op) => op.sqe(),
             OpKind::RecvZc(op) => op.sqe(),
             OpKind::Pages(op) => op.sqe(),
+            OpKind::Splice(op) => op.sqe(),
             OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
             OpKind::Provide(_)
             | OpKind::Remove { .. }
@@ -336,6 +337,7 @@ impl Driver {
             OpKind::LeaseWrite(_) => self.complete_lease_write(c),
             OpKind::RecvZc(_) => self.complete_recv_zc(c),
             OpKind::Pages(_) => self.complete_pages(c),
+            OpKind::Splice(_) => self.complete_splice(c),
             OpKind::Send(_) => unreachable!("sends are dispatched above"),
             OpKind::Provide(_) => self.complete_provide(c),
             OpKind::Remove { .. } => self.complete_remove(c),

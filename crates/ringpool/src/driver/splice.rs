@@ -1,0 +1,323 @@
+//! Splice streams ([`Driver::splice_stream`]): bytes move from one descriptor to another
+//! through a pipe of the driver's pool, as page references, never through user memory. Each
+//! chunk is a poll for data (no pipe held while the source is idle), a `SPLICE` of what is
+//! there into a pipe taken from the pool, and `SPLICE`s of the pipe to the sink until it is
+//! empty (an `EAGAIN` from a non-blocking sink waits for a poll); then the pipe goes home and
+//! the next chunk begins. Every step is one SQE of the op's slot, re-armed at its CQE.
+//!
+//! Ownership: these SQEs name no memory, only descriptors: the source and sink `Fd`s and the
+//! pipe, all held by the op's slot until the step's CQE. The pipe goes back to the pool
+//! (drained) only after the CQE of the last splice that named it.
+
+use std::os::fd::AsRawFd;
+
+use io_uring::{opcode, squeue, types};
+
+use crate::error::{Error, Result};
+use crate::pages::Pipe;
+
+use super::op::{errno_error, OpId, OpKind};
+use super::submit::OpCqe;
+use super::{Completion, Driver, Event, Fd};
+
+/// A splice stream's current step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Waiting for the source to have data (or its end).
+    PollIn,
+    /// Moving what the source has into the pipe.
+    In,
+    /// Moving the pipe's bytes to the sink.
+    Out,
+    /// Waiting for room in the sink (a splice out that said `EAGAIN`).
+    PollOut,
+}
+
+/// A splice stream in flight.
+pub(super) struct SpliceOp {
+    pub(super) from: Fd,
+    to: Fd,
+    /// Taken when the source has data, home again once it is empty.
+    pipe: Option<Pipe>,
+    /// The pipe size asked for.
+    pipe_bytes: usize,
+    /// Bytes in the pipe, still to go to the sink.
+    held: usize,
+    step: Step,
+}
+
+impl SpliceOp {
+    pub(super) fn sqe(&self) -> squeue::Entry {
+        let (from, to) = (
+            types::Fd(self.from.as_raw_fd()),
+            types::Fd(self.to.as_raw_fd()),
+        );
+        let pipe = || self.pipe.as_ref().expect("a splice step owns its pipe");
+        match self.step {
+            Step::PollIn => opcode::PollAdd::new(from, libc::POLLIN as u32).build(),
+            Step::PollOut => opcode::PollAdd::new(to, libc::POLLOUT as u32).build(),
+            Step::In => {
+                let p = pipe();
+                // A pipe is at most /proc/sys/fs/pipe-max-size, far below 4 GiB.
+                opcode::Splice::new(from, -1, types::Fd(p.write_fd()), -1, p.cap() as u32).build()
+            }
+            Step::Out => {
+                let p = pipe();
+                opcode::Splice::new(types::Fd(p.read_fd()), -1, to, -1, self.held as u32).build()
+            }
+        }
+    }
+
+    /// The sink, which a cancel by descriptor also reaches.
+    pub(super) fn sink(&self) -> &Fd {
+        &self.to
+    }
+}
+
+/// What a splice stream's step result means.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Arm this step.
+    Arm(StepTo),
+    /// `n` bytes reached the sink (a progress completion), then arm the step.
+    Moved(usize, StepTo),
+    /// The source ended and everything it gave reached the sink.
+    Eof,
+    /// The stream failed: the errno, and which step.
+    Failed(i32, &'static str),
+}
+
+/// The step after a result (a pure function of the step, the result and what the pipe
+/// holds, so the rules have unit tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepTo {
+    PollIn,
+    In,
+    Out,
+    PollOut,
+}
+
+fn next(step: Step, res: i32, held: usize) -> Next {
+    match step {
+        // A poll's result is the ready mask; an error (or hang-up without data) shows in the
+        // splice that follows.
+        Step::PollIn if res >= 0 => Next::Arm(StepTo::In),
+        Step::PollOut if res >= 0 => Next::Arm(StepTo::Out),
+        Step::PollIn | Step::PollOut => Next::Failed(-res, "poll (splice stream)"),
+        Step::In if res > 0 => Next::Arm(StepTo::Out),
+        Step::In if res == 0 => Next::Eof,
+        Step::In if res == -libc::EAGAIN => Next::Arm(StepTo::PollIn),
+        Step::In => Next::Failed(-res, "splice from the source (splice stream)"),
+        Step::Out if res > 0 && (res as usize) < held => Next::Moved(res as usize, StepTo::Out),
+        Step::Out if res > 0 => Next::Moved(res as usize, StepTo::PollIn),
+        Step::Out if res == -libc::EAGAIN => Next::Arm(StepTo::PollOut),
+        // The pipe held bytes, so a splice of none means the sink took none and never will.
+        Step::Out if res == 0 => Next::Failed(libc::EPIPE, "splice to the sink (splice stream)"),
+        Step::Out => Next::Failed(-res, "splice to the sink (splice stream)"),
+    }
+}
+
+impl Driver {
+    /// Moves every byte `from` gives to `to` without copying it through user memory: through
+    /// a pipe of the driver's pool of at least `pipe_bytes` (`SPLICE` in, `SPLICE` out: page
+    /// references), until `from` ends. For a proxy between two sockets, one stream per
+    /// direction. At least one of `from` and `to` must be a socket or a pipe (`splice(2)`).
+    ///
+    /// Completions: [`Event::Spliced`] each time bytes reached `to` (in order, `more` set),
+    /// then [`Event::Eof`] once `from` ended and all of it reached `to`, or [`Event::Error`]
+    /// ([`Error::Cancelled`] after [`Driver::cancel`], [`Driver::cancel_fd`] of either
+    /// descriptor, or [`Driver::cancel_token`]; bytes taken from `from` that had not reached
+    /// `to` by then are dropped: the `Spliced` completions say what arrived). The stream holds a pipe only while a chunk
+    /// is on its way (an idle source holds a poll, no pipe and no kernel worker), and its own
+    /// clones of both descriptors until its last completion.
+    ///
+    /// Before 7.0 the sink is made non-blocking: every splice runs in an io-wq worker, and on
+    /// some kernels (6.1) cancelling does not wake a splice sleeping on a full blocking socket
+    /// (the same rule as pages leases' members).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a `pipe_bytes` of 0 or above the largest pipe
+    /// (`/proc/sys/fs/pipe-max-size`, in [`Driver::pipe_stats`]). A pipe that cannot be had
+    /// (the user's pipe pages are used up) ends the stream with that error.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # fn f(driver: &mut ringpool::Driver, client: &ringpool::Fd, upstream: &ringpool::Fd) -> ringpool::Result<()> {
+    /// use ringpool::Event;
+    /// driver.splice_stream(client, upstream, 1 << 20, 1)?;
+    /// driver.splice_stream(upstream, client, 1 << 20, 2)?;
+    /// driver.wait(None)?;
+    /// while let Some(c) = driver.pop() {
+    ///     match c.event {
+    ///         Event::Spliced { bytes } => println!("{bytes} bytes forwarded ({})", c.token),
+    ///         Event::Eof => println!("direction {} ended", c.token),
+    ///         other => println!("{other:?}"),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn splice_stream(
+        &mut self,
+        from: &Fd,
+        to: &Fd,
+        pipe_bytes: usize,
+        token: u64,
+    ) -> Result<OpId> {
+        if pipe_bytes == 0 || pipe_bytes > crate::pages::pipe_max_size() {
+            return Err(Error::InvalidArgument {
+                what: "a splice stream's pipe must hold 1 byte to /proc/sys/fs/pipe-max-size",
+            });
+        }
+        if super::pipe_lease::nonblocking_sinks(crate::probe::Features::get().kernel) {
+            super::pipe_lease::set_nonblocking(to)?;
+        }
+        let op = SpliceOp {
+            from: from.clone(),
+            to: to.clone(),
+            pipe: None,
+            pipe_bytes,
+            held: 0,
+            step: Step::PollIn,
+        };
+        Ok(self.start(OpKind::Splice(Box::new(op)), token))
+    }
+
+    /// A CQE of a splice stream's step: the next step, progress, or its end.
+    pub(super) fn complete_splice(&mut self, c: OpCqe) {
+        let stop = c.cancelled || self.dropping;
+        let OpKind::Splice(op) = &mut self.ops[c.key].kind else {
+            unreachable!("a splice stream")
+        };
+        if op.step == Step::In && c.res > 0 {
+            op.held = c.res as usize; // the bytes now in the pipe
+        }
+        let end = match next(op.step, c.res, op.held) {
+            Next::Moved(n, to) => {
+                op.held -= n;
+                self.ready.push_back(Completion {
+                    token: c.token,
+                    op: c.id,
+                    event: Event::Spliced { bytes: n },
+                    more: true,
+                });
+                if stop {
+                    Err(Error::Cancelled)
+                } else {
+                    return self.splice_step(c, to);
+                }
+            }
+            _ if stop => Err(Error::Cancelled),
+            Next::Arm(to) => return self.splice_step(c, to),
+            Next::Eof => Ok(()),
+            Next::Failed(errno, what) => Err(errno_error(what, -errno)),
+        };
+        let OpKind::Splice(mut op) = self.ops.remove(c.key).kind else {
+            unreachable!("a splice stream")
+        };
+        if let Some(p) = op.pipe.take() {
+            self.pages.pool.put(p);
+        }
+        let event = match end {
+            Ok(()) => Event::Eof,
+            Err(e) => Event::Error(e),
+        };
+        self.ready.push_back(Completion {
+            token: c.token,
+            op: c.id,
+            event,
+            more: false,
+        });
+    }
+
+    /// Arms the stream's next step: a pipe is taken for a splice in (and an empty one goes
+    /// home before a poll for more); `EAGAIN` steps are counted as the pool's polls.
+    fn splice_step(&mut self, c: OpCqe, to: StepTo) {
+        let OpKind::Splice(op) = &mut self.ops[c.key].kind else {
+            unreachable!("a splice stream")
+        };
+        op.step = match to {
+            StepTo::PollIn => Step::PollIn,
+            StepTo::In => Step::In,
+            StepTo::Out => Step::Out,
+            StepTo::PollOut => Step::PollOut,
+        };
+        match op.step {
+            Step::PollIn => {
+                if op.pipe.is_some() && op.held == 0 {
+                    let p = op.pipe.take().expect("checked");
+                    self.pages.pool.put(p);
+                }
+                if c.res == -libc::EAGAIN {
+                    self.pages.pool.count_poll();
+                }
+            }
+            Step::PollOut => self.pages.pool.count_poll(),
+            Step::In if op.pipe.is_none() => match self.pages.pool.take(op.pipe_bytes) {
+                Ok(p) => op.pipe = Some(p),
+                Err(e) => return self.end_splice(c, e),
+            },
+            Step::In | Step::Out => {}
+        }
+        self.arm(c.key)
+    }
+
+    /// Ends a stream that could not go on (no pipe to be had) with `e`.
+    fn end_splice(&mut self, c: OpCqe, e: Error) {
+        let OpKind::Splice(mut op) = self.ops.remove(c.key).kind else {
+            unreachable!("a splice stream")
+        };
+        if let Some(p) = op.pipe.take() {
+            self.pages.pool.put(p);
+        }
+        self.ready.push_back(Completion {
+            token: c.token,
+            op: c.id,
+            event: Event::Error(e),
+            more: false,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poll_leads_to_its_splice_and_a_failed_poll_ends_the_stream() {
+        assert_eq!(next(Step::PollIn, 1, 0), Next::Arm(StepTo::In));
+        assert_eq!(next(Step::PollOut, 4, 9), Next::Arm(StepTo::Out));
+        assert_eq!(
+            next(Step::PollIn, -libc::ECANCELED, 0),
+            Next::Failed(libc::ECANCELED, "poll (splice stream)")
+        );
+    }
+
+    #[test]
+    fn a_splice_in_fills_the_pipe_ends_at_eof_and_waits_on_eagain() {
+        assert_eq!(next(Step::In, 4096, 0), Next::Arm(StepTo::Out));
+        assert_eq!(next(Step::In, 0, 0), Next::Eof);
+        assert_eq!(next(Step::In, -libc::EAGAIN, 0), Next::Arm(StepTo::PollIn));
+        assert!(matches!(
+            next(Step::In, -libc::ECONNRESET, 0),
+            Next::Failed(libc::ECONNRESET, _)
+        ));
+    }
+
+    #[test]
+    fn a_splice_out_goes_on_until_the_pipe_is_empty_and_none_taken_is_an_error() {
+        assert_eq!(next(Step::Out, 100, 300), Next::Moved(100, StepTo::Out));
+        assert_eq!(next(Step::Out, 300, 300), Next::Moved(300, StepTo::PollIn));
+        assert_eq!(
+            next(Step::Out, -libc::EAGAIN, 300),
+            Next::Arm(StepTo::PollOut)
+        );
+        assert!(matches!(
+            next(Step::Out, 0, 300),
+            Next::Failed(libc::EPIPE, _)
+        ));
+        assert!(matches!(
+            next(Step::Out, -libc::EPIPE, 300),
+            Next::Failed(libc::EPIPE, _)
+        ));
+    }
+}
