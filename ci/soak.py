@@ -15,7 +15,7 @@ the figures and exits non-zero if a check failed.
 
 Usage: ci/soak.py [--duration S] [--connections N] [--nofile N] [--servers echo,proxy,...]
                   [--binary target/release/ringpool] [--seed N]
-Server names: echo, echo-rt, proxy, proxy-rt.
+Server names: echo, echo-rt, proxy, proxy-rt, proxy-splice.
 """
 
 import argparse
@@ -288,6 +288,8 @@ def run_one(name, args, binary, upstream):
         "echo-rt": ["echo", "--rt", "--listen", "127.0.0.1:0"],
         "proxy": ["proxy", "--listen", "127.0.0.1:0", "--upstream", upstream],
         "proxy-rt": ["proxy", "--rt", "--listen", "127.0.0.1:0", "--upstream", upstream],
+        "proxy-splice": ["proxy", "--path", "splice", "--listen", "127.0.0.1:0",
+                         "--upstream", upstream],
     }[name]
     srv = Server(binary, server_args, args.nofile, name)
     time.sleep(0.3)
@@ -320,6 +322,7 @@ def run_one(name, args, binary, upstream):
         "descriptors back": settled,
         "rss back (<= start + 32 MiB)": end["rss"] >= 0 and end["rss"] <= start["rss"] + 32 * 1024,
         "buffers home at exit": bool(stats) and stats.get("in_user", 1) == 0,
+        "pipes home at exit": bool(stats) and stats.get("pipes_in_use", 0) == 0,
         "served some": tally.counts.get("pingpong", 0) + tally.counts.get("half_close", 0) > 0,
     }
     return {
@@ -343,7 +346,7 @@ def main():
     ap.add_argument("--duration", type=float, default=180)
     ap.add_argument("--connections", type=int, default=10000)
     ap.add_argument("--nofile", type=int, default=4096)
-    ap.add_argument("--servers", default="echo,echo-rt,proxy,proxy-rt")
+    ap.add_argument("--servers", default="echo,echo-rt,proxy,proxy-rt,proxy-splice")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/ringpool"))
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()

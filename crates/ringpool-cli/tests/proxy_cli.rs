@@ -20,8 +20,8 @@ fn pattern(seed: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The two proxies: the event loop (default) and the async layer's (`--rt`).
-const KINDS: &[&[&str]] = &[&[], &["--rt"]];
+/// The proxies: the event loop (default), its splice path, and the async layer's (`--rt`).
+const KINDS: &[&[&str]] = &[&[], &["--path", "splice"], &["--rt"]];
 
 fn start(upstream: SocketAddr, zerocopy: &str, force: &str, extra: &[&str]) -> Server {
     let upstream = upstream.to_string();
@@ -84,8 +84,56 @@ fn both_directions_with(zerocopy: &str, force: &str, extra: &[&str]) -> serde_js
     assert_eq!(v["in_user"], 0, "{force}: group full again: {v}");
     assert_eq!(v["in_kernel"], v["total"], "{v}");
     assert_eq!(v["resets"], 0, "{v}");
+    assert_eq!(v["pipes_in_use"], 0, "every pipe home: {v}");
     eprintln!("zerocopy {zerocopy} force {force:?} {extra:?}: {v}");
     v
+}
+
+#[test]
+fn sixty_four_mib_each_way_through_splice_streams_with_no_byte_in_the_group() {
+    let v = both_directions_with("auto", "", &["--path", "splice"]);
+    assert_eq!(
+        v["bytes_received"], 0,
+        "nothing went through the group: {v}"
+    );
+    assert!(v["pipes_made"].as_u64().unwrap() > 0, "{v}");
+    // The fallback rungs of the ring change nothing for splices.
+    both_directions_with("auto", "no-defer-taskrun,no-ext-arg", &["--path", "splice"]);
+}
+
+#[test]
+fn splice_flags_that_cannot_apply_are_refused() {
+    for (args, why) in [
+        (
+            &["--path", "splice", "--rt"][..],
+            "--rt proxy forwards through buffers only",
+        ),
+        (
+            &["--path", "splice", "--recv", "zcrx"][..],
+            "--recv zcrx does not apply",
+        ),
+        (
+            &["--path", "splice", "--pipe-bytes", "0"][..],
+            "a pipe holds 1 byte",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpool"))
+            .args([
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "127.0.0.1:9",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -315,4 +363,5 @@ fn reset_reaches_a_stalled_client(extra: &[&str]) {
     let v = stop(proxy);
     assert_eq!(v["resets"], 1, "{v}");
     assert_eq!(v["in_user"], 0, "every buffer back: {v}");
+    assert_eq!(v["pipes_in_use"], 0, "every pipe back: {v}");
 }

@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::sys::syscall;
@@ -173,7 +174,7 @@ pub struct PipeStats {
     pub reused: u64,
     /// Pipes held by pages leases and splice streams now.
     pub in_use: usize,
-    /// Pipes waiting in the pool, drained.
+    /// Pipes waiting in the pool, drained (closed once none was used for a second).
     pub idle: usize,
     /// Pipes closed because they could not be drained (or the pool was full) when they came back.
     pub closed: u64,
@@ -196,7 +197,15 @@ pub(crate) struct PipePool {
     in_use: usize,
     closed: u64,
     eagain_polls: u64,
+    /// When a pipe was last taken or given back.
+    last_used: Option<Instant>,
 }
+
+/// Idle pipes (and `/dev/null`) are closed once no pipe was taken or given back for this long:
+/// their descriptors are the process's, and a server near `RLIMIT_NOFILE` needs them for its
+/// clients (the soak found a splice proxy holding ~300 descriptors of idle pipes after its load
+/// ended). Work that comes back within it reuses them.
+pub(crate) const IDLE_PIPE_LIFETIME: Duration = Duration::from_secs(1);
 
 impl PipePool {
     /// A drained pipe of at least `cap` bytes: the smallest idle one that fits, or a new one.
@@ -216,6 +225,7 @@ impl PipePool {
             }
         };
         self.in_use += 1;
+        self.last_used = Some(Instant::now());
         Ok(pipe)
     }
 
@@ -223,6 +233,7 @@ impl PipePool {
     /// only once it is known to be empty; one that cannot be drained is closed.
     pub(crate) fn put(&mut self, pipe: Pipe) {
         self.in_use -= 1;
+        self.last_used = Some(Instant::now());
         if self.drain(&pipe) && self.idle.len() < MAX_IDLE_PIPES {
             self.idle.push(pipe);
         } else {
@@ -280,6 +291,27 @@ impl PipePool {
             closed: self.closed,
             max_pipe: pipe_max_size(),
             eagain_polls: self.eagain_polls,
+        }
+    }
+
+    /// Whether there is anything for [`PipePool::trim`] to close.
+    pub(crate) fn has_spares(&self) -> bool {
+        !self.idle.is_empty() || (self.devnull.is_some() && self.in_use == 0)
+    }
+
+    /// Closes the idle pipes, and `/dev/null` when no pipe is in use, if no pipe was taken or
+    /// given back within [`IDLE_PIPE_LIFETIME`] before `now`.
+    pub(crate) fn trim(&mut self, now: Instant) {
+        if self
+            .last_used
+            .is_some_and(|t| now.saturating_duration_since(t) < IDLE_PIPE_LIFETIME)
+        {
+            return;
+        }
+        self.closed += self.idle.len() as u64;
+        self.idle.clear();
+        if self.in_use == 0 {
+            self.devnull = None;
         }
     }
 
@@ -426,6 +458,28 @@ pub(crate) fn tee_next(res: i32, share: usize) -> MemberNext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_pipes_are_closed_once_unused_for_their_lifetime() {
+        let mut pool = PipePool::default();
+        let (a, b) = (pool.take(4096).unwrap(), pool.take(4096).unwrap());
+        pool.put(a);
+        pool.put(b);
+        assert!(pool.has_spares());
+        let now = Instant::now();
+        pool.trim(now);
+        assert_eq!(pool.stats().idle, 2, "recently used: kept for reuse");
+        pool.trim(now + IDLE_PIPE_LIFETIME);
+        let st = pool.stats();
+        assert_eq!((st.idle, st.closed), (0, 2), "{st:?}");
+        assert!(!pool.has_spares());
+        // In use meanwhile: nothing of it is closed, and it comes back as usual.
+        let c = pool.take(4096).unwrap();
+        pool.trim(Instant::now() + IDLE_PIPE_LIFETIME * 2);
+        assert_eq!(pool.stats().in_use, 1);
+        pool.put(c);
+        assert_eq!(pool.stats().idle, 1);
+    }
 
     const P: usize = 4096;
 

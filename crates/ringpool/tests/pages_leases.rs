@@ -311,6 +311,34 @@ fn a_failed_leader_cancels_every_member_and_a_directory_is_a_typed_error() {
     assert_eq!(d.pipe_stats().in_use, 0);
 }
 
+/// The same cause as `splice_stream::idle_pipes_are_closed_a_second_after_the_last_stream_ended`
+/// (found by the soak): the pool kept pages leases' idle pipes, and their descriptors, for good.
+#[test]
+fn a_pages_lease_s_idle_pipes_are_closed_a_second_after_it_ended() {
+    if !supported() {
+        return;
+    }
+    let mut d = driver();
+    let data = pattern_vec(9, 0, 10_000);
+    let (_f, src) = file_with(&data);
+    let (s, peer) = tcp_pair();
+    let s = Fd::from(s);
+    d.lease(&src, pages(64 << 10), 0, vec![Member::send(&s, 1)], 7)
+        .unwrap();
+    let o = run_group(&mut d, 7);
+    assert_eq!(*o.members[&1].as_ref().unwrap(), 10_000);
+    drop(s);
+    assert_eq!(reader(peer, None).join().unwrap(), data);
+    assert!(d.pipe_stats().idle > 0, "kept for reuse at first");
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(1300);
+    while std::time::Instant::now() < until {
+        d.wait(Some(std::time::Duration::from_millis(100))).unwrap();
+    }
+    let st = d.pipe_stats();
+    assert_eq!((st.idle, st.in_use), (0, 0), "{st:?}");
+    assert_eq!(st.closed, st.made, "{st:?}");
+}
+
 #[test]
 fn one_member_failing_leaves_the_others_alone() {
     if !supported() {

@@ -277,3 +277,42 @@ fn bad_pipe_sizes_are_refused_and_a_directory_is_no_source() {
     assert_eq!(seen.bytes, 0);
     assert_eq!(d.pipe_stats().in_use, 0);
 }
+
+/// Wait-loops `d` for a little more than the pool's idle-pipe lifetime (1 s).
+fn idle_past_pipe_lifetime(d: &mut Driver) {
+    let until = Instant::now() + Duration::from_millis(1300);
+    while Instant::now() < until {
+        d.wait(Some(Duration::from_millis(100))).unwrap();
+        while d.pop().is_some() {}
+    }
+}
+
+/// Regression (found by the soak's `proxy-splice`): the pipe pool kept every idle pipe (up to
+/// 2,048, two descriptors each) for good, so a splice proxy held ~300 descriptors after its
+/// load ended, clients' descriptors under RLIMIT_NOFILE. Idle pipes close after a second.
+#[test]
+fn idle_pipes_are_closed_a_second_after_the_last_stream_ended() {
+    let mut d = driver();
+    let (mut client, a) = tcp_pair();
+    let (b, upstream) = tcp_pair();
+    let (a, b) = (Fd::from(a), Fd::from(b));
+    d.splice_stream(&a, &b, PIPE, 0).unwrap();
+    client.write_all(&pattern_vec(5, 0, 100_000)).unwrap();
+    drop(client);
+    let mut seen = Seen::default();
+    pump(&mut d, 10, |c| {
+        record(&mut seen, c.event, c.more);
+        seen.end.is_some()
+    });
+    drop(b);
+    assert_eq!(read_to_end(upstream).len(), 100_000);
+    let st = d.pipe_stats();
+    assert!(
+        st.made > 0 && st.idle > 0,
+        "kept for reuse at first: {st:?}"
+    );
+    idle_past_pipe_lifetime(&mut d);
+    let st = d.pipe_stats();
+    assert_eq!(st.idle, 0, "closed once idle for a second: {st:?}");
+    assert_eq!(st.closed, st.made, "{st:?}");
+}

@@ -148,6 +148,8 @@ enum Kind {
     Tokio,
     /// `ringpool std-proxy`: blocking sockets, a thread per direction.
     Std,
+    /// `ringpool proxy --path splice`: socket to pipe to socket, no byte in user memory.
+    Splice,
     /// `ringpool proxy` with [`VARIANT_ARGS_VAR`]'s arguments (only when it is set).
     Variant,
 }
@@ -155,7 +157,7 @@ enum Kind {
 impl Kind {
     /// The proxies of a round, in the order of the first round.
     fn all() -> Vec<Kind> {
-        let mut kinds = vec![Kind::Ringpool, Kind::Tokio, Kind::Std];
+        let mut kinds = vec![Kind::Ringpool, Kind::Tokio, Kind::Std, Kind::Splice];
         if std::env::var_os(VARIANT_ARGS_VAR).is_some() {
             kinds.push(Kind::Variant);
         }
@@ -168,6 +170,7 @@ impl Kind {
             Kind::Ringpool => "ringpool",
             Kind::Tokio => "tokio",
             Kind::Std => "std",
+            Kind::Splice => "splice",
             Kind::Variant => "variant",
         }
     }
@@ -178,6 +181,7 @@ impl Kind {
             Kind::Ringpool => "ringpool proxy",
             Kind::Tokio => "tokio copy_bidirectional",
             Kind::Std => "std blocking, a thread per direction",
+            Kind::Splice => "ringpool proxy --path splice",
             Kind::Variant => "ringpool proxy variant",
         }
     }
@@ -433,7 +437,7 @@ struct Setup {
 /// The proxy's command line.
 fn proxy_args(kind: Kind, upstream: SocketAddr) -> Vec<String> {
     let name = match kind {
-        Kind::Ringpool | Kind::Variant => "proxy",
+        Kind::Ringpool | Kind::Splice | Kind::Variant => "proxy",
         Kind::Tokio => "tokio-proxy",
         Kind::Std => "std-proxy",
     };
@@ -443,11 +447,14 @@ fn proxy_args(kind: Kind, upstream: SocketAddr) -> Vec<String> {
         .collect();
     args.push(upstream.to_string());
     let extra = match kind {
-        Kind::Ringpool => EXTRA_ARGS_VAR,
+        Kind::Ringpool | Kind::Splice => EXTRA_ARGS_VAR,
         Kind::Variant => VARIANT_ARGS_VAR,
         Kind::Tokio | Kind::Std => return args,
     };
     args.extend(RINGPOOL_ARGS.iter().map(|s| s.to_string()));
+    if kind == Kind::Splice {
+        args.extend(["--path".to_string(), "splice".to_string()]);
+    }
     if let Ok(extra) = std::env::var(extra) {
         args.extend(extra.split_whitespace().map(str::to_owned));
     }
@@ -993,20 +1000,22 @@ fn cpu_ratio_notes(notes: &mut Vec<String>, runs: &[Run], kinds: &[Kind], i: usi
         cpu(Kind::Ringpool) / cpu(Kind::Std),
         spread(&paired(Kind::Ringpool, Kind::Std)),
     ));
-    if kinds.contains(&Kind::Variant) {
-        let rate = paired_ratios(runs, i, Kind::Variant, Kind::Ringpool, Run::gb_per_sec);
-        notes.push(format!(
-            "{}: variant/ringpool per round: CPU/GB {}, GB/s {}",
-            c.label,
-            spread(&paired(Kind::Variant, Kind::Ringpool)),
-            spread(&rate),
-        ));
+    for (kind, name) in [(Kind::Splice, "splice path"), (Kind::Variant, "variant")] {
+        if kinds.contains(&kind) {
+            let rate = paired_ratios(runs, i, kind, Kind::Ringpool, Run::gb_per_sec);
+            notes.push(format!(
+                "{}: {name}/ringpool per round: CPU/GB {}, GB/s {}",
+                c.label,
+                spread(&paired(kind, Kind::Ringpool)),
+                spread(&rate),
+            ));
+        }
     }
 }
 
 /// One configuration's kernel entries, operations and sends per GB, for each ringpool proxy.
 fn op_count_notes(notes: &mut Vec<String>, runs: &[Run], kinds: &[Kind], i: usize, c: &Config) {
-    for kind in [Kind::Ringpool, Kind::Variant] {
+    for kind in [Kind::Ringpool, Kind::Splice, Kind::Variant] {
         if !kinds.contains(&kind) {
             continue;
         }

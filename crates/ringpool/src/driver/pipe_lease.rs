@@ -700,6 +700,13 @@ impl Driver {
         }
     }
 
+    /// Closes the pool's idle pipes once none was used for a while (`PipePool::trim`).
+    pub(super) fn trim_pipes(&mut self) {
+        if self.pages.pool.has_spares() {
+            self.pages.pool.trim(std::time::Instant::now());
+        }
+    }
+
     /// Pages groups whose last member let go: their pipes go home, their completions go out.
     pub(super) fn collect_pages_returns(&mut self) {
         loop {

@@ -144,8 +144,8 @@ impl Driver {
     /// ```no_run
     /// # fn f(driver: &mut ringpool::Driver, client: &ringpool::Fd, upstream: &ringpool::Fd) -> ringpool::Result<()> {
     /// use ringpool::Event;
-    /// driver.splice_stream(client, upstream, 1 << 20, 1)?;
-    /// driver.splice_stream(upstream, client, 1 << 20, 2)?;
+    /// driver.splice_stream(client, upstream, 64 << 10, 1)?;
+    /// driver.splice_stream(upstream, client, 64 << 10, 2)?;
     /// driver.wait(None)?;
     /// while let Some(c) = driver.pop() {
     ///     match c.event {
@@ -190,6 +190,11 @@ impl Driver {
         };
         if op.step == Step::In && c.res > 0 {
             op.held = c.res as usize; // the bytes now in the pipe
+                                      // A splice in is a stream receive for receive coalescing: while chunks come in
+                                      // small, waits hold, so the next splices carry more.
+            if let (Some(co), Some(p)) = (&mut self.coalescing, &op.pipe) {
+                co.received(op.held, p.cap());
+            }
         }
         let end = match next(op.step, c.res, op.held) {
             Next::Moved(n, to) => {

@@ -148,6 +148,7 @@ impl Driver {
     /// spin either.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        self.trim_pipes();
         if let Some(delay) = self.hold_for(timeout) {
             // Data streams in: queued sends and re-armed receives go now, but without GETEVENTS,
             // so that (with DEFER_TASKRUN) no receive runs before the sleep: each runs after it,
