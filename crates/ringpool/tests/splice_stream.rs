@@ -202,7 +202,8 @@ fn a_stream_into_a_sink_that_stops_reading_is_cancelled_and_its_pipe_goes_home()
             }
         }
         assert!(seen.bytes > 0 && seen.end.is_none());
-        assert_eq!(d.pipe_stats().in_use, 1, "the stuck chunk holds its pipe");
+        // The stuck chunk holds its pipe (none if the writer was between chunks).
+        assert!(d.pipe_stats().in_use <= 1, "{:?}", d.pipe_stats());
         if by_fd {
             d.cancel_fd(&b); // the sink's descriptor reaches the stream too
         } else {
