@@ -120,19 +120,8 @@ fn a_client_that_leaves_cancels_its_pending_upstream_connect() {
 
 #[test]
 fn a_zero_connect_timeout_is_refused_naming_the_flag() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpool"))
-        .args([
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-        ])
-        .args(["--connect-timeout", "0"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (status, err) = common::proxy_refusal(&["--connect-timeout", "0"]);
+    assert_eq!(status.code(), Some(2), "{err}");
     assert!(
         err.contains("--connect-timeout") && err.contains("more than 0"),
         "{err}"

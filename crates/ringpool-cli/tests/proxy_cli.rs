@@ -6,7 +6,7 @@ mod common;
 
 use common::echo_upstream;
 
-use common::Server;
+use common::{proxy_refusal, Server};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
@@ -99,6 +99,10 @@ fn sixty_four_mib_each_way_through_splice_streams_with_no_byte_in_the_group() {
     assert!(v["pipes_made"].as_u64().unwrap() > 0, "{v}");
     // The fallback rungs of the ring change nothing for splices.
     both_directions_with("auto", "no-defer-taskrun,no-ext-arg", &["--path", "splice"]);
+    // One pipe for 4 connections each way: directions take turns at it, nothing lost.
+    let v = both_directions_with("auto", "", &["--path", "splice", "--max-pipes", "1"]);
+    assert_eq!(v["pipes_made"], 1, "{v}");
+    assert!(v["pipe_waits"].as_u64().unwrap() > 0, "{v}");
 }
 
 #[test]
@@ -117,22 +121,8 @@ fn splice_flags_that_cannot_apply_are_refused() {
             "a pipe holds 1 byte",
         ),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpool"))
-            .args([
-                "proxy",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                "127.0.0.1:9",
-            ])
-            .args(args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(why),
-            "{args:?}: {err}"
-        );
+        let (status, err) = proxy_refusal(args);
+        assert!(!status.success() && err.contains(why), "{args:?}: {err}");
     }
 }
 
@@ -173,37 +163,12 @@ fn the_proxy_receives_through_zcrx_where_the_kernel_can_and_says_why_where_it_ca
         assert_eq!(v["recv"], "zcrx", "{v}");
         return;
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpool"))
-        .args([
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-            "--recv",
-            "zcrx",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let (status, err) = proxy_refusal(&["--recv", "zcrx"]);
+    assert!(!status.success(), "{err}");
     assert!(err.contains("zero-copy receive is not available"), "{err}");
     eprintln!("skipped: zcrx proxy not possible here; the refusal reads: {err}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpool"))
-        .args([
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-            "--rt",
-            "--recv",
-            "zcrx",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--rt"), "{err}");
+    let (status, err) = proxy_refusal(&["--rt", "--recv", "zcrx"]);
+    assert!(!status.success() && err.contains("--rt"), "{err}");
 }
 
 #[test]

@@ -169,6 +169,19 @@ pub enum Error {
         /// The longest lease that fits, from the offset asked for.
         max: usize,
     },
+    /// Every pipe [`DriverConfig::max_pipes`](crate::DriverConfig::max_pipes) allows is in
+    /// use (a pages lease takes all of its pipes at its start; splice streams wait instead).
+    ///
+    /// # Examples
+    /// ```
+    /// let e = ringpool::Error::PipesExhausted { max: 64 };
+    /// assert!(e.to_string().contains("max_pipes"));
+    /// ```
+    #[error("all {max} pipes DriverConfig::max_pipes allows are in use")]
+    PipesExhausted {
+        /// The bound.
+        max: usize,
+    },
     /// An argument that cannot be used this way.
     #[error("invalid argument: {what}")]
     InvalidArgument {
@@ -290,7 +303,9 @@ impl From<Error> for io::Error {
             Error::Cancelled => io::Error::from_raw_os_error(libc::ECANCELED),
             Error::OutOfMemory { .. } => io::Error::new(io::ErrorKind::OutOfMemory, e),
             Error::Unsupported { .. } => io::Error::new(io::ErrorKind::Unsupported, e),
-            Error::PoolExhausted { .. } => io::Error::new(io::ErrorKind::WouldBlock, e),
+            Error::PoolExhausted { .. } | Error::PipesExhausted { .. } => {
+                io::Error::new(io::ErrorKind::WouldBlock, e)
+            }
             Error::TimedOut => io::Error::new(io::ErrorKind::TimedOut, e),
             other => io::Error::new(io::ErrorKind::InvalidInput, other),
         }

@@ -183,6 +183,10 @@ pub struct PipeStats {
     /// Splices and tees that would have blocked (`EAGAIN` from a non-blocking descriptor):
     /// each waited for a poll and ran again, none was taken for data.
     pub eagain_polls: u64,
+    /// Times a splice stream's chunk waited for a pipe (all of
+    /// [`DriverConfig::max_pipes`](crate::DriverConfig::max_pipes) in use, or none could be
+    /// opened while others were): backpressure, nothing lost.
+    pub pipe_waits: u64,
 }
 
 /// The driver's pipes: handed out to pages leases, drained and kept when they come back.
@@ -199,6 +203,9 @@ pub(crate) struct PipePool {
     eagain_polls: u64,
     /// When a pipe was last taken or given back.
     last_used: Option<Instant>,
+    /// Most pipes in use at once (`DriverConfig::max_pipes`; 0 in a `Default` pool: no bound).
+    max: usize,
+    waits: u64,
 }
 
 /// Idle pipes (and `/dev/null`) are closed once no pipe was taken or given back for this long:
@@ -208,8 +215,34 @@ pub(crate) struct PipePool {
 pub(crate) const IDLE_PIPE_LIFETIME: Duration = Duration::from_secs(1);
 
 impl PipePool {
+    /// A pool that hands out at most `max` pipes at once.
+    pub(crate) fn with_max(max: usize) -> PipePool {
+        PipePool {
+            max,
+            ..Default::default()
+        }
+    }
+
+    /// Whether every pipe the pool may hand out is in use.
+    pub(crate) fn at_limit(&self) -> bool {
+        self.max != 0 && self.in_use >= self.max
+    }
+
+    /// Pipes handed out and not back yet.
+    pub(crate) fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    /// A splice stream waits for a pipe.
+    pub(crate) fn count_wait(&mut self) {
+        self.waits += 1;
+    }
+
     /// A drained pipe of at least `cap` bytes: the smallest idle one that fits, or a new one.
     pub(crate) fn take(&mut self, cap: usize) -> Result<Pipe> {
+        if self.at_limit() {
+            return Err(Error::PipesExhausted { max: self.max });
+        }
         let best = (0..self.idle.len())
             .filter(|&i| self.idle[i].cap >= cap)
             .min_by_key(|&i| self.idle[i].cap);
@@ -291,6 +324,7 @@ impl PipePool {
             closed: self.closed,
             max_pipe: pipe_max_size(),
             eagain_polls: self.eagain_polls,
+            pipe_waits: self.waits,
         }
     }
 

@@ -25,6 +25,16 @@ fn writer(mut c: TcpStream, data: Vec<u8>) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// Reads exactly `len` bytes of `s` on a thread of its own.
+fn read_exactly(mut s: TcpStream, len: usize) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = vec![0u8; len];
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.read_exact(&mut v).unwrap();
+        v
+    })
+}
+
 /// What a stream did: bytes its `Spliced` completions reported, and how it ended.
 #[derive(Default)]
 struct Seen {
@@ -62,26 +72,8 @@ fn two_directions_of_32_mib_arrive_whole_in_order_and_every_pipe_goes_home() {
     let (up, down) = (pattern_vec(1, 0, len), pattern_vec(2, 0, len));
     let w1 = writer(client.try_clone().unwrap(), up.clone());
     let w2 = writer(upstream.try_clone().unwrap(), down.clone());
-    let r1 = std::thread::spawn({
-        let u = upstream.try_clone().unwrap();
-        move || {
-            let mut v = vec![0u8; len];
-            let mut u = u;
-            u.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            u.read_exact(&mut v).unwrap();
-            v
-        }
-    });
-    let r2 = std::thread::spawn({
-        let c = client.try_clone().unwrap();
-        move || {
-            let mut v = vec![0u8; len];
-            let mut c = c;
-            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            c.read_exact(&mut v).unwrap();
-            v
-        }
-    });
+    let r1 = read_exactly(upstream.try_clone().unwrap(), len);
+    let r2 = read_exactly(client.try_clone().unwrap(), len);
     let mut seen = [Seen::default(), Seen::default()];
     pump(&mut d, 120, |c| {
         record(&mut seen[c.token as usize], c.event, c.more);
@@ -316,4 +308,122 @@ fn idle_pipes_are_closed_a_second_after_the_last_stream_ended() {
     let st = d.pipe_stats();
     assert_eq!(st.idle, 0, "closed once idle for a second: {st:?}");
     assert_eq!(st.closed, st.made, "{st:?}");
+}
+
+/// With one pipe for the whole driver, two busy streams take turns at it: a chunk that finds
+/// no pipe waits (backpressure) and both streams arrive whole, in order.
+#[test]
+fn at_max_pipes_streams_wait_for_a_pipe_and_lose_nothing() {
+    let len: usize = if in_emulated_guest() {
+        1 << 20
+    } else {
+        8 << 20
+    };
+    let mut d = Driver::new(DriverConfig::default().ignore_env().max_pipes(1)).unwrap();
+    let mut ends = Vec::new();
+    for i in 0..2u64 {
+        let (client, a) = tcp_pair();
+        let (b, upstream) = tcp_pair();
+        let (a, b) = (Fd::from(a), Fd::from(b));
+        d.splice_stream(&a, &b, 64 << 10, i).unwrap();
+        let data = pattern_vec(10 + i, 0, len);
+        // The writer drops its socket when done: the stream then ends.
+        let w = writer(client, data.clone());
+        let r = read_exactly(upstream, len);
+        ends.push((a, b, w, r, data));
+    }
+    let mut seen = [Seen::default(), Seen::default()];
+    pump(&mut d, 60, |c| {
+        record(&mut seen[c.token as usize], c.event, c.more);
+        seen.iter().all(|s| s.end.is_some())
+    });
+    for (s, (a, b, w, r, data)) in seen.iter().zip(ends) {
+        assert!(matches!(s.end, Some(Ok(()))), "{:?}", s.end);
+        assert_eq!(s.bytes, len);
+        w.join().unwrap();
+        assert!(r.join().unwrap() == data, "byte for byte");
+        drop((a, b));
+    }
+    let st = d.pipe_stats();
+    assert_eq!(st.made, 1, "one pipe, ever: {st:?}");
+    assert!(st.pipe_waits > 0, "chunks waited for it: {st:?}");
+    assert_eq!(st.in_use, 0, "{st:?}");
+}
+
+/// A stream waiting for a pipe (the only one held by a stream stuck on a sink that does not
+/// read) is cancelled at once; a pages lease that cannot have its pipe is refused with the
+/// bound; cancelling the stuck stream brings the pipe home.
+#[test]
+fn a_stream_waiting_for_a_pipe_is_cancellable_and_a_pages_lease_is_refused() {
+    let mut d = Driver::new(DriverConfig::default().ignore_env().max_pipes(1)).unwrap();
+    let (client, a) = tcp_pair();
+    let (b, _stalled) = tcp_pair();
+    let (a, b) = (Fd::from(a), Fd::from(b));
+    let stuck = d.splice_stream(&a, &b, 64 << 10, 0).unwrap();
+    let flood = std::thread::spawn(move || {
+        let mut c = client;
+        let chunk = vec![5u8; 64 << 10];
+        while c.write_all(&chunk).is_ok() {}
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.pipe_stats().in_use == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck stream never took its pipe"
+        );
+        d.wait(Some(Duration::from_millis(20))).unwrap();
+        while d.pop().is_some() {}
+    }
+    let (mut client2, a2) = tcp_pair();
+    let (b2, _peer2) = tcp_pair();
+    let (a2, b2) = (Fd::from(a2), Fd::from(b2));
+    let waiting = d.splice_stream(&a2, &b2, 64 << 10, 1).unwrap();
+    client2.write_all(b"waits").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.pipe_stats().pipe_waits == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the second stream never asked for a pipe"
+        );
+        d.wait(Some(Duration::from_millis(20))).unwrap();
+        while let Some(c) = d.pop() {
+            assert!(matches!(c.event, Event::Spliced { .. }), "{:?}", c.event);
+        }
+    }
+    let (_f, file) = {
+        let path = std::env::temp_dir().join(format!("ringpool-maxpipes-{}", std::process::id()));
+        std::fs::write(&path, b"lease").unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let fd = Fd::from(std::os::fd::OwnedFd::from(f.try_clone().unwrap()));
+        (f, fd)
+    };
+    let e = d
+        .lease(
+            &file,
+            ringpool::LeaseBacking::Pages { len: 5 },
+            0,
+            vec![ringpool::Member::send(&b2, 9)],
+            9,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::PipesExhausted { max: 1 }), "{e}");
+    d.cancel(waiting);
+    let mut ended = None;
+    pump(&mut d, 10, |c| {
+        if c.token == 1 && !c.more {
+            ended = Some(c.event);
+        }
+        ended.is_some()
+    });
+    assert!(
+        matches!(ended, Some(Event::Error(Error::Cancelled))),
+        "{ended:?}"
+    );
+    d.cancel(stuck);
+    pump(&mut d, 10, |c| c.token == 0 && !c.more);
+    assert_eq!(d.pipe_stats().in_use, 0);
+    assert_eq!(d.in_flight(), 0);
+    drop((a, b));
+    flood.join().unwrap();
 }

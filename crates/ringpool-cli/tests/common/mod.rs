@@ -152,6 +152,26 @@ impl Drop for Server {
     }
 }
 
+/// Runs `ringpool proxy` (in front of a port nothing listens on) with `args` added, for flags
+/// it must refuse at start: its exit status and its stderr.
+pub fn proxy_refusal(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpool"))
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// An upstream echo server in the test process (whose descriptor limit is high): every
 /// connection echoes until its client half-closes, then half-closes back.
 pub fn echo_upstream() -> SocketAddr {

@@ -145,6 +145,7 @@ pub struct DriverConfig {
     fixed_slots: u32,
     coalesce: Duration,
     zcrx: bool,
+    max_pipes: usize,
 }
 
 impl Default for DriverConfig {
@@ -158,6 +159,7 @@ impl Default for DriverConfig {
             fixed_slots: 1024,
             coalesce: Duration::ZERO,
             zcrx: false,
+            max_pipes: usize::MAX,
         }
     }
 }
@@ -234,6 +236,23 @@ impl DriverConfig {
     /// ```
     pub fn zero_copy_receive(mut self, on: bool) -> Self {
         self.zcrx = on;
+        self
+    }
+
+    /// At most `n` pipes held at once by pages leases and splice streams (default: no bound
+    /// but the descriptor limit; each pipe is two descriptors and up to its size in page
+    /// references). A splice stream whose chunk finds none waits until one comes home
+    /// (backpressure, as with a pipe that cannot be opened while others are in use); a pages
+    /// lease that cannot have its pipes fails at its start, as before.
+    ///
+    /// # Examples
+    /// ```
+    /// let driver = ringpool::Driver::new(ringpool::DriverConfig::default().max_pipes(64))?;
+    /// # drop(driver);
+    /// # Ok::<(), ringpool::Error>(())
+    /// ```
+    pub fn max_pipes(mut self, n: usize) -> Self {
+        self.max_pipes = n.max(1);
         self
     }
 
@@ -666,7 +685,7 @@ impl Driver {
             zcrx_areas: Vec::new(),
             zcrx_parked: Vec::new(),
             zcrx_asked: config.zcrx,
-            pages: Default::default(),
+            pages: pipe_lease::PagesState::with_max_pipes(config.max_pipes),
         })
     }
 

@@ -40,6 +40,18 @@ pub(super) struct PagesState {
     /// the others wait (parked there once their tee is done).
     sinks: HashMap<RawFd, VecDeque<SinkTurn>>,
     next_seq: u64,
+    /// Splice streams (op keys) parked until a pipe comes home, in the order they asked.
+    pub(super) splice_waiters: VecDeque<usize>,
+}
+
+impl PagesState {
+    /// The state of a driver whose pool holds at most `max` pipes at once.
+    pub(super) fn with_max_pipes(max: usize) -> PagesState {
+        PagesState {
+            pool: PipePool::with_max(max),
+            ..Default::default()
+        }
+    }
 }
 
 /// A member's place in its sink's line.

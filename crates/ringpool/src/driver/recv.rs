@@ -312,6 +312,7 @@ impl Driver {
     pub(super) fn finish_parked(&mut self, key: usize, event: Event) {
         self.parked.retain(|&k| k != key);
         self.zcrx_parked.retain(|&k| k != key);
+        self.pages.splice_waiters.retain(|&k| k != key);
         let slot = self.ops.remove(key);
         self.ready.push_back(Completion {
             token: slot.token,

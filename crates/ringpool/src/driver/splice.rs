@@ -16,7 +16,7 @@ use io_uring::{opcode, squeue, types};
 use crate::error::{Error, Result};
 use crate::pages::Pipe;
 
-use super::op::{errno_error, OpId, OpKind};
+use super::op::{errno_error, OpId, OpKind, SlotState};
 use super::submit::OpCqe;
 use super::{Completion, Driver, Event, Fd};
 
@@ -259,6 +259,13 @@ impl Driver {
             Step::PollOut => self.pages.pool.count_poll(),
             Step::In if op.pipe.is_none() => match self.pages.pool.take(op.pipe_bytes) {
                 Ok(p) => op.pipe = Some(p),
+                Err(e) if self.pages.pool.in_use() > 0 && pipe_shortage(&e) => {
+                    // Another stream's pipe comes home: this chunk waits for it.
+                    self.pages.pool.count_wait();
+                    self.ops[c.key].state = SlotState::Parked;
+                    self.pages.splice_waiters.push_back(c.key);
+                    return;
+                }
                 Err(e) => return self.end_splice(c, e),
             },
             Step::In | Step::Out => {}
@@ -268,19 +275,61 @@ impl Driver {
 
     /// Ends a stream that could not go on (no pipe to be had) with `e`.
     fn end_splice(&mut self, c: OpCqe, e: Error) {
-        let OpKind::Splice(mut op) = self.ops.remove(c.key).kind else {
+        self.end_splice_at(c.key, e);
+    }
+
+    /// Ends the stream in slot `key` with `e`, its pipe home.
+    fn end_splice_at(&mut self, key: usize, e: Error) {
+        let slot = self.ops.remove(key);
+        let OpKind::Splice(mut op) = slot.kind else {
             unreachable!("a splice stream")
         };
         if let Some(p) = op.pipe.take() {
             self.pages.pool.put(p);
         }
         self.ready.push_back(Completion {
-            token: c.token,
-            op: c.id,
+            token: slot.token,
+            op: OpId::new(key, slot.gen, self.ring_id),
             event: Event::Error(e),
             more: false,
         });
     }
+
+    /// Streams waiting for a pipe take the ones that came home, in the order they asked, and
+    /// splice in (at `flush`, before the driver enters the kernel).
+    pub(super) fn rearm_splice_waiters(&mut self) {
+        while let Some(&key) = self.pages.splice_waiters.front() {
+            let OpKind::Splice(op) = &self.ops[key].kind else {
+                unreachable!("a waiting splice stream")
+            };
+            match self.pages.pool.take(op.pipe_bytes) {
+                Ok(p) => {
+                    self.pages.splice_waiters.pop_front();
+                    let OpKind::Splice(op) = &mut self.ops[key].kind else {
+                        unreachable!("a waiting splice stream")
+                    };
+                    op.pipe = Some(p);
+                    self.arm(key);
+                }
+                Err(e) if self.pages.pool.in_use() > 0 && pipe_shortage(&e) => return,
+                Err(e) => {
+                    self.pages.splice_waiters.pop_front();
+                    self.end_splice_at(key, e);
+                }
+            }
+        }
+    }
+}
+
+/// Whether not getting a pipe is a shortage that a pipe coming home ends: the bound
+/// (`max_pipes`), descriptors (`EMFILE`, `ENFILE`), or pipe memory (`ENOMEM`; `EPERM` from
+/// `F_SETPIPE_SZ` past the user's pipe pages).
+fn pipe_shortage(e: &Error) -> bool {
+    matches!(e, Error::PipesExhausted { .. })
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EPERM)
+        )
 }
 
 #[cfg(test)]

@@ -214,7 +214,11 @@ impl Driver {
     /// all parked must not sleep on it; a timed wait sleeps anyway).
     fn in_kernel(&self) -> usize {
         let idle_wake = usize::from(self.cross_armed && !self.cross.outstanding());
-        self.ops.len() - self.parked.len() - self.zcrx_parked.len() - idle_wake
+        self.ops.len()
+            - self.parked.len()
+            - self.zcrx_parked.len()
+            - self.pages.splice_waiters.len()
+            - idle_wake
     }
 
     /// Before entering the kernel: provide returned legacy buffers, re-arm parked receives whose
@@ -232,6 +236,9 @@ impl Driver {
         }
         if !self.parked.is_empty() {
             self.rearm_parked();
+        }
+        if !self.pages.splice_waiters.is_empty() {
+            self.rearm_splice_waiters();
         }
         if !self.zcrx_areas.is_empty() {
             self.flush_zcrx();

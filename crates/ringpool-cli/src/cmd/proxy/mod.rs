@@ -95,6 +95,10 @@ pub struct Args {
     /// 1 MiB pipes flooded loopback's socket memory and throughput fell tenfold.
     #[arg(long, default_value_t = 64 << 10)]
     pub(crate) pipe_bytes: usize,
+    /// `--path splice`: at most this many pipes at once for all connections (default 256: 16
+    /// MiB of 64 KiB pipes, 512 descriptors); a direction whose chunk finds none waits for one.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_pipes: u32,
 }
 
 /// How bytes cross the proxy (`--path`).
@@ -244,7 +248,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = DriverConfig::default()
         .entries(crate::cmd::probe::SERVER_RING_ENTRIES)
         .zerocopy(ZcConfig::default().mode(zerocopy_mode(&args)))
-        .receive_coalescing(Duration::from_micros(args.coalesce_us));
+        .receive_coalescing(Duration::from_micros(args.coalesce_us))
+        .max_pipes(args.max_pipes as usize);
     let splice = splice_pipe(&args)?;
     let recv = if splice.is_some() {
         RecvChoice::Groups // no receive: the smallest group, for the report
@@ -268,9 +273,10 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     match &source {
         _ if splice.is_some() => println!(
             "forwarding to {} through splice streams: a pipe of {} B per direction with a chunk \
-             on its way, no byte in user memory",
+             on its way (at most {} at once), no byte in user memory",
             args.upstream,
-            splice.unwrap_or_default()
+            splice.unwrap_or_default(),
+            args.max_pipes
         ),
         Source::Group(group) => println!(
             "forwarding to {} through buffer group {}: {} x {} B ({}{}), zero-copy {:?}",
@@ -403,6 +409,7 @@ pub(crate) fn report(summary: &Summary, source: &Source, driver: &Driver, runtim
         "fixed_sends": z.fixed_sends, "registered": registered,
         "enters": d.enters, "sqes": d.sqes, "cqes": d.cqes, "held_waits": d.held_waits,
         "pipes_made": p.made, "pipes_in_use": p.in_use, "pipe_polls": p.eagain_polls,
+        "pipe_waits": p.pipe_waits,
         "runtime": runtime,
     });
     if let (Some(all), serde_json::Value::Object(own)) = (json.as_object_mut(), own) {
