@@ -739,18 +739,18 @@ impl Driver {
 }
 
 /// Whether the sockets pages members and splice streams splice into are made non-blocking on
-/// `kernel`: before 7.0. Needed on
-/// 6.1 (below); on Debian's 7.3 a non-blocking member's chunks stalled instead
-/// (`pages_leases::chunks_leased_back_to_back_reach_each_socket_in_order` timed out in the
-/// kernel matrix), while blocking members pass there, cancel included. An open finding.
+/// `kernel`: before 7.0. Needed on 6.1 (below); on Debian's 7.3 a non-blocking member's chunks
+/// stalled instead (`pages_leases::chunks_leased_back_to_back_reach_each_socket_in_order` timed
+/// out in the kernel matrix), while blocking members pass there, cancel included. An open
+/// finding.
 pub(super) fn nonblocking_sinks(kernel: crate::sys::KernelVersion) -> bool {
     kernel.major < 7
 }
 
-/// Makes a pages member's (or a splice stream's) sink non-blocking. The kernel runs every splice in an io-wq
-/// worker; a splice into a blocking socket whose peer does not read sleeps there, and on some
-/// kernels (6.1, seen in the kernel matrix) cancelling the op does not wake it, so the lease
-/// could never end. On a non-blocking socket the splice says `EAGAIN` instead, which the
+/// Makes a pages member's (or a splice stream's) sink non-blocking. The kernel runs every
+/// splice in an io-wq worker; a splice into a blocking socket whose peer does not read sleeps
+/// there, and on some kernels (6.1, seen in the kernel matrix) cancelling the op does not wake
+/// it, so the lease (or stream) could never end. On a non-blocking socket the splice says `EAGAIN` instead, which the
 /// member waits out with a poll, and a poll is always cancellable. (io_uring's own sends and
 /// receives behave the same on blocking and non-blocking sockets.)
 pub(super) fn set_nonblocking(fd: &Fd) -> Result<()> {

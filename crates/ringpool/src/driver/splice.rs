@@ -189,9 +189,9 @@ impl Driver {
             unreachable!("a splice stream")
         };
         if op.step == Step::In && c.res > 0 {
-            op.held = c.res as usize; // the bytes now in the pipe
-                                      // A splice in is a stream receive for receive coalescing: while chunks come in
-                                      // small, waits hold, so the next splices carry more.
+            // The bytes now in the pipe. A splice in is a stream receive for receive
+            // coalescing: while chunks come in small, waits hold, so the next splices carry more.
+            op.held = c.res as usize;
             if let (Some(co), Some(p)) = (&mut self.coalescing, &op.pipe) {
                 co.received(op.held, p.cap());
             }

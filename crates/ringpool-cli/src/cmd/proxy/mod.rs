@@ -257,6 +257,7 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.recv.clone()
     };
     let mut driver = Driver::new(recv.config(cfg))?;
+    check_pipe_bytes(&driver, splice)?;
     // A registered region where memlock allows: zero-copy sends then name the memory the
     // kernel received into, with no per-send page pinning.
     let group_cfg = match splice {
@@ -319,8 +320,8 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The pipe size of `--path splice` (checked against the largest pipe), or `None` for
-/// `--path buffers`. An explicit `--recv zcrx` with splice is refused: nothing is received
+/// The pipe size of `--path splice` (checked against the largest pipe once the driver is up:
+/// [`check_pipe_bytes`]), or `None` for `--path buffers`. An explicit `--recv zcrx` with splice is refused: nothing is received
 /// into memory there.
 fn splice_pipe(args: &Args) -> Result<Option<usize>, String> {
     if args.path == ProxyPath::Buffers {
@@ -331,16 +332,18 @@ fn splice_pipe(args: &Args) -> Result<Option<usize>, String> {
             "--path splice receives nothing into memory: --recv zcrx does not apply".into(),
         );
     }
-    let max = ringpool::Driver::new(DriverConfig::default().ignore_env())
-        .map(|d| d.pipe_stats().max_pipe)
-        .unwrap_or(1 << 20);
-    if args.pipe_bytes == 0 || args.pipe_bytes > max {
-        return Err(format!(
-            "--pipe-bytes {}: a pipe holds 1 byte to {max} (/proc/sys/fs/pipe-max-size)",
-            args.pipe_bytes
-        ));
-    }
     Ok(Some(args.pipe_bytes))
+}
+
+/// Refuses a `--pipe-bytes` that no pipe of `driver` can have.
+fn check_pipe_bytes(driver: &Driver, splice: Option<usize>) -> Result<(), String> {
+    let max = driver.pipe_stats().max_pipe;
+    match splice {
+        Some(bytes) if bytes == 0 || bytes > max => Err(format!(
+            "--pipe-bytes {bytes}: a pipe holds 1 byte to {max} (/proc/sys/fs/pipe-max-size)"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The proxy's buffer group: one registered region where memlock allows. A region holds at
