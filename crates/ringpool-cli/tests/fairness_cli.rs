@@ -3,8 +3,10 @@
 //! share of the shared buffer group; 50 ping-pong clients keep a bounded latency meanwhile.
 //! Against `echo` and `proxy`, on the event loop and on the async layer (`--rt`).
 //!
-//! The latency bound is generous (this is a noisy, shared 2-core VM): before the fix the
-//! ping-pong clients did not get slow, they got no answer at all (timeouts of seconds).
+//! The latency bound tells starvation from noise, nothing finer: before the fix the ping-pong
+//! clients did not get slow, they got no answer at all (timeouts of seconds). A tighter bound
+//! (50 ms until 2026-12-03) was a latency target in a test, and failed now and then when the
+//! CI host was loaded; latency is measured in `ringpool bench`.
 
 mod common;
 
@@ -19,8 +21,8 @@ use std::time::{Duration, Instant};
 
 const PING_CLIENTS: usize = 50;
 const ROUNDS: usize = 40;
-/// p99 of the ping-pong round trips must stay under this.
-const P99_BOUND: Duration = Duration::from_millis(50);
+/// p99 of the ping-pong round trips must stay under this (a starved client waits seconds).
+const P99_BOUND: Duration = Duration::from_millis(500);
 /// A round trip that takes longer than this counts as lost (and ends that client).
 const LOST: Duration = Duration::from_secs(3);
 const BULK_BYTES: u64 = 100 << 20;
