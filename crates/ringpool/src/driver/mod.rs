@@ -443,8 +443,9 @@ pub struct DriverStats {
     pub held_waits: u64,
 }
 
-/// Owns an io_uring and everything the kernel may touch through it. See the [module
-/// docs](self) for the ownership rule.
+/// Owns an io_uring and everything the kernel may touch through it: nothing the kernel may
+/// still read or write is freed, reused or handed out before the op's final completion (the
+/// ownership rule, stated in full in `driver/mod.rs` and docs/ARCHITECTURE.md).
 pub struct Driver {
     // The ring and what every capability shares (declared first, so the ring closes before
     // the fields below are dropped).
