@@ -70,6 +70,27 @@ fn idle_heavy_quick_json() {
     );
 }
 
+/// `--workload echo`: 32 busy connections of 64-byte ping-pong on both servers, every reply
+/// checked; one target (issue 19's CPU per request against tokio).
+#[test]
+fn echo_quick_json() {
+    let w = quick_json_workload("echo");
+    assert_eq!(w["verified"], true, "bytes not verified: {w:#}");
+    assert_words_not_internal_names(&w);
+    assert_eq!(targets_of(&w).len(), 1, "{w:#}");
+    for side in ["ringpool", "baseline"] {
+        assert!(
+            w["metrics"]["requests"][side].as_f64().unwrap() > 0.0,
+            "{w:#}"
+        );
+        assert_eq!(w["metrics"]["connections"][side], 32.0, "{w:#}");
+        assert!(
+            w["metrics"]["cpu_us_per_request"][side].as_f64().unwrap() > 0.0,
+            "{w:#}"
+        );
+    }
+}
+
 /// The one workload named `name` of a successful `bench --quick --json --workload name`.
 fn quick_json_workload(name: &str) -> serde_json::Value {
     let out = run_bench(&["--quick", "--json", "--workload", name]);

@@ -1,9 +1,12 @@
-//! Workload `idle-heavy`: 10,000 connections of which 100 are busy with 512-byte
-//! request/response exchanges and 9,900 sit idle.
+//! Workloads `idle-heavy` and `echo`, one machinery for both ([`Shape`]):
+//! - `idle-heavy`: 10,000 connections of which 100 are busy with 512-byte request/response
+//!   exchanges and 9,900 sit idle. The target: ringpool holds at most 5% of the baseline's
+//!   buffer bytes at 1.0x or more of its requests/s (and issue 19's CPU per request).
+//! - `echo`: 32 connections, every one busy with 64-byte ping-pong (issue 19's "echo, 32
+//!   connections" row): server CPU per request against tokio's.
 //!
-//! ringpool's side is `ringpool echo` (one shared group of 512 x 4 KiB buffers); the baseline
-//! is `ringpool tokio-echo` (a 16 KiB buffer per connection). The target: ringpool holds at
-//! most 5% of the baseline's buffer bytes at 1.0x or more of its requests/s.
+//! ringpool's side is `ringpool echo` (one shared group of 4 KiB buffers: 512 for idle-heavy,
+//! 64 for echo); the baseline is `ringpool tokio-echo` (a 16 KiB buffer per connection).
 
 use std::time::{Duration, Instant};
 
@@ -15,18 +18,52 @@ use super::report::{median, Bound, Metric, Target, Unit, WorkloadReport, FOUNDAT
 use super::server::Server;
 use super::{load, sys, BenchResult, Options, Side, WorkloadDef};
 
-/// The workload's entry in the bench.
+/// The `idle-heavy` workload's entry in the bench.
 pub const WORKLOAD: WorkloadDef = WorkloadDef {
-    name: "idle-heavy",
-    run,
+    name: IDLE_HEAVY.name,
+    run: |opts| run(opts, &IDLE_HEAVY),
 };
 
-const TOTAL_CONNS: usize = 10_000;
-const BUSY_CONNS: usize = 100;
-const MSG_LEN: usize = 512;
+/// The `echo` workload's entry in the bench.
+pub const ECHO_WORKLOAD: WorkloadDef = WorkloadDef {
+    name: ECHO.name,
+    run: |opts| run(opts, &ECHO),
+};
+
+/// The connections of one workload of this module.
+pub struct Shape {
+    name: &'static str,
+    /// Connections opened.
+    total: usize,
+    /// Of them, busy with request/response exchanges (the others sit idle).
+    busy: usize,
+    /// Bytes per request (and response), at most [`MAX_MSG_LEN`].
+    msg_len: usize,
+    /// Buffers of `ringpool echo`'s shared group (of 4 KiB).
+    ringpool_bufs: u32,
+}
+
+const IDLE_HEAVY: Shape = Shape {
+    name: "idle-heavy",
+    total: 10_000,
+    busy: 100,
+    msg_len: 512,
+    ringpool_bufs: 512,
+};
+
+const ECHO: Shape = Shape {
+    name: "echo",
+    total: 32,
+    busy: 32,
+    msg_len: 64,
+    // Two buffers per connection: half of tokio's 32 x 16 KiB.
+    ringpool_bufs: 64,
+};
+
+const MAX_MSG_LEN: usize = 512;
+const _: () = assert!(IDLE_HEAVY.msg_len <= MAX_MSG_LEN && ECHO.msg_len <= MAX_MSG_LEN);
 const IDLE_PROBE_LEN: usize = 16;
 const RINGPOOL_BUF_SIZE: usize = 4096;
-const RINGPOOL_BUFS: u32 = 512;
 const BASELINE_BUF_SIZE: usize = 16 * 1024;
 /// Longest time one request/response may take before it counts as a failure (a stall).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,6 +74,7 @@ const IDLE_CHECK_TIME: Duration = Duration::from_secs(20);
 
 /// What one round of one side measured.
 struct Round {
+    shape: &'static Shape,
     side: Side,
     /// Every byte this process got echoed back in the round (warm-up, window, idle check).
     client_bytes: u64,
@@ -83,7 +121,7 @@ impl Round {
         self.busy.mismatches == 0
             && self.busy.errors == 0
             && self.idle.failed == 0
-            && self.idle.ok == (TOTAL_CONNS - BUSY_CONNS) as u64
+            && self.idle.ok == (self.shape.total - self.shape.busy) as u64
             && self.requests > 0
             && self.stats.is_some()
     }
@@ -120,34 +158,35 @@ impl Round {
     }
 }
 
-/// Runs every round, alternating the sides, and summarizes them.
-fn run(opts: &Options) -> BenchResult<WorkloadReport> {
+/// Runs every round of `shape`, alternating the sides, and summarizes them.
+fn run(opts: &Options, shape: &'static Shape) -> BenchResult<WorkloadReport> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let hz = sys::clock_ticks_per_sec();
     let mut rounds = Vec::new();
-    let mut progress = Progress::new(WORKLOAD.name, opts.rounds * Side::BOTH.len());
+    let mut progress = Progress::new(shape.name, opts.rounds * Side::BOTH.len());
     for i in 1..=opts.rounds {
         for side in Side::BOTH {
-            let r = run_round(&rt, side, opts.window)
+            let r = run_round(&rt, shape, side, opts.window)
                 .map_err(|e| format!("round {i} ({}): {e}", side.label()))?;
             print_progress(&mut progress, &r, i, opts.rounds, hz);
             rounds.push(r);
         }
     }
-    Ok(summarize(&rounds, opts.rounds, hz))
+    Ok(summarize(shape, &rounds, opts.rounds, hz))
 }
 
 /// Extra arguments for ringpool's echo server (e.g. `--rt` to measure the async layer's echo
 /// against the event-loop one), for experiments; the report notes when it was set.
 const EXTRA_ARGS_VAR: &str = "RINGPOOL_BENCH_ECHO_ARGS";
 
-fn server_args(side: Side) -> Vec<String> {
+fn server_args(shape: &Shape, side: Side) -> Vec<String> {
+    let bufs = shape.ringpool_bufs;
     let extra = std::env::var(EXTRA_ARGS_VAR).unwrap_or_default();
     let args = match side {
         Side::Ringpool => format!(
-            "echo --listen 127.0.0.1:0 --buf-size {RINGPOOL_BUF_SIZE} --bufs {RINGPOOL_BUFS} {extra}"
+            "echo --listen 127.0.0.1:0 --buf-size {RINGPOOL_BUF_SIZE} --bufs {bufs} {extra}"
         ),
         Side::Baseline => {
             format!("tokio-echo --listen 127.0.0.1:0 --buf-size {BASELINE_BUF_SIZE}")
@@ -158,24 +197,30 @@ fn server_args(side: Side) -> Vec<String> {
 
 /// One round: start the server, connect everything, measure the busy window, check the
 /// idle connections, stop the server.
-fn run_round(rt: &tokio::runtime::Runtime, side: Side, window: Duration) -> BenchResult<Round> {
-    let server = Server::spawn(side.label(), &server_args(side))?;
+fn run_round(
+    rt: &tokio::runtime::Runtime,
+    shape: &'static Shape,
+    side: Side,
+    window: Duration,
+) -> BenchResult<Round> {
+    let server = Server::spawn(side.label(), &server_args(shape, side))?;
     let pid = server.pid();
-    let conns = load::connect_all(server.addr(), TOTAL_CONNS)?;
+    let conns = load::connect_all(server.addr(), shape.total)?;
     let _runtime = rt.enter();
     let mut busy = conns
         .streams
         .into_iter()
         .map(load::into_tokio)
         .collect::<std::io::Result<Vec<_>>>()?;
-    let idle = busy.split_off(BUSY_CONNS);
-    let measured = rt.block_on(measure(busy, pid, window))?;
-    let (idle, idle_check) = rt.block_on(check_idle(idle));
+    let idle = busy.split_off(shape.busy);
+    let measured = rt.block_on(measure(busy, shape.msg_len, pid, window))?;
+    let (idle, idle_check) = rt.block_on(check_idle(idle, shape.busy));
     let stopped = server.stop()?;
     // Close our ends only after the server stopped, so it served every connection to the end.
     drop(measured.streams);
     drop(idle);
     Ok(Round {
+        shape,
         side,
         client_bytes: measured.warmup_bytes
             + measured.busy.bytes
@@ -207,10 +252,15 @@ struct Measured {
 
 /// Warms up each busy connection with one exchange, then runs all of them for `window`,
 /// reading the server's CPU time around the window and its RSS at the end.
-async fn measure(mut busy: Vec<TcpStream>, pid: u32, window: Duration) -> BenchResult<Measured> {
+async fn measure(
+    mut busy: Vec<TcpStream>,
+    msg_len: usize,
+    pid: u32,
+    window: Duration,
+) -> BenchResult<Measured> {
     let mut totals = BusyTotals::default();
     for (id, s) in busy.iter_mut().enumerate() {
-        exchange(s, id as u32, 0, MSG_LEN, &mut totals).await;
+        exchange(s, id as u32, 0, msg_len, &mut totals).await;
     }
     if totals.errors > 0 {
         return Err(format!("{} busy connection(s) failed the warm-up", totals.errors).into());
@@ -226,7 +276,7 @@ async fn measure(mut busy: Vec<TcpStream>, pid: u32, window: Duration) -> BenchR
     let tasks: Vec<_> = busy
         .into_iter()
         .enumerate()
-        .map(|(id, s)| tokio::spawn(busy_loop(s, id as u32, deadline)))
+        .map(|(id, s)| tokio::spawn(busy_loop(s, id as u32, msg_len, deadline)))
         .collect();
     let mut streams = Vec::with_capacity(tasks.len());
     let mut totals = totals;
@@ -252,11 +302,16 @@ async fn measure(mut busy: Vec<TcpStream>, pid: u32, window: Duration) -> BenchR
 }
 
 /// Request/response on one busy connection until `deadline`; stops at the first failure.
-async fn busy_loop(mut s: TcpStream, id: u32, deadline: Instant) -> (TcpStream, BusyTotals) {
+async fn busy_loop(
+    mut s: TcpStream,
+    id: u32,
+    msg_len: usize,
+    deadline: Instant,
+) -> (TcpStream, BusyTotals) {
     let mut totals = BusyTotals::default();
     let mut seq = 1;
     while Instant::now() < deadline && totals.errors == 0 {
-        exchange(&mut s, id, seq, MSG_LEN, &mut totals).await;
+        exchange(&mut s, id, seq, msg_len, &mut totals).await;
         seq += 1;
     }
     (s, totals)
@@ -264,11 +319,11 @@ async fn busy_loop(mut s: TcpStream, id: u32, deadline: Instant) -> (TcpStream, 
 
 /// One verified exchange of `len` bytes, counted into `totals`.
 async fn exchange(s: &mut TcpStream, id: u32, seq: u64, len: usize, totals: &mut BusyTotals) {
-    let mut out = [0u8; MSG_LEN];
-    let mut back = [0u8; MSG_LEN];
-    let out = &mut out[..len];
+    let mut out = [0u8; MAX_MSG_LEN];
+    let mut back = [0u8; MAX_MSG_LEN];
+    let (out, back) = (&mut out[..len], &mut back[..len]);
     load::fill_message(id, seq, out);
-    match tokio::time::timeout(REQUEST_TIMEOUT, load::round_trip(s, out, &mut back)).await {
+    match tokio::time::timeout(REQUEST_TIMEOUT, load::round_trip(s, out, back)).await {
         Ok(Ok(matched)) => {
             totals.requests += 1;
             totals.bytes += len as u64;
@@ -280,7 +335,7 @@ async fn exchange(s: &mut TcpStream, id: u32, seq: u64, len: usize, totals: &mut
 
 /// Checks that every idle connection is still open and echoing: one small verified exchange
 /// each, a bounded number at a time, within [`IDLE_CHECK_TIME`] overall.
-async fn check_idle(idle: Vec<TcpStream>) -> (Vec<TcpStream>, IdleCheck) {
+async fn check_idle(idle: Vec<TcpStream>, first_id: usize) -> (Vec<TcpStream>, IdleCheck) {
     let deadline = tokio::time::Instant::now() + IDLE_CHECK_TIME;
     let mut check = IdleCheck::default();
     let mut kept = Vec::with_capacity(idle.len());
@@ -289,7 +344,7 @@ async fn check_idle(idle: Vec<TcpStream>) -> (Vec<TcpStream>, IdleCheck) {
         if set.len() >= IDLE_CHECK_CONCURRENCY {
             collect_probe(set.join_next().await, &mut kept, &mut check);
         }
-        let id = (BUSY_CONNS + i) as u32;
+        let id = (first_id + i) as u32;
         set.spawn(async move {
             let mut s = s;
             let mut totals = BusyTotals::default();
@@ -325,10 +380,11 @@ fn collect_probe(done: ProbeResult, kept: &mut Vec<TcpStream>, check: &mut IdleC
 
 fn print_progress(progress: &mut Progress, r: &Round, i: usize, rounds: usize, hz: u64) {
     progress.step(format_args!(
-        "idle-heavy round {i}/{rounds} {:<8}: {} conns in {:.2} s ({} slow), {} req in {:.2} s \
+        "{} round {i}/{rounds} {:<8}: {} conns in {:.2} s ({} slow), {} req in {:.2} s \
          ({:.0} req/s), server CPU {:.2} µs/req, RSS {:.1} MiB, idle {}/{} ok, verified {}{}",
+        r.shape.name,
         r.side.label(),
-        TOTAL_CONNS,
+        r.shape.total,
         r.connect_time.as_secs_f64(),
         r.slow_connects,
         r.requests,
@@ -337,19 +393,27 @@ fn print_progress(progress: &mut Progress, r: &Round, i: usize, rounds: usize, h
         r.cpu_us_per_request(hz),
         r.rss_bytes as f64 / (1024.0 * 1024.0),
         r.idle.ok,
-        TOTAL_CONNS - BUSY_CONNS,
+        r.shape.total - r.shape.busy,
         if r.verified() { "yes" } else { "no" },
         if r.killed { " (server killed)" } else { "" },
     ));
 }
 
-/// Issue 2's bounds (buffer bytes, requests/s) and issue 19's (CPU per request).
-fn targets(metrics: &[Metric]) -> Vec<Target> {
-    vec![
-        Target::on(metrics, "buffer_bytes", Bound::AtMost(0.05), FOUNDATION)
-            .named("buffer bytes, vs tokio"),
-        Target::on(metrics, "requests_per_sec", Bound::AtLeast(1.0), FOUNDATION)
-            .named("requests/s, vs tokio"),
+/// Issue 19's bound on CPU per request, for both shapes; with idle connections also issue 2's
+/// (buffer bytes, requests/s): what a shared group is for.
+fn targets(shape: &Shape, metrics: &[Metric]) -> Vec<Target> {
+    let mut targets = Vec::new();
+    if shape.busy < shape.total {
+        targets.push(
+            Target::on(metrics, "buffer_bytes", Bound::AtMost(0.05), FOUNDATION)
+                .named("buffer bytes, vs tokio"),
+        );
+        targets.push(
+            Target::on(metrics, "requests_per_sec", Bound::AtLeast(1.0), FOUNDATION)
+                .named("requests/s, vs tokio"),
+        );
+    }
+    targets.push(
         Target::on(
             metrics,
             "cpu_us_per_request",
@@ -357,11 +421,12 @@ fn targets(metrics: &[Metric]) -> Vec<Target> {
             PERFORMANCE,
         )
         .named("server CPU/request, vs tokio"),
-    ]
+    );
+    targets
 }
 
 /// Medians per side of every metric.
-fn summarize(rounds: &[Round], per_side: usize, hz: u64) -> WorkloadReport {
+fn summarize(shape: &Shape, rounds: &[Round], per_side: usize, hz: u64) -> WorkloadReport {
     let side_median = |side: Side, f: &dyn Fn(&Round) -> f64| {
         let values: Vec<f64> = rounds.iter().filter(|r| r.side == side).map(f).collect();
         median(&values)
@@ -397,11 +462,11 @@ fn summarize(rounds: &[Round], per_side: usize, hz: u64) -> WorkloadReport {
         }),
     ];
     WorkloadReport {
-        name: WORKLOAD.name,
+        name: shape.name,
         baseline: "tokio current_thread echo, 16 KiB buffer per connection",
         verified: rounds.iter().all(Round::verified),
         rounds: per_side,
-        targets: targets(&metrics),
+        targets: targets(shape, &metrics),
         metrics,
         raw_rounds: rounds.iter().map(|r| r.to_json(hz)).collect(),
         notes: notes(rounds),

@@ -116,6 +116,7 @@ pub struct WorkloadDef {
 /// Every workload, in the order `ringpool bench` runs them.
 const WORKLOADS: &[WorkloadDef] = &[
     idle_heavy::WORKLOAD,
+    idle_heavy::ECHO_WORKLOAD,
     send::WORKLOAD,
     proxy::WORKLOAD,
     file::WORKLOAD,
