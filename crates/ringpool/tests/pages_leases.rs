@@ -14,7 +14,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use common::{in_emulated_guest, pattern_vec, pump, require, reset, tcp_pair};
+use common::{in_emulated_guest, join_while_waiting, pattern_vec, pump, require, reset, tcp_pair};
 use ringpool::{Driver, DriverConfig, Error, Event, Fd, Features, LeaseBacking, Member};
 
 /// Whether the kernel has what pages leases need (5.8); a visible skip otherwise.
@@ -234,7 +234,7 @@ fn a_short_leader_read_lends_exactly_the_bytes_there_are() {
     assert_eq!(*o.members[&1].as_ref().unwrap(), 1000);
     assert_eq!(*o.members[&2].as_ref().unwrap(), 1000);
     drop(s);
-    assert_eq!(reader(peer, None).join().unwrap(), data);
+    assert_eq!(join_while_waiting(&mut d, reader(peer, None)), data);
     assert_eq!(contents(&out), data);
     // At the end of the file: 0 bytes, members complete with nothing.
     let (s, peer) = tcp_pair();
@@ -245,7 +245,7 @@ fn a_short_leader_read_lends_exactly_the_bytes_there_are() {
     assert_eq!(o.filled.unwrap().unwrap(), 0);
     assert_eq!(*o.members[&3].as_ref().unwrap(), 0);
     drop(s);
-    assert!(reader(peer, None).join().unwrap().is_empty());
+    assert!(join_while_waiting(&mut d, reader(peer, None)).is_empty());
 }
 
 #[test]
@@ -328,7 +328,7 @@ fn a_pages_lease_s_idle_pipes_are_closed_a_second_after_it_ended() {
     let o = run_group(&mut d, 7);
     assert_eq!(*o.members[&1].as_ref().unwrap(), 10_000);
     drop(s);
-    assert_eq!(reader(peer, None).join().unwrap(), data);
+    assert_eq!(join_while_waiting(&mut d, reader(peer, None)), data);
     assert!(d.pipe_stats().idle > 0, "kept for reuse at first");
     let until = std::time::Instant::now() + std::time::Duration::from_millis(1300);
     while std::time::Instant::now() < until {
@@ -461,7 +461,7 @@ fn a_file_that_shrinks_while_served_gives_members_what_each_leader_found() {
     assert_eq!(served, 2 * CHUNK + CHUNK / 2);
     drop(socks);
     for r in readers {
-        assert!(r.join().unwrap() == data[..served]);
+        assert!(join_while_waiting(&mut d, r) == data[..served]);
     }
     // A file truncated under a lease whose leader already spliced: its pages are held by
     // reference. Members deliver the bytes the leader saw, or fail; none hangs.
@@ -480,7 +480,7 @@ fn a_file_that_shrinks_while_served_gives_members_what_each_leader_found() {
         end
     });
     drop(s);
-    let got = reader(peer, None).join().unwrap();
+    let got = join_while_waiting(&mut d, reader(peer, None));
     // The page straddling the new end is zeroed past it in place by the kernel (the pipe
     // holds that very page, as sendfile's would): every byte is the file's or that zero.
     let n = match &o.members[&1] {
@@ -589,7 +589,10 @@ fn eagain_from_non_blocking_descriptors_is_retried_never_data() {
     // kernel's choice (6.18 blocks); either way nothing but the bytes written was lent.
     eprintln!("EAGAIN polls while the pipe was empty: {polls}");
     drop(s);
-    assert_eq!(reader(peer, None).join().unwrap(), b"late bytes");
+    assert_eq!(
+        join_while_waiting(&mut d, reader(peer, None)),
+        b"late bytes"
+    );
 
     // A member on a non-blocking socket whose client reads slowly: EAGAIN, poll, splice on.
     let len = (1 << 20).min(d.pipe_stats().max_pipe);
@@ -651,7 +654,10 @@ fn a_socket_leader_lends_what_arrived() {
     let o = run_group(&mut d, 80);
     assert_eq!(o.filled.unwrap().unwrap(), 13);
     drop(s);
-    assert_eq!(reader(peer, None).join().unwrap(), b"from a socket");
+    assert_eq!(
+        join_while_waiting(&mut d, reader(peer, None)),
+        b"from a socket"
+    );
     assert_eq!(contents(&out), b"from a socket");
 }
 
@@ -722,7 +728,8 @@ fn back_to_back(nonblocking: bool) {
         want.extend_from_slice(&data[c * CHUNK..(c + 1) * CHUNK]);
     }
     for r in readers {
-        assert!(r.join().unwrap() == want, "a socket got chunks interleaved");
+        let got = join_while_waiting(&mut d, r);
+        assert!(got == want, "a socket got chunks interleaved");
     }
     assert_eq!(d.pipe_stats().in_use, 0);
 }
@@ -900,7 +907,11 @@ fn sixty_four_mib_to_sixteen_clients_byte_checked() {
     }
     drop(socks);
     for r in readers {
-        assert_eq!(r.join().unwrap(), want, "a client's copy differs");
+        assert_eq!(
+            join_while_waiting(&mut d, r),
+            want,
+            "a client's copy differs"
+        );
     }
     let s = d.pipe_stats();
     assert_eq!(s.in_use, 0);

@@ -8,7 +8,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{in_emulated_guest, pattern_vec, pump, read_to_end, reset, tcp_pair};
+use common::{
+    in_emulated_guest, join_while_waiting, pattern_vec, pump, read_to_end, reset, tcp_pair,
+};
 use ringpool::{Driver, DriverConfig, Error, Event, Fd};
 
 const PIPE: usize = 1 << 20;
@@ -129,7 +131,8 @@ fn an_idle_source_holds_no_pipe_and_its_first_byte_still_arrives() {
     assert!(matches!(seen.end, Some(Ok(()))), "{:?}", seen.end);
     assert_eq!(seen.bytes, 1);
     drop(b);
-    assert_eq!(read_to_end(upstream), b"x");
+    let r = std::thread::spawn(move || read_to_end(upstream));
+    assert_eq!(join_while_waiting(&mut d, r), b"x");
     assert_eq!(d.pipe_stats().in_use, 0);
 }
 
@@ -162,7 +165,7 @@ fn a_source_reset_mid_stream_ends_it_and_what_arrived_is_a_prefix() {
         other => panic!("{other:?}"),
     }
     drop(b);
-    let got = reader.join().unwrap();
+    let got = join_while_waiting(&mut d, reader);
     assert_eq!(got.len(), seen.bytes);
     assert!(got[..] == data[..got.len()], "a prefix, in order");
     assert_eq!(d.pipe_stats().in_use, 0);
@@ -238,7 +241,7 @@ fn a_file_streams_to_a_socket_whole() {
     });
     assert!(matches!(seen.end, Some(Ok(()))), "{:?}", seen.end);
     drop(b);
-    assert!(reader.join().unwrap() == data);
+    assert!(join_while_waiting(&mut d, reader) == data);
     assert_eq!(d.pipe_stats().in_use, 0);
 }
 
@@ -298,7 +301,8 @@ fn idle_pipes_are_closed_a_second_after_the_last_stream_ended() {
         seen.end.is_some()
     });
     drop(b);
-    assert_eq!(read_to_end(upstream).len(), 100_000);
+    let r = std::thread::spawn(move || read_to_end(upstream));
+    assert_eq!(join_while_waiting(&mut d, r).len(), 100_000);
     let st = d.pipe_stats();
     assert!(
         st.made > 0 && st.idle > 0,

@@ -154,6 +154,22 @@ pub fn pump(driver: &mut Driver, secs: u64, mut f: impl FnMut(Completion) -> boo
     }
 }
 
+/// Joins `reader` (a thread reading a peer to its end) while `d` goes on waiting, and returns
+/// what it read. The kernel drops its last reference to a descriptor an io-wq op used (a
+/// splice's socket) in task work that a `DEFER_TASKRUN` ring runs only when its owner waits
+/// again (seen on Debian's 7.3): a socket the user closed after such an op closes, and its peer
+/// sees the end, once the driver waits. A server's loop always does; a test must as well.
+/// Completions that come meanwhile are dropped: call it once the driver's work is over.
+pub fn join_while_waiting<T>(d: &mut Driver, reader: std::thread::JoinHandle<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reader.is_finished() {
+        assert!(Instant::now() < deadline, "the reader did not finish");
+        while d.pop().is_some() {}
+        d.wait(Some(Duration::from_millis(10))).unwrap();
+    }
+    reader.join().unwrap()
+}
+
 /// Reads until EOF (bounded in time by the socket's timeout).
 pub fn read_to_end(mut s: TcpStream) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
