@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use io_uring::{opcode, squeue, types};
 
 use crate::error::{Error, Result};
-use crate::pages::Pipe;
+use crate::pages::{Pipe, PipePool};
 
 use super::op::{errno_error, OpId, OpKind, SlotState};
 use super::submit::OpCqe;
@@ -78,39 +78,31 @@ impl SpliceOp {
 #[derive(Debug, PartialEq, Eq)]
 enum Next {
     /// Arm this step.
-    Arm(StepTo),
+    Arm(Step),
     /// `n` bytes reached the sink (a progress completion), then arm the step.
-    Moved(usize, StepTo),
+    Moved(usize, Step),
     /// The source ended and everything it gave reached the sink.
     Eof,
     /// The stream failed: the errno, and which step.
     Failed(i32, &'static str),
 }
 
-/// The step after a result (a pure function of the step, the result and what the pipe
-/// holds, so the rules have unit tests).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StepTo {
-    PollIn,
-    In,
-    Out,
-    PollOut,
-}
-
+/// The step after a result: a pure function of the step, the result and what the pipe
+/// holds, so the rules have unit tests.
 fn next(step: Step, res: i32, held: usize) -> Next {
     match step {
         // A poll's result is the ready mask; an error (or hang-up without data) shows in the
         // splice that follows.
-        Step::PollIn if res >= 0 => Next::Arm(StepTo::In),
-        Step::PollOut if res >= 0 => Next::Arm(StepTo::Out),
+        Step::PollIn if res >= 0 => Next::Arm(Step::In),
+        Step::PollOut if res >= 0 => Next::Arm(Step::Out),
         Step::PollIn | Step::PollOut => Next::Failed(-res, "poll (splice stream)"),
-        Step::In if res > 0 => Next::Arm(StepTo::Out),
+        Step::In if res > 0 => Next::Arm(Step::Out),
         Step::In if res == 0 => Next::Eof,
-        Step::In if res == -libc::EAGAIN => Next::Arm(StepTo::PollIn),
+        Step::In if res == -libc::EAGAIN => Next::Arm(Step::PollIn),
         Step::In => Next::Failed(-res, "splice from the source (splice stream)"),
-        Step::Out if res > 0 && (res as usize) < held => Next::Moved(res as usize, StepTo::Out),
-        Step::Out if res > 0 => Next::Moved(res as usize, StepTo::PollIn),
-        Step::Out if res == -libc::EAGAIN => Next::Arm(StepTo::PollOut),
+        Step::Out if res > 0 && (res as usize) < held => Next::Moved(res as usize, Step::Out),
+        Step::Out if res > 0 => Next::Moved(res as usize, Step::PollIn),
+        Step::Out if res == -libc::EAGAIN => Next::Arm(Step::PollOut),
         // The pipe held bytes, so a splice of none means the sink took none and never will.
         Step::Out if res == 0 => Next::Failed(libc::EPIPE, "splice to the sink (splice stream)"),
         Step::Out => Next::Failed(-res, "splice to the sink (splice stream)"),
@@ -127,9 +119,9 @@ impl Driver {
     /// then [`Event::Eof`] once `from` ended and all of it reached `to`, or [`Event::Error`]
     /// ([`Error::Cancelled`] after [`Driver::cancel`], [`Driver::cancel_fd`] of either
     /// descriptor, or [`Driver::cancel_token`]; bytes taken from `from` that had not reached
-    /// `to` by then are dropped: the `Spliced` completions say what arrived). The stream holds a pipe only while a chunk
-    /// is on its way (an idle source holds a poll, no pipe and no kernel worker), and its own
-    /// clones of both descriptors until its last completion.
+    /// `to` by then are dropped: the `Spliced` completions say what arrived). The stream holds
+    /// a pipe only while a chunk is on its way (an idle source holds a poll, no pipe and no
+    /// kernel worker), and its own clones of both descriptors until its last completion.
     ///
     /// Before 7.0 the sink is made non-blocking: every splice runs in an io-wq worker, and on
     /// some kernels (6.1) cancelling does not wake a splice sleeping on a full blocking socket
@@ -137,8 +129,11 @@ impl Driver {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a `pipe_bytes` of 0 or above the largest pipe
-    /// (`/proc/sys/fs/pipe-max-size`, in [`Driver::pipe_stats`]). A pipe that cannot be had
-    /// (the user's pipe pages are used up) ends the stream with that error.
+    /// (`/proc/sys/fs/pipe-max-size`, in [`Driver::pipe_stats`]). A chunk that finds no pipe
+    /// waits for one while others are in use ([`DriverConfig::max_pipes`]); a pipe that cannot
+    /// be had with none in use ends the stream with that error.
+    ///
+    /// [`DriverConfig::max_pipes`]: crate::DriverConfig::max_pipes
     ///
     /// # Examples
     /// ```no_run
@@ -216,37 +211,21 @@ impl Driver {
             Next::Eof => Ok(()),
             Next::Failed(errno, what) => Err(errno_error(what, -errno)),
         };
-        let OpKind::Splice(mut op) = self.ops.remove(c.key).kind else {
-            unreachable!("a splice stream")
-        };
-        if let Some(p) = op.pipe.take() {
-            self.pages.pool.put(p);
-        }
         let event = match end {
             Ok(()) => Event::Eof,
             Err(e) => Event::Error(e),
         };
-        self.ready.push_back(Completion {
-            token: c.token,
-            op: c.id,
-            event,
-            more: false,
-        });
+        self.finish_splice(c.key, event);
     }
 
     /// Arms the stream's next step: a pipe is taken for a splice in (and an empty one goes
     /// home before a poll for more); `EAGAIN` steps are counted as the pool's polls.
-    fn splice_step(&mut self, c: OpCqe, to: StepTo) {
+    fn splice_step(&mut self, c: OpCqe, to: Step) {
         let OpKind::Splice(op) = &mut self.ops[c.key].kind else {
             unreachable!("a splice stream")
         };
-        op.step = match to {
-            StepTo::PollIn => Step::PollIn,
-            StepTo::In => Step::In,
-            StepTo::Out => Step::Out,
-            StepTo::PollOut => Step::PollOut,
-        };
-        match op.step {
+        op.step = to;
+        match to {
             Step::PollIn => {
                 if op.pipe.is_some() && op.held == 0 {
                     let p = op.pipe.take().expect("checked");
@@ -259,27 +238,21 @@ impl Driver {
             Step::PollOut => self.pages.pool.count_poll(),
             Step::In if op.pipe.is_none() => match self.pages.pool.take(op.pipe_bytes) {
                 Ok(p) => op.pipe = Some(p),
-                Err(e) if self.pages.pool.in_use() > 0 && pipe_shortage(&e) => {
-                    // Another stream's pipe comes home: this chunk waits for it.
+                Err(e) if waits_for_a_pipe(&self.pages.pool, &e) => {
                     self.pages.pool.count_wait();
                     self.ops[c.key].state = SlotState::Parked;
                     self.pages.splice_waiters.push_back(c.key);
                     return;
                 }
-                Err(e) => return self.end_splice(c, e),
+                Err(e) => return self.finish_splice(c.key, Event::Error(e)),
             },
             Step::In | Step::Out => {}
         }
         self.arm(c.key)
     }
 
-    /// Ends a stream that could not go on (no pipe to be had) with `e`.
-    fn end_splice(&mut self, c: OpCqe, e: Error) {
-        self.end_splice_at(c.key, e);
-    }
-
-    /// Ends the stream in slot `key` with `e`, its pipe home.
-    fn end_splice_at(&mut self, key: usize, e: Error) {
+    /// Ends the stream in slot `key` with its last completion, `event`; its pipe goes home.
+    fn finish_splice(&mut self, key: usize, event: Event) {
         let slot = self.ops.remove(key);
         let OpKind::Splice(mut op) = slot.kind else {
             unreachable!("a splice stream")
@@ -290,7 +263,7 @@ impl Driver {
         self.ready.push_back(Completion {
             token: slot.token,
             op: OpId::new(key, slot.gen, self.ring_id),
-            event: Event::Error(e),
+            event,
             more: false,
         });
     }
@@ -311,25 +284,27 @@ impl Driver {
                     op.pipe = Some(p);
                     self.arm(key);
                 }
-                Err(e) if self.pages.pool.in_use() > 0 && pipe_shortage(&e) => return,
+                Err(e) if waits_for_a_pipe(&self.pages.pool, &e) => return,
                 Err(e) => {
                     self.pages.splice_waiters.pop_front();
-                    self.end_splice_at(key, e);
+                    self.finish_splice(key, Event::Error(e));
                 }
             }
         }
     }
 }
 
-/// Whether not getting a pipe is a shortage that a pipe coming home ends: the bound
-/// (`max_pipes`), descriptors (`EMFILE`, `ENFILE`), or pipe memory (`ENOMEM`; `EPERM` from
-/// `F_SETPIPE_SZ` past the user's pipe pages).
-fn pipe_shortage(e: &Error) -> bool {
-    matches!(e, Error::PipesExhausted { .. })
+/// Whether a chunk that could not have a pipe (`e`) waits for one: another stream's pipe comes
+/// home, and the shortage is one that ends: the bound (`max_pipes`), descriptors (`EMFILE`,
+/// `ENFILE`), or pipe memory (`ENOMEM`; `EPERM` from `F_SETPIPE_SZ` past the user's pipe
+/// pages).
+fn waits_for_a_pipe(pool: &PipePool, e: &Error) -> bool {
+    let ends = matches!(e, Error::PipesExhausted { .. })
         || matches!(
             e.raw_os_error(),
             Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EPERM)
-        )
+        );
+    pool.in_use() > 0 && ends
 }
 
 #[cfg(test)]
@@ -338,8 +313,8 @@ mod tests {
 
     #[test]
     fn a_poll_leads_to_its_splice_and_a_failed_poll_ends_the_stream() {
-        assert_eq!(next(Step::PollIn, 1, 0), Next::Arm(StepTo::In));
-        assert_eq!(next(Step::PollOut, 4, 9), Next::Arm(StepTo::Out));
+        assert_eq!(next(Step::PollIn, 1, 0), Next::Arm(Step::In));
+        assert_eq!(next(Step::PollOut, 4, 9), Next::Arm(Step::Out));
         assert_eq!(
             next(Step::PollIn, -libc::ECANCELED, 0),
             Next::Failed(libc::ECANCELED, "poll (splice stream)")
@@ -348,9 +323,9 @@ mod tests {
 
     #[test]
     fn a_splice_in_fills_the_pipe_ends_at_eof_and_waits_on_eagain() {
-        assert_eq!(next(Step::In, 4096, 0), Next::Arm(StepTo::Out));
+        assert_eq!(next(Step::In, 4096, 0), Next::Arm(Step::Out));
         assert_eq!(next(Step::In, 0, 0), Next::Eof);
-        assert_eq!(next(Step::In, -libc::EAGAIN, 0), Next::Arm(StepTo::PollIn));
+        assert_eq!(next(Step::In, -libc::EAGAIN, 0), Next::Arm(Step::PollIn));
         assert!(matches!(
             next(Step::In, -libc::ECONNRESET, 0),
             Next::Failed(libc::ECONNRESET, _)
@@ -359,11 +334,11 @@ mod tests {
 
     #[test]
     fn a_splice_out_goes_on_until_the_pipe_is_empty_and_none_taken_is_an_error() {
-        assert_eq!(next(Step::Out, 100, 300), Next::Moved(100, StepTo::Out));
-        assert_eq!(next(Step::Out, 300, 300), Next::Moved(300, StepTo::PollIn));
+        assert_eq!(next(Step::Out, 100, 300), Next::Moved(100, Step::Out));
+        assert_eq!(next(Step::Out, 300, 300), Next::Moved(300, Step::PollIn));
         assert_eq!(
             next(Step::Out, -libc::EAGAIN, 300),
-            Next::Arm(StepTo::PollOut)
+            Next::Arm(Step::PollOut)
         );
         assert!(matches!(
             next(Step::Out, 0, 300),
