@@ -233,52 +233,86 @@ pub struct Summary {
 
 pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.rt {
-        if args.path == ProxyPath::Splice {
-            return Err("--path splice: the --rt proxy forwards through buffers only".into());
-        }
-        if !matches!(args.recv, RecvChoice::Groups | RecvChoice::Auto) {
-            return Err("--recv zcrx: the --rt proxy receives through buffer groups only".into());
-        }
+        check_rt_flags(&args)?;
         return crate::cmd::proxy::rt::run(args);
     }
     signals::install();
     let listener = TcpListener::bind(args.listen).map_err(listen_error(args.listen))?;
     set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
+    let splice = splice_pipe(&args)?;
+    let (mut driver, source) = open_driver(&args, splice)?;
+    println!("listening on {addr}");
+    announce(&args, &source, splice);
+    let _ = std::io::stdout().flush();
+    let summary = serve(
+        &mut driver,
+        &source,
+        Fd::from(listener),
+        Upstream {
+            addr: args.upstream,
+            connect_timeout: args.connect_timeout,
+        },
+        splice,
+        signals::stop_requested,
+    )?;
+    report(&summary, &source, &driver, "event-loop");
+    Ok(())
+}
+
+/// Refuses what the `--rt` proxy cannot do: splicing, and receiving into a zcrx area.
+fn check_rt_flags(args: &Args) -> Result<(), String> {
+    if args.path == ProxyPath::Splice {
+        return Err("--path splice: the --rt proxy forwards through buffers only".into());
+    }
+    if !matches!(args.recv, RecvChoice::Groups | RecvChoice::Auto) {
+        return Err("--recv zcrx: the --rt proxy receives through buffer groups only".into());
+    }
+    Ok(())
+}
+
+/// The event loop's driver and where its receives land: the group (a registered region where
+/// memlock allows, so zero-copy sends name the memory the kernel received into, with no
+/// per-send page pinning) or a zcrx area; with `splice` (which receives nothing) the
+/// smallest group, for the report.
+fn open_driver(
+    args: &Args,
+    splice: Option<usize>,
+) -> Result<(Driver, Source), Box<dyn std::error::Error>> {
     let cfg = DriverConfig::default()
         .entries(crate::cmd::probe::SERVER_RING_ENTRIES)
-        .zerocopy(ZcConfig::default().mode(zerocopy_mode(&args)))
+        .zerocopy(ZcConfig::default().mode(zerocopy_mode(args)))
         .receive_coalescing(Duration::from_micros(args.coalesce_us))
         .max_pipes(args.max_pipes as usize);
-    let splice = splice_pipe(&args)?;
-    let recv = if splice.is_some() {
-        RecvChoice::Groups // no receive: the smallest group, for the report
-    } else {
-        args.recv.clone()
+    let (recv, group_cfg) = match splice {
+        Some(_) => (
+            RecvChoice::Groups,
+            BufGroupConfig::new(ringpool::ZCRX_BUF_SIZE, 1),
+        ),
+        None => (args.recv.clone(), group_config(args)?),
     };
     let mut driver = Driver::new(recv.config(cfg))?;
     check_pipe_bytes(&driver, splice)?;
-    // A registered region where memlock allows: zero-copy sends then name the memory the
-    // kernel received into, with no per-send page pinning.
-    let group_cfg = match splice {
-        Some(_) => BufGroupConfig::new(ringpool::ZCRX_BUF_SIZE, 1),
-        None => group_config(&args)?,
-    };
     let (bufs, buf_size) = (args.bufs, args.buf_size);
     let area_bufs = ((bufs as usize * buf_size) / ringpool::ZCRX_BUF_SIZE)
         .clamp(1, ringpool::MAX_ZCRX_BUFFERS) as u32;
     let source = crate::recv::source(&mut driver, &recv, area_bufs, |d| {
         d.buf_group(group_cfg).map_err(group_error(bufs, buf_size))
     })?;
-    println!("listening on {addr}");
-    match &source {
-        _ if splice.is_some() => println!(
-            "forwarding to {} through splice streams: a pipe of {} B per direction with a chunk \
-             on its way (at most {} at once), no byte in user memory",
-            args.upstream,
-            splice.unwrap_or_default(),
-            args.max_pipes
-        ),
+    Ok((driver, source))
+}
+
+/// The start line: how bytes cross the proxy.
+fn announce(args: &Args, source: &Source, splice: Option<usize>) {
+    if let Some(pipe_bytes) = splice {
+        println!(
+            "forwarding to {} through splice streams: a pipe of {pipe_bytes} B per direction \
+             with a chunk on its way (at most {} at once), no byte in user memory",
+            args.upstream, args.max_pipes
+        );
+        return;
+    }
+    match source {
         Source::Group(group) => println!(
             "forwarding to {} through buffer group {}: {} x {} B ({}{}), zero-copy {:?}",
             args.upstream,
@@ -304,20 +338,6 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             args.zerocopy
         ),
     }
-    let _ = std::io::stdout().flush();
-    let summary = serve(
-        &mut driver,
-        &source,
-        Fd::from(listener),
-        Upstream {
-            addr: args.upstream,
-            connect_timeout: args.connect_timeout,
-        },
-        splice,
-        signals::stop_requested,
-    )?;
-    report(&summary, &source, &driver, "event-loop");
-    Ok(())
 }
 
 /// The pipe size of `--path splice` (checked against the largest pipe once the driver is up:
