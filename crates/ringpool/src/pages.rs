@@ -407,6 +407,40 @@ impl Drop for PagesGroup {
     }
 }
 
+/// A step the driver runs in its own thread instead of as an SQE (`Ladder::inline_splice`):
+/// `splice(2)` of up to `len` bytes from `from` to `to` (neither with an offset), or, with
+/// `tee`, `tee(2)` from pipe `from` to pipe `to`; always `SPLICE_F_NONBLOCK`. The result as a
+/// CQE gives it (bytes moved, or a negative errno), for the same step rules.
+///
+/// Only for descriptors that cannot make it sleep: the pool's pipes (non-blocking both ends)
+/// and sockets or pipes made non-blocking (a splice to a socket waits for room unless the
+/// socket is `O_NONBLOCK`; `SPLICE_F_NONBLOCK` covers only the pipe side). A file's side
+/// could wait for the disk, so file steps stay SQEs.
+pub(crate) fn splice_now(from: RawFd, to: RawFd, len: usize, tee: bool) -> i32 {
+    // A step's length is at most a pipe's, below 2 GiB (pipe-max-size is an int).
+    let len = len.min(i32::MAX as usize);
+    loop {
+        let res = if tee {
+            syscall!(tee(from, to, len, libc::SPLICE_F_NONBLOCK))
+        } else {
+            syscall!(splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_NONBLOCK
+            ))
+        };
+        match res {
+            // At most `len`, so it fits.
+            Ok(n) => return n as i32,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return -e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
 /// What the leader does after one of its splices completed.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum LeaderNext {

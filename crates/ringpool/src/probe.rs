@@ -439,6 +439,10 @@ pub enum Force {
     NoClone,
     /// `no-zcrx`: no zero-copy receive areas (receives go through buffer groups).
     NoZcrx,
+    /// `no-inline-splice`: every splice and tee of pages leases and splice streams as an
+    /// `IORING_OP_SPLICE`/`IORING_OP_TEE` SQE (each runs in an io-wq worker) instead of the
+    /// driver's own non-blocking `splice(2)`/`tee(2)`.
+    NoInlineSplice,
 }
 
 const FORCE_NAMES: &[(&str, Force)] = &[
@@ -454,10 +458,11 @@ const FORCE_NAMES: &[(&str, Force)] = &[
     ("no-vectored-fixed", Force::NoVectoredFixed),
     ("no-clone", Force::NoClone),
     ("no-zcrx", Force::NoZcrx),
+    ("no-inline-splice", Force::NoInlineSplice),
 ];
 const FORCE_KNOWN: &str = "legacy-provide, no-incremental, no-bundle, no-multishot, \
      no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc, no-fixed, no-vectored-fixed, no-clone, \
-     no-zcrx";
+     no-zcrx, no-inline-splice";
 
 impl Force {
     /// The rung's name as `RINGPOOL_FORCE` spells it.
@@ -582,6 +587,11 @@ pub struct Ladder {
     pub clone_buffers: bool,
     /// Zero-copy receive areas (they also need `DEFER_TASKRUN`).
     pub zcrx: ZcrxRung,
+    /// Splices and tees between pipes and sockets run in the driver's thread as non-blocking
+    /// `splice(2)`/`tee(2)` calls, with a poll SQE only when one would block (the kernel runs
+    /// every `IORING_OP_SPLICE` and `IORING_OP_TEE` in an io-wq worker, on every kernel up to
+    /// 7.3); else each is an SQE. Needs nothing of the kernel: a forced rung only.
+    pub inline_splice: bool,
 }
 
 impl Ladder {
@@ -635,6 +645,7 @@ impl Ladder {
             } else {
                 ZcrxRung::NicOnly
             },
+            inline_splice: !has(Force::NoInlineSplice),
         }
     }
 
@@ -733,6 +744,14 @@ impl Ladder {
                     ZcrxRung::DeviceLess => "zcrx areas, device-less included",
                     ZcrxRung::NicOnly => "zcrx on NIC queues only",
                     ZcrxRung::Groups => "buffer groups",
+                },
+            ),
+            (
+                "splice and tee",
+                if self.inline_splice {
+                    "non-blocking calls, polls on EAGAIN"
+                } else {
+                    "IORING_OP_SPLICE/TEE (io-wq)"
                 },
             ),
         ]

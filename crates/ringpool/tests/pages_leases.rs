@@ -27,7 +27,7 @@ fn supported() -> bool {
 }
 
 fn driver() -> Driver {
-    Driver::new(DriverConfig::default().ignore_env()).unwrap()
+    Driver::new(common::splice_config()).unwrap()
 }
 
 fn pages(len: usize) -> LeaseBacking {
@@ -162,7 +162,6 @@ fn run_group(d: &mut Driver, group: u64) -> Outcome {
     o
 }
 
-#[test]
 fn members_start_after_the_leader_and_each_gets_the_same_bytes() {
     if !supported() {
         return;
@@ -216,7 +215,6 @@ fn members_start_after_the_leader_and_each_gets_the_same_bytes() {
     }
 }
 
-#[test]
 fn a_short_leader_read_lends_exactly_the_bytes_there_are() {
     if !supported() {
         return;
@@ -248,7 +246,6 @@ fn a_short_leader_read_lends_exactly_the_bytes_there_are() {
     assert!(join_while_waiting(&mut d, reader(peer, None)).is_empty());
 }
 
-#[test]
 fn a_failed_leader_cancels_every_member_and_a_directory_is_a_typed_error() {
     if !supported() {
         return;
@@ -274,7 +271,7 @@ fn a_failed_leader_cancels_every_member_and_a_directory_is_a_typed_error() {
     );
     assert_eq!(d.pipe_stats().in_use, 0, "a refused lease holds no pipe");
     // A pipe's write end cannot be read: the kernel says EBADF, the members are cancelled.
-    let (_r, w) = std::io::pipe().unwrap();
+    let (_r, w) = common::pipe();
     let write_only = Fd::from(OwnedFd::from(w));
     let out = tempfile::tempfile().unwrap();
     let members = vec![Member::send(&s, 1), Member::write(&file_fd(&out), 0, 2)];
@@ -313,7 +310,6 @@ fn a_failed_leader_cancels_every_member_and_a_directory_is_a_typed_error() {
 
 /// The same cause as `splice_stream::idle_pipes_are_closed_a_second_after_the_last_stream_ended`
 /// (found by the soak): the pool kept pages leases' idle pipes, and their descriptors, for good.
-#[test]
 fn a_pages_lease_s_idle_pipes_are_closed_a_second_after_it_ended() {
     if !supported() {
         return;
@@ -339,7 +335,6 @@ fn a_pages_lease_s_idle_pipes_are_closed_a_second_after_it_ended() {
     assert_eq!(st.closed, st.made, "{st:?}");
 }
 
-#[test]
 fn one_member_failing_leaves_the_others_alone() {
     if !supported() {
         return;
@@ -377,7 +372,6 @@ fn one_member_failing_leaves_the_others_alone() {
     assert_eq!(contents(&ok_file), data);
 }
 
-#[test]
 fn a_client_that_disconnects_mid_splice_fails_alone() {
     if !supported() {
         return;
@@ -419,7 +413,6 @@ fn a_client_that_disconnects_mid_splice_fails_alone() {
     }
 }
 
-#[test]
 fn a_file_that_shrinks_while_served_gives_members_what_each_leader_found() {
     if !supported() {
         return;
@@ -496,7 +489,6 @@ fn a_file_that_shrinks_while_served_gives_members_what_each_leader_found() {
     assert_eq!(d.pipe_stats().in_use, 0);
 }
 
-#[test]
 fn a_client_that_stops_reading_holds_only_its_own_member() {
     if !supported() {
         return;
@@ -564,14 +556,13 @@ fn a_client_that_stops_reading_holds_only_its_own_member() {
     assert_eq!(d.in_flight(), 0);
 }
 
-#[test]
 fn eagain_from_non_blocking_descriptors_is_retried_never_data() {
     if !supported() {
         return;
     }
     let mut d = driver();
     // The leader reads a non-blocking pipe that is empty at first.
-    let (r, mut w) = std::io::pipe().unwrap();
+    let (r, mut w) = common::pipe();
     set_nonblocking(r.as_raw_fd());
     let src = Fd::from(OwnedFd::from(r));
     let (s, peer) = tcp_pair();
@@ -635,7 +626,6 @@ fn set_nonblocking(fd: i32) {
     assert_eq!(rc, 0);
 }
 
-#[test]
 fn a_socket_leader_lends_what_arrived() {
     if !supported() {
         return;
@@ -661,14 +651,12 @@ fn a_socket_leader_lends_what_arrived() {
     assert_eq!(contents(&out), b"from a socket");
 }
 
-#[test]
 fn chunks_leased_back_to_back_reach_each_socket_in_order() {
     back_to_back(false);
 }
 
 /// The same with member sockets the user made non-blocking (on Debian's 7.3 the driver's own
 /// non-blocking members had stalled here: see `nonblocking_sinks`).
-#[test]
 fn chunks_leased_back_to_back_reach_each_non_blocking_socket_in_order() {
     back_to_back(true);
 }
@@ -734,7 +722,6 @@ fn back_to_back(nonblocking: bool) {
     assert_eq!(d.pipe_stats().in_use, 0);
 }
 
-#[test]
 fn cancelling_reaches_the_leader_members_in_line_and_a_dropped_driver() {
     // On 6.1 (kernel matrix) this timed out while a member's socket was blocking: its
     // splice slept in a kernel worker that the cancel did not wake. Members' sockets are
@@ -807,7 +794,6 @@ fn cancelling_reaches_the_leader_members_in_line_and_a_dropped_driver() {
     assert_eq!(ringpool::leaked_ops(), 0);
 }
 
-#[test]
 fn a_thousand_members_share_one_chunk() {
     if !supported() {
         return;
@@ -835,7 +821,6 @@ fn a_thousand_members_share_one_chunk() {
     assert!(s.idle >= 1001, "{s:?}");
 }
 
-#[test]
 fn sixty_four_mib_to_sixteen_clients_byte_checked() {
     if !supported() {
         return;
@@ -925,3 +910,74 @@ fn sixty_four_mib_to_sixteen_clients_byte_checked() {
         start.elapsed()
     );
 }
+
+/// The default path runs every member's tee and splice to a socket in the driver's thread (no
+/// SQE but polls for them); `Force::NoInlineSplice` makes each one an SQE. Both deliver the
+/// same bytes.
+#[test]
+fn members_splice_in_the_driver_s_thread_unless_forced_into_sqes() {
+    if !supported() {
+        return;
+    }
+    let data = pattern_vec(21, 0, 256 << 10);
+    let (_f, src) = file_with(&data);
+    for io_wq in [false, true] {
+        let config = DriverConfig::default().ignore_env();
+        let config = if io_wq {
+            config.force(ringpool::Force::NoInlineSplice)
+        } else {
+            config
+        };
+        let mut d = Driver::new(config).unwrap();
+        assert_eq!(d.ladder().inline_splice, !io_wq);
+        let socks: Vec<_> = (0..4).map(|_| tcp_pair()).collect();
+        let members = socks
+            .iter()
+            .enumerate()
+            .map(|(i, (s, _))| Member::send(&Fd::from(s.try_clone().unwrap()), i as u64))
+            .collect();
+        d.lease(&src, pages(data.len()), 0, members, 9).unwrap();
+        let readers: Vec<_> = socks
+            .into_iter()
+            .map(|(_, peer)| reader(peer, Some(data.len())))
+            .collect();
+        let o = run_group(&mut d, 9);
+        assert!(o
+            .members
+            .values()
+            .all(|r| *r.as_ref().unwrap() == data.len()));
+        for r in readers {
+            assert!(r.join().unwrap() == data, "a socket got other bytes");
+        }
+        let (s, polls) = (d.stats(), d.pipe_stats().eagain_polls);
+        if io_wq {
+            assert_eq!(s.inline_steps, 0, "{s:?}");
+            assert!(s.sqes > 2 * 4, "a leader, 4 tees, 4 splices: {s:?}");
+        } else {
+            assert!(
+                s.inline_steps >= 2 * 4,
+                "4 tees and 4 splices at least: {s:?}"
+            );
+            // Every SQE but the leader's splices is a poll of a step that said EAGAIN.
+            assert!(s.sqes - polls < 4, "{polls} polls: {s:?}");
+        }
+    }
+}
+
+common::both_splice_paths!(
+    members_start_after_the_leader_and_each_gets_the_same_bytes,
+    a_short_leader_read_lends_exactly_the_bytes_there_are,
+    a_failed_leader_cancels_every_member_and_a_directory_is_a_typed_error,
+    a_pages_lease_s_idle_pipes_are_closed_a_second_after_it_ended,
+    one_member_failing_leaves_the_others_alone,
+    a_client_that_disconnects_mid_splice_fails_alone,
+    a_file_that_shrinks_while_served_gives_members_what_each_leader_found,
+    a_client_that_stops_reading_holds_only_its_own_member,
+    eagain_from_non_blocking_descriptors_is_retried_never_data,
+    a_socket_leader_lends_what_arrived,
+    chunks_leased_back_to_back_reach_each_socket_in_order,
+    chunks_leased_back_to_back_reach_each_non_blocking_socket_in_order,
+    cancelling_reaches_the_leader_members_in_line_and_a_dropped_driver,
+    a_thousand_members_share_one_chunk,
+    sixty_four_mib_to_sixteen_clients_byte_checked,
+);

@@ -6,17 +6,18 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::{
     in_emulated_guest, join_while_waiting, pattern_vec, pump, read_to_end, reset, tcp_pair,
 };
-use ringpool::{Driver, DriverConfig, Error, Event, Fd};
+use ringpool::{Driver, Error, Event, Fd};
 
 const PIPE: usize = 1 << 20;
 
 fn driver() -> Driver {
-    Driver::new(DriverConfig::default().ignore_env()).unwrap()
+    Driver::new(common::splice_config()).unwrap()
 }
 
 fn writer(mut c: TcpStream, data: Vec<u8>) -> std::thread::JoinHandle<()> {
@@ -57,7 +58,6 @@ fn record(seen: &mut Seen, event: Event, more: bool) {
     }
 }
 
-#[test]
 fn two_directions_of_32_mib_arrive_whole_in_order_and_every_pipe_goes_home() {
     let d = both_ways(
         false,
@@ -120,7 +120,6 @@ fn both_ways(nonblocking: bool, len: usize) -> Driver {
     d
 }
 
-#[test]
 fn an_idle_source_holds_no_pipe_and_its_first_byte_still_arrives() {
     let mut d = driver();
     let (mut client, a) = tcp_pair();
@@ -148,7 +147,6 @@ fn an_idle_source_holds_no_pipe_and_its_first_byte_still_arrives() {
     assert_eq!(d.pipe_stats().in_use, 0);
 }
 
-#[test]
 fn a_source_reset_mid_stream_ends_it_and_what_arrived_is_a_prefix() {
     let mut d = driver();
     let (mut client, a) = tcp_pair();
@@ -183,7 +181,6 @@ fn a_source_reset_mid_stream_ends_it_and_what_arrived_is_a_prefix() {
     assert_eq!(d.pipe_stats().in_use, 0);
 }
 
-#[test]
 fn a_stream_into_a_sink_that_stops_reading_is_cancelled_and_its_pipe_goes_home() {
     for by_fd in [false, true] {
         let mut d = driver();
@@ -232,16 +229,13 @@ fn a_stream_into_a_sink_that_stops_reading_is_cancelled_and_its_pipe_goes_home()
     }
 }
 
-#[test]
 fn a_file_streams_to_a_socket_whole() {
     let mut d = driver();
     let data = pattern_vec(4, 0, 3 << 20);
-    let path = std::env::temp_dir().join(format!("ringpool-splice-{}", std::process::id()));
-    std::fs::write(&path, &data).unwrap();
-    let file = Fd::from(std::os::fd::OwnedFd::from(
-        std::fs::File::open(&path).unwrap(),
-    ));
-    std::fs::remove_file(&path).unwrap();
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(&data).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).unwrap();
+    let file = Fd::from(std::os::fd::OwnedFd::from(f));
     let (b, peer) = tcp_pair();
     let b = Fd::from(b);
     let reader = std::thread::spawn(move || read_to_end(peer));
@@ -257,7 +251,6 @@ fn a_file_streams_to_a_socket_whole() {
     assert_eq!(d.pipe_stats().in_use, 0);
 }
 
-#[test]
 fn bad_pipe_sizes_are_refused_and_a_directory_is_no_source() {
     let mut d = driver();
     let (b, _peer) = tcp_pair();
@@ -298,7 +291,6 @@ fn idle_past_pipe_lifetime(d: &mut Driver) {
 /// Regression (found by the soak's `proxy-splice`): the pipe pool kept every idle pipe (up to
 /// 2,048, two descriptors each) for good, so a splice proxy held ~300 descriptors after its
 /// load ended, clients' descriptors under RLIMIT_NOFILE. Idle pipes close after a second.
-#[test]
 fn idle_pipes_are_closed_a_second_after_the_last_stream_ended() {
     let mut d = driver();
     let (mut client, a) = tcp_pair();
@@ -328,14 +320,13 @@ fn idle_pipes_are_closed_a_second_after_the_last_stream_ended() {
 
 /// With one pipe for the whole driver, two busy streams take turns at it: a chunk that finds
 /// no pipe waits (backpressure) and both streams arrive whole, in order.
-#[test]
 fn at_max_pipes_streams_wait_for_a_pipe_and_lose_nothing() {
     let len: usize = if in_emulated_guest() {
         1 << 20
     } else {
         8 << 20
     };
-    let mut d = Driver::new(DriverConfig::default().ignore_env().max_pipes(1)).unwrap();
+    let mut d = Driver::new(common::splice_config().max_pipes(1)).unwrap();
     let mut ends = Vec::new();
     for i in 0..2u64 {
         let (client, a) = tcp_pair();
@@ -370,12 +361,80 @@ fn at_max_pipes_streams_wait_for_a_pipe_and_lose_nothing() {
     assert_eq!(st.in_use, 0, "{st:?}");
 }
 
+/// Regression (a proxy through `--max-pipes 1` hung both ways): a stream whose pipe emptied
+/// while another waits for one gives it back, even with data ready at its source; it does
+/// not keep the pipe for its next chunk. Stream 0's source holds 2 MiB before the first
+/// wait; stream 1's 16 KiB must arrive long before stream 0 delivered all of it.
+fn a_stream_with_more_to_move_hands_the_pipe_to_a_waiting_one() {
+    let mut d = Driver::new(common::splice_config().max_pipes(1)).unwrap();
+    let big = 2 << 20;
+    let mut ends = Vec::new();
+    for (i, len) in [(0u64, big), (1, 16 << 10)] {
+        let (client, a) = tcp_pair();
+        let (b, upstream) = tcp_pair();
+        for fd in [client.as_raw_fd(), a.as_raw_fd()] {
+            for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+                set_sock_buf(fd, opt, 8 << 20);
+            }
+        }
+        let data = pattern_vec(30 + i, 0, len);
+        // All of it waits in `a` before the streams start (the writer drops its socket).
+        let w = writer(client, data.clone());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "{len} bytes do not fit the socket buffers"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        w.join().unwrap();
+        let (a, b) = (Fd::from(a), Fd::from(b));
+        d.splice_stream(&a, &b, 64 << 10, i).unwrap();
+        ends.push((a, b, read_exactly(upstream, len), data));
+    }
+    let mut seen = [Seen::default(), Seen::default()];
+    let mut first_delivery_behind = None;
+    pump(&mut d, 60, |c| {
+        let token = c.token as usize;
+        if token == 1 && matches!(c.event, Event::Spliced { .. }) {
+            first_delivery_behind.get_or_insert(seen[0].bytes);
+        }
+        record(&mut seen[token], c.event, c.more);
+        seen.iter().all(|s| s.end.is_some())
+    });
+    let behind = first_delivery_behind.expect("stream 1 delivered");
+    assert!(
+        behind < big / 2,
+        "stream 1 waited while stream 0 moved {behind} of its {big} bytes"
+    );
+    for (s, (a, b, r, data)) in seen.iter().zip(ends) {
+        assert!(matches!(s.end, Some(Ok(()))), "{:?}", s.end);
+        assert!(r.join().unwrap() == data, "byte for byte");
+        drop((a, b));
+    }
+    assert_eq!(d.pipe_stats().in_use, 0);
+}
+
+fn set_sock_buf(fd: i32, opt: i32, bytes: libc::c_int) {
+    // SAFETY: `fd` is an open socket and the option value a valid int for its length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+}
+
 /// A stream waiting for a pipe (the only one held by a stream stuck on a sink that does not
 /// read) is cancelled at once; a pages lease that cannot have its pipe is refused with the
 /// bound; cancelling the stuck stream brings the pipe home.
-#[test]
 fn a_stream_waiting_for_a_pipe_is_cancellable_and_a_pages_lease_is_refused() {
-    let mut d = Driver::new(DriverConfig::default().ignore_env().max_pipes(1)).unwrap();
+    let mut d = Driver::new(common::splice_config().max_pipes(1)).unwrap();
     let (client, a) = tcp_pair();
     let (b, _stalled) = tcp_pair();
     let (a, b) = (Fd::from(a), Fd::from(b));
@@ -452,7 +511,6 @@ fn a_stream_waiting_for_a_pipe_is_cancellable_and_a_pages_lease_is_refused() {
 /// an `EAGAIN` from either end waits for a poll and the splice runs again, nothing lost. Pages
 /// leases saw non-blocking members stall on Debian's 7.3 (an open finding there); this pins
 /// splice streams down on every kernel of the matrix.
-#[test]
 fn non_blocking_descriptors_given_by_the_user_stream_whole_both_ways() {
     let d = both_ways(
         true,
@@ -466,3 +524,17 @@ fn non_blocking_descriptors_given_by_the_user_stream_whole_both_ways() {
     // bytes are the check, this line shows how often it happened.
     eprintln!("non-blocking streams: {:?}", d.pipe_stats());
 }
+
+common::both_splice_paths!(
+    two_directions_of_32_mib_arrive_whole_in_order_and_every_pipe_goes_home,
+    an_idle_source_holds_no_pipe_and_its_first_byte_still_arrives,
+    a_source_reset_mid_stream_ends_it_and_what_arrived_is_a_prefix,
+    a_stream_into_a_sink_that_stops_reading_is_cancelled_and_its_pipe_goes_home,
+    a_file_streams_to_a_socket_whole,
+    bad_pipe_sizes_are_refused_and_a_directory_is_no_source,
+    idle_pipes_are_closed_a_second_after_the_last_stream_ended,
+    at_max_pipes_streams_wait_for_a_pipe_and_lose_nothing,
+    a_stream_with_more_to_move_hands_the_pipe_to_a_waiting_one,
+    a_stream_waiting_for_a_pipe_is_cancellable_and_a_pages_lease_is_refused,
+    non_blocking_descriptors_given_by_the_user_stream_whole_both_ways,
+);

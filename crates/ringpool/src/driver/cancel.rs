@@ -26,7 +26,8 @@ impl Driver {
         slot.cancel = true;
         match slot.state {
             SlotState::Parked => self.finish_parked(op.key(), Event::Error(Error::Cancelled)),
-            SlotState::Notif => {}
+            // Nothing in the kernel: the step's run sees the flag and ends the op instead.
+            SlotState::Notif | SlotState::Inline => {}
             SlotState::Queued => self.cancel_queued_send(op.key()),
             SlotState::InKernel => {
                 // A send's SQE carries the generation of its current attempt.

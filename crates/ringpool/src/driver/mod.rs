@@ -70,6 +70,7 @@ mod cancel;
 mod fixed;
 mod fixed_io;
 mod group;
+mod inline;
 mod lease;
 mod op;
 mod pipe_lease;
@@ -441,6 +442,8 @@ pub struct DriverStats {
     pub bundle_buffers: u64,
     /// Waits that held for receive coalescing ([`DriverConfig::receive_coalescing`]).
     pub held_waits: u64,
+    /// Splices and tees the driver ran itself instead of as SQEs ([`Ladder::inline_splice`]).
+    pub inline_steps: u64,
 }
 
 /// Owns an io_uring and everything the kernel may touch through it: nothing the kernel may
@@ -724,6 +727,11 @@ impl Drop for Driver {
                 .any(|(_, s)| !matches!(s.kind, OpKind::Timeout { .. }))
         };
         while busy(&self.ops) && Instant::now() < deadline {
+            // Steps the driver runs itself end here (cancelled, without their call).
+            self.run_inline_steps();
+            if !busy(&self.ops) {
+                break;
+            }
             // Internal ops (provides, removes) finish on their own; user ops were cancelled.
             if self.enter(1, Some(Duration::from_millis(50))).is_err() {
                 break;

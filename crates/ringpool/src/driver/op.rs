@@ -164,6 +164,16 @@ impl OpKind {
         }
     }
 
+    /// Whether the op's current step is one the driver runs itself (`driver/inline.rs`)
+    /// rather than an SQE.
+    pub(super) fn runs_inline(&self) -> bool {
+        match self {
+            OpKind::Pages(op) => op.runs_inline(),
+            OpKind::Splice(op) => op.runs_inline(),
+            _ => false,
+        }
+    }
+
     /// The group an op selects buffers from in the kernel (receives and reads).
     pub(super) fn selecting_group(&self) -> Option<&Rc<GroupShared>> {
         match self {
@@ -196,6 +206,9 @@ pub(super) enum SlotState {
     Queued,
     /// A send whose result was reported, waiting for its zero-copy notifications.
     Notif,
+    /// A splice or tee the driver runs itself before it next enters the kernel
+    /// (`driver/inline.rs`): nothing of it is in the kernel.
+    Inline,
 }
 
 /// An op's entry in the driver's table.

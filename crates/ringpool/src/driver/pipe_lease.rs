@@ -2,7 +2,9 @@
 //! descriptor into the group pipe, each member `TEE`s the group pipe into its own pipe and
 //! `SPLICE`s that on to its socket or file, looping until its whole share left. Every step is
 //! one SQE of the op's slot, re-armed at its CQE (`EAGAIN` becomes a one-shot poll and the
-//! step again). The pipes, their pool and the pure step decisions are in `crate::pages`.
+//! step again), except a member's tee and its splice to a socket: the driver makes those
+//! calls itself (`driver/inline.rs`) and hands their results to the same handler. The pipes,
+//! their pool and the pure step decisions are in `crate::pages`.
 //!
 //! Ownership: these SQEs name no memory, only descriptors, and every descriptor they name is
 //! held by the op's slot until the step's CQE: the source or sink `Fd`, the member's pipe, and
@@ -42,6 +44,8 @@ pub(super) struct PagesState {
     next_seq: u64,
     /// Splice streams (op keys) parked until a pipe comes home, in the order they asked.
     pub(super) splice_waiters: VecDeque<usize>,
+    /// Ops (keys) whose step the driver runs itself next (`driver/inline.rs`), in order.
+    pub(super) inline: VecDeque<usize>,
 }
 
 impl PagesState {
@@ -81,6 +85,33 @@ impl PagesOp {
         match self {
             PagesOp::Leader(op) => &op.fd,
             PagesOp::Member(op) => op.member.fd(),
+        }
+    }
+
+    /// Whether the op's current step runs in the driver's thread (`driver/inline.rs`): a
+    /// member's tee (pipe to pipe) and its splice to a socket, never the leader's splice
+    /// from a file (it could wait for the disk) or a member's to a file.
+    pub(super) fn runs_inline(&self) -> bool {
+        let PagesOp::Member(op) = self else {
+            return false;
+        };
+        op.inline
+            && match op.step {
+                Step::Tee => true,
+                Step::Splice => matches!(op.member.kind, MemberKind::Send { .. }),
+                Step::PollTee | Step::PollSink => false,
+            }
+    }
+
+    /// Runs the current step now (`runs_inline`): its result as its CQE would give it.
+    pub(super) fn run_step(&self) -> i32 {
+        let PagesOp::Member(op) = self else {
+            unreachable!("only members' steps run inline")
+        };
+        let pipe = op.pipe.as_ref().expect("a member in flight owns its pipe");
+        match op.step {
+            Step::Tee => pages::splice_now(op.group.read_fd(), pipe.write_fd(), op.share, true),
+            _ => pages::splice_now(pipe.read_fd(), op.sink(), op.share - op.done, false),
         }
     }
 
@@ -157,6 +188,9 @@ pub(super) struct PagesMemberOp {
     teeing: bool,
     /// Its place in its sink's line.
     seq: u64,
+    /// Its tee and its splice to a socket run in the driver's thread (`Ladder::inline_splice`;
+    /// the socket was made non-blocking).
+    inline: bool,
 }
 
 impl PagesMemberOp {
@@ -271,9 +305,12 @@ impl Driver {
     /// `write` splices to its file at its offset. Members of pages leases on one descriptor
     /// splice in the order they started, one at a time, so consecutive chunks arrive whole
     /// and in order; they are not ordered against other sends on that descriptor. A pages
-    /// member's socket is made non-blocking (`O_NONBLOCK`, before 7.0): a splice into a blocking socket
-    /// whose peer does not read sleeps in a kernel worker that some kernels (6.1) do not wake
-    /// for a cancel.
+    /// member's socket is made non-blocking (`O_NONBLOCK`): the driver runs its tees and its
+    /// splices to sockets itself, as non-blocking calls ([`crate::Ladder::inline_splice`]; the
+    /// kernel would run each such SQE in an io-wq worker). On the forced SQE path
+    /// (`no-inline-splice`) it still is before 7.0: a splice into a blocking socket whose peer
+    /// does not read sleeps in a kernel worker that some kernels (6.1) do not wake for a
+    /// cancel.
     ///
     /// # Errors
     /// As [`Driver::lease_group`] for memory. For pages: [`Error::Unsupported`] without
@@ -355,7 +392,7 @@ impl Driver {
             });
         }
         let regular = leader_source(fd, offset)?;
-        if nonblocking_sinks(f.kernel) {
+        if self.nonblocking_sinks() {
             for m in &members {
                 if let crate::lease::MemberKind::Send { fd, .. } = &m.kind {
                     set_nonblocking(fd)?;
@@ -535,6 +572,7 @@ impl Driver {
             step: Step::Tee,
             teeing: true,
             seq,
+            inline: self.ladder.inline_splice,
         };
         self.start(OpKind::Pages(PagesOp::Member(Box::new(op))), token);
     }
@@ -738,16 +776,18 @@ impl Driver {
     }
 }
 
-/// Whether the sockets pages members and splice streams splice into are made non-blocking on
-/// `kernel`: before 7.0. Needed on 6.1 (below); on Debian's 7.3 a non-blocking member's chunks
-/// stalled instead (`pages_leases::chunks_leased_back_to_back_reach_each_socket_in_order` timed
-/// out in the kernel matrix), while blocking members pass there, cancel included. An open
-/// finding.
-pub(super) fn nonblocking_sinks(kernel: crate::sys::KernelVersion) -> bool {
-    kernel.major < 7
+impl Driver {
+    /// Whether the sockets pages members and splice streams splice into are made
+    /// non-blocking: always where the driver runs those splices itself
+    /// ([`crate::Ladder::inline_splice`], the default: a splice into a blocking socket would
+    /// stall the driver's thread); with them in io-wq, before 7.0 (6.1 needs it, below).
+    pub(super) fn nonblocking_sinks(&self) -> bool {
+        self.ladder.inline_splice || crate::probe::Features::get().kernel.major < 7
+    }
 }
 
-/// Makes a pages member's (or a splice stream's) sink non-blocking. The kernel runs every
+/// Makes a pages member's (or a splice stream's) sink non-blocking. Where splices run in the
+/// driver's thread, this keeps a full socket from stalling it. Where they are SQEs, the kernel runs every
 /// splice in an io-wq worker; a splice into a blocking socket whose peer does not read sleeps
 /// there, and on some kernels (6.1, seen in the kernel matrix) cancelling the op does not wake
 /// it, so the lease (or stream) could never end. On a non-blocking socket the splice says `EAGAIN` instead, which the
@@ -819,6 +859,7 @@ mod tests {
             step: Step::Splice,
             teeing: false,
             seq: 0,
+            inline: true,
         };
         assert!(matches!(op.stopped(), Error::Cancelled));
         op.done = 40;

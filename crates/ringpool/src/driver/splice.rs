@@ -3,7 +3,12 @@
 //! chunk is a poll for data (no pipe held while the source is idle), a `SPLICE` of what is
 //! there into a pipe taken from the pool, and `SPLICE`s of the pipe to the sink until it is
 //! empty (an `EAGAIN` from a non-blocking sink waits for a poll); then the pipe goes home and
-//! the next chunk begins. Every step is one SQE of the op's slot, re-armed at its CQE.
+//! the next chunk begins. Every step is one SQE of the op's slot, re-armed at its CQE, or,
+//! for a splice between a pipe and a socket or pipe, a call the driver makes itself
+//! (`driver/inline.rs`) whose result comes to the same handler. A chunk still begins with a
+//! poll even where its splice in runs in the driver's thread: each chunk's poll completion
+//! is where streams take turns (at the driver's pipes, and at the driver's thread: a stream
+//! whose source always has more would otherwise splice on without the driver reaping).
 //!
 //! Ownership: these SQEs name no memory, only descriptors: the source and sink `Fd`s and the
 //! pipe, all held by the op's slot until the step's CQE. The pipe goes back to the pool
@@ -44,6 +49,10 @@ pub(super) struct SpliceOp {
     /// Bytes in the pipe, still to go to the sink.
     held: usize,
     step: Step,
+    /// The splice in (out) runs in the driver's thread (`driver/inline.rs`): the source
+    /// (sink) is a socket or a pipe, made non-blocking, not a file that could wait for the disk.
+    inline_in: bool,
+    inline_out: bool,
 }
 
 impl SpliceOp {
@@ -65,6 +74,26 @@ impl SpliceOp {
                 let p = pipe();
                 opcode::Splice::new(types::Fd(p.read_fd()), -1, to, -1, self.held as u32).build()
             }
+        }
+    }
+
+    /// Whether the current step runs in the driver's thread (`driver/inline.rs`).
+    pub(super) fn runs_inline(&self) -> bool {
+        match self.step {
+            Step::In => self.inline_in,
+            Step::Out => self.inline_out,
+            Step::PollIn | Step::PollOut => false,
+        }
+    }
+
+    /// Runs the current step now (`runs_inline`): its result as its CQE would give it.
+    pub(super) fn run_step(&self) -> i32 {
+        let p = self.pipe.as_ref().expect("a splice step owns its pipe");
+        match self.step {
+            Step::In => {
+                crate::pages::splice_now(self.from.as_raw_fd(), p.write_fd(), p.cap(), false)
+            }
+            _ => crate::pages::splice_now(p.read_fd(), self.to.as_raw_fd(), self.held, false),
         }
     }
 
@@ -123,9 +152,12 @@ impl Driver {
     /// a pipe only while a chunk is on its way (an idle source holds a poll, no pipe and no
     /// kernel worker), and its own clones of both descriptors until its last completion.
     ///
-    /// Before 7.0 the sink is made non-blocking: every splice runs in an io-wq worker, and on
-    /// some kernels (6.1) cancelling does not wake a splice sleeping on a full blocking socket
-    /// (the same rule as pages leases' members).
+    /// Sockets and pipes among `from` and `to` are made non-blocking (`O_NONBLOCK`): the
+    /// driver runs their splices itself as non-blocking calls, polling on `EAGAIN`
+    /// ([`crate::Ladder::inline_splice`]; the kernel would run each such SQE in an io-wq
+    /// worker). A file's side stays an SQE. On the forced SQE path (`no-inline-splice`) the
+    /// sink still is made non-blocking before 7.0: on some kernels (6.1) cancelling does not
+    /// wake a splice sleeping on a full blocking socket (the same rule as pages leases' members).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a `pipe_bytes` of 0 or above the largest pipe
@@ -163,7 +195,15 @@ impl Driver {
                 what: "a splice stream's pipe must hold 1 byte to /proc/sys/fs/pipe-max-size",
             });
         }
-        if super::pipe_lease::nonblocking_sinks(crate::probe::Features::get().kernel) {
+        let inline = self.ladder.inline_splice;
+        let (inline_in, inline_out) = (
+            inline && socket_or_pipe(from)?,
+            inline && socket_or_pipe(to)?,
+        );
+        if inline_in {
+            super::pipe_lease::set_nonblocking(from)?;
+        }
+        if inline_out || self.nonblocking_sinks() {
             super::pipe_lease::set_nonblocking(to)?;
         }
         let op = SpliceOp {
@@ -173,6 +213,8 @@ impl Driver {
             pipe_bytes,
             held: 0,
             step: Step::PollIn,
+            inline_in,
+            inline_out,
         };
         Ok(self.start(OpKind::Splice(Box::new(op)), token))
     }
@@ -292,6 +334,18 @@ impl Driver {
             }
         }
     }
+}
+
+/// Whether `fd` is a socket or a pipe (whose splices can be made non-blocking), not a file.
+fn socket_or_pipe(fd: &Fd) -> Result<bool> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    crate::sys::syscall!(fstat(fd.as_raw_fd(), &mut st as *mut libc::stat))
+        .map_err(Error::os("fstat (splice stream)"))?;
+    Ok(matches!(
+        st.st_mode & libc::S_IFMT,
+        libc::S_IFSOCK | libc::S_IFIFO
+    ))
 }
 
 /// Whether a chunk that could not have a pipe (`e`) waits for one: another stream's pipe comes

@@ -134,6 +134,7 @@ impl Driver {
         self.flush()?;
         self.enter(0, None)?;
         self.reap();
+        self.run_inline_steps();
         Ok(self.ready.len())
     }
 
@@ -180,6 +181,9 @@ impl Driver {
                 break Err(e);
             }
             self.reap();
+            // Steps the CQEs armed that the driver runs itself (a poll said a socket is ready
+            // for a splice): now, so their completions come with this wait's.
+            self.run_inline_steps();
             self.collect_lease_returns();
             // Woken only by our own bookkeeping (a timeout op's removal, a cancel's result):
             // nothing happened for the caller, so wait on for the time left.
@@ -240,6 +244,7 @@ impl Driver {
         if !self.pages.splice_waiters.is_empty() {
             self.rearm_splice_waiters();
         }
+        self.run_inline_steps();
         if !self.zcrx_areas.is_empty() {
             self.flush_zcrx();
         }
@@ -281,6 +286,12 @@ impl Driver {
         // Registered memory of another ring's table goes as plain memory (`fixed::slot_in`).
         let table = self.fixed.as_ref().map(FixedTable::id);
         let slot = &mut self.ops[key];
+        if slot.kind.runs_inline() {
+            // A splice or tee the driver runs itself, before it next enters the kernel.
+            slot.state = SlotState::Inline;
+            self.pages.inline.push_back(key);
+            return;
+        }
         let ud = user_data(key, slot.gen);
         slot.state = SlotState::InKernel;
         if let Some(group) = slot.kind.selecting_group() {

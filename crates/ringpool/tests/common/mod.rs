@@ -212,3 +212,62 @@ pub fn tmpfs_dir() -> Option<std::path::PathBuf> {
         .into_iter()
         .find(|p| is_tmpfs(p) && tempfile::tempfile_in(p).is_ok())
 }
+
+thread_local! {
+    /// The splice path the running test variant drives (`both_splice_paths!`).
+    static IO_WQ_SPLICES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `test` with [`splice_config`] on the io-wq splice path (`io_wq`) or the default one.
+pub fn with_splice_path(io_wq: bool, test: fn()) {
+    IO_WQ_SPLICES.with(|p| p.set(io_wq));
+    test();
+}
+
+/// The config of a splicing test's driver (`RINGPOOL_FORCE` ignored): the default path, where
+/// the driver runs splices and tees itself as non-blocking calls, or, in a test's `io_wq`
+/// variant, `Force::NoInlineSplice` (every splice and tee an SQE, run in an io-wq worker).
+pub fn splice_config() -> DriverConfig {
+    let config = DriverConfig::default().ignore_env();
+    if IO_WQ_SPLICES.with(|p| p.get()) {
+        config.force(Force::NoInlineSplice)
+    } else {
+        config
+    }
+}
+
+/// Each named test (a plain `fn()` of the file) as two tests, `NAME::inline` and
+/// `NAME::io_wq`, whose drivers (from [`splice_config`]) take either splice path.
+#[allow(unused_macros)]
+macro_rules! both_splice_paths {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn inline() {
+                crate::common::with_splice_path(false, super::$name)
+            }
+            #[test]
+            fn io_wq() {
+                crate::common::with_splice_path(true, super::$name)
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use both_splice_paths;
+
+/// A pipe (read end, write end), blocking, close-on-exec.
+pub fn pipe() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: pipe2 succeeded: both descriptors are open and owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    }
+}
