@@ -8,6 +8,18 @@
 use std::io;
 use std::ptr::NonNull;
 
+/// Whether this process ignores `SIGPIPE` now (`SIG_IGN`, which Rust's runtime sets before
+/// `main`): a write or splice to a socket or pipe whose reader is gone then fails with `EPIPE`
+/// instead of raising a signal that ends the process.
+pub fn sigpipe_ignored() -> bool {
+    // SAFETY: an all-zero `sigaction` is a valid value of this plain C struct.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `current`, which is valid
+    // for writes.
+    let rc = unsafe { libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut current) };
+    rc == 0 && current.sa_sigaction == libc::SIG_IGN
+}
+
 /// Calls a libc function and turns `-1` into `io::Error::last_os_error()`.
 macro_rules! syscall {
     ($fn:ident ( $($arg:expr),* $(,)? )) => {{

@@ -625,7 +625,10 @@ fn setup(config: &DriverConfig) -> Result<(Ring, Ladder)> {
         Force::from_env()?
     };
     force.extend(config.force.iter().copied());
-    let ladder = Ladder::choose(features, &force);
+    let mut ladder = Ladder::choose(features, &force);
+    // A splice the driver makes itself to a socket or pipe whose reader is gone raises SIGPIPE
+    // in its thread (an io-wq worker's is never delivered): only where the process ignores it.
+    ladder.inline_splice &= crate::sys::sigpipe_ignored();
     let refused = |e| setup_refused(e, entries, cq, features);
     // Zero-copy receive needs 32-byte completions, and DEFER_TASKRUN (without it, the ring
     // stays narrow and `zcrx_area` says why).
