@@ -76,23 +76,9 @@ fn reader(mut peer: TcpStream, len: Option<usize>) -> std::thread::JoinHandle<Ve
 /// client that does not read stops its member's splice.
 fn small_pair() -> (TcpStream, TcpStream) {
     let (s, c) = tcp_pair();
-    set_buf(s.as_raw_fd(), libc::SO_SNDBUF, 16 << 10);
-    set_buf(c.as_raw_fd(), libc::SO_RCVBUF, 16 << 10);
+    common::set_sock_buf(s.as_raw_fd(), libc::SO_SNDBUF, 16 << 10);
+    common::set_sock_buf(c.as_raw_fd(), libc::SO_RCVBUF, 16 << 10);
     (s, c)
-}
-
-fn set_buf(fd: i32, opt: i32, bytes: libc::c_int) {
-    // SAFETY: setsockopt reads an int of the given size; the fd is a live socket of the test.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
 }
 
 /// A position-sensitive checksum (FNV-1a) and the length.

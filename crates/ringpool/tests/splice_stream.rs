@@ -363,18 +363,19 @@ fn at_max_pipes_streams_wait_for_a_pipe_and_lose_nothing() {
 
 /// Regression (a proxy through `--max-pipes 1` hung both ways): a stream whose pipe emptied
 /// while another waits for one gives it back, even with data ready at its source; it does
-/// not keep the pipe for its next chunk. Stream 0's source holds 2 MiB before the first
-/// wait; stream 1's 16 KiB must arrive long before stream 0 delivered all of it.
+/// not keep the pipe for its next chunk. Stream 0's source holds 256 KiB before the first
+/// wait (64 chunks of a one-page pipe; socket buffers within a default `rmem_max`); stream
+/// 1's 16 KiB must arrive long before stream 0 delivered all of it.
 fn a_stream_with_more_to_move_hands_the_pipe_to_a_waiting_one() {
     let mut d = Driver::new(common::splice_config().max_pipes(1)).unwrap();
-    let big = 2 << 20;
+    let big = 256 << 10;
     let mut ends = Vec::new();
     for (i, len) in [(0u64, big), (1, 16 << 10)] {
         let (client, a) = tcp_pair();
         let (b, upstream) = tcp_pair();
         for fd in [client.as_raw_fd(), a.as_raw_fd()] {
             for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-                set_sock_buf(fd, opt, 8 << 20);
+                common::set_sock_buf(fd, opt, 8 << 20);
             }
         }
         let data = pattern_vec(30 + i, 0, len);
@@ -390,7 +391,7 @@ fn a_stream_with_more_to_move_hands_the_pipe_to_a_waiting_one() {
         }
         w.join().unwrap();
         let (a, b) = (Fd::from(a), Fd::from(b));
-        d.splice_stream(&a, &b, 64 << 10, i).unwrap();
+        d.splice_stream(&a, &b, 4096, i).unwrap();
         ends.push((a, b, read_exactly(upstream, len), data));
     }
     let mut seen = [Seen::default(), Seen::default()];
@@ -414,20 +415,6 @@ fn a_stream_with_more_to_move_hands_the_pipe_to_a_waiting_one() {
         drop((a, b));
     }
     assert_eq!(d.pipe_stats().in_use, 0);
-}
-
-fn set_sock_buf(fd: i32, opt: i32, bytes: libc::c_int) {
-    // SAFETY: `fd` is an open socket and the option value a valid int for its length.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            &bytes as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
 }
 
 /// A stream waiting for a pipe (the only one held by a stream stuck on a sink that does not

@@ -271,3 +271,18 @@ pub fn pipe() -> (std::fs::File, std::fs::File) {
         )
     }
 }
+
+/// Sets socket option `opt` (`SO_SNDBUF`, `SO_RCVBUF`) of socket `fd` to `bytes`.
+pub fn set_sock_buf(fd: i32, opt: i32, bytes: libc::c_int) {
+    // SAFETY: setsockopt reads an int of the given size; the fd is a live socket of the test.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+}
