@@ -307,7 +307,8 @@ impl Driver {
     /// and in order; they are not ordered against other sends on that descriptor. A pages
     /// member's socket is made non-blocking (`O_NONBLOCK`): the driver runs its tees and its
     /// splices to sockets itself, as non-blocking calls ([`crate::Ladder::inline_splice`]; the
-    /// kernel would run each such SQE in an io-wq worker). On the forced SQE path
+    /// kernel would run each such SQE in an io-wq worker); do not make it blocking again while
+    /// the lease uses it (a full blocking socket would stall the driver). On the forced SQE path
     /// (`no-inline-splice`) it still is before 7.0: a splice into a blocking socket whose peer
     /// does not read sleeps in a kernel worker that some kernels (6.1) do not wake for a
     /// cancel.
