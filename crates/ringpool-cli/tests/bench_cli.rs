@@ -282,7 +282,11 @@ fn proxy_quick_json() {
     }
     for tag in ["4k_x1", "4k_x32", "64k_x1", "64k_x32"] {
         for metric in ["cpu_s_per_gb", "gb_per_sec"] {
-            for key in [format!("{metric}_{tag}"), format!("{metric}_{tag}_vs_std")] {
+            for key in [
+                format!("{metric}_{tag}"),
+                format!("{metric}_{tag}_vs_std"),
+                format!("{metric}_{tag}_splice_vs_std"),
+            ] {
                 let m = &w["metrics"][&key];
                 for side in ["ringpool", "baseline", "ratio"] {
                     let v = m[side].as_f64().unwrap_or(0.0);

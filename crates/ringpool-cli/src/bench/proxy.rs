@@ -202,6 +202,11 @@ struct Config {
     std_cpu_label: &'static str,
     std_rate_key: &'static str,
     std_rate_label: &'static str,
+    /// The splice path (`--path splice`) against the std proxy.
+    splice_cpu_key: &'static str,
+    splice_cpu_label: &'static str,
+    splice_rate_key: &'static str,
+    splice_rate_label: &'static str,
     /// Issue 7's bound on ringpool / tokio CPU per GB.
     target: f64,
     /// Issue 19's bound on ringpool / std CPU per GB.
@@ -222,6 +227,10 @@ macro_rules! config {
             std_cpu_label: concat!($label, " proxy CPU/GB, vs std"),
             std_rate_key: concat!("gb_per_sec_", $tag, "_vs_std"),
             std_rate_label: concat!($label, " GB/s, vs std"),
+            splice_cpu_key: concat!("cpu_s_per_gb_", $tag, "_splice_vs_std"),
+            splice_cpu_label: concat!($label, " splice path CPU/GB, vs std"),
+            splice_rate_key: concat!("gb_per_sec_", $tag, "_splice_vs_std"),
+            splice_rate_label: concat!($label, " splice path GB/s, vs std"),
             target: $target,
             std_target: $std_target,
         }
@@ -865,12 +874,14 @@ fn spread(ratios: &[f64]) -> String {
     format!("{:.3}x ({lo:.3}..{hi:.3})", median(ratios))
 }
 
-/// Medians per configuration, ringpool against tokio, then against std.
+/// Medians per configuration, ringpool against tokio, then against std, then the splice path
+/// against std.
 fn summarize(runs: &[Run], rounds: usize, hz: u64, placement: Option<Placement>) -> WorkloadReport {
     let mut metrics = Vec::new();
     for (i, c) in CONFIGS.iter().enumerate() {
-        for (other, cpu_key, cpu_label, rate_key, rate_label) in [
+        for (kind, other, cpu_key, cpu_label, rate_key, rate_label) in [
             (
+                Kind::Ringpool,
                 Kind::Tokio,
                 c.cpu_key,
                 c.cpu_label,
@@ -878,25 +889,34 @@ fn summarize(runs: &[Run], rounds: usize, hz: u64, placement: Option<Placement>)
                 c.rate_label,
             ),
             (
+                Kind::Ringpool,
                 Kind::Std,
                 c.std_cpu_key,
                 c.std_cpu_label,
                 c.std_rate_key,
                 c.std_rate_label,
             ),
+            (
+                Kind::Splice,
+                Kind::Std,
+                c.splice_cpu_key,
+                c.splice_cpu_label,
+                c.splice_rate_key,
+                c.splice_rate_label,
+            ),
         ] {
             metrics.push(Metric {
                 key: cpu_key,
                 label: cpu_label,
                 unit: Unit::SecsPerGb,
-                ringpool: median_of(runs, i, Kind::Ringpool, Run::cpu_s_per_gb),
+                ringpool: median_of(runs, i, kind, Run::cpu_s_per_gb),
                 baseline: median_of(runs, i, other, Run::cpu_s_per_gb),
             });
             metrics.push(Metric {
                 key: rate_key,
                 label: rate_label,
                 unit: Unit::GbPerSec,
-                ringpool: median_of(runs, i, Kind::Ringpool, Run::gb_per_sec),
+                ringpool: median_of(runs, i, kind, Run::gb_per_sec),
                 baseline: median_of(runs, i, other, Run::gb_per_sec),
             });
         }
@@ -905,7 +925,8 @@ fn summarize(runs: &[Run], rounds: usize, hz: u64, placement: Option<Placement>)
         name: WORKLOAD.name,
         baseline: "tokio current_thread proxy, copy_bidirectional per connection (8 KiB \
                    buffers); rows `vs std`: blocking std proxy, a thread per direction (64 KiB \
-                   buffers); ringpool = `ringpool proxy --zerocopy auto`; CPU = the proxy \
+                   buffers); ringpool = `ringpool proxy --zerocopy auto` (rows `splice path`: \
+                   with `--path splice`); CPU = the proxy \
                    process's user + system time per GB forwarded (both directions)",
         verified: !runs.is_empty() && runs.iter().all(Run::verified),
         rounds,
