@@ -589,8 +589,8 @@ pub struct Ladder {
     pub zcrx: ZcrxRung,
     /// Splices and tees between pipes and sockets run in the driver's thread as non-blocking
     /// `splice(2)`/`tee(2)` calls, with a poll SQE only when one would block (the kernel runs
-    /// every `IORING_OP_SPLICE` and `IORING_OP_TEE` in an io-wq worker, on every kernel up to
-    /// 7.3); else each is an SQE. Needs nothing of the kernel; off where forced, and where
+    /// every `IORING_OP_SPLICE` and `IORING_OP_TEE` in an io-wq worker); else each is an
+    /// SQE. Needs nothing of the kernel; off where forced, and where
     /// the process does not ignore `SIGPIPE` when the driver is made (a splice to a socket
     /// whose peer is gone raises it in the calling thread, and its default action ends the
     /// process; Rust programs ignore it from the start).

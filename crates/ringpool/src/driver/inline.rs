@@ -3,8 +3,8 @@
 //! forced off by `no-inline-splice`).
 //!
 //! Why: the kernel runs every `IORING_OP_SPLICE` and `IORING_OP_TEE` in an io-wq worker (the
-//! ops' prep forces them async, on every kernel up to 7.3), a hand-off to another thread and
-//! back per step. `splice(2)` and `tee(2)` with `SPLICE_F_NONBLOCK`, on descriptors that cannot
+//! ops' prep sets `REQ_F_FORCE_ASYNC` in `io_uring/splice.c`, from 5.7 through 6.18 at
+//! least), a hand-off to another thread and back per step. `splice(2)` and `tee(2)` with `SPLICE_F_NONBLOCK`, on descriptors that cannot
 //! make them sleep, do the same work at once and say `EAGAIN` where the worker would wait.
 //! An op's step that runs here is queued by [`Driver::arm`] (state `Inline`) and run before
 //! the driver next enters the kernel or returns from a wait; its result goes to the op's
