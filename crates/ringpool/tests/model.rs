@@ -3,8 +3,8 @@
 //! regression test to paste below.
 //!
 //! - `core`: `Driver`s over every group kind and rung, receives of every mode, pipe and file
-//!   reads, sends (plain, zero-copy, bundles), leases, cancels, drops, peers that write,
-//!   half-close and reset (`tests/model/core.rs`).
+//!   reads, sends (plain, zero-copy, bundles), leases (memory and pages), cancels, drops,
+//!   peers that write, half-close and reset (`tests/model/core.rs`).
 //! - `rtm`: the same streams through `ringpool::rt`, over several runtimes in a row, with
 //!   futures and streams dropped at any point, also in another runtime (`tests/model/rtm.rs`).
 //!
