@@ -228,6 +228,34 @@ impl PagesMemberOp {
         }
     }
 
+    /// The member after a splice of `res` (`stop`: it was asked to stop): the same step again,
+    /// a poll for room in its sink, or its end.
+    fn after_splice(&mut self, res: i32, stop: bool) -> AfterSplice {
+        match pages::splice_next(res, self.done, self.share) {
+            MemberNext::Done(n) => {
+                self.done += n;
+                AfterSplice::End(Ok(self.share))
+            }
+            MemberNext::Again(n) => {
+                self.done += n;
+                if stop {
+                    AfterSplice::End(Err(self.stopped()))
+                } else {
+                    AfterSplice::Again
+                }
+            }
+            MemberNext::Poll if !stop => {
+                self.step = Step::PollSink;
+                AfterSplice::Poll
+            }
+            _ if stop => AfterSplice::End(Err(self.stopped())),
+            MemberNext::Failed(r) => {
+                AfterSplice::End(Err(errno_error("splice (pages lease member)", r)))
+            }
+            MemberNext::Poll => unreachable!("stopped above"),
+        }
+    }
+
     /// Why a member that was asked to stop ended: a send that delivered part of its share is
     /// a short send (the stream has a gap), anything else is cancelled.
     fn stopped(&self) -> Error {
@@ -239,6 +267,16 @@ impl PagesMemberOp {
             _ => Error::Cancelled,
         }
     }
+}
+
+/// What a member does after one of its splices.
+enum AfterSplice {
+    /// More of its share is left: splice again.
+    Again,
+    /// The sink is full (`EAGAIN`): poll it for room (the step is `PollSink` now).
+    Poll,
+    /// The member ends with this.
+    End(Result<usize>),
 }
 
 /// A member's completion: a send's (no buffer: the pages were never the user's) or a write's.
@@ -408,22 +446,7 @@ impl Driver {
             o => (o % page as u64) as usize,
         };
         let cap = pages::check_len(len, first, page, pages::pipe_max_size())?;
-        let mut pipes = Vec::with_capacity(members.len() + 1);
-        for _ in 0..=members.len() {
-            match self.pages.pool.take(cap) {
-                Ok(p) => pipes.push(p),
-                Err(e) => {
-                    pipes.into_iter().for_each(|p| self.pages.pool.put(p));
-                    return Err(e);
-                }
-            }
-        }
-        // The group pipe is the smallest: every member's pipe then has a slot for each of its
-        // slots, so a tee duplicates all of them at once (a socket may fill slots partly).
-        let smallest = (0..pipes.len())
-            .min_by_key(|&i| pipes[i].cap())
-            .expect("at least the group pipe");
-        let pipe = pipes.swap_remove(smallest);
+        let (pipe, pipes) = self.group_pipes(cap, members.len())?;
         let op = PagesLeaderOp {
             fd: fd.clone(),
             offset,
@@ -436,6 +459,27 @@ impl Driver {
             spares: pipes,
         };
         Ok(self.start(OpKind::Pages(PagesOp::Leader(Box::new(op))), token))
+    }
+
+    /// A lease's pipes of at least `cap` bytes, all taken at its start (one that cannot have
+    /// them fails there, holding none): the group pipe, and one for each of `members`. The
+    /// group pipe is the smallest: every member's pipe then has a slot for each of its slots,
+    /// so a tee duplicates all of them at once (a socket may fill slots partly).
+    fn group_pipes(&mut self, cap: usize, members: usize) -> Result<(Pipe, Vec<Pipe>)> {
+        let mut pipes = Vec::with_capacity(members + 1);
+        for _ in 0..=members {
+            match self.pages.pool.take(cap) {
+                Ok(p) => pipes.push(p),
+                Err(e) => {
+                    pipes.into_iter().for_each(|p| self.pages.pool.put(p));
+                    return Err(e);
+                }
+            }
+        }
+        let smallest = (0..pipes.len())
+            .min_by_key(|&i| pipes[i].cap())
+            .expect("at least the group pipe");
+        Ok((pipes.swap_remove(smallest), pipes))
     }
 
     /// A CQE of a pages lease's op.
@@ -612,27 +656,13 @@ impl Driver {
                     return self.splice_in_turn(c.key);
                 }
             },
-            Step::Splice => match pages::splice_next(c.res, op.done, op.share) {
-                MemberNext::Done(n) => {
-                    op.done += n;
-                    Ok(op.share)
-                }
-                MemberNext::Again(n) if !stop => {
-                    op.done += n;
-                    return self.arm(c.key);
-                }
-                MemberNext::Poll if !stop => {
-                    op.step = Step::PollSink;
+            Step::Splice => match op.after_splice(c.res, stop) {
+                AfterSplice::Again => return self.arm(c.key),
+                AfterSplice::Poll => {
                     self.pages.pool.count_poll();
                     return self.arm(c.key);
                 }
-                MemberNext::Again(n) => {
-                    op.done += n;
-                    Err(op.stopped())
-                }
-                _ if stop => Err(op.stopped()),
-                MemberNext::Failed(r) => Err(errno_error("splice (pages lease member)", r)),
-                MemberNext::Poll => unreachable!("stopped above"),
+                AfterSplice::End(result) => result,
             },
         };
         let OpKind::Pages(PagesOp::Member(op)) = self.ops.remove(c.key).kind else {
@@ -870,5 +900,54 @@ mod tests {
         ));
         op.member = Member::write(&sock, 0, 2);
         assert!(matches!(op.stopped(), Error::Cancelled));
+    }
+
+    #[test]
+    fn a_member_s_splice_moves_it_on_waits_for_room_or_ends_it() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let sock = Fd::from(std::os::fd::OwnedFd::from(a));
+        let mut pool = PipePool::default();
+        let group = Rc::new(PagesGroup::new(
+            1,
+            pool.take(4096).unwrap(),
+            1,
+            PagesReturns::default(),
+        ));
+        let mut op = PagesMemberOp {
+            member: Member::send(&sock, 2),
+            group,
+            pipe: None,
+            share: 100,
+            done: 0,
+            step: Step::Splice,
+            teeing: false,
+            seq: 0,
+            inline: true,
+        };
+        assert!(matches!(op.after_splice(30, false), AfterSplice::Again));
+        assert_eq!(op.done, 30);
+        assert!(matches!(
+            op.after_splice(-libc::EAGAIN, false),
+            AfterSplice::Poll
+        ));
+        assert_eq!(op.step, Step::PollSink);
+        op.step = Step::Splice;
+        // Asked to stop: a splice that moved some ends it as a short send of what left.
+        assert!(matches!(
+            op.after_splice(20, true),
+            AfterSplice::End(Err(Error::ShortSend { sent: 50, len: 100 }))
+        ));
+        assert!(matches!(
+            op.after_splice(-libc::EAGAIN, true),
+            AfterSplice::End(Err(Error::ShortSend { .. }))
+        ));
+        assert!(matches!(
+            op.after_splice(50, false),
+            AfterSplice::End(Ok(100))
+        ));
+        assert!(matches!(
+            op.after_splice(-libc::EPIPE, false),
+            AfterSplice::End(Err(_))
+        ));
     }
 }
