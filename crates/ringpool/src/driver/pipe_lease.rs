@@ -874,14 +874,14 @@ mod tests {
         assert!(!leader_source(&pipe, u64::MAX).unwrap());
     }
 
-    #[test]
-    fn a_member_stopped_part_way_is_a_short_send_or_cancelled() {
+    /// A member sending a share of 100 bytes on a socket (also returned), splicing.
+    fn splicing_member() -> (PagesMemberOp, Fd) {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let sock = Fd::from(std::os::fd::OwnedFd::from(a));
-        let returns = PagesReturns::default();
         let mut pool = PipePool::default();
-        let group = Rc::new(PagesGroup::new(1, pool.take(4096).unwrap(), 1, returns));
-        let mut op = PagesMemberOp {
+        let pipe = pool.take(4096).unwrap();
+        let group = Rc::new(PagesGroup::new(1, pipe, 1, PagesReturns::default()));
+        let op = PagesMemberOp {
             member: Member::send(&sock, 2),
             group,
             pipe: None,
@@ -892,6 +892,12 @@ mod tests {
             seq: 0,
             inline: true,
         };
+        (op, sock)
+    }
+
+    #[test]
+    fn a_member_stopped_part_way_is_a_short_send_or_cancelled() {
+        let (mut op, sock) = splicing_member();
         assert!(matches!(op.stopped(), Error::Cancelled));
         op.done = 40;
         assert!(matches!(
@@ -904,26 +910,7 @@ mod tests {
 
     #[test]
     fn a_member_s_splice_moves_it_on_waits_for_room_or_ends_it() {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let sock = Fd::from(std::os::fd::OwnedFd::from(a));
-        let mut pool = PipePool::default();
-        let group = Rc::new(PagesGroup::new(
-            1,
-            pool.take(4096).unwrap(),
-            1,
-            PagesReturns::default(),
-        ));
-        let mut op = PagesMemberOp {
-            member: Member::send(&sock, 2),
-            group,
-            pipe: None,
-            share: 100,
-            done: 0,
-            step: Step::Splice,
-            teeing: false,
-            seq: 0,
-            inline: true,
-        };
+        let (mut op, _sock) = splicing_member();
         assert!(matches!(op.after_splice(30, false), AfterSplice::Again));
         assert_eq!(op.done, 30);
         assert!(matches!(
