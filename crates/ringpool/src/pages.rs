@@ -407,6 +407,15 @@ impl Drop for PagesGroup {
     }
 }
 
+/// The kind of file `fd` is (`st_mode & S_IFMT`: `S_IFREG`, `S_IFSOCK`, `S_IFIFO`, ...), what
+/// decides how its splices run; `what` names the caller in an error.
+pub(crate) fn file_type(fd: RawFd, what: &'static str) -> Result<libc::mode_t> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    syscall!(fstat(fd, &mut st as *mut libc::stat)).map_err(Error::os(what))?;
+    Ok(st.st_mode & libc::S_IFMT)
+}
+
 /// A step the driver runs in its own thread instead of as an SQE (`Ladder::inline_splice`):
 /// `splice(2)` of up to `len` bytes from `from` to `to` (neither with an offset), or, with
 /// `tee`, `tee(2)` from pipe `from` to pipe `to`; always `SPLICE_F_NONBLOCK`. The result as a

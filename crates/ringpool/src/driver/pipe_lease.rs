@@ -290,11 +290,7 @@ fn member_event(m: &Member, result: Result<usize>) -> Event {
 /// Whether the leader's descriptor is a regular file (read until the length or its end),
 /// refusing what cannot splice and an offset on what has none.
 fn leader_source(fd: &Fd, offset: u64) -> Result<bool> {
-    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    crate::sys::syscall!(fstat(fd.as_raw_fd(), &mut st as *mut libc::stat))
-        .map_err(Error::os("fstat (pages lease leader)"))?;
-    let kind = match st.st_mode & libc::S_IFMT {
+    let kind = match pages::file_type(fd.as_raw_fd(), "fstat (pages lease leader)")? {
         libc::S_IFREG => return Ok(true),
         libc::S_IFSOCK | libc::S_IFIFO | libc::S_IFCHR => None,
         libc::S_IFDIR => Some("a directory"),

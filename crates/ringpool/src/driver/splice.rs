@@ -203,7 +203,8 @@ impl Driver {
         if inline_in {
             super::pipe_lease::set_nonblocking(from)?;
         }
-        if inline_out || self.nonblocking_sinks() {
+        // (Always where the driver runs splices itself, so whenever `inline_out`.)
+        if self.nonblocking_sinks() {
             super::pipe_lease::set_nonblocking(to)?;
         }
         let op = SpliceOp {
@@ -338,14 +339,8 @@ impl Driver {
 
 /// Whether `fd` is a socket or a pipe (whose splices can be made non-blocking), not a file.
 fn socket_or_pipe(fd: &Fd) -> Result<bool> {
-    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    crate::sys::syscall!(fstat(fd.as_raw_fd(), &mut st as *mut libc::stat))
-        .map_err(Error::os("fstat (splice stream)"))?;
-    Ok(matches!(
-        st.st_mode & libc::S_IFMT,
-        libc::S_IFSOCK | libc::S_IFIFO
-    ))
+    let kind = crate::pages::file_type(fd.as_raw_fd(), "fstat (splice stream)")?;
+    Ok(matches!(kind, libc::S_IFSOCK | libc::S_IFIFO))
 }
 
 /// Whether a chunk that could not have a pipe (`e`) waits for one: another stream's pipe comes
