@@ -393,6 +393,24 @@ impl SendBuf {
         self.len() == 0
     }
 
+    /// How many `iovec`s [`SendBuf::iovecs`] makes starting `skip` bytes in.
+    pub(crate) fn iov_count(&self, mut skip: usize) -> usize {
+        let mut count = |pieces: &mut dyn Iterator<Item = usize>| {
+            pieces
+                .filter(|&len| {
+                    let past = skip >= len;
+                    skip = skip.saturating_sub(len);
+                    !past
+                })
+                .count()
+        };
+        match self {
+            SendBuf::Chain(c) => count(&mut c.iter().map(|b| b.len())),
+            SendBuf::Zcrx(bufs) => count(&mut bufs.iter().map(|b| b.len())),
+            _ => usize::from(skip < self.len()),
+        }
+    }
+
     /// The slot for ops of a ring whose table is `table` ([`crate::fixed::slot_in`]).
     pub(crate) fn fixed_slot_in(&self, table: Option<usize>) -> Option<u16> {
         match self {
@@ -404,8 +422,14 @@ impl SendBuf {
     }
 
     /// The byte ranges, in order, as `iovec`s starting `skip` bytes in.
-    pub(crate) fn iovecs(&self, mut skip: usize, out: &mut Vec<libc::iovec>) {
+    pub(crate) fn iovecs(&self, skip: usize, out: &mut Vec<libc::iovec>) {
         out.clear();
+        self.append_iovecs(skip, out);
+    }
+
+    /// [`SendBuf::iovecs`] added to the end of `out` (the iovecs of several sends that leave
+    /// in one `sendmsg`).
+    pub(crate) fn append_iovecs(&self, mut skip: usize, out: &mut Vec<libc::iovec>) {
         let mut push = |s: &[u8]| {
             if skip >= s.len() {
                 skip -= s.len();
@@ -471,5 +495,7 @@ mod tests {
         assert_eq!(iov[0].iov_len, 6);
         buf.iovecs(10, &mut iov);
         assert!(iov.is_empty());
+        assert_eq!(buf.iov_count(4), 1);
+        assert_eq!(buf.iov_count(10), 0);
     }
 }

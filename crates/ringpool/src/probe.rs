@@ -443,6 +443,9 @@ pub enum Force {
     /// `IORING_OP_SPLICE`/`IORING_OP_TEE` SQE (each runs in an io-wq worker) instead of the
     /// driver's own non-blocking `splice(2)`/`tee(2)`.
     NoInlineSplice,
+    /// `no-send-merge`: every send of a stream socket as an SQE of its own instead of the
+    /// plain sends waiting in its lane leaving together in one `sendmsg`.
+    NoSendMerge,
 }
 
 const FORCE_NAMES: &[(&str, Force)] = &[
@@ -459,10 +462,11 @@ const FORCE_NAMES: &[(&str, Force)] = &[
     ("no-clone", Force::NoClone),
     ("no-zcrx", Force::NoZcrx),
     ("no-inline-splice", Force::NoInlineSplice),
+    ("no-send-merge", Force::NoSendMerge),
 ];
 const FORCE_KNOWN: &str = "legacy-provide, no-incremental, no-bundle, no-multishot, \
      no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc, no-fixed, no-vectored-fixed, no-clone, \
-     no-zcrx, no-inline-splice";
+     no-zcrx, no-inline-splice, no-send-merge";
 
 impl Force {
     /// The rung's name as `RINGPOOL_FORCE` spells it.
@@ -595,6 +599,11 @@ pub struct Ladder {
     /// whose peer is gone raises it in the calling thread, and its default action ends the
     /// process; Rust programs ignore it from the start).
     pub inline_splice: bool,
+    /// Plain sends waiting together in a stream socket's lane leave in one `SENDMSG` with the
+    /// iovecs of all of them (up to `UIO_MAXIOV`), its result split back over them in order;
+    /// else each is an SQE of its own in the lane's linked chain. Needs nothing of the kernel;
+    /// off where forced.
+    pub merge_sends: bool,
 }
 
 impl Ladder {
@@ -649,6 +658,7 @@ impl Ladder {
                 ZcrxRung::NicOnly
             },
             inline_splice: !has(Force::NoInlineSplice),
+            merge_sends: !has(Force::NoSendMerge),
         }
     }
 
@@ -755,6 +765,14 @@ impl Ladder {
                     "non-blocking calls, polls on EAGAIN"
                 } else {
                     "IORING_OP_SPLICE/TEE (io-wq)"
+                },
+            ),
+            (
+                "queued plain sends",
+                if self.merge_sends {
+                    "merged into one sendmsg per stream socket"
+                } else {
+                    "one SQE each, linked"
                 },
             ),
         ]

@@ -20,6 +20,25 @@ pub fn sigpipe_ignored() -> bool {
     rc == 0 && current.sa_sigaction == libc::SIG_IGN
 }
 
+/// Whether `fd` is a stream socket (`SO_TYPE` is `SOCK_STREAM`): its bytes have no message
+/// boundaries, so several sends may leave as one. `false` for anything else, or if unknown.
+pub(crate) fn is_stream_socket(fd: std::os::fd::RawFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty` and `len` are valid for writes and `len` holds `ty`'s size; the kernel
+    // writes at most that many bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && ty == libc::SOCK_STREAM
+}
+
 /// Calls a libc function and turns `-1` into `io::Error::last_os_error()`.
 macro_rules! syscall {
     ($fn:ident ( $($arg:expr),* $(,)? )) => {{

@@ -211,6 +211,9 @@ pub(crate) struct Lane {
     /// The error that broke the current chain, reported to the sends it cancelled.
     pub(crate) error: Option<i32>,
     pub(crate) policy: LanePolicy,
+    /// Whether the socket is a stream socket (`SO_TYPE`), whose plain sends may leave together
+    /// in one `sendmsg`; asked the first time two sends wait at once.
+    pub(crate) stream: Option<bool>,
 }
 
 impl Lane {
@@ -222,6 +225,7 @@ impl Lane {
             requeue: Vec::new(),
             error: None,
             policy,
+            stream: None,
         }
     }
 

@@ -43,10 +43,14 @@ const VOLUME: u64 = 1 << 30;
 /// Bytes each run sends with `--quick`.
 const QUICK_VOLUME: u64 = 128 << 20;
 /// Bytes a ringpool sender keeps in flight (submitted, result not yet in), within
-/// [`MIN_DEPTH`]..=[`MAX_DEPTH`] sends.
+/// [`MIN_DEPTH`]..=[`MAX_DEPTH`] sends: 1 MiB of 4 KiB sends, 8 MiB of larger ones (tokio's
+/// loop, for its part, writes while the socket buffer has room, which autotuning grows to
+/// `tcp_wmem`'s maximum, 4 MiB here). The sends that wait in the socket's lane while one
+/// `sendmsg` runs leave together in the next (`Ladder::merge_sends`), so the depth bounds
+/// the bytes each `sendmsg` carries.
 const IN_FLIGHT_BYTES: usize = 8 << 20;
 const MIN_DEPTH: usize = 4;
-const MAX_DEPTH: usize = 32;
+const MAX_DEPTH: usize = 256;
 /// Bytes of buffers a zero-copy sender may have out (in flight or awaiting the notification,
 /// which on loopback comes when the receiver has read the data); at least twice the depth.
 const ZC_POOL_BYTES: usize = 16 << 20;
@@ -937,7 +941,7 @@ mod tests {
     #[test]
     fn pipeline_depths() {
         assert_eq!(depth(4 << 10), MAX_DEPTH);
-        assert_eq!(depth(64 << 10), MAX_DEPTH);
+        assert_eq!(depth(64 << 10), 128);
         assert_eq!(depth(1 << 20), 8);
     }
 }

@@ -444,6 +444,9 @@ pub struct DriverStats {
     pub held_waits: u64,
     /// Splices and tees the driver ran itself instead of as SQEs ([`Ladder::inline_splice`]).
     pub inline_steps: u64,
+    /// Sends that left in the `sendmsg` of the send before them in their lane
+    /// ([`Ladder::merge_sends`]) instead of an SQE of their own.
+    pub merged_sends: u64,
 }
 
 /// Owns an io_uring and everything the kernel may touch through it: nothing the kernel may
@@ -504,6 +507,9 @@ pub struct Driver {
     /// the box is the allocation a new send reuses.
     #[allow(clippy::vec_box)]
     spare_sends: Vec<Box<SendOp>>,
+    /// The iovecs of the sends that ride in a merged `sendmsg`, gathered before they join its
+    /// first send's (reused).
+    merge_iov: Vec<libc::iovec>,
     /// Lanes with sends to start.
     dirty_lanes: Vec<usize>,
     /// Sweep lanes of gone sockets when the map grows past this.
@@ -680,6 +686,7 @@ impl Driver {
             kept_for_kernel: Vec::new(),
             lanes: LaneMap::default(),
             spare_sends: Vec::new(),
+            merge_iov: Vec::new(),
             dirty_lanes: Vec::new(),
             lane_sweep_at: 1024,
             zc_cfg: config.zc,

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::fixed::FixedTable;
 use crate::probe::{Ladder, ZcRung};
 use crate::sys;
-use crate::zc::{Lane, LanePolicy, ZcStats};
+use crate::zc::{Lane, LanePolicy, ZcConfig, ZcStats};
 
 use super::op::{errno_error, user_data, OpId, OpKind, OpSlot, SlotState};
 use super::udp::sockaddr;
@@ -61,15 +61,25 @@ pub(super) struct SendOp {
     /// Whether the SQE in flight is a zero-copy one.
     pub(super) in_flight_zc: bool,
     pub(super) lane: usize,
+    /// The sends after this one in its lane whose bytes ride in this attempt's `sendmsg`
+    /// ([`Ladder::merge_sends`]), in order: its result is split over this send and them.
+    pub(super) riders: Vec<usize>,
 }
 
 impl SendOp {
     /// Points the iovecs (and the `msghdr`, with the destination of an unconnected socket) at
-    /// what is left to send. Returns the buffer's slot in this ring's table (`table`: its id)
-    /// where a fixed send may use it, and the bytes left.
-    fn prepare(&mut self, ladder: &Ladder, table: Option<usize>) -> (Option<u16>, usize) {
+    /// what is left to send, followed by `riders` (the iovecs of the sends merged into this
+    /// one's `sendmsg`). Returns the buffer's slot in this ring's table (`table`: its id)
+    /// where a fixed send may use it, and this send's bytes left.
+    fn prepare(
+        &mut self,
+        ladder: &Ladder,
+        table: Option<usize>,
+        riders: &[libc::iovec],
+    ) -> (Option<u16>, usize) {
         let buf = self.buf.as_ref().expect("a send in flight owns its buffer");
         buf.iovecs(self.sent, &mut self.iov);
+        self.iov.extend_from_slice(riders);
         // An empty send goes plainly: SEND_ZC of nothing from a fixed buffer is EFAULT.
         let fixed_slot = if ladder.fixed && buf.len() > self.sent {
             buf.fixed_slot_in(table)
@@ -147,6 +157,63 @@ impl SendOp {
                 .dest_addr_len(*alen);
         }
         (b.build(), self.iov.len() <= 1)
+    }
+}
+
+/// Most iovecs one `sendmsg` takes (`UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Whether `op`'s next attempt, of its `remaining` bytes, goes zero-copy: a `send_zc`, where
+/// the ladder has zero-copy sends and the lane's `policy` (which counts it) wants one.
+fn wants_zc(
+    op: &SendOp,
+    remaining: usize,
+    policy: &mut LanePolicy,
+    ladder: &Ladder,
+    cfg: &ZcConfig,
+) -> bool {
+    op.zc
+        && remaining > 0
+        && ladder.zc != ZcRung::Plain
+        && policy.wants_zc(cfg, ladder.zc_report_usage, remaining)
+}
+
+/// The result of a merged `sendmsg`, split over its sends in order.
+#[derive(Debug)]
+struct MergedResult {
+    /// Bytes not yet given to a send.
+    left: usize,
+    /// The `sendmsg`'s error, until the first send that got no bytes takes it.
+    failure: Option<i32>,
+    first: bool,
+}
+
+impl MergedResult {
+    fn new(res: i32) -> MergedResult {
+        MergedResult {
+            left: res.max(0) as usize,
+            failure: (res < 0).then_some(res),
+            first: true,
+        }
+    }
+
+    /// The next send's part, for its `remaining` bytes: the bytes it got, and the result its
+    /// own SQE in a chain would have had. With bytes, their count; the first send without
+    /// takes the error, or gets 0 if it is the first of all (a `sendmsg` that sent nothing
+    /// ends its first send as short, as a lone send's would); any other is as a send whose
+    /// chain broke before it (`ECANCELED`).
+    fn next_part(&mut self, remaining: usize) -> (usize, i32) {
+        let first = std::mem::replace(&mut self.first, false);
+        let got = self.left.min(remaining);
+        self.left -= got;
+        let part = if got > 0 {
+            got as i32
+        } else {
+            self.failure
+                .take()
+                .unwrap_or(if first { 0 } else { -libc::ECANCELED })
+        };
+        (got, part)
     }
 }
 
@@ -308,6 +375,7 @@ impl Driver {
             reported: false,
             in_flight_zc: false,
             lane: lane_key,
+            riders: Vec::new(),
         };
         let op = self.boxed_send(op);
         let key = self.ops.insert(OpSlot {
@@ -360,7 +428,9 @@ impl Driver {
         match self.spare_sends.pop() {
             Some(mut spare) => {
                 let iov = std::mem::take(&mut spare.iov);
-                *spare = SendOp { iov, ..op };
+                let mut riders = std::mem::take(&mut spare.riders);
+                riders.clear();
+                *spare = SendOp { iov, riders, ..op };
                 spare
             }
             None => Box::new(op),
@@ -373,13 +443,14 @@ impl Driver {
         for (k, slot) in self.ops.iter() {
             if let OpKind::Send(op) = &slot.kind {
                 out += &format!(
-                    "[{k} tok {} {:?} sent {} notifs {:?} reported {} zc {}] ",
+                    "[{k} tok {} {:?} sent {} notifs {:?} reported {} zc {} riders {:?}] ",
                     slot.token,
                     slot.state,
                     op.sent,
                     op.notif_attempts,
                     op.reported,
-                    op.in_flight_zc
+                    op.in_flight_zc,
+                    op.riders
                 );
             }
         }
@@ -398,33 +469,60 @@ impl Driver {
         self.zc_stats
     }
 
-    /// Builds a send's SQE: plain, `SENDMSG_ZC` or `SEND_ZC` (one buffer), as the ladder and the
-    /// lane's policy say. With `link`, the next SQE of the lane's chain waits for this one.
-    /// Returns whether it linked: a `SEND_ZC` that covers only the first of several buffers
-    /// ends the chain, so its continuation can go before anything newer.
-    pub(super) fn arm_send(&mut self, key: usize, link: bool) -> bool {
+    /// Builds a send's SQE: plain, `SENDMSG_ZC` or `SEND_ZC` (one buffer), as `decided` (by
+    /// [`Driver::plan_chain`]) or else the ladder and the lane's policy say; `riders` (plain
+    /// sends after it that [`Driver::plan_chain`] merged into it) leave in its `SENDMSG`. With `link`, the next SQE of the lane's chain waits
+    /// for this one. Returns whether it linked: a `SEND_ZC` that covers only the first of
+    /// several buffers ends the chain, so its continuation can go before anything newer.
+    pub(super) fn arm_send(
+        &mut self,
+        key: usize,
+        link: bool,
+        decided: Option<bool>,
+        riders: &[usize],
+    ) -> bool {
         let (ladder, cfg) = (self.ladder, self.zc_cfg);
         // Registered memory of another ring's table goes as plain memory (`fixed::slot_in`).
         let table = self.fixed.as_ref().map(FixedTable::id);
         let attempt = self.next_gen();
-        let slot = &mut self.ops[key];
         let ud = user_data(key, attempt);
+        let mut rider_iov = std::mem::take(&mut self.merge_iov);
+        rider_iov.clear();
+        for &rider in riders {
+            let slot = &mut self.ops[rider];
+            slot.state = SlotState::InKernel;
+            let OpKind::Send(op) = &mut slot.kind else {
+                unreachable!("riders are sends")
+            };
+            // A cancel of a rider targets the `sendmsg` it rides in.
+            op.cur_ud = ud;
+            op.in_flight_zc = false;
+            let buf = op.buf.as_ref().expect("a send in flight owns its buffer");
+            buf.append_iovecs(op.sent, &mut rider_iov);
+            self.zc_stats.plain_sends += op.zc as u64;
+        }
+        self.stats.merged_sends += riders.len() as u64;
+        let slot = &mut self.ops[key];
         slot.state = SlotState::InKernel;
         let OpKind::Send(op) = &mut slot.kind else {
             unreachable!("arm_send on a send")
         };
         let op = &mut **op;
-        let (fixed_slot, remaining) = op.prepare(&ladder, table);
-        let lane = self
-            .lanes
-            .get_mut(&op.lane)
-            .expect("a send's lane lives while it has sends");
-        let zc = op.zc
-            && remaining > 0
-            && ladder.zc != ZcRung::Plain
-            && lane
-                .policy
-                .wants_zc(&cfg, ladder.zc_report_usage, remaining);
+        let (fixed_slot, remaining) = op.prepare(&ladder, table, &rider_iov);
+        self.merge_iov = rider_iov;
+        op.riders.clear();
+        op.riders.extend_from_slice(riders);
+        let zc = match decided {
+            Some(zc) => zc,
+            None => {
+                let lane = self
+                    .lanes
+                    .get_mut(&op.lane)
+                    .expect("a send's lane lives while it has sends");
+                wants_zc(op, remaining, &mut lane.policy, &ladder, &cfg)
+            }
+        };
+        debug_assert!(riders.is_empty() || !zc, "only plain sends merge");
         op.in_flight_zc = zc;
         op.cur_ud = ud;
         let (sqe, may_link) = op.sqe(&ladder, zc, fixed_slot, &mut self.zc_stats);
@@ -440,43 +538,85 @@ impl Driver {
 
     /// Starts the next chain of every lane that is idle and has sends queued.
     pub(super) fn flush_lanes(&mut self) {
-        /// Longest chain submitted at once.
+        /// Most SQEs in a chain submitted at once.
         const MAX_CHAIN: usize = 64;
         let dirty = std::mem::take(&mut self.dirty_lanes);
         for lane_key in dirty {
-            let Some(lane) = self.lanes.get_mut(&lane_key) else {
-                continue;
-            };
-            if lane.in_flight > 0 {
-                continue;
-            }
-            if lane.queue.is_empty() {
-                continue;
+            match self.lanes.get(&lane_key) {
+                Some(lane) if lane.in_flight == 0 && !lane.queue.is_empty() => {}
+                _ => continue,
             }
             // A link chain cannot span two submissions: the kernel ends a chain at the end of a
             // submit, and the rest would run beside it, out of order. Make room for the whole
-            // chain first (and never build one longer than the queue).
+            // chain first.
             let capacity = self.ring.submission().capacity();
-            let n = lane.queue.len().min(MAX_CHAIN).min(capacity);
-            let chain: Vec<usize> = lane.queue.drain(..n).collect();
+            let (keys, sqes) = self.plan_chain(lane_key, MAX_CHAIN.min(capacity));
             // (A submit that found the completion queue full reaps, and what it dispatches may
             // push SQEs of its own: check the room again until the whole chain fits.)
-            while capacity - self.ring.submission().len() < n {
+            while capacity - self.ring.submission().len() < sqes.len() {
                 self.submit_queued();
             }
-            for (i, &key) in chain.iter().enumerate() {
-                let last = i + 1 == chain.len();
+            let mut start = 0;
+            for (i, &(end, zc)) in sqes.iter().enumerate() {
+                let last = i + 1 == sqes.len();
                 self.lanes.get_mut(&lane_key).expect("lane").in_flight += 1;
-                if !self.arm_send(key, !last) && !last {
-                    // The chain ends early: the rest waits for the next one, in order.
-                    let lane = self.lanes.get_mut(&lane_key).expect("lane");
-                    for &k in chain[i + 1..].iter().rev() {
-                        lane.queue.push_front(k);
-                    }
-                    break;
-                }
+                let linked = self.arm_send(keys[start], !last, Some(zc), &keys[start + 1..end]);
+                debug_assert!(linked || last, "the plan ends a chain where it cannot link");
+                start = end;
             }
         }
+    }
+
+    /// Takes the next chain from the front of the lane's queue, deciding each send's kind (the
+    /// lane's zero-copy policy counts it): the sends in order, and per SQE (at most
+    /// `max_sqes`) where its sends end and whether it is zero-copy. Where the socket is a
+    /// stream socket ([`Ladder::merge_sends`]), plain sends in a row with bytes left and no
+    /// destination of their own share one `SENDMSG`, up to [`IOV_MAX`] iovecs. A `SEND_ZC` of
+    /// the first of several buffers cannot link, so the chain ends with it.
+    fn plan_chain(&mut self, lane_key: usize, max_sqes: usize) -> (Vec<usize>, Vec<(usize, bool)>) {
+        let (ladder, cfg) = (self.ladder, self.zc_cfg);
+        let lane = self.lanes.get_mut(&lane_key).expect("lane");
+        let merge = ladder.merge_sends
+            && lane.queue.len() > 1
+            && *lane.stream.get_or_insert_with(|| {
+                lane.fd
+                    .upgrade()
+                    .is_some_and(|fd| sys::is_stream_socket(fd.as_raw_fd()))
+            });
+        let (mut keys, mut sqes) = (Vec::new(), Vec::<(usize, bool)>::new());
+        // The iovecs of the plain SENDMSG at the chain's end, while more may join it.
+        let mut open_run: Option<usize> = None;
+        while let Some(&key) = lane.queue.front() {
+            let OpKind::Send(op) = &self.ops[key].kind else {
+                unreachable!("lanes hold sends")
+            };
+            let buf = op.buf.as_ref().expect("a queued send owns its buffer");
+            let remaining = buf.len() - op.sent;
+            let mut policy = lane.policy;
+            let zc = wants_zc(op, remaining, &mut policy, &ladder, &cfg);
+            let iovs = buf.iov_count(op.sent);
+            let mergeable = merge && !zc && remaining > 0 && op.dest.is_none();
+            match open_run {
+                Some(run) if mergeable && run + iovs <= IOV_MAX => {
+                    open_run = Some(run + iovs);
+                    keys.push(key);
+                    sqes.last_mut().expect("a run has its SQE").0 = keys.len();
+                }
+                _ if sqes.len() == max_sqes => break,
+                _ => {
+                    keys.push(key);
+                    sqes.push((keys.len(), zc));
+                    open_run = mergeable.then_some(iovs);
+                }
+            }
+            // Taken: what the policy counted stands.
+            lane.policy = policy;
+            lane.queue.pop_front();
+            if zc && iovs > 1 && ladder.zc != ZcRung::SendmsgZc {
+                break;
+            }
+        }
+        (keys, sqes)
     }
 
     /// Cancels a send waiting in its lane: it leaves the lane's queue and ends at once.
@@ -598,6 +738,11 @@ impl Driver {
             unreachable!("send_completion on a send")
         };
         let lane_key = op.lane;
+        if !op.riders.is_empty() {
+            let riders = std::mem::take(&mut op.riders);
+            self.merged_completion(key, &riders, res);
+            return;
+        }
         if cqueue::more(flags) {
             op.notif_attempts.push(attempt);
         }
@@ -622,6 +767,50 @@ impl Driver {
         match outcome {
             Some(result) => self.report_send(key, result),
             None => self.ops[key].state = SlotState::Queued,
+        }
+    }
+
+    /// The result of a merged `sendmsg` (plain: no notification follows): its bytes are split
+    /// over the first send and its `riders` in order, and each send's part is handled as the
+    /// result of its own SQE in a chain would be. The bytes a send got decide it (done, or its
+    /// rest goes again); the first send that got none takes the `sendmsg`'s error (or, after
+    /// a short one, goes again), and those after it are as a broken chain's: they share the
+    /// error or go again.
+    fn merged_completion(&mut self, key: usize, riders: &[usize], res: i32) {
+        let lane_key = match &self.ops[key].kind {
+            OpKind::Send(op) => op.lane,
+            _ => unreachable!("merged_completion on a send"),
+        };
+        let mut split = MergedResult::new(res);
+        for k in std::iter::once(key).chain(riders.iter().copied()) {
+            let slot = &mut self.ops[k];
+            let cancelled = slot.cancel;
+            let OpKind::Send(op) = &mut slot.kind else {
+                unreachable!("riders are sends")
+            };
+            let remaining = op.buf.as_ref().map_or(0, SendBuf::len) - op.sent;
+            let (got, part) = split.next_part(remaining);
+            op.sent += got;
+            if op.zc {
+                self.zc_stats.plain_bytes += got as u64;
+            }
+            let lane = self
+                .lanes
+                .get_mut(&lane_key)
+                .expect("a send's lane lives while it has sends");
+            match send_outcome(op, lane, k, part, cancelled) {
+                Some(result) => self.report_send(k, result),
+                None => self.ops[k].state = SlotState::Queued,
+            }
+        }
+        let lane = self
+            .lanes
+            .get_mut(&lane_key)
+            .expect("a send's lane lives while it has sends");
+        lane.in_flight -= 1;
+        if lane.in_flight == 0 {
+            lane.chain_done();
+            self.dirty_lanes.push(lane_key);
         }
     }
 
@@ -705,7 +894,28 @@ mod tests {
             reported: false,
             in_flight_zc: false,
             lane: 0,
+            riders: Vec::new(),
         }
+    }
+
+    fn parts(res: i32, remaining: &[usize]) -> Vec<(usize, i32)> {
+        let mut split = MergedResult::new(res);
+        remaining.iter().map(|&r| split.next_part(r)).collect()
+    }
+
+    #[test]
+    fn a_merged_result_goes_to_its_sends_in_order() {
+        let e = -libc::ECANCELED;
+        assert_eq!(parts(12, &[4, 4, 4]), [(4, 4), (4, 4), (4, 4)]);
+        // Short: the send it ends in got part (its rest goes again), those after it none.
+        assert_eq!(parts(6, &[4, 4, 4]), [(4, 4), (2, 2), (0, e)]);
+        assert_eq!(parts(4, &[4, 4, 4]), [(4, 4), (0, e), (0, e)]);
+        // Nothing sent: the first send is short, as alone; the others go again.
+        assert_eq!(parts(0, &[4, 4]), [(0, 0), (0, e)]);
+        // An error: the first send takes it, the others are as cancelled by its broken chain.
+        let p = -libc::EPIPE;
+        assert_eq!(parts(p, &[4, 4, 4]), [(0, p), (0, e), (0, e)]);
+        assert_eq!(parts(e, &[4, 4]), [(0, e), (0, e)]);
     }
 
     fn lane() -> Lane {

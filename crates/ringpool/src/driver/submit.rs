@@ -279,7 +279,7 @@ impl Driver {
     /// selecting from it) is done here.
     pub(super) fn arm(&mut self, key: usize) {
         if matches!(self.ops[key].kind, OpKind::Send(_)) {
-            self.arm_send(key, false);
+            self.arm_send(key, false, None, &[]);
             return;
         }
         let ladder = self.ladder;

@@ -83,6 +83,7 @@ impl Rung {
                 Force::NoSendZc,
                 Force::NoFixed,
                 Force::NoInlineSplice,
+                Force::NoSendMerge,
             ],
         };
         forced.iter().fold(cfg, |c, f| c.force(*f))
@@ -253,6 +254,15 @@ pub enum Action {
         s: usize,
         how: How,
         src: Src,
+    },
+    /// `n` sends of owned bytes on TCP stream `s` in one step (no submit between them), so
+    /// they wait in its lane together and leave as one merged `sendmsg` (`zc`: every other one
+    /// is a `send_zc`, which the policy may send zero-copy, alone, between the merged runs).
+    Burst {
+        s: usize,
+        n: usize,
+        len: usize,
+        zc: bool,
     },
     /// A lease group: the leader reads file `f` into registered memory, one member sends it
     /// on TCP stream `s` (`keep`: the user keeps the lease too).
@@ -809,6 +819,16 @@ impl World {
                 self.started(r, foreign, token, d, i, gi, OpKindM::Read, keep)?;
             }
             Transmit { s, how, src } => self.transmit(s, how, src)?,
+            Burst { s, n, len, zc } => {
+                for k in 0..n {
+                    let how = if zc && k % 2 == 1 {
+                        How::Zc
+                    } else {
+                        How::Plain
+                    };
+                    self.transmit(s, how, Src::Owned(len / (k + 1) + 1))?;
+                }
+            }
             LeaseSend {
                 f,
                 s,
@@ -2231,6 +2251,12 @@ impl Machine for Core {
                     d: rng.below(drivers),
                 },
                 80 => file(rng.below(drivers), rng.len().min(20_000)),
+                81..=83 => Burst {
+                    s: ix(rng),
+                    n: 2 + rng.below(7),
+                    len: rng.len(),
+                    zc: rng.pct(30),
+                },
                 _ => Wait {
                     ms: rng.pick(&[0, 1, 2, 5, 10, 20]),
                 },
@@ -2281,6 +2307,25 @@ impl Machine for Core {
                 }
             }
             ReadSelect { s, g, keep: true } => out.push(ReadSelect { s, g, keep: false }),
+            Burst { s, n, len, zc } => {
+                if zc {
+                    out.push(Burst {
+                        s,
+                        n,
+                        len,
+                        zc: false,
+                    });
+                }
+                if n > 2 {
+                    out.push(Burst {
+                        s,
+                        n: n - 1,
+                        len,
+                        zc,
+                    });
+                }
+                out.extend(smaller(len).into_iter().map(|len| Burst { s, n, len, zc }));
+            }
             Transmit { s, how, src } => {
                 if how != How::Plain {
                     out.push(Transmit {
