@@ -104,7 +104,10 @@ impl BufGroupConfig {
         self
     }
 
-    /// Use this group id instead of the next free one.
+    /// Use this group id instead of the next free one (the driver hands ids out in turn, so a
+    /// dropped group's id comes back only after all the others: on 6.1 a buffer ring
+    /// registered again at once under an id just freed finds nothing to select; asking for
+    /// such an id there brings that back).
     pub fn group_id(mut self, bgid: u16) -> Self {
         self.bgid = Some(bgid);
         self

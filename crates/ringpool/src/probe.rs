@@ -111,6 +111,22 @@ impl Features {
     pub fn opcode(&self, opcode: u8) -> bool {
         self.opcodes.get(opcode as usize).copied().unwrap_or(false)
     }
+
+    /// Whether a send cancelled after it sent some bytes completes with their count, as 6.1
+    /// and later do (a send waiting for room is polled, and its cancel reports the bytes it
+    /// sent before). 5.10 does not: a send that waited twice finishes in an io-wq worker
+    /// blocked in `sendmsg`, and a cancel ends it with `ECANCELED` whatever it had sent (seen
+    /// in the 5.10 guest of the kernel matrix). Not probed (it takes a blocked send and a
+    /// cancel racing it): the oldest release measured to report, 6.1, and later ones.
+    ///
+    /// # Examples
+    /// ```
+    /// let f = ringpool::Features::get();
+    /// assert_eq!(f.cancelled_send_reports_progress(), (f.kernel.major, f.kernel.minor) >= (6, 1));
+    /// ```
+    pub fn cancelled_send_reports_progress(&self) -> bool {
+        (self.kernel.major, self.kernel.minor) >= (6, 1)
+    }
 }
 
 fn detect() -> Features {
@@ -601,8 +617,10 @@ pub struct Ladder {
     pub inline_splice: bool,
     /// Plain sends waiting together in a stream socket's lane leave in one `SENDMSG` with the
     /// iovecs of all of them (up to `UIO_MAXIOV`), its result split back over them in order;
-    /// else each is an SQE of its own in the lane's linked chain. Needs nothing of the kernel;
-    /// off where forced.
+    /// else each is an SQE of its own in the lane's linked chain. Needs a kernel whose
+    /// cancelled send reports the bytes it sent ([`Features::cancelled_send_reports_progress`]):
+    /// a cancel of one send of a merged `sendmsg` stops all of them, and the others go again
+    /// from where the result says they stopped. Off where forced.
     pub merge_sends: bool,
 }
 
@@ -658,7 +676,7 @@ impl Ladder {
                 ZcrxRung::NicOnly
             },
             inline_splice: !has(Force::NoInlineSplice),
-            merge_sends: !has(Force::NoSendMerge),
+            merge_sends: f.cancelled_send_reports_progress() && !has(Force::NoSendMerge),
         }
     }
 

@@ -66,6 +66,8 @@ struct Rungs {
     vectored_fixed: bool,
     clone_buffers: bool,
     zcrx: ZcrxRung,
+    /// Queued plain sends merged into one `sendmsg` (6.1: cancelled sends report progress).
+    merge_sends: bool,
 }
 
 impl From<Ladder> for Rungs {
@@ -83,6 +85,7 @@ impl From<Ladder> for Rungs {
             vectored_fixed: l.vectored_fixed,
             clone_buffers: l.clone_buffers,
             zcrx: l.zcrx,
+            merge_sends: l.merge_sends,
         }
     }
 }
@@ -123,6 +126,7 @@ const K5_10: Row = Row {
         vectored_fixed: false,
         clone_buffers: false,
         zcrx: ZcrxRung::Groups,
+        merge_sends: false,
     },
 };
 
@@ -160,6 +164,7 @@ const K6_1: Row = Row {
         vectored_fixed: false,
         clone_buffers: false,
         zcrx: ZcrxRung::Groups,
+        merge_sends: true,
     },
 };
 
@@ -195,6 +200,7 @@ const K6_12: Row = Row {
         vectored_fixed: false,
         clone_buffers: false,
         zcrx: ZcrxRung::Groups,
+        merge_sends: true,
     },
 };
 
@@ -391,6 +397,11 @@ fn rows_follow_the_ladder_rules() {
     // table cannot contradict itself.
     for ((major, minor), row) in TABLE {
         let mut f = Features::get().clone();
+        f.kernel = ringpool::sys::KernelVersion {
+            major: *major,
+            minor: *minor,
+            patch: 0,
+        };
         f.provide_buffers = row.provide_buffers;
         f.buf_ring = row.buf_ring;
         f.buf_ring_incremental = row.buf_ring_incremental;

@@ -628,3 +628,154 @@ fn rt_regression_f342073b4() {
         ],
     );
 }
+
+/// Found by the checker in the 6.1 guest (seed 0x36c1ff9876, 2026-12-07; fails 3 of 3 there, on
+/// the code before the send-merging change too; passes on 6.12, 7.3 and the host): a group was
+/// dropped and the next group's ring took its id at once (the lowest free one); 6.1 keeps an
+/// unregistered ring's head, so every selection from the new ring failed with `ENOBUFS` while
+/// all 8 of its buffers were in it, and the drain spun on re-armed receives. Fixed by handing
+/// ids out in turn (`Driver::fresh_bgid`); passes in the 6.1 guest since. Host-side test of the
+/// id rule: `selection::a_dropped_group_s_id_is_used_again_only_after_every_other`.
+#[test]
+fn core_regression_36c1ff9876() {
+    core::replay(
+        Header {
+            rung: Best,
+            drivers: 1,
+            avoid: Avoid {
+                eof_incremental: false,
+                foreign_cancel: false,
+                cancels_on_legacy_groups: false,
+                forced_legacy_rungs: false,
+            },
+        },
+        &[
+            NewGroup {
+                d: 0,
+                kind: Registered,
+                size: 256,
+                count: 2,
+            },
+            NewPipe { d: 0 },
+            NewPipe { d: 0 },
+            NewPipe { d: 0 },
+            Wait { ms: 10 },
+            PeerWrite { s: 6, len: 36 },
+            Recv {
+                s: 4,
+                g: 3,
+                mode: Bundle,
+                keep: true,
+            },
+            PeerWrite { s: 2, len: 7764 },
+            DropHeld { h: 7 },
+            Wait { ms: 20 },
+            Transmit {
+                s: 3,
+                how: Plain,
+                src: Held(6),
+            },
+            PeerWrite { s: 5, len: 32335 },
+            Transmit {
+                s: 2,
+                how: Zc,
+                src: Owned(3),
+            },
+            PeerWrite { s: 3, len: 4096 },
+            Wait { ms: 20 },
+            PeerWrite { s: 3, len: 832 },
+            NewTcp { d: 0 },
+            Wait { ms: 10 },
+            LeaseReadIn { f: 1, len: 26 },
+            Wait { ms: 10 },
+            PeerWrite { s: 3, len: 653 },
+            Transmit {
+                s: 3,
+                how: Bundled,
+                src: Owned(772),
+            },
+            Recv {
+                s: 0,
+                g: 0,
+                mode: MultishotBundle,
+                keep: false,
+            },
+            IntoBytes { h: 1 },
+            Transmit {
+                s: 3,
+                how: Plain,
+                src: Owned(256),
+            },
+            ReadSelect {
+                s: 6,
+                g: 2,
+                keep: true,
+            },
+            DropHeld { h: 4 },
+            Transmit {
+                s: 4,
+                how: Zc,
+                src: Owned(525),
+            },
+            Recv {
+                s: 3,
+                g: 7,
+                mode: MultishotBundle,
+                keep: false,
+            },
+            Transmit {
+                s: 5,
+                how: Bundled,
+                src: Held(5),
+            },
+            DropHeld { h: 4 },
+            DropGroup { g: 2 },
+            Recv {
+                s: 6,
+                g: 4,
+                mode: Bundle,
+                keep: true,
+            },
+            IntoBytes { h: 5 },
+            PeerWrite { s: 3, len: 850 },
+            ReadSelect {
+                s: 7,
+                g: 5,
+                keep: false,
+            },
+            PeerWrite { s: 2, len: 1 },
+            Wait { ms: 1 },
+            Wait { ms: 1 },
+            ReadSelect {
+                s: 2,
+                g: 2,
+                keep: true,
+            },
+            DropHeld { h: 2 },
+            Recv {
+                s: 2,
+                g: 0,
+                mode: Multishot,
+                keep: true,
+            },
+            Recv {
+                s: 1,
+                g: 6,
+                mode: Once,
+                keep: false,
+            },
+            Cancel {
+                op: 4,
+                foreign: false,
+            },
+            Wait { ms: 1 },
+            DropHeld { h: 2 },
+            PeerRead { s: 4 },
+            ReadSelect {
+                s: 4,
+                g: 2,
+                keep: false,
+            },
+        ],
+    );
+}

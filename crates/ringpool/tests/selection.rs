@@ -43,6 +43,35 @@ fn recv_once_selects_a_buffer_on_every_rung() {
     }
 }
 
+/// Regression test (`core_regression_36c1ff9876`, 6.1 guest): 6.1 keeps a buffer ring's head
+/// when the ring is unregistered, so a group whose ring took a dropped group's id at once had
+/// every selection fail with `ENOBUFS`. Ids now go round: a dropped group's id is used again
+/// only after every other one. Before the fix the second group got the first one's id.
+#[test]
+fn a_dropped_group_s_id_is_used_again_only_after_every_other() {
+    for rung in RUNGS {
+        let mut d = rung.driver();
+        let first = d.buf_group(BufGroupConfig::new(1024, 4)).unwrap();
+        let first_id = first.id();
+        drop(first);
+        // The driver forgets the group (unregisters its ring) once its handle is gone.
+        d.wait(Some(Duration::from_millis(10))).unwrap();
+        let g = d.buf_group(BufGroupConfig::new(1024, 4)).unwrap();
+        assert_ne!(g.id(), first_id, "{}: a just-freed id came back", rung.name);
+        let (s, mut c) = tcp_pair();
+        let s = Fd::from(s);
+        d.recv(&s, &g, RecvMode::Once, 1).unwrap();
+        c.write_all(b"fresh").unwrap();
+        pump(&mut d, 10, |comp| match comp.event {
+            Event::Data(chain) => {
+                assert_eq!(chain.to_vec(), b"fresh");
+                true
+            }
+            other => panic!("{}: {other:?}", rung.name),
+        });
+    }
+}
+
 #[test]
 fn multishot_recv_delivers_in_order_then_eof_on_every_rung() {
     for rung in RUNGS {

@@ -117,19 +117,28 @@ impl Driver {
         })
     }
 
-    /// The group id to use: `asked` if it is free, else the lowest free one.
-    fn free_bgid(&self, asked: Option<u16>) -> Result<u16> {
-        Ok(match asked {
-            Some(id) if self.bgid_used[id as usize] => {
-                return Err(Error::GroupIdInUse { bgid: id })
-            }
-            Some(id) => id,
-            None => self
-                .bgid_used
-                .iter()
-                .position(|u| !u)
-                .ok_or(Error::GroupIdsExhausted)? as u16,
-        })
+    /// The group id to use: `asked` if it is free, else [`Driver::fresh_bgid`].
+    fn free_bgid(&mut self, asked: Option<u16>) -> Result<u16> {
+        match asked {
+            Some(id) if self.bgid_used[id as usize] => Err(Error::GroupIdInUse { bgid: id }),
+            Some(id) => Ok(id),
+            None => self.fresh_bgid(),
+        }
+    }
+
+    /// A free group id, the first after the last one handed out (wrapping): an id goes round
+    /// again only after all the others. 6.1 does not reset a buffer ring's state when it is
+    /// unregistered, so a ring registered again under the same id at once found its head where
+    /// the old ring's was, and every selection failed with `ENOBUFS` while all its buffers
+    /// were in it (the model checker, `core_regression_36c1ff9876`, 6.1 guest).
+    pub(super) fn fresh_bgid(&mut self) -> Result<u16> {
+        let ids = self.bgid_used.len();
+        let id = (0..ids)
+            .map(|i| (self.bgid_next + i) % ids)
+            .find(|&id| !self.bgid_used[id])
+            .ok_or(Error::GroupIdsExhausted)?;
+        self.bgid_next = (id + 1) % ids;
+        Ok(id as u16)
     }
 
     /// A new group's state, its ring (if `ring`) registered with the kernel.

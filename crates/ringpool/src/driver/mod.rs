@@ -483,6 +483,9 @@ pub struct Driver {
     // Buffer groups and the receives that select from them (`group.rs`, `recv.rs`, `udp.rs`).
     groups: Vec<Rc<GroupShared>>,
     bgid_used: Vec<bool>,
+    /// Where the search for a free group id starts: the id after the last one handed out, so
+    /// ids are reused only after every other one was (see [`Driver::fresh_bgid`]).
+    bgid_next: usize,
     /// Receives parked on a dry group, oldest first.
     parked: Vec<usize>,
     take_buf: Vec<(u16, u32, u32)>,
@@ -677,6 +680,7 @@ impl Driver {
             coalescing: Coalescing::new(config.coalesce),
             groups: Vec::new(),
             bgid_used: vec![false; 1 << 16],
+            bgid_next: 0,
             parked: Vec::new(),
             take_buf: Vec::new(),
             unsettled: Vec::new(),

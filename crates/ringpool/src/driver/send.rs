@@ -1,10 +1,11 @@
 //! Sends ([`Driver::send`], `send_zc`, `send_zc_returning`, `send_zc_to`, lease members):
 //! every send queues in its socket's lane and leaves in order, as `IOSQE_IO_LINK` chains that
 //! never split across submits (`flush_lanes`). Each attempt is plain `SENDMSG`, `SENDMSG_ZC` or
-//! `SEND_ZC` as the ladder and the lane's zero-copy policy (`crate::zc`) say (`arm_send`). A
-//! result (`send_completion`, `send_outcome`) ends the send, or requeues its rest or a chain a
-//! short send broke; zero-copy notifications (`send_notified`) teach the policy and free or
-//! return the memory after the last one.
+//! `SEND_ZC` as the ladder and the lane's zero-copy policy (`crate::zc`) say (`plan_chain`,
+//! `arm_send`); on a stream socket, plain sends in a row share one `SENDMSG` (`riders`, the
+//! result split back by `merged_completion`). A result (`send_completion`, `send_outcome`) ends
+//! the send, or requeues its rest or a chain a short send broke; zero-copy notifications
+//! (`send_notified`) teach the policy and free or return the memory after the last one.
 
 use std::collections::hash_map::Entry;
 use std::os::fd::AsRawFd;
@@ -471,9 +472,10 @@ impl Driver {
 
     /// Builds a send's SQE: plain, `SENDMSG_ZC` or `SEND_ZC` (one buffer), as `decided` (by
     /// [`Driver::plan_chain`]) or else the ladder and the lane's policy say; `riders` (plain
-    /// sends after it that [`Driver::plan_chain`] merged into it) leave in its `SENDMSG`. With `link`, the next SQE of the lane's chain waits
-    /// for this one. Returns whether it linked: a `SEND_ZC` that covers only the first of
-    /// several buffers ends the chain, so its continuation can go before anything newer.
+    /// sends after it that [`Driver::plan_chain`] merged into it) leave in its `SENDMSG`. With
+    /// `link`, the next SQE of the lane's chain waits for this one. Returns whether it linked:
+    /// a `SEND_ZC` that covers only the first of several buffers ends the chain, so its
+    /// continuation can go before anything newer.
     pub(super) fn arm_send(
         &mut self,
         key: usize,
@@ -494,7 +496,10 @@ impl Driver {
             let OpKind::Send(op) = &mut slot.kind else {
                 unreachable!("riders are sends")
             };
-            // A cancel of a rider targets the `sendmsg` it rides in.
+            // The kernel reads the rider's bytes through this SQE's iovecs: they stay the rider's
+            // (its slot is `InKernel`, so neither a cancel nor a drop frees them) until this
+            // SQE's CQE reports them (`merged_completion`). A cancel of a rider targets the
+            // `sendmsg` it rides in.
             op.cur_ud = ud;
             op.in_flight_zc = false;
             let buf = op.buf.as_ref().expect("a send in flight owns its buffer");

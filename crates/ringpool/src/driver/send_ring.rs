@@ -54,14 +54,7 @@ impl Driver {
             });
         }
         let kernel = self.ladder.bundle;
-        let bgid = if kernel {
-            self.bgid_used
-                .iter()
-                .position(|u| !u)
-                .ok_or(Error::GroupIdsExhausted)? as u16
-        } else {
-            0
-        };
+        let bgid = if kernel { self.fresh_bgid()? } else { 0 };
         let shared = Rc::new(
             SendRingShared::new(bgid, entries as u16, kernel, self.ring_id)
                 .map_err(Error::os("allocating a send ring"))?,
