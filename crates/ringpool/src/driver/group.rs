@@ -127,10 +127,10 @@ impl Driver {
     }
 
     /// A free group id, the first after the last one handed out (wrapping): an id goes round
-    /// again only after all the others. 6.1 does not reset a buffer ring's state when it is
-    /// unregistered, so a ring registered again under the same id at once found its head where
-    /// the old ring's was, and every selection failed with `ENOBUFS` while all its buffers
-    /// were in it (the model checker, `core_regression_36c1ff9876`, 6.1 guest).
+    /// again only after all the others. On 6.1 a ring registered at once under a just-freed id
+    /// had every selection fail with `ENOBUFS` while all its buffers were in it (believed: 6.1
+    /// keeps an unregistered ring's head; the model checker, `core_regression_36c1ff9876`, 6.1
+    /// guest).
     pub(super) fn fresh_bgid(&mut self) -> Result<u16> {
         let ids = self.bgid_used.len();
         let id = (0..ids)
