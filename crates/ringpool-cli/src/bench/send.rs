@@ -148,6 +148,8 @@ struct Sent {
     end: Instant,
     sends: u64,
     zc: Option<ZcStats>,
+    /// SQEs the ringpool driver pushed (its sends leave merged where they wait together).
+    sqes: Option<u64>,
 }
 
 /// What the receiver thread saw.
@@ -223,6 +225,7 @@ impl Run {
             "variant": self.variant.label(),
             "bytes": self.expected,
             "sends": sent.map(|s| s.sends),
+            "sqes": sent.and_then(|s| s.sqes),
             "sender_cpu_secs": sent.map(|s| s.cpu.as_secs_f64()),
             "sender_thread_cpu_secs": sent.map(|s| s.thread_cpu.as_secs_f64()),
             "receiver_thread_cpu_secs": self.received.thread_cpu.as_secs_f64(),
@@ -376,6 +379,7 @@ fn send_ringpool(
     let end = Instant::now();
     let cpu = sys::thread_cpu_time()?.saturating_sub(cpu_before);
     let zc = pipe.zc.then(|| pipe.driver.zc_stats());
+    let sqes = Some(pipe.driver.stats().sqes);
     let SendPipe { fd, driver, .. } = pipe;
     drop(fd);
     drop(driver);
@@ -386,6 +390,7 @@ fn send_ringpool(
         end,
         sends: count,
         zc,
+        sqes,
     })
 }
 
@@ -579,6 +584,7 @@ fn send_tokio(stream: TcpStream, pattern: &[u8], count: u64) -> BenchResult<Sent
         end,
         sends: count,
         zc: None,
+        sqes: None,
     })
 }
 
@@ -680,6 +686,14 @@ fn print_progress(progress: &mut Progress, r: &Run, rounds: usize, size: &str) {
             )
         })
         .unwrap_or_default();
+    let sqes = match &r.sent {
+        Ok(Sent {
+            sqes: Some(n),
+            sends,
+            ..
+        }) => format!(", {n} SQEs for {sends} sends"),
+        _ => String::new(),
+    };
     let error = match (&r.sent, &r.received.error) {
         (Err(e), _) => format!(", sender error: {e}"),
         (_, Some(e)) => format!(", receiver error: {e}"),
@@ -687,7 +701,7 @@ fn print_progress(progress: &mut Progress, r: &Run, rounds: usize, size: &str) {
     };
     progress.step(format_args!(
         "send round {}/{rounds} {size:>6} {:<6}: {:.0} MiB, {:.3} GB/s, sender CPU {:.4} s/GB, \
-         other CPU {:.3} s{zc}, verified {}{error}",
+         other CPU {:.3} s{sqes}{zc}, verified {}{error}",
         r.round,
         r.variant.label(),
         r.expected as f64 / (1 << 20) as f64,
