@@ -71,13 +71,13 @@ impl SendOp {
     /// Points the iovecs (and the `msghdr`, with the destination of an unconnected socket) at
     /// what is left to send, followed by `riders` (the iovecs of the sends merged into this
     /// one's `sendmsg`). Returns the buffer's slot in this ring's table (`table`: its id)
-    /// where a fixed send may use it, and this send's bytes left.
+    /// where a fixed send may use it.
     fn prepare(
         &mut self,
         ladder: &Ladder,
         table: Option<usize>,
         riders: &[libc::iovec],
-    ) -> (Option<u16>, usize) {
+    ) -> Option<u16> {
         let buf = self.buf.as_ref().expect("a send in flight owns its buffer");
         buf.iovecs(self.sent, &mut self.iov);
         self.iov.extend_from_slice(riders);
@@ -87,14 +87,13 @@ impl SendOp {
         } else {
             None
         };
-        let remaining = buf.len() - self.sent;
         self.msg.msg_iov = self.iov.as_mut_ptr();
         self.msg.msg_iovlen = self.iov.len();
         if let Some((addr, len)) = &self.dest {
             self.msg.msg_name = (addr as *const libc::sockaddr_storage).cast_mut().cast();
             self.msg.msg_namelen = *len;
         }
-        (fixed_slot, remaining)
+        fixed_slot
     }
 
     /// The attempt's SQE: plain `SENDMSG` unless `zc`; `SENDMSG_ZC` where the kernel has it,
@@ -470,20 +469,14 @@ impl Driver {
         self.zc_stats
     }
 
-    /// Builds a send's SQE: plain, `SENDMSG_ZC` or `SEND_ZC` (one buffer), as `decided` (by
-    /// [`Driver::plan_chain`]) or else the ladder and the lane's policy say; `riders` (plain
-    /// sends after it that [`Driver::plan_chain`] merged into it) leave in its `SENDMSG`. With
-    /// `link`, the next SQE of the lane's chain waits for this one. Returns whether it linked:
-    /// a `SEND_ZC` that covers only the first of several buffers ends the chain, so its
-    /// continuation can go before anything newer.
-    pub(super) fn arm_send(
-        &mut self,
-        key: usize,
-        link: bool,
-        decided: Option<bool>,
-        riders: &[usize],
-    ) -> bool {
-        let (ladder, cfg) = (self.ladder, self.zc_cfg);
+    /// Builds a send's SQE: plain `SENDMSG`, or with `zc` (decided by [`Driver::plan_chain`])
+    /// `SENDMSG_ZC` or `SEND_ZC` (one buffer) as the ladder says; `riders` (plain sends after
+    /// it that [`Driver::plan_chain`] merged into it) leave in its `SENDMSG`. With `link`, the
+    /// next SQE of the lane's chain waits for this one. Returns whether it linked: a `SEND_ZC`
+    /// that covers only the first of several buffers ends the chain, so its continuation can go
+    /// before anything newer.
+    pub(super) fn arm_send(&mut self, key: usize, link: bool, zc: bool, riders: &[usize]) -> bool {
+        let ladder = self.ladder;
         // Registered memory of another ring's table goes as plain memory (`fixed::slot_in`).
         let table = self.fixed.as_ref().map(FixedTable::id);
         let attempt = self.next_gen();
@@ -513,20 +506,10 @@ impl Driver {
             unreachable!("arm_send on a send")
         };
         let op = &mut **op;
-        let (fixed_slot, remaining) = op.prepare(&ladder, table, &rider_iov);
+        let fixed_slot = op.prepare(&ladder, table, &rider_iov);
         self.merge_iov = rider_iov;
         op.riders.clear();
         op.riders.extend_from_slice(riders);
-        let zc = match decided {
-            Some(zc) => zc,
-            None => {
-                let lane = self
-                    .lanes
-                    .get_mut(&op.lane)
-                    .expect("a send's lane lives while it has sends");
-                wants_zc(op, remaining, &mut lane.policy, &ladder, &cfg)
-            }
-        };
         debug_assert!(riders.is_empty() || !zc, "only plain sends merge");
         op.in_flight_zc = zc;
         op.cur_ud = ud;
@@ -565,7 +548,7 @@ impl Driver {
             for (i, &(end, zc)) in sqes.iter().enumerate() {
                 let last = i + 1 == sqes.len();
                 self.lanes.get_mut(&lane_key).expect("lane").in_flight += 1;
-                let linked = self.arm_send(keys[start], !last, Some(zc), &keys[start + 1..end]);
+                let linked = self.arm_send(keys[start], !last, zc, &keys[start + 1..end]);
                 debug_assert!(linked || last, "the plan ends a chain where it cannot link");
                 start = end;
             }
@@ -763,12 +746,8 @@ impl Driver {
             .lanes
             .get_mut(&lane_key)
             .expect("a send's lane lives while it has sends");
-        lane.in_flight -= 1;
         let outcome = send_outcome(op, lane, key, res, cancelled);
-        if lane.in_flight == 0 {
-            lane.chain_done();
-            self.dirty_lanes.push(lane_key);
-        }
+        self.lane_sqe_done(lane_key);
         match outcome {
             Some(result) => self.report_send(key, result),
             None => self.ops[key].state = SlotState::Queued,
@@ -808,6 +787,13 @@ impl Driver {
                 None => self.ops[k].state = SlotState::Queued,
             }
         }
+        self.lane_sqe_done(lane_key);
+    }
+
+    /// One SQE of the lane's chain has its result (its sends' outcomes are in, so what must
+    /// run again is in the lane's `requeue`): after the chain's last, that goes first and the
+    /// lane may start its next chain.
+    fn lane_sqe_done(&mut self, lane_key: usize) {
         let lane = self
             .lanes
             .get_mut(&lane_key)

@@ -278,10 +278,6 @@ impl Driver {
     /// builder; only the bookkeeping every op shares (its state, the group's count of ops
     /// selecting from it) is done here.
     pub(super) fn arm(&mut self, key: usize) {
-        if matches!(self.ops[key].kind, OpKind::Send(_)) {
-            self.arm_send(key, false, None, &[]);
-            return;
-        }
         let ladder = self.ladder;
         // Registered memory of another ring's table goes as plain memory (`fixed::slot_in`).
         let table = self.fixed.as_ref().map(FixedTable::id);
@@ -311,6 +307,7 @@ impl Driver {
             OpKind::RecvZc(op) => op.sqe(),
             OpKind::Pages(op) => op.sqe(),
             OpKind::Splice(op) => op.sqe(),
+            // Made only by `start_send`, which queues them in their lane (`flush_lanes`).
             OpKind::Send(_) => unreachable!("sends are armed by arm_send"),
             OpKind::Provide(_)
             | OpKind::Remove { .. }
