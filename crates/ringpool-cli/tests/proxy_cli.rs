@@ -105,6 +105,17 @@ fn sixty_four_mib_each_way_through_splice_streams_with_no_byte_in_the_group() {
     assert!(v["pipe_waits"].as_u64().unwrap() > 0, "{v}");
 }
 
+/// Receives of one buffer (`--recv-bufs 1`) and bundles of at most 3 carry every byte both
+/// ways and leave the group full (the default, bundles up to the share, runs in the other
+/// tests); the `--rt` proxy, which receives one buffer at a time, refuses the flag.
+#[test]
+fn receives_limited_by_recv_bufs_carry_every_byte() {
+    both_directions_with("auto", "", &["--recv-bufs", "1"]);
+    both_directions_with("auto", "", &["--recv-bufs", "3"]);
+    let (status, err) = proxy_refusal(&["--rt", "--recv-bufs", "2"]);
+    assert!(!status.success() && err.contains("--recv-bufs"), "{err}");
+}
+
 #[test]
 fn splice_flags_that_cannot_apply_are_refused() {
     for (args, why) in [

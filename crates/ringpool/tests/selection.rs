@@ -165,6 +165,59 @@ fn recv_bundle_follows_ring_order_after_out_of_order_returns() {
     assert_eq!(g.stats().in_user, 0);
 }
 
+/// `recv_bundle_limited` with a socket holding far more than its limit: no completion takes
+/// more than `max_bufs` buffers (the kernel would otherwise retry a full bundle and take what
+/// the socket holds), the bytes arrive once and in order, and where the kernel has bundles a
+/// limit of 8 moves several buffers per completion. On every rung; 0 is refused.
+#[test]
+fn a_limited_bundle_takes_at_most_its_buffers() {
+    for rung in RUNGS {
+        let mut d = rung.driver();
+        let g = d.buf_group(BufGroupConfig::new(1024, 64)).unwrap();
+        let (s, mut c) = tcp_pair();
+        let s = Fd::from(s);
+        assert!(matches!(
+            d.recv_bundle_limited(&s, &g, 0, 0),
+            Err(Error::InvalidArgument { .. })
+        ));
+        let sent = pattern_vec(17, 0, 200_000);
+        c.write_all(&sent).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let (mut got, mut most_at_8) = (Vec::new(), 0);
+        for max in [1u32, 2, 3, 5, 8].into_iter().cycle() {
+            if got.len() == sent.len() {
+                break;
+            }
+            d.recv_bundle_limited(&s, &g, max, 0).unwrap();
+            pump(&mut d, 10, |comp| {
+                let Event::Data(chain) = comp.event else {
+                    panic!("{:?}", comp.event)
+                };
+                let n = chain.buf_count() as u32;
+                assert!(
+                    n <= max,
+                    "rung {}: {n} buffers taken, limit {max}",
+                    rung.name
+                );
+                if max == 8 {
+                    most_at_8 = most_at_8.max(n);
+                }
+                got.extend(chain.to_vec());
+                true
+            });
+            assert_eq!(g.stats().in_user, 0, "rung {}", rung.name);
+        }
+        assert!(got == sent, "rung {}: bytes differ", rung.name);
+        if d.ladder().bundle {
+            assert!(
+                most_at_8 > 1,
+                "rung {}: a limit of 8 took {most_at_8}",
+                rung.name
+            );
+        }
+    }
+}
+
 #[test]
 fn multishot_bundle_stream_is_intact() {
     for rung in RUNGS {

@@ -47,6 +47,8 @@ pub(super) struct RecvOp {
     pub(super) fd: Fd,
     pub(super) group: Rc<GroupShared>,
     pub(super) mode: RecvMode,
+    /// A single-shot bundle takes at most this many buffers (`None`: what the kernel gives).
+    pub(super) max_bufs: Option<u32>,
 }
 
 impl RecvOp {
@@ -63,13 +65,44 @@ impl RecvOp {
         ) {
             (true, true) => opcode::RecvMultiBundle::new(fd, bgid).build(),
             (true, false) => opcode::RecvMulti::new(fd, bgid).build(),
-            (false, true) => opcode::RecvBundle::new(fd, bgid).build(),
-            (false, false) => opcode::Recv::new(fd, std::ptr::null_mut(), group.buf_size)
+            (false, true) => match self.max_bufs {
+                None => opcode::RecvBundle::new(fd, bgid).build(),
+                Some(1) => one_buffer_recv(fd, bgid, group.buf_size),
+                Some(n) => opcode::Recv::new(
+                    fd,
+                    std::ptr::null_mut(),
+                    limited_bundle_len(n, group.buf_size),
+                )
+                .ioprio(sys::IORING_RECVSEND_BUNDLE)
                 .buf_group(bgid)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT),
+            },
+            (false, false) => one_buffer_recv(fd, bgid, group.buf_size),
         }
     }
+}
+
+/// A single receive selecting one buffer of `buf_size` bytes from group `bgid`.
+fn one_buffer_recv(fd: types::Fd, bgid: u16, buf_size: u32) -> squeue::Entry {
+    opcode::Recv::new(fd, std::ptr::null_mut(), buf_size)
+        .buf_group(bgid)
+        .build()
+        .flags(squeue::Flags::BUFFER_SELECT)
+}
+
+/// The `len` of a bundle receive that takes at most `max_bufs` (≥ 2) buffers of `buf_size`:
+/// `(max_bufs - 1) × buf_size + 1`. The kernel maps whole buffers up to `len` and cuts the one
+/// that would pass it; measured on 6.18, a cut buffer after the first ends the mapping and
+/// stops the retry that a full transfer otherwise makes (which takes what the socket holds:
+/// a bundle of exactly `k × buf_size` took 31 buffers for `k = 3`), so it takes
+/// `max_bufs - 1` buffers; a kernel that keeps the cut piece fills one byte of one more, at
+/// most `max_bufs` in all. Past `u32::MAX`, the cap is `u32::MAX` bytes (fewer buffers).
+pub(super) fn limited_bundle_len(max_bufs: u32, buf_size: u32) -> u32 {
+    (max_bufs - 1)
+        .checked_mul(buf_size)
+        .and_then(|l| l.checked_add(1))
+        .unwrap_or(u32::MAX)
 }
 
 /// A read at `offset` into a buffer the kernel selects from `group`.
@@ -108,6 +141,50 @@ impl Driver {
             fd: fd.clone(),
             group: group.shared.clone(),
             mode,
+            max_bufs: None,
+        });
+        Ok(self.start(kind, token))
+    }
+
+    /// A single receive (one completion, like [`RecvMode::Bundle`]) that takes at most
+    /// `max_bufs` buffers of `group`: how a server bounds what one connection holds of a
+    /// shared group and still moves many buffers per operation. Where bundles are missing (or
+    /// the group is incremental), one buffer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for `max_bufs` 0; as [`Driver::recv`].
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # fn f(driver: &mut ringpool::Driver, group: &ringpool::BufGroup, sock: &ringpool::Fd) -> ringpool::Result<()> {
+    /// use ringpool::Event;
+    /// driver.recv_bundle_limited(sock, group, 8, 1)?;
+    /// driver.wait(None)?;
+    /// if let Some(c) = driver.pop() {
+    ///     if let Event::Data(chain) = c.event {
+    ///         assert!(chain.buf_count() <= 8);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn recv_bundle_limited(
+        &mut self,
+        fd: &Fd,
+        group: &BufGroup,
+        max_bufs: u32,
+        token: u64,
+    ) -> Result<OpId> {
+        self.check_owner(group.shared.owner, "a buffer group")?;
+        if max_bufs == 0 {
+            return Err(Error::InvalidArgument {
+                what: "a bundle receive limited to 0 buffers",
+            });
+        }
+        let kind = OpKind::Recv(RecvOp {
+            fd: fd.clone(),
+            group: group.shared.clone(),
+            mode: RecvMode::Bundle,
+            max_bufs: Some(max_bufs),
         });
         Ok(self.start(kind, token))
     }

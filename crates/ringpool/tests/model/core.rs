@@ -176,6 +176,8 @@ pub enum GroupKind {
 pub enum Mode {
     Once,
     Bundle,
+    /// `recv_bundle_limited` with this limit.
+    BundleLimited(u32),
     Multishot,
     MultishotBundle,
 }
@@ -418,6 +420,8 @@ struct OpM {
     g: Option<usize>,
     cancelled: bool,
     keep: bool,
+    /// A limited bundle receive: the most buffers one completion may carry.
+    max_bufs: Option<u32>,
 }
 
 enum Item {
@@ -770,21 +774,25 @@ impl World {
                 let Some(group) = self.groups[gi].g.clone() else {
                     return Ok(());
                 };
-                let mode = match mode {
-                    Mode::Once => RecvMode::Once,
-                    Mode::Bundle => RecvMode::Bundle,
-                    Mode::Multishot => RecvMode::Multishot,
-                    Mode::MultishotBundle => RecvMode::MultishotBundle,
-                };
-                let d = st.d;
-                let fd = st.fd.clone().unwrap();
+                let (d, fd) = (st.d, st.fd.clone().unwrap());
                 let foreign = self.groups[gi].d != d;
                 let token = self.token();
-                let r = self.drivers[d]
-                    .as_mut()
-                    .unwrap()
-                    .recv(&fd, &group, mode, token);
+                let driver = self.drivers[d].as_mut().unwrap();
+                let r = match mode {
+                    Mode::BundleLimited(n) => driver.recv_bundle_limited(&fd, &group, n, token),
+                    Mode::Once => driver.recv(&fd, &group, RecvMode::Once, token),
+                    Mode::Bundle => driver.recv(&fd, &group, RecvMode::Bundle, token),
+                    Mode::Multishot => driver.recv(&fd, &group, RecvMode::Multishot, token),
+                    Mode::MultishotBundle => {
+                        driver.recv(&fd, &group, RecvMode::MultishotBundle, token)
+                    }
+                };
                 self.started(r, foreign, token, d, i, gi, OpKindM::Recv, keep)?;
+                if let (Mode::BundleLimited(n), Some(op)) = (mode, self.ops.last_mut()) {
+                    if op.token == token {
+                        op.max_bufs = Some(n);
+                    }
+                }
             }
             ReadSelect { s, g, keep } => {
                 let (Some(i), Some(gi)) = (self.live_of_kind(s, Kind::Read), self.group(g)) else {
@@ -1074,6 +1082,7 @@ impl World {
                     s,
                     g: Some(g),
                     cancelled: false,
+                    max_bufs: None,
                     keep,
                 });
                 Ok(())
@@ -1168,6 +1177,7 @@ impl World {
             s: i,
             g: None,
             cancelled: false,
+            max_bufs: None,
             keep: false,
         });
         Ok(())
@@ -1251,6 +1261,7 @@ impl World {
             s: fi,
             g: None,
             cancelled: false,
+            max_bufs: None,
             keep,
         });
         self.ops.push(OpM {
@@ -1261,6 +1272,7 @@ impl World {
             s: si,
             g: None,
             cancelled: false,
+            max_bufs: None,
             keep: false,
         });
     }
@@ -1363,6 +1375,7 @@ impl World {
             s: fi,
             g: None,
             cancelled: false,
+            max_bufs: None,
             keep: false,
         });
         for t in tms {
@@ -1374,6 +1387,7 @@ impl World {
                 s: fi,
                 g: None,
                 cancelled: false,
+                max_bufs: None,
                 keep: false,
             });
         }
@@ -1456,6 +1470,14 @@ impl World {
             Event::Data(chain) => {
                 if !matches!(self.ops[o].kind, OpKindM::Recv | OpKindM::Read) {
                     return fail("unexpected completion", "data for an op that is no receive");
+                }
+                if let Some(max) = self.ops[o].max_bufs {
+                    if chain.buf_count() as u32 > max {
+                        return fail(
+                            "bundle over its limit",
+                            format!("stream {s}: {} buffers, limit {max}", chain.buf_count()),
+                        );
+                    }
                 }
                 let st = &mut self.streams[s];
                 let got = chain.to_vec();
@@ -2194,6 +2216,9 @@ impl Machine for Core {
                     mode: rng.pick(&[
                         Mode::Once,
                         Mode::Bundle,
+                        Mode::BundleLimited(1),
+                        Mode::BundleLimited(2),
+                        Mode::BundleLimited(3),
                         Mode::Multishot,
                         Mode::MultishotBundle,
                     ]),
