@@ -17,8 +17,10 @@
 //! runs dry. A multishot receive cannot be bounded this way (it takes whatever the socket holds
 //! before a cancel lands), nor a bundle whose length is a whole number of buffers: a full one
 //! is retried and takes what the socket holds (6.18, measured: 3 buffers asked, 31 taken).
-//! Bundles moved most at 64 KiB writes, where the proxy is the busy side and data waits in its
-//! sockets: CPU per GB 0.72–0.79× one buffer per receive, 5× fewer operations, in the same runs.
+//! Bundles pay at 64 KiB writes, where the proxy is the busy side and data waits in its
+//! sockets: CPU per GB 0.68–0.76× one buffer per receive at 1 stream, 0.82–0.93× at 32, 5×
+//! fewer operations (same runs); at 4 KiB × 1 the load generator moved 0.63–0.70× the GB/s
+//! through them (`--recv-bufs 1` restores one buffer per receive).
 //!
 //! **Receive coalescing.** A proxy that is faster than its peers wakes for every few KiB that
 //! arrive: at 4 KiB client writes on loopback, one receive and one send per ~10 KiB, most of
