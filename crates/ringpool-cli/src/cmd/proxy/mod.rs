@@ -475,8 +475,7 @@ pub fn serve(
     recv_bufs: u32,
     stop: impl Fn() -> bool,
 ) -> ringpool::Result<Summary> {
-    let mut proxy = Proxy::new(source, upstream, splice);
-    proxy.recv_bufs = recv_bufs;
+    let mut proxy = Proxy::new(source, upstream, splice, recv_bufs);
     let mut accept = Accept::new(driver, &listener, ACCEPT)?;
     while !stop() {
         accept.poll(driver, &listener)?;
@@ -518,12 +517,17 @@ struct Proxy<'g> {
 }
 
 impl<'g> Proxy<'g> {
-    fn new(source: &'g Source, upstream: Upstream, splice: Option<usize>) -> Proxy<'g> {
+    fn new(
+        source: &'g Source,
+        upstream: Upstream,
+        splice: Option<usize>,
+        recv_bufs: u32,
+    ) -> Proxy<'g> {
         Proxy {
             source,
             upstream,
             splice,
-            recv_bufs: 0,
+            recv_bufs,
             total: source.counts().0,
             pairs: slab::Slab::new(),
             summary: Summary::default(),
