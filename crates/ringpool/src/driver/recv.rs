@@ -24,7 +24,9 @@ use super::{Completion, Driver, Event, Fd};
 pub enum RecvMode {
     /// One completion, one buffer.
     Once,
-    /// One completion, one or more buffers (6.10 bundles; one buffer where missing).
+    /// One completion, one or more buffers (6.10 bundles; one buffer where missing): as many
+    /// as the socket holds (the kernel retries a full bundle with what is waiting), bounded
+    /// only by the group; [`Driver::recv_bundle_limited`] bounds it.
     Bundle,
     /// A stream of completions until end of stream, error or cancel (6.0 multishot; re-armed
     /// single shots where missing). Running out of buffers pauses it; it resumes by itself.
