@@ -127,6 +127,23 @@ impl Features {
     pub fn cancelled_send_reports_progress(&self) -> bool {
         (self.kernel.major, self.kernel.minor) >= (6, 1)
     }
+
+    /// Whether a bundle recv whose `len` ends inside a buffer stops at that buffer: the kernel
+    /// cuts the buffer that would pass `len`, and where the cut is not the first buffer this
+    /// kernel drops it and does not retry the bundle, so `len = n × buf_size + 1` takes at
+    /// most `n` buffers. Measured on 6.18 (3 × 4096 + 1 took exactly 3; a `len` of exactly
+    /// 3 × 4096 was retried and took 31); older bundle kernels are not known to drop the cut
+    /// piece, so a limit there asks one buffer less
+    /// ([`Driver::recv_bundle_limited`](crate::Driver::recv_bundle_limited)).
+    ///
+    /// # Examples
+    /// ```
+    /// let f = ringpool::Features::get();
+    /// assert_eq!(f.bundle_stops_at_a_cut_buffer(), (f.kernel.major, f.kernel.minor) >= (6, 18));
+    /// ```
+    pub fn bundle_stops_at_a_cut_buffer(&self) -> bool {
+        (self.kernel.major, self.kernel.minor) >= (6, 18)
+    }
 }
 
 fn detect() -> Features {
@@ -462,6 +479,9 @@ pub enum Force {
     /// `no-send-merge`: every send of a stream socket as an SQE of its own instead of the
     /// plain sends waiting in its lane leaving together in one `sendmsg`.
     NoSendMerge,
+    /// `no-exact-bundle-limit`: a limited bundle receive asks one buffer less than its limit,
+    /// as on kernels that keep a cut buffer.
+    NoExactBundleLimit,
 }
 
 const FORCE_NAMES: &[(&str, Force)] = &[
@@ -479,10 +499,11 @@ const FORCE_NAMES: &[(&str, Force)] = &[
     ("no-zcrx", Force::NoZcrx),
     ("no-inline-splice", Force::NoInlineSplice),
     ("no-send-merge", Force::NoSendMerge),
+    ("no-exact-bundle-limit", Force::NoExactBundleLimit),
 ];
 const FORCE_KNOWN: &str = "legacy-provide, no-incremental, no-bundle, no-multishot, \
      no-defer-taskrun, no-ext-arg, no-sendmsg-zc, no-send-zc, no-fixed, no-vectored-fixed, no-clone, \
-     no-zcrx, no-inline-splice, no-send-merge";
+     no-zcrx, no-inline-splice, no-send-merge, no-exact-bundle-limit";
 
 impl Force {
     /// The rung's name as `RINGPOOL_FORCE` spells it.
@@ -622,6 +643,11 @@ pub struct Ladder {
     /// a cancel of one send of a merged `sendmsg` stops all of them, and the others go again
     /// from where the result says they stopped. Off where forced.
     pub merge_sends: bool,
+    /// A bundle receive limited to `n` buffers asks for `n × buf_size + 1` bytes and takes up
+    /// to `n` ([`Features::bundle_stops_at_a_cut_buffer`]); else `(n - 1) × buf_size + 1`,
+    /// which takes at most `n` on every bundle kernel (`n - 1` where the cut stops it). Only
+    /// with bundles; off where forced.
+    pub exact_bundle_limit: bool,
 }
 
 impl Ladder {
@@ -642,9 +668,10 @@ impl Ladder {
                 MultishotRung::Rearmed
             }
         };
+        let bundle = f.bundle && matches!(groups, GroupRung::Ring { .. }) && !has(Force::NoBundle);
         Ladder {
             groups,
-            bundle: f.bundle && matches!(groups, GroupRung::Ring { .. }) && !has(Force::NoBundle),
+            bundle,
             // Multishot recv selects buffers from a group; on legacy groups it works too (6.0+).
             recv: multishot(f.recv_multishot),
             accept: multishot(f.accept_multishot),
@@ -677,6 +704,9 @@ impl Ladder {
             },
             inline_splice: !has(Force::NoInlineSplice),
             merge_sends: f.cancelled_send_reports_progress() && !has(Force::NoSendMerge),
+            exact_bundle_limit: bundle
+                && f.bundle_stops_at_a_cut_buffer()
+                && !has(Force::NoExactBundleLimit),
         }
     }
 
@@ -791,6 +821,14 @@ impl Ladder {
                     "merged into one sendmsg per stream socket"
                 } else {
                     "one SQE each, linked"
+                },
+            ),
+            (
+                "limited bundle receives",
+                match (self.bundle, self.exact_bundle_limit) {
+                    (true, true) => "up to the limit (the kernel stops at a cut buffer)",
+                    (true, false) => "up to one buffer under the limit",
+                    (false, _) => "one buffer",
                 },
             ),
         ]

@@ -68,6 +68,8 @@ struct Rungs {
     zcrx: ZcrxRung,
     /// Queued plain sends merged into one `sendmsg` (6.1: cancelled sends report progress).
     merge_sends: bool,
+    /// Limited bundles ask for their whole limit (6.18: the kernel stops at a cut buffer).
+    exact_bundle_limit: bool,
 }
 
 impl From<Ladder> for Rungs {
@@ -86,6 +88,7 @@ impl From<Ladder> for Rungs {
             clone_buffers: l.clone_buffers,
             zcrx: l.zcrx,
             merge_sends: l.merge_sends,
+            exact_bundle_limit: l.exact_bundle_limit,
         }
     }
 }
@@ -127,6 +130,7 @@ const K5_10: Row = Row {
         clone_buffers: false,
         zcrx: ZcrxRung::Groups,
         merge_sends: false,
+        exact_bundle_limit: false,
     },
 };
 
@@ -165,6 +169,7 @@ const K6_1: Row = Row {
         clone_buffers: false,
         zcrx: ZcrxRung::Groups,
         merge_sends: true,
+        exact_bundle_limit: false,
     },
 };
 
@@ -201,6 +206,7 @@ const K6_12: Row = Row {
         clone_buffers: false,
         zcrx: ZcrxRung::Groups,
         merge_sends: true,
+        exact_bundle_limit: false,
     },
 };
 
@@ -215,6 +221,7 @@ const HOST: Row = Row {
         vectored_fixed: true,
         clone_buffers: true,
         zcrx: ZcrxRung::NicOnly,
+        exact_bundle_limit: true,
         ..K6_12.ladder
     },
     ..K6_12
@@ -340,6 +347,8 @@ fn differences(want: &Row, got: &Row) -> Vec<String> {
     field!(ladder.vectored_fixed);
     field!(ladder.clone_buffers);
     field!(ladder.zcrx);
+    field!(ladder.merge_sends);
+    field!(ladder.exact_bundle_limit);
     out
 }
 

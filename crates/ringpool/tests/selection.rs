@@ -168,53 +168,62 @@ fn recv_bundle_follows_ring_order_after_out_of_order_returns() {
 /// `recv_bundle_limited` with a socket holding far more than its limit: no completion takes
 /// more than `max_bufs` buffers (the kernel would otherwise retry a full bundle and take what
 /// the socket holds), the bytes arrive once and in order, and where the kernel has bundles a
-/// limit of 8 moves several buffers per completion. On every rung; 0 is refused.
+/// limit of 8 moves several buffers per completion, all 8 where the kernel stops at a cut
+/// buffer (`Ladder::exact_bundle_limit`). On every rung, and with the exact limit forced off;
+/// 0 is refused.
 #[test]
 fn a_limited_bundle_takes_at_most_its_buffers() {
     for rung in RUNGS {
-        let mut d = rung.driver();
-        let g = d.buf_group(BufGroupConfig::new(1024, 64)).unwrap();
-        let (s, mut c) = tcp_pair();
-        let s = Fd::from(s);
-        assert!(matches!(
-            d.recv_bundle_limited(&s, &g, 0, 0),
-            Err(Error::InvalidArgument { .. })
-        ));
-        let sent = pattern_vec(17, 0, 200_000);
-        c.write_all(&sent).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        let (mut got, mut most_at_8) = (Vec::new(), 0);
-        for max in [1u32, 2, 3, 5, 8].into_iter().cycle() {
-            if got.len() == sent.len() {
-                break;
+        limited_bundles_on(rung.name, rung.driver());
+    }
+    let loose = DriverConfig::default()
+        .ignore_env()
+        .force(ringpool::Force::NoExactBundleLimit);
+    let d = Driver::new(loose).unwrap();
+    assert!(!d.ladder().exact_bundle_limit);
+    limited_bundles_on("no-exact-bundle-limit", d);
+}
+
+fn limited_bundles_on(name: &str, mut d: Driver) {
+    let g = d.buf_group(BufGroupConfig::new(1024, 64)).unwrap();
+    let (s, mut c) = tcp_pair();
+    let s = Fd::from(s);
+    assert!(matches!(
+        d.recv_bundle_limited(&s, &g, 0, 0),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let sent = pattern_vec(17, 0, 200_000);
+    c.write_all(&sent).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (mut got, mut most_at_8) = (Vec::new(), 0);
+    for max in [1u32, 2, 3, 5, 8].into_iter().cycle() {
+        if got.len() == sent.len() {
+            break;
+        }
+        d.recv_bundle_limited(&s, &g, max, 0).unwrap();
+        pump(&mut d, 10, |comp| {
+            let Event::Data(chain) = comp.event else {
+                panic!("{:?}", comp.event)
+            };
+            let n = chain.buf_count() as u32;
+            assert!(n <= max, "{name}: {n} buffers taken, limit {max}");
+            if max == 8 {
+                most_at_8 = most_at_8.max(n);
             }
-            d.recv_bundle_limited(&s, &g, max, 0).unwrap();
-            pump(&mut d, 10, |comp| {
-                let Event::Data(chain) = comp.event else {
-                    panic!("{:?}", comp.event)
-                };
-                let n = chain.buf_count() as u32;
-                assert!(
-                    n <= max,
-                    "rung {}: {n} buffers taken, limit {max}",
-                    rung.name
-                );
-                if max == 8 {
-                    most_at_8 = most_at_8.max(n);
-                }
-                got.extend(chain.to_vec());
-                true
-            });
-            assert_eq!(g.stats().in_user, 0, "rung {}", rung.name);
-        }
-        assert!(got == sent, "rung {}: bytes differ", rung.name);
-        if d.ladder().bundle {
-            assert!(
-                most_at_8 > 1,
-                "rung {}: a limit of 8 took {most_at_8}",
-                rung.name
-            );
-        }
+            got.extend(chain.to_vec());
+            true
+        });
+        assert_eq!(g.stats().in_user, 0, "{name}");
+    }
+    assert!(got == sent, "{name}: bytes differ");
+    let ladder = d.ladder();
+    if ladder.exact_bundle_limit {
+        assert_eq!(
+            most_at_8, 8,
+            "{name}: the whole limit where the kernel stops at a cut"
+        );
+    } else if ladder.bundle {
+        assert!(most_at_8 > 1, "{name}: a limit of 8 took {most_at_8}");
     }
 }
 

@@ -73,7 +73,7 @@ impl RecvOp {
                 Some(n) => opcode::Recv::new(
                     fd,
                     std::ptr::null_mut(),
-                    limited_bundle_len(n, group.buf_size),
+                    limited_bundle_len(n, group.buf_size, ladder.exact_bundle_limit),
                 )
                 .ioprio(sys::IORING_RECVSEND_BUNDLE)
                 .buf_group(bgid)
@@ -93,15 +93,17 @@ fn one_buffer_recv(fd: types::Fd, bgid: u16, buf_size: u32) -> squeue::Entry {
         .flags(squeue::Flags::BUFFER_SELECT)
 }
 
-/// The `len` of a bundle receive that takes at most `max_bufs` (≥ 2) buffers of `buf_size`:
-/// `(max_bufs - 1) × buf_size + 1`. The kernel maps whole buffers up to `len` and cuts the one
-/// that would pass it; measured on 6.18, a cut buffer after the first ends the mapping and
-/// stops the retry that a full transfer otherwise makes (which takes what the socket holds:
-/// a bundle of exactly `k × buf_size` took 31 buffers for `k = 3`), so it takes
-/// `max_bufs - 1` buffers; a kernel that keeps the cut piece fills one byte of one more, at
-/// most `max_bufs` in all. Past `u32::MAX`, the cap is `u32::MAX` bytes (fewer buffers).
-pub(super) fn limited_bundle_len(max_bufs: u32, buf_size: u32) -> u32 {
-    (max_bufs - 1)
+/// The `len` of a bundle receive that takes at most `max_bufs` (≥ 2) buffers of `buf_size`.
+/// The kernel maps whole buffers up to `len` and cuts the one that would pass it; a full
+/// bundle whose `len` is a whole number of buffers is retried with what the socket holds
+/// (measured on 6.18: `3 × buf_size` took 31 buffers). Where a cut after the first buffer ends
+/// the mapping and the retry (`exact`, [`Ladder::exact_bundle_limit`]), `max_bufs × buf_size +
+/// 1` takes at most `max_bufs`; elsewhere `(max_bufs - 1) × buf_size + 1` does (`max_bufs - 1`
+/// whole buffers, and at most one byte of one more on a kernel that keeps the cut piece). Past
+/// `u32::MAX`, the cap is `u32::MAX` bytes (fewer buffers).
+pub(super) fn limited_bundle_len(max_bufs: u32, buf_size: u32, exact: bool) -> u32 {
+    let whole = if exact { max_bufs } else { max_bufs - 1 };
+    whole
         .checked_mul(buf_size)
         .and_then(|l| l.checked_add(1))
         .unwrap_or(u32::MAX)

@@ -68,7 +68,7 @@ impl Rung {
             Rung::Legacy => &[Force::LegacyProvide],
             Rung::NoMultishot => &[Force::NoMultishot],
             Rung::NoBundle => &[Force::NoBundle, Force::NoDeferTaskrun],
-            Rung::NoIncremental => &[Force::NoIncremental],
+            Rung::NoIncremental => &[Force::NoIncremental, Force::NoExactBundleLimit],
             Rung::LegacyNoMultishot => &[
                 Force::LegacyProvide,
                 Force::NoMultishot,
