@@ -403,3 +403,17 @@ impl Driver {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::limited_bundle_len;
+
+    #[test]
+    fn a_limited_bundle_s_len_ends_one_byte_into_a_buffer_and_saturates() {
+        assert_eq!(limited_bundle_len(3, 4096, true), 3 * 4096 + 1);
+        assert_eq!(limited_bundle_len(3, 4096, false), 2 * 4096 + 1);
+        assert_eq!(limited_bundle_len(2, 65536, false), 65537);
+        assert_eq!(limited_bundle_len(70_000, 65536, true), u32::MAX);
+        assert_eq!(limited_bundle_len(65_536, 65536, false), 65_535 * 65536 + 1);
+    }
+}
