@@ -140,14 +140,7 @@ impl Driver {
     /// The op holds its own clone of `fd`: dropping the user's clones does not stop it (data
     /// that arrives is still delivered); [`Driver::cancel`] or [`Driver::cancel_fd`] does.
     pub fn recv(&mut self, fd: &Fd, group: &BufGroup, mode: RecvMode, token: u64) -> Result<OpId> {
-        self.check_owner(group.shared.owner, "a buffer group")?;
-        let kind = OpKind::Recv(RecvOp {
-            fd: fd.clone(),
-            group: group.shared.clone(),
-            mode,
-            max_bufs: None,
-        });
-        Ok(self.start(kind, token))
+        self.start_recv(fd, group, mode, None, token)
     }
 
     /// A single receive (one completion, like [`RecvMode::Bundle`]) that takes at most
@@ -178,17 +171,29 @@ impl Driver {
         max_bufs: u32,
         token: u64,
     ) -> Result<OpId> {
-        self.check_owner(group.shared.owner, "a buffer group")?;
         if max_bufs == 0 {
             return Err(Error::InvalidArgument {
                 what: "a bundle receive limited to 0 buffers",
             });
         }
+        self.start_recv(fd, group, RecvMode::Bundle, Some(max_bufs), token)
+    }
+
+    /// The receive op of [`Driver::recv`] and [`Driver::recv_bundle_limited`], started.
+    fn start_recv(
+        &mut self,
+        fd: &Fd,
+        group: &BufGroup,
+        mode: RecvMode,
+        max_bufs: Option<u32>,
+        token: u64,
+    ) -> Result<OpId> {
+        self.check_owner(group.shared.owner, "a buffer group")?;
         let kind = OpKind::Recv(RecvOp {
             fd: fd.clone(),
             group: group.shared.clone(),
-            mode: RecvMode::Bundle,
-            max_bufs: Some(max_bufs),
+            mode,
+            max_bufs,
         });
         Ok(self.start(kind, token))
     }

@@ -264,7 +264,12 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             connect_timeout: args.connect_timeout,
         },
         splice,
-        args.recv_bufs,
+        // 0: no cap of its own, only the share's.
+        if args.recv_bufs == 0 {
+            u32::MAX
+        } else {
+            args.recv_bufs
+        },
         signals::stop_requested,
     )?;
     report(&summary, &source, &driver, "event-loop");
@@ -464,7 +469,7 @@ pub struct Upstream {
 
 /// Proxies connections accepted on `listener` to `upstream` until `stop()` says so (with the
 /// receive coalescing of `driver`'s configuration): through `source`'s buffers, at most
-/// `recv_bufs` group buffers per receive (0: the direction's remaining share), or, with
+/// `recv_bufs` group buffers per receive (and never more than the direction's share), or, with
 /// `splice` (a pipe size), through splice streams.
 pub fn serve(
     driver: &mut Driver,
@@ -505,7 +510,7 @@ struct Proxy<'g> {
     upstream: Upstream,
     /// `--path splice`: the pipe size.
     splice: Option<usize>,
-    /// `--recv-bufs`: most group buffers per receive (0: the remaining share).
+    /// `--recv-bufs`: most group buffers per receive (`u32::MAX`: only the share bounds it).
     recv_bufs: u32,
     /// The group's buffers (the fair share's numerator).
     total: u32,
@@ -629,7 +634,7 @@ struct PairEvent<'a> {
     driver: &'a mut Driver,
     source: &'a Source,
     splice: Option<usize>,
-    /// Most group buffers per receive (0: the remaining share).
+    /// Most group buffers per receive (`u32::MAX`: only the share bounds it).
     recv_bufs: u32,
     /// Whether the op delivers more completions after this one.
     more: bool,
@@ -937,7 +942,7 @@ pub(crate) const MAX_SHARE_DIVISOR: u32 = 16;
 
 /// Arms the receive of direction `dir` unless one is armed, its source ended, or the direction
 /// holds its share: from a group, one bundle of at most what the share leaves (and at most
-/// `recv_bufs`, unless 0), so the direction never holds more than its share.
+/// `recv_bufs`), so the direction never holds more than its share.
 fn arm_recv(
     driver: &mut Driver,
     source: &Source,
@@ -956,12 +961,7 @@ fn arm_recv(
     let token = (key as u64) << 3 | tag;
     match source {
         Source::Group(group) => {
-            let room = share - d.bufs_out;
-            let most = if recv_bufs == 0 {
-                room
-            } else {
-                room.min(recv_bufs)
-            };
+            let most = (share - d.bufs_out).min(recv_bufs);
             driver.recv_bundle_limited(src, group, most, token)?;
         }
         Source::Zcrx(area) => {
